@@ -1,0 +1,56 @@
+"""The Celery app factory, queue names and task names.
+
+The server only ever calls `send_task(TASK_NAMES[kind], [job_id])`, so it needs the
+names and the broker settings but none of the worker's code (or torch).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from shared.settings import Settings
+from shared.spec import CPU_QUEUE, GPU_QUEUE
+
+QUEUES = (GPU_QUEUE, CPU_QUEUE)
+TRAIN_TASK = "trainyard.train"
+EVALUATE_TASK = "trainyard.evaluate"
+TASK_NAMES = {"train": TRAIN_TASK, "evaluate": EVALUATE_TASK}
+
+
+def task_id_for(job_id: int) -> str:
+    """Derived from the job, so every enqueue of one job carries the same id."""
+    return f"trainyard-job-{job_id}"
+
+
+def make_celery(settings: Settings) -> Celery:
+    broker = settings.require_redis_url()
+    app = Celery("trainyard", broker=broker, set_as_current=False)
+    app.conf.update(
+        # The database is the source of truth for results; a Redis result backend
+        # would only be a second, weaker copy.
+        result_backend=None,
+        task_ignore_result=True,
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue=CPU_QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        # Ack after the job ran, so a worker that dies mid-job does not lose it.
+        task_acks_late=True,
+        # ...and a child killed by the OOM killer or SIGKILL puts it back too.
+        task_reject_on_worker_lost=True,
+        # One job at a time per slot: a prefetched job would wait behind a long one.
+        worker_prefetch_multiplier=1,
+        # Jobs are long; without this Redis redelivers any message unacked after an
+        # hour (celery#5935). Duplicates are also stopped by the claim (design.md 4.2).
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # Fail fast on a dead broker at submit time; the job row is already committed.
+        broker_connection_timeout=3,
+        broker_connection_retry_on_startup=True,
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        broker_heartbeat=0,
+    )
+    return app

@@ -1,0 +1,76 @@
+"""Every TRAINYARD_* environment variable, parsed in one place.
+
+pydantic-settings does the parsing and type checking, so a bad value
+(TRAINYARD_LEASE_SECONDS=abc) fails at start-up with the variable named.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRAINYARD_", extra="ignore", frozen=True)
+
+    # State directory for local mode: SQLite file, embedded Redis AOF, artifacts.
+    home: Path = Path(".trainyard")
+    # Default: a SQLite file under `home`. Production: postgresql+psycopg://...
+    database_url: str | None = None
+    # None means "local mode starts an embedded Redis"; server and worker need it set.
+    redis_url: str | None = None
+    # Checkpoints and other job files. Must be shared by web and workers in production.
+    artifacts_dir: Path | None = None
+    # MNIST / CIFAR files and other on-disk datasets (no downloads at run time).
+    data_dir: Path | None = None
+    # Where the CLI finds the HTTP API.
+    url: str = "http://127.0.0.1:8000"
+
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    lease_seconds: float = Field(default=60.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    # Must exceed the longest job (design.md 4.7); the lease, not this, detects lost workers.
+    visibility_timeout: int = Field(default=12 * 3600, ge=60)
+    # Metric sink: flush after this many points or this many seconds, whichever first.
+    metric_flush_points: int = Field(default=500, ge=1)
+    metric_flush_seconds: float = Field(default=2.0, gt=0)
+    # Torch intra-op threads per worker slot; 0 = cores // slots.
+    torch_threads: int = Field(default=0, ge=0)
+    worker_slots: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _check_timings(self) -> Settings:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError("TRAINYARD_HEARTBEAT_SECONDS must be smaller than TRAINYARD_LEASE_SECONDS")
+        return self
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'trainyard.db').resolve()}"
+
+    @cached_property
+    def resolved_artifacts_dir(self) -> Path:
+        return (self.artifacts_dir or self.home / "artifacts").resolve()
+
+    @cached_property
+    def resolved_data_dir(self) -> Path:
+        return (self.data_dir or self.home / "data").resolve()
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError(
+                "TRAINYARD_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0); "
+                "`trainyard up` sets it for the processes it starts"
+            )
+        return self.redis_url
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; keyword arguments win (tests use them)."""
+    return Settings(**overrides)  # type: ignore[arg-type]

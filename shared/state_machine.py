@@ -1,0 +1,212 @@
+"""The job state machine. Every transition is one conditional UPDATE (compare-and-set).
+
+    queued -> running -> succeeded | failed | cancelled
+    queued -> cancelled
+    running -> queued   (lease expired or worker handed it back; attempt + 1 on reclaim)
+
+A function here returns whether its UPDATE matched a row; zero rows means another
+process got there first (a duplicate delivery, a newer attempt, a cancel) and the
+caller must not act as if it had won. Worker-side writes carry the attempt number
+they claimed with (a fencing token), so a zombie cannot overwrite a newer attempt.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from shared.db import utcnow
+from shared.models import Job
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+ALL_STATES = tuple(s.value for s in JobState)
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
+    ),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+def can_transition(src: JobState | str, dst: JobState | str) -> bool:
+    return JobState(dst) in TRANSITIONS[JobState(src)]
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: int
+    attempt: int
+    spec: dict[str, Any]
+    kind: str
+
+
+def claim_job(session: Session, job_id: int, worker: str, lease_seconds: float) -> Claim | None:
+    """Take the job for this worker: queued (or running with an expired lease) -> running.
+
+    Returns None when the job is not claimable: already running under a live lease,
+    finished, cancelled, out of attempts, or unknown. That is a duplicate delivery.
+    """
+    now = utcnow()
+    stmt = (
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.attempt < Job.max_attempts,
+            Job.cancel_requested.is_(False),
+            or_(
+                Job.state == JobState.QUEUED.value,
+                and_(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now),
+            ),
+        )
+        .values(
+            state=JobState.RUNNING.value,
+            attempt=Job.attempt + 1,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            worker=worker,
+            started_at=now,
+            updated_at=now,
+        )
+        .returning(Job.attempt, Job.spec, Job.kind)
+        .execution_options(synchronize_session=False)
+    )
+    row = session.execute(stmt).first()
+    if row is None:
+        return None
+    return Claim(job_id=job_id, attempt=row.attempt, spec=row.spec, kind=row.kind)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    # False: this attempt no longer owns the job (reclaimed, finished elsewhere).
+    owned: bool
+    cancel_requested: bool
+
+
+def heartbeat(session: Session, job_id: int, attempt: int, lease_seconds: float) -> Heartbeat:
+    """Extend this attempt's lease and report whether a cancel was requested."""
+    now = utcnow()
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    )
+    row = session.execute(stmt).first()
+    if row is None:
+        return Heartbeat(owned=False, cancel_requested=False)
+    return Heartbeat(owned=True, cancel_requested=bool(row.cancel_requested))
+
+
+def update_progress(session: Session, job_id: int, attempt: int, progress: dict[str, Any]) -> bool:
+    """Fenced write of live progress; False if this attempt lost the job."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
+        .values(progress=progress, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1
+
+
+def finish_job(
+    session: Session,
+    job_id: int,
+    attempt: int,
+    state: JobState,
+    *,
+    result: dict[str, Any] | None = None,
+    error_type: str | None = None,
+    error_message: str | None = None,
+    checkpoint_path: str | None = None,
+) -> bool:
+    """running -> a terminal state, only for the attempt that holds the job."""
+    if state not in TERMINAL:
+        raise ValueError(f"{state} is not a terminal state")
+    now = utcnow()
+    values: dict[str, Any] = {
+        "state": state.value,
+        "finished_at": now,
+        "updated_at": now,
+        "lease_expires_at": None,
+        "result": result,
+        "error_type": error_type,
+        "error_message": error_message,
+    }
+    if checkpoint_path is not None:
+        values["checkpoint_path"] = checkpoint_path
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1
+
+
+def request_cancel(session: Session, job_id: int) -> str | None:
+    """Cancel a job: a queued one ends at once, a running one is flagged for its worker.
+
+    Returns the state the job is in afterwards, or None if there is no such job.
+    """
+    now = utcnow()
+    cancelled_now = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+        .values(
+            state=JobState.CANCELLED.value,
+            cancel_requested=True,
+            finished_at=now,
+            updated_at=now,
+            error_message="cancelled before it started",
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if cancelled_now:
+        return JobState.CANCELLED.value
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+        .values(cancel_requested=True, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(select(Job.state).where(Job.id == job_id)).scalar_one_or_none()
+
+
+def requeue_job(session: Session, job_id: int, attempt: int, reason: str) -> bool:
+    """running -> queued for a job this attempt hands back (worker shutting down)."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
+        .values(
+            state=JobState.QUEUED.value,
+            lease_expires_at=None,
+            worker=None,
+            error_message=reason,
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1
+
