@@ -84,20 +84,28 @@ class MLPParams(StrictModel):
 class CNNParams(StrictModel):
     """Classic conv-pool-conv-pool-dense-dropout classifier (pytorch/examples mnist)."""
 
-    channels: int = Field(32, ge=1, le=512, description="filters in the first conv; the second has twice as many")
+    channels: int = Field(
+        32, ge=1, le=512, description="filters in the first conv; the second has twice as many"
+    )
     hidden: int = Field(128, ge=1, le=8192, description="units in the dense layer")
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout before the output layer")
-    kernel_size: int = Field(3, ge=1, le=7, description="conv kernel size (odd: padding keeps the size)")
+    kernel_size: int = Field(
+        3, ge=1, le=7, description="conv kernel size (odd: padding keeps the size)"
+    )
 
 
 def _check_cnn(params: BaseModel, ds: DatasetInfo) -> dict[str, str]:
     errors: dict[str, str] = {}
     if len(ds.input_shape) != 3:
-        errors["model.name"] = f"cnn needs image data (C, H, W); dataset {ds.name!r} has shape {list(ds.input_shape)}"
+        errors["model.name"] = (
+            f"cnn needs image data (C, H, W); dataset {ds.name!r} has shape {list(ds.input_shape)}"
+        )
         return errors
     _, h, w = ds.input_shape
     if min(h, w) < 4:
-        errors["model.name"] = f"cnn pools twice and needs images at least 4x4; {ds.name!r} is {h}x{w}"
+        errors["model.name"] = (
+            f"cnn pools twice and needs images at least 4x4; {ds.name!r} is {h}x{w}"
+        )
     if params.kernel_size % 2 == 0:  # type: ignore[attr-defined]
         errors["model.params.kernel_size"] = "must be odd so that padding keeps the image size"
     elif params.kernel_size > min(h, w):  # type: ignore[attr-defined]
@@ -124,7 +132,9 @@ class ModelInfo:
 
 MODELS: dict[str, ModelInfo] = {
     "mlp": ModelInfo("mlp", "Multi-layer perceptron on the flattened input", MLPParams),
-    "cnn": ModelInfo("cnn", "Two conv-pool blocks, a dense layer and dropout", CNNParams, _check_cnn),
+    "cnn": ModelInfo(
+        "cnn", "Two conv-pool blocks, a dense layer and dropout", CNNParams, _check_cnn
+    ),
 }
 
 OPTIMIZERS = ("adam", "sgd")

@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_timings(self) -> Settings:
         if self.heartbeat_seconds >= self.lease_seconds:
-            raise ValueError("TRAINYARD_HEARTBEAT_SECONDS must be smaller than TRAINYARD_LEASE_SECONDS")
+            raise ValueError(
+                "TRAINYARD_HEARTBEAT_SECONDS must be smaller than TRAINYARD_LEASE_SECONDS"
+            )
         return self
 
     @cached_property

@@ -91,12 +91,16 @@ OptimizerSpec = Annotated[AdamSpec | SGDSpec, Field(discriminator="name")]
 
 
 class Resources(StrictModel):
-    gpus: int = Field(0, ge=0, le=16, description="GPUs the job needs; >= 1 routes it to the gpu queue")
+    gpus: int = Field(
+        0, ge=0, le=16, description="GPUs the job needs; >= 1 routes it to the gpu queue"
+    )
 
 
 class _Common(StrictModel):
     name: str | None = Field(None, max_length=200)
-    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=32)
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=32
+    )
     resources: Resources = Resources()
     priority: int = Field(5, ge=0, le=9)
     max_runtime_s: int | None = Field(None, ge=1, le=30 * 24 * 3600)

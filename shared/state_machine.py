@@ -209,4 +209,3 @@ def requeue_job(session: Session, job_id: int, attempt: int, reason: str) -> boo
         .execution_options(synchronize_session=False)
     )
     return session.execute(stmt).rowcount == 1
-

@@ -1,0 +1,248 @@
+"""JSON API v1 under /api/v1 (design.md section 3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+from flask.typing import ResponseReturnValue
+from sqlalchemy import select
+
+from server.database import get_session
+from server.enqueue import enqueue_job
+from server.errors import ApiError
+from server.serialize import job_to_json
+from shared.models import Job, MetricPoint
+from shared.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS
+from shared.settings import Settings
+from shared.spec import EvaluateSpec, SpecError, TrainSpec, parse_spec, spec_to_json
+from shared.state_machine import ALL_STATES, JobState, request_cancel
+
+bp = Blueprint("api_v1", __name__, url_prefix="/api/v1")
+
+MAX_PAGE = 200
+DEFAULT_MAX_POINTS = 2000
+
+
+def _settings() -> Settings:
+    return current_app.config["TRAINYARD_SETTINGS"]
+
+
+def _json_body() -> Any:
+    # force=True: a client that forgets the Content-Type header still gets its JSON read.
+    data = request.get_json(force=True, silent=True)
+    if data is None:
+        raise ApiError(
+            400,
+            "invalid_json",
+            "request body is not valid JSON",
+            {"body": "expected a JSON object"},
+        )
+    return data
+
+
+def _int_arg(name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(
+            400, "invalid_parameter", f"{name} must be an integer", {name: "must be an integer"}
+        ) from None
+    if not lo <= value <= hi:
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            f"{name} out of range",
+            {name: f"must be between {lo} and {hi}"},
+        )
+    return value
+
+
+def _get_job(job_id: int) -> Job:
+    job = get_session().get(Job, job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"job {job_id} does not exist")
+    return job
+
+
+def _check_evaluate_source(spec: EvaluateSpec) -> Job:
+    """An evaluate job must name a succeeded train job with a checkpoint and a compatible dataset."""
+    field = "source_job_id"
+    source = get_session().get(Job, spec.source_job_id)
+    if source is None:
+        raise ApiError(
+            422,
+            "invalid_spec",
+            "invalid job spec",
+            {field: f"job {spec.source_job_id} does not exist"},
+        )
+    if source.kind != "train":
+        raise ApiError(
+            422,
+            "invalid_spec",
+            "invalid job spec",
+            {field: f"job {source.id} is an {source.kind} job, not a train job"},
+        )
+    if source.state != JobState.SUCCEEDED.value or not source.checkpoint_path:
+        raise ApiError(
+            422,
+            "invalid_spec",
+            "invalid job spec",
+            {
+                field: f"job {source.id} is {source.state}; only succeeded train jobs can be evaluated"
+            },
+        )
+    if spec.dataset.name and spec.dataset.name != source.dataset_name:
+        a, b = DATASETS[spec.dataset.name], DATASETS[source.dataset_name or ""]
+        if a.input_shape != b.input_shape or a.num_classes != b.num_classes:
+            raise ApiError(
+                422,
+                "invalid_spec",
+                "invalid job spec",
+                {
+                    "dataset.name": f"{a.name!r} does not match the shape/classes of {b.name!r} that job {source.id} trained on"
+                },
+            )
+    return source
+
+
+@bp.post("/jobs")
+def submit_job() -> ResponseReturnValue:
+    try:
+        spec = parse_spec(_json_body())
+    except SpecError as exc:
+        raise ApiError(422, "invalid_spec", "invalid job spec", exc.fields) from None
+
+    source = _check_evaluate_source(spec) if isinstance(spec, EvaluateSpec) else None
+    if isinstance(spec, TrainSpec):
+        model_name, dataset_name = spec.model.name, spec.dataset.name
+    else:
+        model_name = source.model_name if source else None
+        dataset_name = spec.dataset.name or (source.dataset_name if source else None)
+    job = Job(
+        kind=spec.kind,
+        name=spec.name,
+        state=JobState.QUEUED.value,
+        queue=spec.queue,
+        priority=spec.priority,
+        spec=spec_to_json(spec),
+        model_name=model_name,
+        dataset_name=dataset_name,
+        source_job_id=source.id if source else None,
+        max_attempts=_settings().max_attempts,
+    )
+    session = get_session()
+    session.add(job)
+    # Commit before enqueue: a worker that picks the task up at once must find the row.
+    session.commit()
+    enqueue_job(job)
+    return jsonify(job_to_json(job)), 201, {"Location": f"/api/v1/jobs/{job.id}"}
+
+
+@bp.get("/jobs")
+def list_jobs() -> ResponseReturnValue:
+    stmt = select(Job).order_by(Job.id.desc())
+    state = request.args.get("state")
+    if state:
+        if state not in ALL_STATES:
+            raise ApiError(
+                400,
+                "invalid_parameter",
+                "unknown state",
+                {"state": f"one of: {', '.join(ALL_STATES)}"},
+            )
+        stmt = stmt.where(Job.state == state)
+    kind = request.args.get("kind")
+    if kind:
+        if kind not in ("train", "evaluate"):
+            raise ApiError(
+                400, "invalid_parameter", "unknown kind", {"kind": "one of: train, evaluate"}
+            )
+        stmt = stmt.where(Job.kind == kind)
+    limit = _int_arg("limit", 50, 1, MAX_PAGE)
+    before = _int_arg("before", None, 1, 2**62)
+    if before is not None:
+        # Keyset pagination: stable under inserts and as fast on page 1000 as on page 1.
+        stmt = stmt.where(Job.id < before)
+    jobs = get_session().scalars(stmt.limit(limit + 1)).all()
+    page = jobs[:limit]
+    next_before = page[-1].id if len(jobs) > limit else None
+    return jsonify({"jobs": [job_to_json(j) for j in page], "next_before": next_before})
+
+
+@bp.get("/jobs/<int:job_id>")
+def get_job(job_id: int) -> ResponseReturnValue:
+    return jsonify(job_to_json(_get_job(job_id)))
+
+
+@bp.post("/jobs/<int:job_id>/cancel")
+def cancel_job(job_id: int) -> ResponseReturnValue:
+    session = get_session()
+    state = request_cancel(session, job_id)
+    session.commit()
+    if state is None:
+        raise ApiError(404, "not_found", f"job {job_id} does not exist")
+    job = _get_job(job_id)
+    session.refresh(job)
+    if state in (JobState.SUCCEEDED.value, JobState.FAILED.value):
+        raise ApiError(409, "already_finished", f"job {job_id} already {state}", {"state": state})
+    return jsonify(job_to_json(job))
+
+
+def _downsample(
+    rows: list[tuple[int, int | None, float]], max_points: int
+) -> list[tuple[int, int | None, float]]:
+    # Even stride keeps the shape of a curve; the last point is always kept so the
+    # final value shown matches the result.
+    if len(rows) <= max_points:
+        return rows
+    stride = -(-len(rows) // max_points)
+    picked = rows[::stride]
+    if picked[-1] is not rows[-1]:
+        picked[-1] = rows[-1]
+    return picked
+
+
+@bp.get("/jobs/<int:job_id>/metrics")
+def get_metrics(job_id: int) -> ResponseReturnValue:
+    job = _get_job(job_id)
+    max_points = _int_arg("max_points", DEFAULT_MAX_POINTS, 2, 100_000) or DEFAULT_MAX_POINTS
+    stmt = (
+        select(MetricPoint.key, MetricPoint.step, MetricPoint.epoch, MetricPoint.value)
+        .where(MetricPoint.job_id == job.id)
+        .order_by(MetricPoint.key, MetricPoint.step, MetricPoint.id)
+    )
+    keys = [k for k in request.args.get("keys", "").split(",") if k]
+    if keys:
+        stmt = stmt.where(MetricPoint.key.in_(keys))
+    by_key: dict[str, list[tuple[int, int | None, float]]] = {}
+    for key, step, epoch, value in get_session().execute(stmt):
+        by_key.setdefault(key, []).append((step, epoch, value))
+    series = {}
+    for key, rows in by_key.items():
+        rows = _downsample(rows, max_points)
+        series[key] = {
+            "step": [r[0] for r in rows],
+            "epoch": [r[1] for r in rows],
+            "value": [r[2] for r in rows],
+        }
+    return jsonify({"job_id": job.id, "series": series})
+
+
+@bp.get("/models")
+def list_models() -> ResponseReturnValue:
+    return jsonify(
+        {
+            "models": [m.to_json() for m in MODELS.values()],
+            "optimizers": list(OPTIMIZERS),
+            "losses": list(LOSSES),
+        }
+    )
+
+
+@bp.get("/datasets")
+def list_datasets() -> ResponseReturnValue:
+    return jsonify({"datasets": [d.to_json() for d in DATASETS.values()]})

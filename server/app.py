@@ -1,0 +1,61 @@
+"""Flask app factory. Nothing happens at import time; `create_app()` builds everything."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from flask import Flask, current_app, jsonify
+from flask.typing import ResponseReturnValue
+from sqlalchemy import text
+
+from server import api, database, enqueue
+from server.database import get_session
+from server.errors import register_error_handlers
+from shared.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, config: dict[str, Any] | None = None) -> Flask:
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    app.config.update(
+        TRAINYARD_SETTINGS=settings,
+        DATABASE_URL=settings.resolved_database_url,
+        # Werkzeug refuses larger bodies with 413 before anything parses them.
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        JSON_SORT_KEYS=False,
+    )
+    if config:
+        app.config.update(config)
+
+    database.init_app(app)
+    enqueue.init_app(app, settings)
+    register_error_handlers(app)
+    app.register_blueprint(api.bp)
+    app.add_url_rule("/healthz", "healthz", healthz)
+    return app
+
+
+def healthz() -> ResponseReturnValue:
+    status: dict[str, str] = {}
+    ok = True
+    try:
+        get_session().execute(text("SELECT 1"))
+        status["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - the health check reports, it does not raise
+        ok = False
+        status["database"] = f"error: {type(exc).__name__}"
+    redis_url = current_app.config["TRAINYARD_SETTINGS"].redis_url
+    if not redis_url:
+        status["broker"] = "not configured"
+    else:
+        try:
+            redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1).ping()
+            status["broker"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            ok = False
+            status["broker"] = f"error: {type(exc).__name__}"
+    return jsonify({"status": "ok" if ok else "degraded", **status}), 200 if ok else 503

@@ -1,0 +1,60 @@
+"""One JSON error shape for every API failure: {"error": {"code", "message", "fields"}}."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        fields: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.fields = fields or {}
+
+
+def error_response(
+    status: int, code: str, message: str, fields: dict[str, str] | None = None
+) -> ResponseReturnValue:
+    body = {"error": {"code": code, "message": message, "fields": fields or {}}}
+    return jsonify(body), status
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> ResponseReturnValue:
+        return error_response(exc.status, exc.code, exc.message, exc.fields)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge) -> ResponseReturnValue:
+        limit = app.config.get("MAX_CONTENT_LENGTH")
+        return error_response(
+            413,
+            "body_too_large",
+            f"request body is larger than {limit} bytes",
+            {"body": f"at most {limit} bytes"},
+        )
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> ResponseReturnValue:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error_response(exc.code or 500, code, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> ResponseReturnValue:
+        # The one place a bug becomes a 500: logged with its traceback, never shown.
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal server error; see the server log")

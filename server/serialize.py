@@ -1,0 +1,44 @@
+"""Job rows -> the JSON the API returns."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from shared.models import Job
+
+
+def iso(ts: datetime | None) -> str | None:
+    # Stored as naive UTC (shared.db.utcnow), so the zone is added here.
+    return None if ts is None else ts.isoformat(timespec="milliseconds") + "Z"
+
+
+def job_to_json(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "name": job.name,
+        "state": job.state,
+        "queue": job.queue,
+        "priority": job.priority,
+        "model": job.model_name,
+        "dataset": job.dataset_name,
+        "tags": job.spec.get("tags", []),
+        "spec": job.spec,
+        "source_job_id": job.source_job_id,
+        "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        "worker": job.worker,
+        "cancel_requested": job.cancel_requested,
+        "progress": job.progress,
+        "result": job.result,
+        "error": (
+            {"type": job.error_type, "message": job.error_message}
+            if job.error_type or (job.state == "failed" and job.error_message)
+            else None
+        ),
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "updated_at": iso(job.updated_at),
+    }

@@ -1,0 +1,28 @@
+"""Spec builders shared by tests."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+
+def train_spec(**overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "kind": "train",
+        "name": "digits-cnn",
+        "tags": ["test"],
+        "dataset": {"name": "digits"},
+        "model": {"name": "cnn", "params": {"channels": 16, "hidden": 64, "dropout": 0.25}},
+        "optimizer": {"name": "adam", "lr": 0.003},
+        "epochs": 3,
+        "batch_size": 32,
+        "seed": 0,
+    }
+    spec.update(copy.deepcopy(overrides))
+    return spec
+
+
+def evaluate_spec(source_job_id: int, **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"kind": "evaluate", "source_job_id": source_job_id, "dataset": {"split": "test"}}
+    spec.update(overrides)
+    return spec

@@ -1,0 +1,41 @@
+"""The worker's Celery app: `celery -A worker.celery_worker:app worker -Q cpu`
+(or `trainyard worker`, which builds that command)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery.signals import celeryd_init, worker_process_init
+
+from shared.celery_app import make_celery
+from shared.db import dispose_inherited_engines
+from shared.settings import load_settings
+from worker.tasks import register_tasks
+
+log = logging.getLogger(__name__)
+
+settings = load_settings()
+app = make_celery(settings)
+register_tasks(app, settings)
+
+_slots = {"n": settings.worker_slots}
+
+
+@celeryd_init.connect
+def _remember_concurrency(sender=None, conf=None, options=None, **_kw) -> None:  # type: ignore[no-untyped-def]
+    if options and options.get("concurrency"):
+        _slots["n"] = int(options["concurrency"])
+
+
+@worker_process_init.connect
+def _init_child(**_kw) -> None:  # type: ignore[no-untyped-def]
+    # Engines (and their sockets) inherited from the parent must not be used here.
+    dispose_inherited_engines()
+    import torch
+
+    # Every prefork child would otherwise use all cores, and N children thrash
+    # (design.md 5: 4.5x slower with 2 children on 2 cores).
+    threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // _slots["n"])
+    torch.set_num_threads(threads)
+    log.info("worker child %s: torch threads=%s", os.getpid(), threads)

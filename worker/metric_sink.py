@@ -1,0 +1,158 @@
+"""MetricSink: buffers metric points and progress, writes them in batches off the hot path.
+
+The training loop only appends to a list (cheap, no I/O). A background thread writes
+every `flush_seconds` in one short transaction, fenced by the attempt number: if this
+attempt lost the job, nothing is written. A failed write keeps the points for the next
+try, so a database hiccup delays metrics instead of failing the job (design.md 4.8).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import insert
+
+from shared.db import transaction
+from shared.models import MetricPoint
+from shared.state_machine import update_progress
+
+log = logging.getLogger(__name__)
+
+
+class LostJob(Exception):
+    """This attempt no longer owns the job (another attempt claimed it)."""
+
+
+class MetricSink:
+    def __init__(
+        self,
+        database_url: str,
+        job_id: int,
+        attempt: int,
+        flush_seconds: float = 2.0,
+        flush_points: int = 500,
+    ):
+        self._url = database_url
+        self._job_id = job_id
+        self._attempt = attempt
+        self._flush_seconds = flush_seconds
+        self._flush_points = flush_points
+        self._points: list[dict[str, Any]] = []
+        self._progress: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"metric-sink-{job_id}", daemon=True)
+        self.lost = False
+        self.points_written = 0
+
+    # -- the Sink protocol used by worker/training -------------------------------
+    def log(self, key: str, value: float, step: int, epoch: int | None = None) -> None:
+        point = {
+            "job_id": self._job_id,
+            "attempt": self._attempt,
+            "key": key,
+            "step": int(step),
+            "epoch": epoch,
+            "value": float(value),
+            "wall_time": time.time(),
+        }
+        with self._lock:
+            self._points.append(point)
+            full = len(self._points) >= self._flush_points
+        if full:
+            self._wake.set()
+
+    def progress(self, progress: dict[str, Any]) -> None:
+        with self._lock:
+            self._progress = dict(progress)
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> MetricSink:
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the thread and write what is left, retrying until `timeout`."""
+        self._closed.set()
+        self._wake.set()
+        self._thread.join()
+        deadline = time.monotonic() + timeout
+        delay = 0.2
+        while not self.lost:
+            try:
+                if self.flush() == 0:
+                    return
+            except LostJob:
+                return
+            except Exception:  # noqa: BLE001 - retried until the deadline
+                if time.monotonic() > deadline:
+                    log.error(
+                        "job %s: giving up on %d unwritten metric points",
+                        self._job_id,
+                        len(self._points),
+                    )
+                    raise
+                log.warning(
+                    "job %s: metric write failed, retrying in %.1fs",
+                    self._job_id,
+                    delay,
+                    exc_info=True,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def __enter__(self) -> MetricSink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def flush(self) -> int:
+        """Write buffered points and the latest progress; returns how many points."""
+        with self._write_lock:
+            with self._lock:
+                points, self._points = self._points, []
+                progress = self._progress
+            if not points and progress is None:
+                return 0
+            try:
+                with transaction(self._url) as session:
+                    # The fenced progress UPDATE doubles as the ownership check, and
+                    # locks the job row so a concurrent reclaim waits for this batch.
+                    if not update_progress(session, self._job_id, self._attempt, progress or {}):
+                        self.lost = True
+                        raise LostJob(f"job {self._job_id} attempt {self._attempt} lost its claim")
+                    if points:
+                        session.execute(insert(MetricPoint), points)
+            except LostJob:
+                raise
+            except Exception:
+                with self._lock:
+                    self._points[:0] = points  # keep order; retried on the next flush
+                raise
+            with self._lock:
+                if self._progress is progress:
+                    self._progress = None
+            self.points_written += len(points)
+            return len(points)
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            self._wake.wait(self._flush_seconds)
+            self._wake.clear()
+            if self._closed.is_set():
+                return
+            try:
+                self.flush()
+            except LostJob:
+                log.warning(
+                    "job %s attempt %s: lost the job; metrics stop", self._job_id, self._attempt
+                )
+                return
+            except Exception:  # noqa: BLE001 - a DB hiccup must not kill training
+                log.warning("job %s: metric flush failed; will retry", self._job_id, exc_info=True)
