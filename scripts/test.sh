@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install, make sure PostgreSQL is up, run the whole test suite.
+# Redis needs nothing here: the tests start their own private redis-server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh
+
+if [ "${TRAINYARD_TEST_SKIP_PG:-0}" != "1" ]; then
+  if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    if command -v pg_ctlcluster >/dev/null 2>&1; then
+      echo "test: starting PostgreSQL"
+      pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+      for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+    fi
+  fi
+  if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    echo "test: PostgreSQL is not reachable at 127.0.0.1:5432 (set TRAINYARD_TEST_PG_URL, or TRAINYARD_TEST_SKIP_PG=1 for SQLite only)" >&2
+    exit 1
+  fi
+fi
+
+exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

@@ -1,0 +1,48 @@
+"""Import boundaries: server -> shared <- worker, and the web process never imports torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def imported_modules(package: str) -> set[str]:
+    found: set[str] = set()
+    for path in (REPO / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_import_direction() -> None:
+    assert not imported_modules("shared") & {"server", "worker", "flask", "torch"}
+    assert not imported_modules("server") & {"worker", "torch"}
+    assert "server" not in imported_modules("worker")
+    assert not imported_modules("worker/training") & {"celery", "flask", "sqlalchemy", "shared.db"}
+
+
+def test_web_process_never_imports_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from server.app import create_app\n"
+        "from shared.migrate import upgrade_database\n"
+        "from shared.settings import Settings\n"
+        f"url = 'sqlite:///{tmp_path}/t.db'\n"
+        "upgrade_database(url)\n"
+        "app = create_app(Settings(database_url=url))\n"
+        "c = app.test_client()\n"
+        "c.get('/api/v1/models'); c.get('/api/v1/datasets'); c.get('/healthz')\n"
+        "r = c.post('/api/v1/jobs', json={'kind': 'train', 'dataset': {'name': 'digits'}, 'model': {'name': 'cnn'}})\n"
+        "assert r.status_code == 201, r.get_json()\n"
+        "import server.cli\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'worker', 'sklearn'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)

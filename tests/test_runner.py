@@ -1,0 +1,96 @@
+"""The job runner in-process, on each database: claim-once, failures, cancel."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from sqlalchemy import func, select
+
+from shared.celery_app import TRAIN_TASK, make_celery
+from shared.db import transaction
+from shared.models import Job, MetricPoint
+from shared.settings import Settings
+from worker.runner import run_job
+from worker.tasks import register_tasks
+from tests.helpers import evaluate_spec, train_spec
+
+TINY = train_spec(model={"name": "mlp", "params": {"hidden": 32, "layers": 1}}, epochs=2, batch_size=64)
+
+
+def submit(client, spec: dict) -> int:  # type: ignore[no-untyped-def]
+    resp = client.post("/api/v1/jobs", json=spec)
+    assert resp.status_code == 201, resp.get_json()
+    return resp.get_json()["id"]
+
+
+def point_count(url: str, job_id: int) -> int:
+    with transaction(url) as s:
+        return s.scalar(select(func.count()).select_from(MetricPoint).where(MetricPoint.job_id == job_id))
+
+
+def test_task_delivered_twice_runs_once(client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, TINY)
+    app = make_celery(settings)
+    register_tasks(app, settings)
+    first = app.tasks[TRAIN_TASK].apply(args=[job_id]).get()
+    points = point_count(settings.resolved_database_url, job_id)
+    second = app.tasks[TRAIN_TASK].apply(args=[job_id]).get()
+    assert (first, second) == ("succeeded", "duplicate")
+    job = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert job["state"] == "succeeded" and job["attempt"] == 1
+    assert point_count(settings.resolved_database_url, job_id) == points > 0
+
+
+def test_concurrent_deliveries_run_once(client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, TINY)
+    outcomes: list[str] = []
+    threads = [threading.Thread(target=lambda: outcomes.append(run_job(job_id, settings))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["duplicate", "succeeded"]
+    with transaction(settings.resolved_database_url) as s:
+        keys = s.scalars(select(MetricPoint.key).where(MetricPoint.job_id == job_id, MetricPoint.key == "val_loss")).all()
+    assert len(keys) == 2  # one val_loss per epoch, not two runs' worth
+
+
+def test_a_job_that_raises_is_failed_with_the_error(client, settings: Settings, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    source = submit(client, TINY)
+    assert run_job(source, settings) == "succeeded"
+    evaluation = submit(client, evaluate_spec(source))
+    with transaction(db_url) as s:
+        s.get(Job, source).checkpoint_path = "/nonexistent/model.pt"
+    assert run_job(evaluation, settings) == "failed"
+    job = client.get(f"/api/v1/jobs/{evaluation}").get_json()
+    assert job["state"] == "failed" and job["finished_at"]
+    assert job["error"]["type"] == "UserError"
+    assert "/nonexistent/model.pt" in job["error"]["message"]
+
+
+def test_cancel_a_running_job(client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, train_spec(epochs=500, model={"name": "mlp"}))
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(run_job(job_id, settings)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while client.get(f"/api/v1/jobs/{job_id}").get_json()["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    resp = client.post(f"/api/v1/jobs/{job_id}/cancel")
+    assert resp.status_code == 200 and resp.get_json()["cancel_requested"]
+    asked = time.monotonic()
+    thread.join(30)
+    assert outcome == ["cancelled"]
+    # Heartbeat every 1 s in these settings: the loop must notice within a few.
+    assert time.monotonic() - asked < 5
+    assert client.get(f"/api/v1/jobs/{job_id}").get_json()["state"] == "cancelled"
+
+
+def test_cancelled_queued_job_is_not_run_on_delivery(client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, TINY)
+    client.post(f"/api/v1/jobs/{job_id}/cancel")
+    assert run_job(job_id, settings) == "duplicate"
+    job = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert job["state"] == "cancelled" and job["attempt"] == 0
