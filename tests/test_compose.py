@@ -1,0 +1,211 @@
+"""docker-compose.yml and the Dockerfile, checked without Docker.
+
+Docker is not available in CI, so these tests read the files and check what would
+otherwise only fail on a deployment: commands that are not real `trainyard`
+subcommands, a broker without persistence, services that start before what they need.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from server.cli import main
+from shared.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+SERVICES = {"redis", "postgres", "migrate", "web", "worker", "worker-gpu"}
+ONE_SHOT = {"migrate"}
+CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def _argv(command: str | list[str]) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+
+
+def _check_trainyard_command(args: list[str]) -> str:
+    """Parse `trainyard ARGS` as click would; return the subcommand path or raise."""
+    command: click.Command = main
+    path: list[str] = []
+    ctx = main.make_context("trainyard", list(args), resilient_parsing=True)
+    remaining = list(args)
+    while isinstance(command, click.Group):
+        name, sub, remaining = command.resolve_command(ctx, remaining)
+        assert sub is not None, f"`trainyard {' '.join(args)}`: no subcommand {name!r}"
+        path.append(str(name))
+        command = sub
+        ctx = command.make_context(str(name), list(remaining), parent=ctx, resilient_parsing=True)
+    # Not resilient this time: unknown options and bad values raise here.
+    command.make_context(path[-1], list(remaining), parent=ctx.parent)
+    return " ".join(path)
+
+
+def test_services_exist(services: dict[str, dict[str, Any]]) -> None:
+    assert set(services) >= SERVICES
+
+
+def test_redis_persists_and_never_evicts(services: dict[str, dict[str, Any]]) -> None:
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:7")
+    argv = _argv(redis["command"])
+    assert argv[0] == "redis-server"
+    assert argv[argv.index("--appendonly") + 1] == "yes"
+    assert argv[argv.index("--maxmemory-policy") + 1] == "noeviction"
+    assert any(v.endswith(":/data") for v in redis["volumes"]), "the AOF must outlive the container"
+
+
+def test_postgres(services: dict[str, dict[str, Any]]) -> None:
+    assert services["postgres"]["image"].startswith("postgres:16")
+    assert "pg_isready" in _argv(services["postgres"]["healthcheck"]["test"])
+
+
+def test_every_trainyard_command_is_real(services: dict[str, dict[str, Any]]) -> None:
+    used = {}
+    for name, service in services.items():
+        if "command" not in service:
+            continue
+        argv = _argv(service["command"])
+        if argv[0] == "trainyard":
+            used[name] = _check_trainyard_command(argv[1:])
+    assert used == {
+        "migrate": "db upgrade",
+        "web": "web",
+        "worker": "worker",
+        "worker-gpu": "worker",
+    }
+
+
+def test_the_checker_catches_mistakes() -> None:
+    for bad in (["db", "migrate"], ["wrker"], ["worker", "--queue", "cpu"], ["web", "--port", "x"]):
+        with pytest.raises((AssertionError, click.UsageError)):
+            _check_trainyard_command(bad)
+
+
+def test_worker_queues(services: dict[str, dict[str, Any]]) -> None:
+    def queues(service: str) -> str:
+        argv = _argv(services[service]["command"])
+        return argv[argv.index("--queues") + 1]
+
+    assert queues("worker") == "cpu"
+    assert queues("worker-gpu") == "gpu"
+
+
+def test_gpu_worker_reserves_gpus_and_is_opt_in(services: dict[str, dict[str, Any]]) -> None:
+    gpu = services["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"], "must not start on CPU-only hosts"
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    others = [s for n, s in services.items() if n != "worker-gpu"]
+    assert not any("profiles" in s for s in others), "core services must start by default"
+
+
+def test_health_checks(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        if name in ONE_SHOT:
+            assert service.get("restart") == "no", "a one-shot service must not be restarted"
+            continue
+        check = service.get("healthcheck")
+        assert check and check.get("test"), f"{name} has no healthcheck"
+        assert _argv(check["test"])[0] in ("CMD", "CMD-SHELL"), name
+    assert "/healthz" in " ".join(_argv(services["web"]["healthcheck"]["test"]))
+
+
+def test_worker_healthcheck_pings_its_own_node_name(services: dict[str, dict[str, Any]]) -> None:
+    for name in ("worker", "worker-gpu"):
+        argv = _argv(services[name]["command"])
+        node = argv[argv.index("--name") + 1]
+        prefix, host = node.split("@")
+        test = _argv(services[name]["healthcheck"]["test"])
+        assert host == "%h" and "socket.gethostname()" in test[3]
+        assert test[4] == prefix, f"{name}: the healthcheck pings a different node"
+        assert "import torch" not in test[3] and "worker." not in test[3]
+
+
+def test_depends_on_is_sane(services: dict[str, dict[str, Any]]) -> None:
+    graph: dict[str, set[str]] = {}
+    for name, service in services.items():
+        deps = service.get("depends_on") or {}
+        if isinstance(deps, list):
+            deps = {d: {"condition": "service_started"} for d in deps}
+        graph[name] = set(deps)
+        for dep, spec in deps.items():
+            assert dep in services, f"{name} depends on unknown service {dep}"
+            assert "profiles" not in services[dep], f"{name} depends on optional {dep}"
+            condition = spec.get("condition", "service_started")
+            assert condition in CONDITIONS, (name, dep, condition)
+            if condition == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy"
+            if condition == "service_completed_successfully":
+                assert dep in ONE_SHOT, f"{dep} never completes"
+            if dep in ONE_SHOT:
+                assert condition == "service_completed_successfully", (name, dep)
+
+    # What must be ready before each app service starts.
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("web", "worker", "worker-gpu"):
+        deps = services[name]["depends_on"]
+        assert deps["migrate"]["condition"] == "service_completed_successfully", name
+        assert deps["redis"]["condition"] == "service_healthy", name
+
+    # No cycles.
+    done: set[str] = set()
+
+    def visit(node: str, stack: tuple[str, ...]) -> None:
+        assert node not in stack, f"depends_on cycle: {' -> '.join((*stack, node))}"
+        if node not in done:
+            for dep in graph[node]:
+                visit(dep, (*stack, node))
+            done.add(node)
+
+    for node in graph:
+        visit(node, ())
+
+
+def test_app_services_share_settings_and_artifacts(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    expected = {
+        "TRAINYARD_DATABASE_URL": "postgresql+psycopg://trainyard:trainyard@postgres:5432/trainyard",
+        "TRAINYARD_REDIS_URL": "redis://redis:6379/0",
+        "TRAINYARD_ARTIFACTS_DIR": "/data/artifacts",
+    }
+    fields = set(Settings.model_fields)
+    for name in ("migrate", "web", "worker", "worker-gpu"):
+        env = services[name]["environment"]
+        assert {k: env.get(k) for k in expected} == expected, name
+        for key in env:
+            # A typo here would be silently ignored by pydantic-settings (extra="ignore").
+            assert (
+                key.startswith("TRAINYARD_") and key.removeprefix("TRAINYARD_").lower() in fields
+            ), key
+        if name != "migrate":
+            assert "artifacts:/data/artifacts" in services[name]["volumes"], name
+    assert "artifacts" in compose["volumes"]
+
+
+def test_dockerfile() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu$", text, re.M)
+    torch_line = text.index('--index-url "${TORCH_INDEX_URL}"')
+    assert torch_line < text.index('pip install ".[worker]"'), "CPU torch must be installed first"
+    # Everything pyproject.toml needs to build must be copied in.
+    for path in ("pyproject.toml", "README.md", "shared", "server", "worker", "migrations"):
+        assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, re.M), path
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".trainyard" in ignored and ".git" in ignored
