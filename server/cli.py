@@ -192,6 +192,8 @@ def _error_text(error: dict[str, Any]) -> str:
 
 
 def _fmt_number(value: Any) -> str:
+    if isinstance(value, str):
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         text = json.dumps(value)
         return text if len(text) <= 80 else text[:77] + "..."
@@ -517,6 +519,7 @@ def _watch(
         TextColumn("{task.fields[detail]}"),
     )
     unreachable_since: float | None = None
+    last_frac: float | None = None
     try:
         with Progress(*columns, console=console, transient=False) as bar:
             task = bar.add_task("", total=None, state="", detail="")
@@ -525,6 +528,9 @@ def _watch(
                 frac = _fraction(job.get("progress"))
                 if state == "succeeded":
                     frac = 1.0
+                elif frac is None and state in TERMINAL_STATES:
+                    frac = last_frac  # a failed job drops its progress; show where it stopped
+                last_frac = frac
                 detail = progress_text(job.get("progress")) if state == "running" else ""
                 if job.get("cancel_requested") and state not in TERMINAL_STATES:
                     detail = "cancel requested " + detail
@@ -578,7 +584,7 @@ def cancel(job_id: int, url: str) -> None:
 
 
 def _exec(argv: Sequence[str], env: dict[str, str] | None = None) -> NoReturn:
-    """Replace this process, so signals from gunicorn's or Docker's parent reach it directly."""
+    """Replace this process, so signals from `up` or Docker reach gunicorn/Celery directly."""
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(argv[0], list(argv), env if env is not None else dict(os.environ))
@@ -716,9 +722,6 @@ def db_upgrade() -> None:
 def _upgrade_database(settings: Settings) -> None:
     from shared.migrate import upgrade_database  # Alembic: only the commands that need it
 
-    if not settings.database_url:
-        # SQLite creates the file but not the directories above it.
-        settings.home.mkdir(parents=True, exist_ok=True)
     upgrade_database(settings.resolved_database_url)
 
 
@@ -828,7 +831,7 @@ def _stop_leftovers(run_dir: Path) -> None:
 
     for name, pid in (_read_state(run_dir).get("children") or {}).items():
         cmdline = process_cmdline(int(pid))
-        if not cmdline or not any(m in cmdline for m in _CHILD_MARKERS):
+        if not cmdline or not any(m in cmdline for m in _CHILD_MARKERS) or not _leads_group(pid):
             continue  # gone, or the pid now belongs to something else
         log.warning("stopping %s (pid %s) left running by an earlier `trainyard up`", name, pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -838,6 +841,14 @@ def _stop_leftovers(run_dir: Path) -> None:
                 os.killpg(int(pid), signal.SIGKILL)
             wait_gone(int(pid), 5.0)
     (run_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def _leads_group(pid: int) -> bool:
+    """Our children lead their own process group; a stranger reusing the pid rarely does."""
+    try:
+        return os.getpgid(pid) == pid
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -886,6 +897,8 @@ def _configure_logging() -> None:
     # logger that already exists; `up` still needs its own after the upgrade.
     for name in (__name__, "shared.supervisor", "shared.local_redis"):
         logging.getLogger(name).disabled = False
+    # Alembic narrates every plugin it loads at INFO; `up` reports the outcome itself.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @main.command()
@@ -944,12 +957,14 @@ def up(host: str, port: int, startup_timeout: float) -> None:
                 log.error("database upgrade failed", exc_info=True)
                 raise click.ClickException(f"database upgrade failed: {exc}") from None
             _configure_logging()
+            log.info("database is up to date: %s", _safe_url(settings.resolved_database_url))
 
-            supervisor = Supervisor(
-                local_children(host=host, port=port, env=env, gpu=gpu_visible())
-            )
-            supervisor.start()
-            _supervise(supervisor, redis_server, stop, run_dir, url, startup_timeout, console)
+            if stop.received is None:  # else Ctrl-C came during start-up: start no more
+                supervisor = Supervisor(
+                    local_children(host=host, port=port, env=env, gpu=gpu_visible())
+                )
+                supervisor.start()
+                _supervise(supervisor, redis_server, stop, run_dir, url, startup_timeout, console)
         finally:
             if supervisor is not None:
                 console.print("Stopping Trainyard ...")

@@ -29,7 +29,7 @@ SPLIT_NAMES = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Split:
-    X: torch.Tensor  # float32, (N, *input_shape)
+    x: torch.Tensor  # float32, (N, *input_shape)
     y: torch.Tensor  # int64 class indices, (N,)
 
     def __len__(self) -> int:
@@ -54,8 +54,8 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
 
     bunch = load_digits()
     # Pixels are counts 0..16; scale to [0, 1] and add the channel axis.
-    X = (bunch.images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    return X, bunch.target.astype(np.int64)
+    x = (bunch.images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    return x, bunch.target.astype(np.int64)
 
 
 _LOADERS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {"digits": _load_digits}
@@ -65,20 +65,20 @@ _LOADERS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {"digits": _l
 def _numpy_splits(name: str, val_fraction: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Split once per process: later jobs on the same dataset skip loading and splitting."""
     info = DATASETS[name]
-    X, y = _LOADERS[name]()
-    if X.shape[1:] != info.input_shape or len(y) != info.num_samples:
+    x, y = _LOADERS[name]()
+    if x.shape[1:] != info.input_shape or len(y) != info.num_samples:
         raise RuntimeError(f"dataset {name!r} does not match its registry entry")
-    X_rest, X_test, y_rest, y_test = train_test_split(
-        X, y, test_size=info.test_fraction, stratify=y, random_state=TEST_SPLIT_SEED
+    x_rest, x_test, y_rest, y_test = train_test_split(
+        x, y, test_size=info.test_fraction, stratify=y, random_state=TEST_SPLIT_SEED
     )
     if len(y_test) != info.test_size:
         raise RuntimeError(
             f"dataset {name!r}: test split has {len(y_test)} samples, registry says {info.test_size}"
         )
-    X_train, X_val, y_train, y_val = train_test_split(
-        X_rest, y_rest, test_size=val_fraction, stratify=y_rest, random_state=VAL_SPLIT_SEED
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_rest, y_rest, test_size=val_fraction, stratify=y_rest, random_state=VAL_SPLIT_SEED
     )
-    splits = {"train": (X_train, y_train), "val": (X_val, y_val), "test": (X_test, y_test)}
+    splits = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
     for arrays in splits.values():
         for a in arrays:
             a.setflags(write=False)  # shared by every job in this process
@@ -87,13 +87,13 @@ def _numpy_splits(name: str, val_fraction: float) -> dict[str, tuple[np.ndarray,
 
 
 def load_dataset(name: str, val_fraction: float, device: torch.device) -> Splits:
-    """The dataset's fixed splits as tensors on `device` (X float32, y int64)."""
+    """The dataset's fixed splits as tensors on `device` (x float32, y int64)."""
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(_LOADERS))}")
     arrays = _numpy_splits(name, float(val_fraction))
     # torch.tensor copies, so jobs never share (or write into) the cached arrays.
     parts = {
-        split: Split(torch.tensor(X, device=device), torch.tensor(y, device=device))
-        for split, (X, y) in arrays.items()
+        split: Split(torch.tensor(x, device=device), torch.tensor(y, device=device))
+        for split, (x, y) in arrays.items()
     }
     return Splits(info=DATASETS[name], **parts)

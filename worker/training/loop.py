@@ -123,7 +123,7 @@ def train_one_epoch(
     """Train for one pass over `data` in an order drawn from `generator`; returns the
     mean training loss per sample. Raises JobCancelled or UserError (non-finite loss)."""
     model.train()
-    X, y = data.X, data.y
+    x, y = data.x, data.y
     n = len(data)
     # The generator lives on the CPU so that a seed gives the same order on any device;
     # the permutation crosses to the device once per epoch, and split() pre-builds the
@@ -148,7 +148,7 @@ def train_one_epoch(
 
     for idx in batches:
         tracker.check_stop()
-        xb, yb = X[idx], y[idx]
+        xb, yb = x[idx], y[idx]
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(xb), yb)
         loss.backward()
@@ -184,7 +184,7 @@ def evaluate(
     loss_sum = _accumulator(device)
     predictions = []
     for start in range(0, len(data), batch_size):
-        xb = data.X[start : start + batch_size].to(device)
+        xb = data.x[start : start + batch_size].to(device)
         yb = data.y[start : start + batch_size].to(device)
         logits = model(xb)
         loss_sum += loss_fn(logits, yb) * yb.shape[0]
