@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from shared.registry import DATASETS
 from shared.spec import EvaluateSpec, TrainSpec
 from worker.training.checkpoint import load_checkpoint
 from worker.training.datasets import load_dataset
@@ -35,7 +36,7 @@ def evaluate_job(
     dataset = spec.dataset.name or train_spec.dataset.name
     split = spec.dataset.split
     splits = load_dataset(dataset, train_spec.dataset.val_fraction, device)
-    trained_on = load_dataset(train_spec.dataset.name, train_spec.dataset.val_fraction, device).info
+    trained_on = DATASETS[train_spec.dataset.name]
     info = splits.info
     if (info.input_shape, info.num_classes) != (trained_on.input_shape, trained_on.num_classes):
         raise UserError(
