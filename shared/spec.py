@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, TypeAdapter, ValidationError, field_validator
+from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from shared.registry import DATASETS, MODELS, CNNParams, MLPParams, StrictModel
 
@@ -85,6 +85,13 @@ class SGDSpec(StrictModel):
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+
+    @field_validator("nesterov")
+    @classmethod
+    def _nesterov_needs_momentum(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("momentum", 0.0) == 0.0:
+            raise ValueError("nesterov needs momentum > 0")
+        return v
 
 
 OptimizerSpec = Annotated[AdamSpec | SGDSpec, Field(discriminator="name")]

@@ -24,10 +24,14 @@ from shared.db import get_engine
 from shared.models import Base
 from shared.settings import Settings
 
-PG_ADMIN_URL = os.environ.get("TRAINYARD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_ADMIN_URL = os.environ.get(
+    "TRAINYARD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 REPO = Path(__file__).resolve().parent.parent
 
-DB_PARAMS = ["sqlite"] if os.environ.get("TRAINYARD_TEST_SKIP_PG") == "1" else ["sqlite", "postgresql"]
+DB_PARAMS = (
+    ["sqlite"] if os.environ.get("TRAINYARD_TEST_SKIP_PG") == "1" else ["sqlite", "postgresql"]
+)
 
 
 @pytest.fixture(params=DB_PARAMS)
@@ -128,7 +132,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class WorkerProcess:
     """A real `celery worker` subprocess consuming the given queues."""
 
-    def __init__(self, settings: Settings, log_path: Path, queues: str = "cpu", concurrency: int = 1):
+    def __init__(
+        self, settings: Settings, log_path: Path, queues: str = "cpu", concurrency: int = 1
+    ):
         self.log_path = log_path
         cmd = [
             sys.executable, "-m", "celery", "-A", "worker.celery_worker:app", "worker",

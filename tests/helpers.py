@@ -24,6 +24,10 @@ def train_spec(**overrides: Any) -> dict[str, Any]:
 
 
 def evaluate_spec(source_job_id: int, **overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {"kind": "evaluate", "source_job_id": source_job_id, "dataset": {"split": "test"}}
+    spec: dict[str, Any] = {
+        "kind": "evaluate",
+        "source_job_id": source_job_id,
+        "dataset": {"split": "test"},
+    }
     spec.update(overrides)
     return spec

@@ -78,7 +78,9 @@ def test_bad_specs_are_422_naming_the_field(client, redis_url: str, spec: dict, 
 
 
 def test_non_json_body(client) -> None:  # type: ignore[no-untyped-def]
-    resp = client.post("/api/v1/jobs", data="epochs=3", content_type="application/x-www-form-urlencoded")
+    resp = client.post(
+        "/api/v1/jobs", data="epochs=3", content_type="application/x-www-form-urlencoded"
+    )
     assert resp.status_code == 400 and "body" in error_fields(resp)
     resp = client.post("/api/v1/jobs", data="{not json", content_type="application/json")
     assert resp.status_code == 400 and "body" in error_fields(resp)
@@ -124,7 +126,10 @@ def test_get_unknown_job_is_404(client) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_list_filters_and_keyset_pagination(client) -> None:  # type: ignore[no-untyped-def]
-    ids = [client.post("/api/v1/jobs", json=train_spec(name=f"j{i}")).get_json()["id"] for i in range(5)]
+    ids = [
+        client.post("/api/v1/jobs", json=train_spec(name=f"j{i}")).get_json()["id"]
+        for i in range(5)
+    ]
     client.post(f"/api/v1/jobs/{ids[0]}/cancel")
     page1 = client.get("/api/v1/jobs?limit=2").get_json()
     assert [j["id"] for j in page1["jobs"]] == ids[::-1][:2]
@@ -140,7 +145,13 @@ def test_list_filters_and_keyset_pagination(client) -> None:  # type: ignore[no-
 
 @pytest.mark.parametrize(
     ("query", "field"),
-    [("state=done", "state"), ("kind=deploy", "kind"), ("limit=0", "limit"), ("limit=abc", "limit"), ("before=x", "before")],
+    [
+        ("state=done", "state"),
+        ("kind=deploy", "kind"),
+        ("limit=0", "limit"),
+        ("limit=abc", "limit"),
+        ("before=x", "before"),
+    ],
 )
 def test_list_rejects_bad_parameters(client, query: str, field: str) -> None:  # type: ignore[no-untyped-def]
     resp = client.get(f"/api/v1/jobs?{query}")
@@ -166,9 +177,28 @@ def test_cancel_finished_job_is_409(client, db_url: str) -> None:  # type: ignor
 def test_metrics_series_and_downsampling(client, db_url: str) -> None:  # type: ignore[no-untyped-def]
     job = client.post("/api/v1/jobs", json=train_spec()).get_json()
     rows = [
-        {"job_id": job["id"], "attempt": 1, "key": "step_loss", "step": i, "epoch": i // 100, "value": 1.0 / (i + 1), "wall_time": 0.0}
+        {
+            "job_id": job["id"],
+            "attempt": 1,
+            "key": "step_loss",
+            "step": i,
+            "epoch": i // 100,
+            "value": 1.0 / (i + 1),
+            "wall_time": 0.0,
+        }
         for i in range(1000)
-    ] + [{"job_id": job["id"], "attempt": 1, "key": "val_loss", "step": e, "epoch": e, "value": 0.5, "wall_time": 0.0} for e in (1, 2, 3)]
+    ] + [
+        {
+            "job_id": job["id"],
+            "attempt": 1,
+            "key": "val_loss",
+            "step": e,
+            "epoch": e,
+            "value": 0.5,
+            "wall_time": 0.0,
+        }
+        for e in (1, 2, 3)
+    ]
     with transaction(db_url) as s:
         s.execute(insert(MetricPoint), rows)
     body = client.get(f"/api/v1/jobs/{job['id']}/metrics").get_json()
@@ -191,7 +221,11 @@ def test_registries(client) -> None:  # type: ignore[no-untyped-def]
     assert cnn["params_schema"]["properties"]["hidden"]["minimum"] == 1
     datasets = client.get("/api/v1/datasets").get_json()["datasets"]
     digits = next(d for d in datasets if d["name"] == "digits")
-    assert digits["num_classes"] == 10 and digits["input_shape"] == [1, 8, 8] and digits["splits"]["test"] == 360
+    assert (
+        digits["num_classes"] == 10
+        and digits["input_shape"] == [1, 8, 8]
+        and digits["splits"]["test"] == 360
+    )
 
 
 def test_healthz(client) -> None:  # type: ignore[no-untyped-def]
@@ -202,6 +236,8 @@ def test_healthz(client) -> None:  # type: ignore[no-untyped-def]
 def test_healthz_reports_a_dead_broker(settings: Settings) -> None:
     from server.app import create_app
 
-    client = create_app(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})).test_client()
+    client = create_app(
+        settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    ).test_client()
     resp = client.get("/healthz")
     assert resp.status_code == 503 and resp.get_json()["broker"].startswith("error")

@@ -11,11 +11,13 @@ from shared.celery_app import TRAIN_TASK, make_celery
 from shared.db import transaction
 from shared.models import Job, MetricPoint
 from shared.settings import Settings
+from tests.helpers import evaluate_spec, train_spec
 from worker.runner import run_job
 from worker.tasks import register_tasks
-from tests.helpers import evaluate_spec, train_spec
 
-TINY = train_spec(model={"name": "mlp", "params": {"hidden": 32, "layers": 1}}, epochs=2, batch_size=64)
+TINY = train_spec(
+    model={"name": "mlp", "params": {"hidden": 32, "layers": 1}}, epochs=2, batch_size=64
+)
 
 
 def submit(client, spec: dict) -> int:  # type: ignore[no-untyped-def]
@@ -26,7 +28,9 @@ def submit(client, spec: dict) -> int:  # type: ignore[no-untyped-def]
 
 def point_count(url: str, job_id: int) -> int:
     with transaction(url) as s:
-        return s.scalar(select(func.count()).select_from(MetricPoint).where(MetricPoint.job_id == job_id))
+        return s.scalar(
+            select(func.count()).select_from(MetricPoint).where(MetricPoint.job_id == job_id)
+        )
 
 
 def test_task_delivered_twice_runs_once(client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -45,18 +49,27 @@ def test_task_delivered_twice_runs_once(client, settings: Settings) -> None:  # 
 def test_concurrent_deliveries_run_once(client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     job_id = submit(client, TINY)
     outcomes: list[str] = []
-    threads = [threading.Thread(target=lambda: outcomes.append(run_job(job_id, settings))) for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: outcomes.append(run_job(job_id, settings)))
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert sorted(outcomes) == ["duplicate", "succeeded"]
     with transaction(settings.resolved_database_url) as s:
-        keys = s.scalars(select(MetricPoint.key).where(MetricPoint.job_id == job_id, MetricPoint.key == "val_loss")).all()
+        keys = s.scalars(
+            select(MetricPoint.key).where(
+                MetricPoint.job_id == job_id, MetricPoint.key == "val_loss"
+            )
+        ).all()
     assert len(keys) == 2  # one val_loss per epoch, not two runs' worth
 
 
-def test_a_job_that_raises_is_failed_with_the_error(client, settings: Settings, db_url: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_job_that_raises_is_failed_with_the_error(
+    client, settings: Settings, db_url: str
+) -> None:  # type: ignore[no-untyped-def]
     source = submit(client, TINY)
     assert run_job(source, settings) == "succeeded"
     evaluation = submit(client, evaluate_spec(source))

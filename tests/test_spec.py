@@ -27,7 +27,9 @@ def test_gpu_jobs_route_to_gpu_queue() -> None:
 
 def test_evaluate_spec() -> None:
     spec = parse_spec(evaluate_spec(7))
-    assert isinstance(spec, EvaluateSpec) and spec.source_job_id == 7 and spec.dataset.split == "test"
+    assert (
+        isinstance(spec, EvaluateSpec) and spec.source_job_id == 7 and spec.dataset.split == "test"
+    )
 
 
 @pytest.mark.parametrize(
@@ -43,10 +45,17 @@ def test_evaluate_spec() -> None:
         (train_spec(optimizer={"name": "adam", "lr": 0}), "optimizer.lr"),
         (train_spec(optimizer={"name": "sgd", "lr": -0.1}), "optimizer.lr"),
         (train_spec(batch_size=0), "batch_size"),
-        (train_spec(model={"name": "cnn", "params": {"kernel_size": 4}}), "model.params.kernel_size"),
-        (train_spec(model={"name": "cnn", "params": {"kernel_size": 9}}), "model.params.kernel_size"),
+        (
+            train_spec(model={"name": "cnn", "params": {"kernel_size": 4}}),
+            "model.params.kernel_size",
+        ),
+        (
+            train_spec(model={"name": "cnn", "params": {"kernel_size": 9}}),
+            "model.params.kernel_size",
+        ),
         (train_spec(epochs="ten"), "epochs"),
         (train_spec(resources={"gpus": -1}), "resources.gpus"),
+        (train_spec(optimizer={"name": "sgd", "nesterov": True}), "optimizer.nesterov"),
         ({"kind": "train", "model": {"name": "cnn"}}, "dataset"),
         ({"kind": "retrain"}, "kind"),
         ({}, "kind"),

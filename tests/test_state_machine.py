@@ -23,7 +23,14 @@ from shared.state_machine import (
 
 def make_job(url: str, **values: object) -> int:
     with transaction(url) as s:
-        job = Job(kind="train", state="queued", queue="cpu", spec={"kind": "train"}, max_attempts=3, **values)
+        job = Job(
+            kind="train",
+            state="queued",
+            queue="cpu",
+            spec={"kind": "train"},
+            max_attempts=3,
+            **values,
+        )
         s.add(job)
         s.flush()
         return job.id
@@ -75,7 +82,11 @@ def test_expired_lease_is_reclaimed_and_fences_the_old_attempt(db_url: str) -> N
     job_id = make_job(db_url)
     with transaction(db_url) as s:
         old = claim_job(s, job_id, "w1", 30)
-        s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
     with transaction(db_url) as s:
         new = claim_job(s, job_id, "w2", 30)
     assert old and new and new.attempt == old.attempt + 1
@@ -99,11 +110,12 @@ def test_finish_only_once(db_url: str) -> None:
     with transaction(db_url) as s:
         claim = claim_job(s, job_id, "w1", 30)
         assert claim
-        assert finish_job(s, job_id, claim.attempt, JobState.FAILED, error_type="ValueError", error_message="x")
+        assert finish_job(
+            s, job_id, claim.attempt, JobState.FAILED, error_type="ValueError", error_message="x"
+        )
         assert not finish_job(s, job_id, claim.attempt, JobState.SUCCEEDED)
-    with pytest.raises(ValueError):
-        with transaction(db_url) as s:
-            finish_job(s, job_id, 1, JobState.RUNNING)
+    with pytest.raises(ValueError), transaction(db_url) as s:
+        finish_job(s, job_id, 1, JobState.RUNNING)
 
 
 def test_cancel_queued_is_immediate_and_blocks_claims(db_url: str) -> None:

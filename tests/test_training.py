@@ -171,12 +171,6 @@ def test_sgd_with_momentum_trains(tmp_path: Path) -> None:
     assert result["val_accuracy"] > 0.85
 
 
-def test_nesterov_without_momentum_is_a_user_error(tmp_path: Path) -> None:
-    spec = mlp_spec(optimizer={"name": "sgd", "nesterov": True})
-    with pytest.raises(UserError, match="momentum"):
-        train_job(spec, CPU, ListSink(), tmp_path / "x.pt")
-
-
 # ---------------------------------------------------------------- stopping and failing
 
 

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import shared
 from shared.db import transaction
 from shared.models import Job
@@ -60,11 +58,8 @@ def _execute(
 ) -> tuple[dict[str, Any], str | None]:
     """Run the job body; returns (result, checkpoint path)."""
     device = pick_device()
-    base = {
-        "trainyard_version": shared.__version__,
-        "torch_version": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-    }
+    # torch version, device name and seed are in the metrics train_job/evaluate_job return.
+    base = {"trainyard_version": shared.__version__}
     if isinstance(spec, TrainSpec):
         checkpoint = settings.resolved_artifacts_dir / "jobs" / str(job_id) / "model.pt"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)

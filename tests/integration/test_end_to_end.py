@@ -38,7 +38,9 @@ def test_train_then_evaluate_on_a_real_worker(live_server: str, start_worker) ->
 
     resp = http.post(f"{live_server}/api/v1/jobs", json=evaluate_spec(job_id), timeout=10)
     assert resp.status_code == 201, resp.text
-    evaluation = wait_for_state(get_json, resp.json()["id"], {"succeeded", "failed", "cancelled"}, timeout=60)
+    evaluation = wait_for_state(
+        get_json, resp.json()["id"], {"succeeded", "failed", "cancelled"}, timeout=60
+    )
     assert evaluation["state"] == "succeeded", (evaluation, worker.log_tail())
     scores = evaluation["result"]["metrics"]
     assert scores["accuracy"] >= 0.9
@@ -62,10 +64,11 @@ def test_failed_job_reports_its_error(live_server: str, start_worker, db_url: st
         return requests.get(live_server + path, timeout=10).json()
 
     assert wait_for_state(get_json, source, {"succeeded", "failed"})["state"] == "succeeded"
-    evaluation = requests.post(f"{live_server}/api/v1/jobs", json=evaluate_spec(source), timeout=10).json()["id"]
-    # The evaluate job may already be running; break the source before or while it runs.
+    # The checkpoint vanished (disk cleaned up): the evaluate job must fail, with the reason shown.
     with transaction(db_url) as s:
         s.get(Job, source).checkpoint_path = "/nonexistent/model.pt"
+    evaluation = requests.post(f"{live_server}/api/v1/jobs", json=evaluate_spec(source), timeout=10).json()["id"]
     job = wait_for_state(get_json, evaluation, {"succeeded", "failed"})
-    if job["state"] == "failed":
-        assert job["error"]["type"] and "/nonexistent/model.pt" in job["error"]["message"]
+    assert job["state"] == "failed"
+    assert job["error"]["type"] == "UserError" and "/nonexistent/model.pt" in job["error"]["message"]
+    assert job["attempt"] == 1 and job["finished_at"]

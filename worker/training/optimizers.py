@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from shared.spec import AdamSpec, SGDSpec
-from worker.training.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +37,6 @@ def _adam(spec: AdamSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optim
 
 
 def _sgd(spec: SGDSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if spec.nesterov and spec.momentum <= 0:
-        # torch rejects this combination; the spec schema does not (yet).
-        raise UserError("optimizer.nesterov needs optimizer.momentum > 0")
     return _fused_if_possible(
         torch.optim.SGD,
         params,
