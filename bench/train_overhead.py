@@ -15,6 +15,7 @@ the end-to-end figure adds queueing, claim and the final checkpoint.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import subprocess
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     # Same threads as a one-slot worker child (worker/celery_worker.py).
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     spec = make_spec(args.model, args.epochs, args.batch_size)
@@ -113,7 +115,8 @@ def main() -> None:
         def run_job(body: dict) -> dict:
             job = requests.post(f"{url}/jobs", json=body, timeout=10).json()
             while job["state"] not in ("succeeded", "failed", "cancelled"):
-                time.sleep(0.1)
+                # Slow polling: the server shares the 2 cores with the training worker.
+                time.sleep(0.5)
                 job = requests.get(f"{url}/jobs/{job['id']}", timeout=10).json()
             if job["state"] != "succeeded":
                 raise SystemExit(f"job {job['id']} {job['state']}: {job['error']}")
