@@ -1,4 +1,4 @@
-"""The `trainyard` CLI against a fake HTTP API, plus the supervisor behind `trainyard up`.
+"""The `trainyard` CLI against a fake HTTP API, plus the process commands and `up`.
 
 The client commands are tested against a stdlib HTTP server in a thread that answers
 with canned API responses, so these tests need neither the Flask app nor a database.
@@ -24,10 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from click.testing import CliRunner, Result
 
-from server import cli
-from server.cli import main
-from shared.local_redis import process_cmdline
-from shared.supervisor import Backoff, ChildSpec, Supervisor
+from server.cli import display, local_mode, main, process_commands
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,13 +187,12 @@ def test_submit_prints_the_new_job(api: FakeApi, tmp_path: Path) -> None:
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     api.on("POST", "/jobs", (201, make_job()))
 
-    result = run("submit", str(tmp_path / "spec.json"), "--url", api.url, "--idempotency-key", "k1")
+    result = run("submit", str(tmp_path / "spec.json"), "--url", api.url)
 
     assert result.exit_code == 0, result.output
     assert "Submitted job 7 (queued, queue cpu)" in result.output
     [request] = api.requests
     assert request["body"] == spec
-    assert request["headers"]["Idempotency-Key"] == "k1"
 
 
 def test_submit_from_stdin_quiet_uses_trainyard_url(api: FakeApi) -> None:
@@ -360,10 +356,10 @@ def test_watch_cancelled_exits_1(api: FakeApi) -> None:
 
 def test_progress_text() -> None:
     assert (
-        cli.progress_text(RUNNING["progress"])
+        display.progress_text(RUNNING["progress"])
         == "epoch 3/10 · step 120/450 · 7,000 samples/s · ETA 1:23"
     )
-    assert cli.progress_text(None) == ""
+    assert display.progress_text(None) == ""
 
 
 # ==================================================================== unreachable
@@ -406,7 +402,9 @@ def test_importing_the_cli_does_not_import_torch_or_worker() -> None:
 @pytest.fixture
 def exec_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], dict[str, str] | None]]:
     calls: list[tuple[list[str], dict[str, str] | None]] = []
-    monkeypatch.setattr(cli, "_exec", lambda argv, env=None: calls.append((list(argv), env)))
+    monkeypatch.setattr(
+        process_commands, "_exec", lambda argv, env=None: calls.append((list(argv), env))
+    )
     return calls
 
 
@@ -416,7 +414,7 @@ REDIS_ENV = {"TRAINYARD_REDIS_URL": "redis://127.0.0.1:6379/0"}
 def test_worker_defaults_to_cpu_without_a_gpu(
     exec_calls: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "gpu_visible", lambda: False)
+    monkeypatch.setattr(process_commands, "gpu_visible", lambda: False)
     assert run("worker", env=REDIS_ENV).exit_code == 0
     [(argv, env)] = exec_calls
     assert argv[:6] == [sys.executable, "-m", "celery", "-A", "worker.celery_worker:app", "worker"]
@@ -429,7 +427,7 @@ def test_worker_defaults_to_cpu_without_a_gpu(
 
 
 def test_worker_gpu_default_and_options(exec_calls: list, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "gpu_visible", lambda: True)
+    monkeypatch.setattr(process_commands, "gpu_visible", lambda: True)
     assert run("worker", env=REDIS_ENV).exit_code == 0
     assert exec_calls[-1][0][exec_calls[-1][0].index("-Q") + 1] == "gpu"
 
@@ -467,16 +465,16 @@ def test_gpu_visible(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert cli.gpu_visible()
+    assert process_commands.gpu_visible()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hides every GPU, as for CUDA
-    assert not cli.gpu_visible()
+    assert not process_commands.gpu_visible()
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
-    monkeypatch.setattr(cli.os.path, "exists", lambda p: False)
-    assert not cli.gpu_visible()
-    monkeypatch.setattr(cli.os.path, "exists", lambda p: p == "/dev/nvidia0")
-    assert cli.gpu_visible()
+    monkeypatch.setattr(process_commands.os.path, "exists", lambda p: False)
+    assert not process_commands.gpu_visible()
+    monkeypatch.setattr(process_commands.os.path, "exists", lambda p: p == "/dev/nvidia0")
+    assert process_commands.gpu_visible()
 
 
 def test_db_upgrade_uses_the_settings_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -501,7 +499,7 @@ def test_db_upgrade_uses_the_settings_url(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 def test_local_children() -> None:
-    children = cli.local_children(host="127.0.0.1", port=8123, env={"X": "1"}, gpu=True)
+    children = local_mode.local_children(host="127.0.0.1", port=8123, env={"X": "1"}, gpu=True)
     by_name = {c.name: c for c in children}
     assert set(by_name) == {"web", "worker"}
     web_argv = list(by_name["web"].argv)
@@ -515,7 +513,7 @@ def test_local_children() -> None:
         name, command, rest = main.resolve_command(ctx, list(child.argv[3:]))
         assert command is not None
         command.make_context(name, rest)
-    cpu_only = cli.local_children(host="127.0.0.1", port=8123, env={}, gpu=False)
+    cpu_only = local_mode.local_children(host="127.0.0.1", port=8123, env={}, gpu=False)
     worker_argv = list(cpu_only[1].argv)
     assert worker_argv[worker_argv.index("--queues") + 1] == "cpu"
 
@@ -565,7 +563,7 @@ def test_leftover_children_of_a_killed_up_are_stopped(tmp_path: Path) -> None:
         (tmp_path / "up.json").write_text(
             json.dumps({"pid": 1, "children": {"web": ours.pid, "worker": stranger.pid}})
         )
-        cli._stop_leftovers(tmp_path)
+        local_mode._stop_leftovers(tmp_path)
         assert ours.wait(5) is not None
         assert stranger.poll() is None  # not ours: left alone
         assert not (tmp_path / "up.json").exists()
@@ -575,96 +573,9 @@ def test_leftover_children_of_a_killed_up_are_stopped(tmp_path: Path) -> None:
             proc.wait()
 
 
-# ==================================================================== supervisor
-
-
-def test_backoff_doubles_to_the_cap_and_resets_after_a_healthy_run() -> None:
-    backoff = Backoff()
-    assert [backoff.next_delay(0.1) for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
-    assert backoff.next_delay(120.0) == 1  # it ran fine for two minutes
-    assert backoff.next_delay(0.1) == 2
-
-
-def _fast_backoff() -> Backoff:
-    return Backoff(initial=0.05, factor=2, cap=0.2, reset_after=60)
-
-
-def _poll_until(supervisor: Supervisor, condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        supervisor.poll()
-        time.sleep(0.02)
-
-
-def test_supervisor_restarts_a_child_that_exits() -> None:
-    crash = ChildSpec("crasher", [sys.executable, "-c", "raise SystemExit(3)"])
-    steady = ChildSpec("steady", [sys.executable, "-c", "import time; time.sleep(60)"])
-    supervisor = Supervisor([crash, steady], backoff=_fast_backoff, stop_timeout=5)
-    supervisor.start()
-    try:
-        steady_pid = supervisor.pids()["steady"]
-        _poll_until(supervisor, lambda: supervisor.restarts()["crasher"] >= 3)
-        assert supervisor.pids()["steady"] == steady_pid
-        assert supervisor.restarts()["steady"] == 0
-    finally:
-        supervisor.stop()
-    assert supervisor.pids() == {}
-    assert process_cmdline(steady_pid) is None
-
-
-def test_supervisor_stop_reaches_grandchildren_and_kills_the_stubborn(tmp_path: Path) -> None:
-    pidfile = tmp_path / "grandchild.pid"
-    parent = (
-        "import subprocess, sys, time; "
-        "p = subprocess.Popen(['sleep', '60']); "
-        f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)"
-    )
-    stubborn = (
-        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-        f"open({str(tmp_path / 'ready')!r}, 'w').close(); time.sleep(60)"
-    )
-    supervisor = Supervisor(
-        [
-            ChildSpec("parent", [sys.executable, "-c", parent]),
-            ChildSpec("stubborn", [sys.executable, "-c", stubborn]),
-        ],
-        stop_timeout=1.0,
-    )
-    supervisor.start()
-    _poll_until(
-        supervisor,
-        lambda: pidfile.exists() and pidfile.read_text() and (tmp_path / "ready").exists(),
-    )
-    grandchild = int(pidfile.read_text())
-    pids = supervisor.pids()
-    started = time.monotonic()
-    supervisor.stop()
-    assert time.monotonic() - started < 5
-    for pid in (grandchild, *pids.values()):
-        assert process_cmdline(pid) is None, pid
-
-
-def test_supervisor_survives_a_missing_executable(caplog: pytest.LogCaptureFixture) -> None:
-    supervisor = Supervisor(
-        [ChildSpec("ghost", ["/nonexistent/trainyard-ghost"])], backoff=_fast_backoff
-    )
-    supervisor.start()
-    try:
-        _poll_until(supervisor, lambda: supervisor.restarts()["ghost"] >= 2)
-    finally:
-        supervisor.stop()
-    assert "cannot start ghost" in caplog.text
-
-
-def test_supervisor_rejects_duplicate_names() -> None:
-    with pytest.raises(ValueError, match="unique"):
-        Supervisor([ChildSpec("a", ["true"]), ChildSpec("a", ["true"])])
-
-
 def test_stop_signals_restores_handlers() -> None:
     before = signal.getsignal(signal.SIGTERM)
-    stop = cli._StopSignals()
+    stop = local_mode._StopSignals()
     stop.install()
     try:
         os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,40 @@
+"""The `trainyard` command.
+
+Two kinds of subcommand, each in its own module:
+
+- client commands (`submit`, `jobs`, `show`, `watch`, `cancel`: job_commands) talk to the
+  HTTP API only, never to the database, so they work from any machine that can reach
+  the server;
+- process commands (`web`, `worker`, `db upgrade`: process_commands; `up`: local_mode)
+  start the parts of Trainyard.
+
+The subcommands are registered here rather than with `@main.command()` in their modules,
+so no module imports this one and the package has no import cycles.
+
+The web process imports this package too (it is the console script), so nothing here
+imports `worker` or torch: the worker command execs Celery in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import click
+
+from server.cli.job_commands import cancel, jobs_command, show, submit, watch
+from server.cli.local_mode import up
+from server.cli.process_commands import db, web, worker
+
+__all__ = ["main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="trainyard", message="%(prog)s %(version)s")
+def main() -> None:
+    """Trainyard: a job queue for PyTorch training.
+
+    Start everything locally with `trainyard up`, then submit a job with
+    `trainyard submit spec.json --watch`.
+    """
+
+
+for _command in (submit, jobs_command, show, watch, cancel, web, worker, db, up):
+    main.add_command(_command)

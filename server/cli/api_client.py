@@ -1,0 +1,119 @@
+"""The HTTP client the job commands use, and how its errors reach the terminal.
+
+The client commands talk to the API only, never to the database, so they work from any
+machine that can reach the server.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+import requests
+
+# Job states as the API reports them. Not taken from shared.state_machine: that pulls in
+# SQLAlchemy, which a client that only speaks HTTP has no use for.
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+# Exit codes beyond click's own (2 is also click's usage error: both mean "nothing ran").
+EXIT_API_ERROR = 1
+EXIT_UNREACHABLE = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ApiError(Exception):
+    """A 4xx/5xx answer, in the API's one error shape (design.md 3)."""
+
+    def __init__(self, status: int, code: str, message: str, fields: dict[str, str] | None = None):
+        self.status = status
+        self.code = code
+        self.message = message
+        self.fields = fields or {}
+        super().__init__(f"{message} ({code}, HTTP {status})")
+
+    @classmethod
+    def from_response(cls, resp: requests.Response) -> ApiError:
+        try:
+            body = resp.json()
+            err = body["error"]
+            return cls(
+                resp.status_code,
+                str(err.get("code") or "error"),
+                str(err.get("message") or resp.reason),
+                {str(k): str(v) for k, v in (err.get("fields") or {}).items()},
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # Not our error shape: a proxy's page, or a crash before the error handler.
+            text = " ".join(resp.text.split())[:200]
+            return cls(resp.status_code, "http_error", text or resp.reason or "no body")
+
+
+class ApiUnreachable(Exception):
+    """No HTTP answer at all: nothing listening, DNS, timeout."""
+
+
+class ApiClient:
+    def __init__(self, base_url: str, timeout: tuple[float, float] = (3.05, 30.0)) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        # One session: `watch` polls twice a second and keep-alive saves a handshake each time.
+        self._session = requests.Session()
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        return self._request(
+            "GET", path, params={k: v for k, v in (params or {}).items() if v is not None}
+        )
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self._request("POST", path, json=body)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        url = f"{self.base_url}/api/v1{path}"
+        try:
+            resp = self._session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.ConnectionError as exc:
+            reason = "connection refused" if "refused" in str(exc).lower() else "cannot connect"
+            raise ApiUnreachable(
+                f"cannot reach Trainyard at {self.base_url} ({reason}). Is it running? "
+                "Start it with `trainyard up`, or point --url / TRAINYARD_URL at it."
+            ) from None
+        except requests.Timeout:
+            raise ApiUnreachable(
+                f"Trainyard at {self.base_url} did not answer within {self.timeout[1]:.0f} s"
+            ) from None
+        if resp.status_code >= 400:
+            raise ApiError.from_response(resp)
+        try:
+            return resp.json()
+        except ValueError:
+            raise ApiError(
+                resp.status_code, "bad_response", f"{url} did not answer with JSON"
+            ) from None
+
+
+def api_command(func: F) -> F:
+    """Turn client errors into a message and an exit code instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ApiUnreachable as exc:
+            click.echo(f"error: {exc}", err=True)
+            raise click.exceptions.Exit(EXIT_UNREACHABLE) from None
+        except ApiError as exc:
+            echo_api_error(exc)
+            raise click.exceptions.Exit(EXIT_API_ERROR) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def echo_api_error(exc: ApiError) -> None:
+    """One line for the error, then one per invalid field, so a bad spec is fixed in one go."""
+    click.echo(f"error: {exc.message} ({exc.code}, HTTP {exc.status})", err=True)
+    for field, message in exc.fields.items():
+        click.echo(f"  {field}: {message}", err=True)

@@ -1,0 +1,251 @@
+"""How jobs look in the terminal: rich markup, tables and progress text.
+
+Everything the server sends is escaped before it reaches rich: "[cuda error]" in a
+message or "[eval] digits" in a name is text, not markup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from server.cli.api_client import TERMINAL_STATES
+
+STATE_STYLES = {
+    "queued": "yellow",
+    "running": "cyan",
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "magenta",
+}
+# The first of these a finished job has is its "key metric" in `trainyard jobs`.
+KEY_METRICS = ("val_accuracy", "accuracy", "f1", "val_loss", "loss", "train_loss")
+
+
+def make_console() -> Console:
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Piped into grep or a file: 80 columns would wrap the table mid-word.
+        console = Console(highlight=False, width=160)
+    return console
+
+
+def state_text(state: str) -> str:
+    return f"[{STATE_STYLES.get(state, 'white')}]{escape(state)}[/]"
+
+
+def progress_text(progress: dict[str, Any] | None) -> str:
+    """'epoch 3/10 · step 120/500 · 1,234 samples/s · ETA 1:23' from a job's progress."""
+    if not progress:
+        return ""
+    parts = []
+    if progress.get("epoch") is not None:
+        epochs = progress.get("epochs")
+        parts.append(
+            f"epoch {progress['epoch']}/{epochs}" if epochs else f"epoch {progress['epoch']}"
+        )
+    if progress.get("step") is not None:
+        total = progress.get("steps_total")
+        parts.append(
+            f"step {progress['step']:,}/{total:,}" if total else f"step {progress['step']:,}"
+        )
+    if progress.get("samples_per_s"):
+        parts.append(f"{progress['samples_per_s']:,.0f} samples/s")
+    if progress.get("eta_s") is not None:
+        parts.append(f"ETA {_fmt_duration(progress['eta_s'])}")
+    return " · ".join(parts)
+
+
+def progress_fraction(progress: dict[str, Any] | None) -> float | None:
+    """How far along a job is, 0..1, or None when its progress does not say."""
+    if not progress:
+        return None
+    if progress.get("fraction") is not None:
+        return min(1.0, max(0.0, float(progress["fraction"])))
+    if progress.get("steps_total") and progress.get("step") is not None:
+        return min(1.0, progress["step"] / progress["steps_total"])
+    if progress.get("epochs") and progress.get("epoch") is not None:
+        return min(1.0, progress["epoch"] / progress["epochs"])
+    return None
+
+
+def key_metric(job: dict[str, Any]) -> str:
+    if job.get("state") == "running" and job.get("progress"):
+        frac = progress_fraction(job["progress"])
+        text = progress_text({k: job["progress"].get(k) for k in ("epoch", "epochs")})
+        return f"{text} ({frac:.0%})" if frac is not None and text else text
+    metrics = (job.get("result") or {}).get("metrics") or {}
+    for key in KEY_METRICS:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"{key} {_fmt_number(value)}"
+    if job.get("error"):
+        return f"[red]{escape(str(job['error'].get('type') or 'error'))}[/]"
+    return ""
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    """One row per job, as `trainyard jobs` prints them."""
+    table = Table(header_style="bold")
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("name")
+    table.add_column("state", no_wrap=True)
+    table.add_column("model", no_wrap=True)
+    table.add_column("dataset", no_wrap=True)
+    table.add_column("key metric")
+    table.add_column("created (UTC)", no_wrap=True)
+    for job in jobs:
+        table.add_row(
+            str(job.get("id")),
+            escape(str(job.get("kind"))),
+            escape(job.get("name") or "-"),
+            state_text(str(job.get("state"))),
+            _name_of(job, "model"),
+            _name_of(job, "dataset"),
+            key_metric(job),
+            _fmt_time(job.get("created_at")),
+        )
+    return table
+
+
+def print_outcome(console: Console, job: dict[str, Any]) -> None:
+    """The end of a watch: final state, how long it took, then its metrics or error."""
+    state = job.get("state")
+    took = _elapsed(job.get("started_at"), job.get("finished_at"))
+    suffix = f" after {_fmt_duration(took)}" if took is not None else ""
+    console.print(f"Job {job['id']} {state_text(str(state))}{suffix}")
+    metrics = (job.get("result") or {}).get("metrics")
+    if metrics:
+        console.print(_metrics_table(metrics))
+    error = job.get("error")
+    if error:
+        console.print(_error_text(error))
+
+
+def print_job(console: Console, job: dict[str, Any]) -> None:
+    """Everything about one job, as `trainyard show` prints it."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    state = state_text(str(job.get("state")))
+    if job.get("cancel_requested") and job.get("state") not in TERMINAL_STATES:
+        state += " (cancel requested)"
+    rows: list[tuple[str, str]] = [
+        ("id", str(job.get("id"))),
+        ("name", escape(job.get("name") or "-")),
+        ("kind", escape(str(job.get("kind")))),
+        ("state", state),
+        ("queue", escape(f"{job.get('queue')} (priority {job.get('priority')})")),
+        ("model", _name_of(job, "model")),
+        ("dataset", _name_of(job, "dataset")),
+    ]
+    if job.get("tags"):
+        rows.append(("tags", escape(", ".join(job["tags"]))))
+    if job.get("source_job_id"):
+        rows.append(("source job", str(job["source_job_id"])))
+    rows += [
+        ("attempt", f"{job.get('attempt')}/{job.get('max_attempts')}"),
+        ("worker", escape(job.get("worker") or "-")),
+        ("created", _fmt_time(job.get("created_at")) + " UTC"),
+        ("started", _fmt_time(job.get("started_at"))),
+        ("finished", _fmt_time(job.get("finished_at"))),
+    ]
+    took = _elapsed(job.get("started_at"), job.get("finished_at"))
+    if took is not None:
+        rows.append(("duration", _fmt_duration(took)))
+    if job.get("state") == "running" and job.get("progress"):
+        frac = progress_fraction(job["progress"])
+        pct = f" ({frac:.0%})" if frac is not None else ""
+        rows.append(("progress", progress_text(job["progress"]) + pct))
+    error = job.get("error")
+    if error:
+        rows.append(("error", _error_text(error)))
+    for key, value in rows:
+        grid.add_row(key, value)
+    console.print(grid)
+    metrics = (job.get("result") or {}).get("metrics")
+    if metrics:
+        console.print("\n[bold]result metrics[/]")
+        console.print(_metrics_table(metrics))
+    if job.get("spec"):
+        console.print("\n[bold]spec[/]")
+        console.print(json.dumps(job["spec"], indent=2), markup=False, highlight=False)
+
+
+def _error_text(error: dict[str, Any]) -> str:
+    return f"[red]{escape(str(error.get('type') or 'Error'))}[/]: {escape(str(error.get('message') or ''))}"
+
+
+def _metrics_table(metrics: dict[str, Any]) -> Table:
+    table = Table(show_header=True, header_style="bold", box=None, padding=(0, 2))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            # A confusion matrix: one row per line, aligned, rather than one long JSON line.
+            width = max(len(str(x)) for row in value for x in row)
+            lines = "\n".join(" ".join(str(x).rjust(width) for x in row) for row in value)
+            table.add_row(escape(key), lines)
+        else:
+            table.add_row(escape(key), escape(_fmt_number(value)))
+    return table
+
+
+def _name_of(job: dict[str, Any], field: str) -> str:
+    value = job.get(field)
+    if isinstance(value, dict):
+        value = value.get("name")
+    if not value:
+        # An evaluate job may not name its dataset; the spec may still say more.
+        spec_value = (job.get("spec") or {}).get(field)
+        value = spec_value.get("name") if isinstance(spec_value, dict) else spec_value
+    return escape(str(value)) if value else "-"
+
+
+def _fmt_number(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        text = json.dumps(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}"
+
+
+def _fmt_time(iso: str | None) -> str:
+    """API timestamps are ISO-8601 UTC ('...Z'); shown to the second, still UTC."""
+    if not iso:
+        return "-"
+    try:
+        ts = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return iso
+    return ts.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _elapsed(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    try:
+        a = datetime.fromisoformat(start.replace("Z", "+00:00"))
+        b = datetime.fromisoformat(end.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (b - a).total_seconds()

@@ -1,0 +1,172 @@
+"""The commands that start Trainyard's processes: web, worker, db upgrade.
+
+`web` and `worker` exec gunicorn and Celery in a fresh interpreter, so this module never
+imports `worker` or torch: the web process imports the CLI too (it is the console script).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import click
+
+from server.cli.settings import cli_settings
+from shared.settings import Settings
+
+
+def _exec(argv: Sequence[str], env: dict[str, str] | None = None) -> NoReturn:
+    """Replace this process, so signals from `up` or Docker reach gunicorn/Celery directly."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], list(argv), env if env is not None else dict(os.environ))
+
+
+def gunicorn_argv(host: str, port: int, workers: int, timeout: int) -> list[str]:
+    return [
+        sys.executable, "-m", "gunicorn", "server.wsgi:app",
+        "-b", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "--workers", str(workers),
+        "--timeout", str(timeout),
+        # Below the 10 s that `up` and `docker stop` wait before SIGKILL.
+        "--graceful-timeout", "8",
+    ]  # fmt: skip
+
+
+def celery_worker_argv(queues: str, concurrency: int, node_name: str, loglevel: str) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.celery_worker:app", "worker",
+        "-Q", queues,
+        "--concurrency", str(concurrency),
+        "--prefetch-multiplier", "1",
+        "-n", node_name,
+        "--loglevel", loglevel,
+    ]  # fmt: skip
+
+
+def gpu_visible() -> bool:
+    """Whether this machine has an NVIDIA GPU we may use, without importing torch.
+
+    CUDA_VISIBLE_DEVICES set to nothing (or -1) hides every GPU, as it does for CUDA.
+    """
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None and cvd.strip() in ("", "-1", "NoDevFiles"):
+        return False
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi:
+        try:
+            out = subprocess.run(
+                [nvidia_smi, "-L"], capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            out = None
+        if out is not None and out.returncode == 0 and "GPU" in out.stdout:
+            return True
+    return os.path.exists("/dev/nvidia0")
+
+
+def upgrade_database(settings: Settings) -> None:
+    # Alembic is imported only by the commands that need it, not by every `trainyard` run.
+    from shared.migrate import upgrade_database as alembic_upgrade
+
+    alembic_upgrade(settings.resolved_database_url)
+
+
+def safe_url(url: str) -> str:
+    """A database URL fit to print: the password hidden."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for display
+        return url.split("@")[-1]
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="gunicorn worker processes.",
+)
+@click.option(
+    "--timeout",
+    default=60,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="gunicorn worker timeout (s).",
+)
+def web(host: str, port: int, workers: int, timeout: int) -> None:
+    """Run the web server and API (gunicorn)."""
+    if not cli_settings().redis_url:
+        click.echo(
+            "warning: TRAINYARD_REDIS_URL is not set; submitted jobs cannot be enqueued", err=True
+        )
+    _exec(gunicorn_argv(host, port, workers, timeout))
+
+
+@click.command()
+@click.option(
+    "--queues",
+    "-Q",
+    metavar="Q1,Q2",
+    help="Queues to take jobs from. [default: gpu if a GPU is visible, else cpu]",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    help="Jobs run at once. [default: $TRAINYARD_WORKER_SLOTS or 1]",
+)
+@click.option(
+    "--name",
+    "-n",
+    "node_name",
+    metavar="NAME",
+    help="Celery node name. [default: trainyard-<pid>@%h]",
+)
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def worker(
+    queues: str | None, concurrency: int | None, node_name: str | None, loglevel: str
+) -> None:
+    """Run a Celery worker that trains and evaluates jobs."""
+    from shared.celery_app import QUEUES  # Celery, but no torch: fine for the CLI
+
+    settings = cli_settings()
+    if not settings.redis_url:
+        raise click.ClickException("TRAINYARD_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
+    chosen = [
+        q.strip() for q in (queues or ("gpu" if gpu_visible() else "cpu")).split(",") if q.strip()
+    ]
+    unknown = sorted(set(chosen) - set(QUEUES))
+    if not chosen or unknown:
+        raise click.BadParameter(
+            f"unknown queue(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(QUEUES)}",
+            param_hint="--queues",
+        )
+    slots = concurrency or settings.worker_slots
+    env = dict(os.environ)
+    # The worker sizes torch's thread pool as cores // slots; it must see the same count.
+    env["TRAINYARD_WORKER_SLOTS"] = str(slots)
+    name = node_name or f"trainyard-{os.getpid()}@%h"
+    _exec(celery_worker_argv(",".join(chosen), slots, name, loglevel), env)
+
+
+@click.group()
+def db() -> None:
+    """Database schema commands."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Bring the database schema up to date (Alembic upgrade head)."""
+    settings = cli_settings()
+    upgrade_database(settings)
+    click.echo(f"Database is up to date: {safe_url(settings.resolved_database_url)}")
