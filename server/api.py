@@ -8,14 +8,26 @@ from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
+from server.catalog import catalog_context
 from server.database import get_session
 from server.enqueue import enqueue_job
 from server.errors import ApiError
 from server.serialize import job_to_json
+from shared.dataset_catalog import DATASETS, resolve_dataset
+from shared.model_catalog import MODELS
 from shared.models import Job, MetricPoint
-from shared.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS
+from shared.schema_base import CatalogError
 from shared.settings import Settings
-from shared.spec import EvaluateSpec, SpecError, TrainSpec, parse_spec, spec_to_json
+from shared.spec import (
+    EvaluateSpec,
+    SpecError,
+    TrainSpec,
+    eval_dataset_params,
+    load_stored_spec,
+    parse_spec,
+    resolve_train_dataset,
+    spec_to_json,
+)
 from shared.state_machine import ALL_STATES, JobState, request_cancel
 
 bp = Blueprint("api_v1", __name__, url_prefix="/api/v1")
@@ -68,53 +80,47 @@ def _get_job(job_id: int) -> Job:
     return job
 
 
+def _invalid(fields: dict[str, str]) -> ApiError:
+    return ApiError(422, "invalid_spec", "invalid job spec", fields)
+
+
 def _check_evaluate_source(spec: EvaluateSpec) -> Job:
-    """An evaluate job must name a succeeded train job with a checkpoint and a compatible dataset."""
+    """An evaluate job must name a succeeded train job, and a dataset its model can take."""
     field = "source_job_id"
     source = get_session().get(Job, spec.source_job_id)
     if source is None:
-        raise ApiError(
-            422,
-            "invalid_spec",
-            "invalid job spec",
-            {field: f"job {spec.source_job_id} does not exist"},
-        )
+        raise _invalid({field: f"job {spec.source_job_id} does not exist"})
     if source.kind != "train":
-        raise ApiError(
-            422,
-            "invalid_spec",
-            "invalid job spec",
-            {field: f"job {source.id} is an {source.kind} job, not a train job"},
-        )
+        raise _invalid({field: f"job {source.id} is an {source.kind} job, not a train job"})
     if source.state != JobState.SUCCEEDED.value or not source.checkpoint_path:
-        raise ApiError(
-            422,
-            "invalid_spec",
-            "invalid job spec",
+        raise _invalid(
             {
                 field: f"job {source.id} is {source.state}; only succeeded train jobs can be evaluated"
-            },
+            }
         )
-    if spec.dataset.name and spec.dataset.name != source.dataset_name:
-        a, b = DATASETS[spec.dataset.name], DATASETS[source.dataset_name or ""]
-        if a.input_shape != b.input_shape or a.num_classes != b.num_classes:
-            raise ApiError(
-                422,
-                "invalid_spec",
-                "invalid job spec",
-                {
-                    "dataset.name": f"{a.name!r} does not match the shape/classes of {b.name!r} that job {source.id} trained on"
-                },
-            )
+    source_spec = load_stored_spec(source.spec)
+    assert isinstance(source_spec, TrainSpec)
+    ctx = catalog_context()
+    try:
+        trained_on = resolve_train_dataset(source_spec, ctx)
+        name, params = eval_dataset_params(spec, source_spec)
+        scored_on = resolve_dataset(name, params, ctx)
+    except CatalogError as exc:
+        raise _invalid({exc.field: exc.message}) from None
+    except SpecError as exc:
+        raise _invalid(exc.fields) from None
+    problem = scored_on.compatible_with(trained_on)
+    if problem:
+        raise _invalid({"dataset.name": f"{problem} (job {source.id})"})
     return source
 
 
 @bp.post("/jobs")
 def submit_job() -> ResponseReturnValue:
     try:
-        spec = parse_spec(_json_body())
+        spec = parse_spec(_json_body(), catalog_context())
     except SpecError as exc:
-        raise ApiError(422, "invalid_spec", "invalid job spec", exc.fields) from None
+        raise _invalid(exc.fields) from None
 
     source = _check_evaluate_source(spec) if isinstance(spec, EvaluateSpec) else None
     if isinstance(spec, TrainSpec):
@@ -237,12 +243,13 @@ def list_models() -> ResponseReturnValue:
     return jsonify(
         {
             "models": [m.to_json() for m in MODELS.values()],
-            "optimizers": list(OPTIMIZERS),
-            "losses": list(LOSSES),
+            # The recipe parts (optimizers, schedules, losses, ...) with their ranges.
+            "train_spec_schema": TrainSpec.model_json_schema(),
         }
     )
 
 
 @bp.get("/datasets")
 def list_datasets() -> ResponseReturnValue:
-    return jsonify({"datasets": [d.to_json() for d in DATASETS.values()]})
+    ctx = catalog_context()
+    return jsonify({"datasets": [d.to_json(ctx) for d in DATASETS.values()]})

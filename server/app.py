@@ -10,7 +10,7 @@ from flask import Flask, current_app, jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
-from server import api, database, enqueue
+from server import api, database, enqueue, uploads_api
 from server.database import get_session
 from server.errors import register_error_handlers
 from shared.settings import Settings, load_settings
@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     enqueue.init_app(app, settings)
     register_error_handlers(app)
     app.register_blueprint(api.bp)
+    app.register_blueprint(uploads_api.bp)
     app.add_url_rule("/healthz", "healthz", healthz)
     return app
 

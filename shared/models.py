@@ -88,3 +88,17 @@ class MetricPoint(Base):
     wall_time: Mapped[float] = mapped_column(Float)
 
     __table_args__ = (Index("ix_metric_points_job_key_step", "job_id", "key", "step"),)
+
+
+class Upload(Base):
+    """A user's CSV file for the `csv` dataset; the file lives at artifacts/uploads/<id>.csv."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    rows: Mapped[int] = mapped_column(Integer)
+    # [{"name", "numeric", "distinct"}] in file order; see shared/csv_profile.py.
+    columns: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     url: str = "http://127.0.0.1:8000"
 
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    # CSV uploads for the `csv` dataset.
+    max_upload_bytes: int = Field(default=100_000_000, ge=1024)
     lease_seconds: float = Field(default=60.0, gt=0)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=100)
@@ -59,6 +61,10 @@ class Settings(BaseSettings):
     @cached_property
     def resolved_artifacts_dir(self) -> Path:
         return (self.artifacts_dir or self.home / "artifacts").resolve()
+
+    @cached_property
+    def uploads_dir(self) -> Path:
+        return self.resolved_artifacts_dir / "uploads"
 
     @cached_property
     def resolved_data_dir(self) -> Path:

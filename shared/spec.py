@@ -2,16 +2,35 @@
 
 `parse_spec` is the single entry point. It returns a TrainSpec or EvaluateSpec, or
 raises SpecError whose `fields` maps dotted field names ("model.params.hidden") to a
-message a person can act on.
+message a person can act on. Given a CatalogContext it also resolves the dataset
+(files present, upload known) and checks the model, loss and recipe against it, so a
+job that cannot work is refused at submission, not in the worker.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from shared.registry import DATASETS, MODELS, CNNParams, MLPParams, StrictModel
+from shared.dataset_catalog import DATASETS, CatalogContext, DatasetInfo, resolve_dataset
+from shared.model_catalog import (
+    MODELS,
+    CNNParams,
+    MLPParams,
+    ResNetParams,
+    RNNParams,
+    TransformerParams,
+)
+from shared.schema_base import CatalogError, StrictModel
 
 GPU_QUEUE = "gpu"
 CPU_QUEUE = "cpu"
@@ -23,33 +42,83 @@ class SpecError(ValueError):
         super().__init__("; ".join(f"{k}: {v}" for k, v in fields.items()))
 
 
-# ---------------------------------------------------------------- parts
+# ---------------------------------------------------------------- dataset
 
 
-class DatasetSpec(StrictModel):
-    name: str = Field(description="a dataset from GET /api/v1/datasets")
-    val_fraction: float = Field(
-        0.2, gt=0.0, lt=0.9, description="share of the non-test data held out for validation"
+class AugmentSpec(StrictModel):
+    """Random image augmentation of training batches (never of val/test)."""
+
+    hflip: bool = Field(False, description="flip half the images left-right")
+    crop_padding: int = Field(
+        0, ge=0, le=16, description="pad by this many pixels, then crop back at a random offset"
+    )
+    rotation_degrees: float = Field(
+        0.0, ge=0.0, le=45.0, description="rotate by a uniform angle in +-this"
     )
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(sorted(DATASETS))}")
-        return v
+    @property
+    def enabled(self) -> bool:
+        return self.hflip or self.crop_padding > 0 or self.rotation_degrees > 0
+
+
+class _DatasetCommon(StrictModel):
+    val_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=0.9,
+        description="share of the non-test data held out for validation (fixed split)",
+    )
+    normalize: Literal["auto", "none", "scale", "standardize"] = Field(
+        "auto",
+        description="scale: to [0, 1]; standardize: per-channel mean/std of the training split; "
+        "auto: scale for images, standardize for tables, none for tokens",
+    )
+    augment: AugmentSpec = AugmentSpec()
+
+    def resolved_normalize(self, kind: str) -> str:
+        if self.normalize != "auto":
+            return self.normalize
+        return {"image": "scale", "tabular": "standardize"}.get(kind, "none")
+
+
+def _dataset_model(name: str) -> type[_DatasetCommon]:
+    entry = DATASETS[name]
+    params_cls = entry.params
+    try:
+        default: Any = params_cls()
+    except ValidationError:
+        default = ...  # required (csv)
+    class_name = "".join(part.title() for part in name.split("_")) + "DatasetSpec"
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        class_name,
+        __base__=_DatasetCommon,
+        name=(Literal[name], Field(description=entry.description)),
+        params=(params_cls, default),
+    )
+
+
+_DATASET_SPECS = tuple(_dataset_model(n) for n in DATASETS)
+DatasetSpec = Annotated[Union[_DATASET_SPECS], Field(discriminator="name")]  # noqa: UP007
 
 
 class EvalDatasetSpec(StrictModel):
-    name: str | None = Field(None, description="defaults to the source job's dataset")
+    name: str | None = Field(
+        None, description="defaults to the source job's dataset (and its params)"
+    )
+    params: dict[str, Any] | None = Field(
+        None, description="the dataset's params when `name` is given"
+    )
     split: Literal["train", "val", "test"] = "test"
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str | None) -> str | None:
         if v is not None and v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(sorted(DATASETS))}")
+            raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(DATASETS)}")
         return v
+
+
+# ---------------------------------------------------------------- model
 
 
 class MLPSpec(StrictModel):
@@ -62,13 +131,52 @@ class CNNSpec(StrictModel):
     params: CNNParams = CNNParams()
 
 
-ModelSpec = Annotated[MLPSpec | CNNSpec, Field(discriminator="name")]
+class ResNetSpec(StrictModel):
+    name: Literal["resnet"]
+    params: ResNetParams = ResNetParams()
 
 
-class AdamSpec(StrictModel):
-    name: Literal["adam"]
+class LSTMSpec(StrictModel):
+    name: Literal["lstm"]
+    params: RNNParams = RNNParams()
+
+
+class GRUSpec(StrictModel):
+    name: Literal["gru"]
+    params: RNNParams = RNNParams()
+
+
+class TransformerSpec(StrictModel):
+    name: Literal["transformer"]
+    params: TransformerParams = TransformerParams()
+
+
+ModelSpec = Annotated[
+    MLPSpec | CNNSpec | ResNetSpec | LSTMSpec | GRUSpec | TransformerSpec,
+    Field(discriminator="name"),
+]
+
+
+# ---------------------------------------------------------------- recipe
+
+
+class LossSpec(StrictModel):
+    name: Literal["cross_entropy", "mse", "l1"]
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross_entropy only")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+class _OptimizerCommon(StrictModel):
     lr: float = Field(1e-3, gt=0.0, le=10.0)
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="L2 regularization")
+
+
+class AdamSpec(_OptimizerCommon):
+    name: Literal["adam"]
     betas: tuple[float, float] = (0.9, 0.999)
 
     @field_validator("betas")
@@ -79,12 +187,16 @@ class AdamSpec(StrictModel):
         return v
 
 
-class SGDSpec(StrictModel):
+class AdamWSpec(AdamSpec):
+    name: Literal["adamw"]  # type: ignore[assignment]
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="decoupled weight decay")
+
+
+class SGDSpec(_OptimizerCommon):
     name: Literal["sgd"]
     lr: float = Field(1e-2, gt=0.0, le=10.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
 
     @field_validator("nesterov")
     @classmethod
@@ -94,7 +206,84 @@ class SGDSpec(StrictModel):
         return v
 
 
-OptimizerSpec = Annotated[AdamSpec | SGDSpec, Field(discriminator="name")]
+class AdagradSpec(_OptimizerCommon):
+    name: Literal["adagrad"]
+    lr: float = Field(1e-2, gt=0.0, le=10.0)
+    lr_decay: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class RMSpropSpec(_OptimizerCommon):
+    name: Literal["rmsprop"]
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    alpha: float = Field(0.99, gt=0.0, lt=1.0, description="smoothing constant")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+OptimizerSpec = Annotated[
+    AdamSpec | AdamWSpec | SGDSpec | AdagradSpec | RMSpropSpec, Field(discriminator="name")
+]
+
+
+class _ScheduleCommon(StrictModel):
+    warmup_epochs: float = Field(
+        0.0, ge=0.0, le=10_000, description="linear warmup from 0 (fractions allowed)"
+    )
+
+
+class ConstantSchedule(_ScheduleCommon):
+    name: Literal["constant"]
+
+
+class StepSchedule(_ScheduleCommon):
+    name: Literal["step"]
+    step_epochs: int = Field(
+        10, ge=1, le=10_000, description="multiply the lr by gamma every this many epochs"
+    )
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+
+class CosineSchedule(_ScheduleCommon):
+    name: Literal["cosine"]
+    min_lr_ratio: float = Field(
+        0.0, ge=0.0, lt=1.0, description="final lr as a fraction of the peak"
+    )
+
+
+class OneCycleSchedule(StrictModel):
+    name: Literal["onecycle"]
+    max_lr: float | None = Field(
+        None, gt=0.0, le=10.0, description="peak lr; default: the optimizer's lr"
+    )
+    pct_start: float = Field(0.3, gt=0.0, lt=1.0, description="share of training spent warming up")
+
+
+ScheduleSpec = Annotated[
+    ConstantSchedule | StepSchedule | CosineSchedule | OneCycleSchedule, Field(discriminator="name")
+]
+
+CLASSIFICATION_METRICS = ("val_loss", "val_accuracy", "val_f1")
+REGRESSION_METRICS = ("val_loss", "val_mse", "val_mae", "val_r2")
+HIGHER_IS_BETTER = frozenset({"val_accuracy", "val_f1", "val_r2"})
+
+
+class EarlyStoppingSpec(StrictModel):
+    metric: Literal["val_loss", "val_accuracy", "val_f1", "val_mse", "val_mae", "val_r2"] = (
+        "val_loss"
+    )
+    patience: int = Field(
+        5, ge=1, le=10_000, description="epochs without improvement before stopping"
+    )
+    min_delta: float = Field(0.0, ge=0.0, description="smaller changes do not count as improvement")
+
+    @property
+    def mode(self) -> str:
+        return "max" if self.metric in HIGHER_IS_BETTER else "min"
+
+
+class RegularizationSpec(StrictModel):
+    l1: float = Field(
+        0.0, ge=0.0, le=1.0, description="L1 penalty on the weights, added to the loss"
+    )
 
 
 class Resources(StrictModel):
@@ -119,18 +308,50 @@ class _Common(StrictModel):
 
 class TrainSpec(_Common):
     kind: Literal["train"]
-    dataset: DatasetSpec
+    dataset: DatasetSpec  # type: ignore[valid-type]
     model: ModelSpec
-    loss: Literal["cross_entropy"] = "cross_entropy"
+    loss: LossSpec | None = Field(
+        None, description="default: cross_entropy (classification) or mse (regression)"
+    )
     optimizer: OptimizerSpec = AdamSpec(name="adam")
+    schedule: ScheduleSpec = ConstantSchedule(name="constant")
+    regularization: RegularizationSpec = RegularizationSpec()
+    early_stopping: EarlyStoppingSpec | None = None
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=65_536)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    grad_clip_norm: float | None = Field(
+        None, gt=0.0, le=1e6, description="clip the global gradient norm"
+    )
+    grad_accum_steps: int = Field(1, ge=1, le=1024, description="batches per optimizer step")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast on CUDA; fp32 on CPU"
+    )
+    compile: bool = Field(False, description="torch.compile the model")
+    checkpoint_every_epochs: int = Field(1, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _recipe(self) -> TrainSpec:
+        sched = self.schedule
+        if isinstance(sched, _ScheduleCommon) and sched.warmup_epochs >= self.epochs:
+            raise CatalogError(
+                "schedule.warmup_epochs", f"must be less than epochs ({self.epochs})"
+            )
+        if (
+            isinstance(sched, OneCycleSchedule)
+            and sched.max_lr is not None
+            and sched.max_lr < self.optimizer.lr
+        ):
+            raise CatalogError("schedule.max_lr", "must be at least the optimizer's lr")
+        return self
 
 
 class EvaluateSpec(_Common):
     kind: Literal["evaluate"]
     source_job_id: int = Field(ge=1, description="a succeeded train job")
+    checkpoint: Literal["best", "last"] = Field(
+        "best", description="the source job's best or last checkpoint"
+    )
     dataset: EvalDatasetSpec = EvalDatasetSpec()
     batch_size: int = Field(256, ge=1, le=65_536)
 
@@ -138,14 +359,19 @@ class EvaluateSpec(_Common):
 JobSpec = Annotated[TrainSpec | EvaluateSpec, Field(discriminator="kind")]
 _adapter: TypeAdapter[TrainSpec | EvaluateSpec] = TypeAdapter(JobSpec)
 
+# ---------------------------------------------------------------- errors
+
 # Discriminated unions put the tag into the error location ("model", "cnn", "params");
 # users name fields, not tags, so those are dropped.
-_TAGS_AFTER = {
+_TAGS_AFTER: dict[tuple[str, ...], set[str]] = {
     (): {"train", "evaluate"},
     ("model",): set(MODELS),
-    ("optimizer",): {"adam", "sgd"},
+    ("dataset",): set(DATASETS),
+    ("optimizer",): {"adam", "adamw", "sgd", "adagrad", "rmsprop"},
+    ("schedule",): {"constant", "step", "cosine", "onecycle"},
 }
-_UNION_NOUN = {(): "kind", ("model",): "model", ("optimizer",): "optimizer"}
+_UNION_NOUN = {(): "kind", ("model",): "model", ("dataset",): "dataset", ("optimizer",): "optimizer",
+               ("schedule",): "schedule"}  # fmt: skip
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
@@ -165,16 +391,21 @@ def _error_fields(exc: ValidationError) -> dict[str, str]:
     for err in exc.errors(include_url=False):
         loc = _clean_loc(tuple(err["loc"]))
         kind = err["type"]
+        ctx = err.get("ctx") or {}
         if kind in ("union_tag_invalid", "union_tag_not_found"):
-            disc = str(err.get("ctx", {}).get("discriminator", "")).strip("'")
+            disc = str(ctx.get("discriminator", "")).strip("'")
             noun = _UNION_NOUN.get(loc, ".".join(loc))
             field = ".".join((*loc, disc)) if loc else disc
             if kind == "union_tag_not_found":
                 message = "field required"
             else:
-                expected = str(err["ctx"].get("expected_tags", "")).replace("'", "")
-                message = f"unknown {noun} {err['ctx'].get('tag')!r}; choose one of: {expected}"
+                expected = str(ctx.get("expected_tags", "")).replace("'", "")
+                message = f"unknown {noun} {ctx.get('tag')!r}; choose one of: {expected}"
             fields.setdefault(field, message)
+            continue
+        if isinstance(ctx.get("error"), CatalogError):
+            catalog_error: CatalogError = ctx["error"]
+            fields.setdefault(catalog_error.field, catalog_error.message)
             continue
         field = ".".join(loc) or "body"
         if kind == "extra_forbidden":
@@ -187,19 +418,58 @@ def _error_fields(exc: ValidationError) -> dict[str, str]:
     return fields
 
 
-def parse_spec(data: Any) -> TrainSpec | EvaluateSpec:
-    """Validate a submitted spec; SpecError names every bad field."""
+# ---------------------------------------------------------------- parsing
+
+
+def resolve_train_dataset(spec: TrainSpec, ctx: CatalogContext) -> DatasetInfo:
+    return resolve_dataset(spec.dataset.name, spec.dataset.params, ctx)
+
+
+def _check_train(spec: TrainSpec, ctx: CatalogContext) -> None:
+    """Cross-field checks that need the resolved dataset; fills in the default loss."""
+    try:
+        info = resolve_train_dataset(spec, ctx)
+    except CatalogError as exc:
+        raise SpecError({exc.field: exc.message}) from None
+    problems = MODELS[spec.model.name].problems(spec.model.params, info)
+    if spec.loss is None:
+        spec.loss = LossSpec(name="cross_entropy" if info.task == "classification" else "mse")
+    elif info.task == "classification" and spec.loss.name != "cross_entropy":
+        problems["loss.name"] = (
+            f"{spec.loss.name} is for regression; {info.name!r} is classification: use cross_entropy"
+        )
+    elif info.task == "regression" and spec.loss.name == "cross_entropy":
+        problems["loss.name"] = f"{info.name!r} is regression: use mse or l1"
+    if spec.loss.label_smoothing and spec.loss.name != "cross_entropy":
+        problems["loss.label_smoothing"] = "applies to cross_entropy only"
+    if spec.early_stopping is not None:
+        allowed = CLASSIFICATION_METRICS if info.task == "classification" else REGRESSION_METRICS
+        if spec.early_stopping.metric not in allowed:
+            problems["early_stopping.metric"] = f"{info.task} jobs report {', '.join(allowed)}"
+    if spec.dataset.augment.enabled and info.kind != "image":
+        problems["dataset.augment"] = (
+            f"augmentation applies to image data; {info.name!r} is {info.kind} data"
+        )
+    if info.kind == "sequence" and spec.dataset.normalize not in ("auto", "none"):
+        problems["dataset.normalize"] = "token sequences cannot be normalized; use none"
+    if problems:
+        raise SpecError(problems)
+
+
+def parse_spec(data: Any, ctx: CatalogContext | None = None) -> TrainSpec | EvaluateSpec:
+    """Validate a submitted spec; SpecError names every bad field.
+
+    With `ctx`, train specs are also checked against their resolved dataset (and get
+    their default loss filled in). Evaluate specs' source job is checked by the server.
+    """
     if not isinstance(data, dict):
         raise SpecError({"body": "a job spec must be a JSON object"})
     try:
         spec = _adapter.validate_python(data)
     except ValidationError as exc:
         raise SpecError(_error_fields(exc)) from None
-    if isinstance(spec, TrainSpec):
-        dataset = DATASETS[spec.dataset.name]
-        problems = MODELS[spec.model.name].check(spec.model.params, dataset)
-        if problems:
-            raise SpecError(problems)
+    if isinstance(spec, TrainSpec) and ctx is not None:
+        _check_train(spec, ctx)
     return spec
 
 
@@ -208,5 +478,22 @@ def spec_to_json(spec: TrainSpec | EvaluateSpec) -> dict[str, Any]:
 
 
 def load_stored_spec(data: dict[str, Any]) -> TrainSpec | EvaluateSpec:
-    """Rebuild a spec that was validated at submission (no cross checks again)."""
+    """Rebuild a spec that was validated (and completed) at submission."""
     return _adapter.validate_python(data)
+
+
+def eval_dataset_params(spec: EvaluateSpec, source: TrainSpec) -> tuple[str, Any]:
+    """The (name, params) an evaluate job scores on: its own override or the source's."""
+    if spec.dataset.name is None:
+        return source.dataset.name, source.dataset.params
+    entry = DATASETS[spec.dataset.name]
+    try:
+        params = entry.params.model_validate(spec.dataset.params or {})
+    except ValidationError as exc:
+        raise SpecError(
+            {
+                f"dataset.params.{'.'.join(map(str, e['loc']))}": e["msg"]
+                for e in exc.errors(include_url=False)
+            }
+        ) from None
+    return spec.dataset.name, params

@@ -216,16 +216,163 @@ def test_metrics_series_and_downsampling(client, db_url: str) -> None:  # type: 
 def test_registries(client) -> None:  # type: ignore[no-untyped-def]
     models = client.get("/api/v1/models").get_json()
     names = {m["name"] for m in models["models"]}
-    assert names == {"mlp", "cnn"} and set(models["optimizers"]) == {"adam", "sgd"}
+    assert names == {"mlp", "cnn", "resnet", "lstm", "gru", "transformer"}
     cnn = next(m for m in models["models"] if m["name"] == "cnn")
-    assert cnn["params_schema"]["properties"]["hidden"]["minimum"] == 1
-    datasets = client.get("/api/v1/datasets").get_json()["datasets"]
-    digits = next(d for d in datasets if d["name"] == "digits")
+    assert cnn["params_schema"]["properties"]["hidden"]["minimum"] == 1 and cnn["inputs"] == [
+        "image"
+    ]
+    recipe = models["train_spec_schema"]
+    assert {"optimizer", "schedule", "loss", "early_stopping", "precision"} <= set(
+        recipe["properties"]
+    )
+    datasets = {d["name"]: d for d in client.get("/api/v1/datasets").get_json()["datasets"]}
+    assert {
+        "digits",
+        "iris",
+        "wine",
+        "breast_cancer",
+        "mnist",
+        "fashion_mnist",
+        "cifar10",
+        "csv",
+    } <= set(datasets)
+    digits = datasets["digits"]
     assert (
         digits["num_classes"] == 10
         and digits["input_shape"] == [1, 8, 8]
         and digits["splits"]["test"] == 360
     )
+    assert datasets["synthetic_images"]["input_shape"] == [3, 32, 32]
+    assert (
+        datasets["mnist"]["available"] is False
+        and "missing" in datasets["mnist"]["unavailable_reason"]
+    )
+    assert datasets["csv"]["params_schema"]["required"] == ["upload_id", "target"]
+
+
+def test_file_datasets_are_checked_at_submission(client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    from tests.data_files import write_cifar10, write_mnist
+
+    spec = train_spec(dataset={"name": "mnist"}, model={"name": "mlp"})
+    resp = client.post("/api/v1/jobs", json=spec)
+    assert resp.status_code == 422 and "missing" in error_fields(resp)["dataset.name"]
+    write_mnist(settings.resolved_data_dir / "mnist", n_train=30, n_test=12, gz=True)
+    assert client.post("/api/v1/jobs", json=spec).status_code == 201
+    mnist = next(
+        d for d in client.get("/api/v1/datasets").get_json()["datasets"] if d["name"] == "mnist"
+    )
+    assert (
+        mnist["available"] and mnist["input_shape"] == [1, 28, 28] and mnist["splits"]["test"] == 12
+    )
+
+    cifar = train_spec(
+        dataset={"name": "cifar10"}, model={"name": "resnet", "params": {"depth": 8}}
+    )
+    assert client.post("/api/v1/jobs", json=cifar).status_code == 422
+    write_cifar10(settings.resolved_data_dir / "cifar-10-batches-py", n_per_batch=4)
+    assert client.post("/api/v1/jobs", json=cifar).status_code == 201
+
+
+CSV = "area,rooms,city,price\n" + "".join(
+    f"{50 + i},{1 + i % 4},{'ab'[i % 2]},{100 + 3 * i}\n" for i in range(40)
+)
+
+
+def test_csv_upload_then_train_spec(client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    resp = client.post("/api/v1/uploads", data={"file": (io.BytesIO(CSV.encode()), "houses.csv")})
+    assert resp.status_code == 201, resp.get_json()
+    upload = resp.get_json()
+    assert upload["rows"] == 40 and upload["filename"] == "houses.csv"
+    assert [(c["name"], c["numeric"]) for c in upload["columns"]] == [
+        ("area", True), ("rooms", True), ("city", False), ("price", True)
+    ]  # fmt: skip
+    assert (settings.uploads_dir / f"{upload['id']}.csv").read_text() == CSV
+    assert client.get(f"/api/v1/uploads/{upload['id']}").get_json() == upload
+
+    regression = train_spec(
+        model={"name": "mlp"},
+        dataset={
+            "name": "csv",
+            "params": {"upload_id": upload["id"], "target": "price", "task": "regression"},
+        },
+    )
+    job = client.post("/api/v1/jobs", json=regression)
+    assert job.status_code == 201 and job.get_json()["spec"]["loss"]["name"] == "mse"
+    classify = train_spec(
+        model={"name": "mlp"},
+        dataset={"name": "csv", "params": {"upload_id": upload["id"], "target": "city"}},
+    )
+    assert client.post("/api/v1/jobs", json=classify).status_code == 201
+    bad = train_spec(
+        model={"name": "mlp"},
+        dataset={
+            "name": "csv",
+            "params": {"upload_id": upload["id"], "target": "city", "task": "regression"},
+        },
+    )
+    resp = client.post("/api/v1/jobs", json=bad)
+    assert resp.status_code == 422 and "not numeric" in error_fields(resp)["dataset.params.target"]
+
+    raw = client.post("/api/v1/uploads?filename=raw.csv", data=CSV, content_type="text/csv")
+    assert raw.status_code == 201 and raw.get_json()["filename"] == "raw.csv"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b"", "text/csv", 422),
+        (b"a,b\n1,2,3\n", "text/csv", 422),
+        (b"a,a\n1,2\n", "text/csv", 422),
+        (b"a,b\n", "text/csv", 422),
+        (b"\xff\xfe\x00bad", "text/csv", 422),
+        (b"a,b\n1,2\n", "application/json", 415),
+    ],
+)
+def test_bad_uploads_name_the_file_field(
+    client, body: bytes, content_type: str, status: int
+) -> None:  # type: ignore[no-untyped-def]
+    resp = client.post("/api/v1/uploads", data=body, content_type=content_type)
+    assert resp.status_code == status and "file" in error_fields(resp)
+
+
+def test_upload_size_limit(settings: Settings) -> None:
+    from server.app import create_app
+
+    client = create_app(settings.model_copy(update={"max_upload_bytes": 2048})).test_client()
+    resp = client.post("/api/v1/uploads", data=CSV * 20, content_type="text/csv")
+    assert resp.status_code == 413 and "2048" in error_fields(resp)["body"]
+    assert client.get("/api/v1/uploads/1").status_code == 404
+
+
+def test_evaluate_dataset_must_be_compatible(client, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    source = client.post("/api/v1/jobs", json=train_spec()).get_json()
+    with transaction(db_url) as s:
+        s.get(Job, source["id"]).state = "succeeded"
+        s.get(Job, source["id"]).checkpoint_path = "/tmp/ckpt"
+    other = evaluate_spec(
+        source["id"],
+        dataset={
+            "name": "synthetic_images",
+            "params": {"channels": 1, "height": 8, "width": 8, "num_classes": 3},
+        },
+    )
+    resp = client.post("/api/v1/jobs", json=other)
+    assert resp.status_code == 422 and "classes" in error_fields(resp)["dataset.name"]
+    shape = evaluate_spec(source["id"], dataset={"name": "synthetic_images"})
+    resp = client.post("/api/v1/jobs", json=shape)
+    assert resp.status_code == 422 and "shape" in error_fields(resp)["dataset.name"]
+    ok = evaluate_spec(
+        source["id"],
+        dataset={"name": "synthetic_images", "params": {"channels": 1, "height": 8, "width": 8}},
+    )
+    assert client.post("/api/v1/jobs", json=ok).status_code == 201
+    bad_params = evaluate_spec(
+        source["id"], dataset={"name": "synthetic_images", "params": {"channels": 99}}
+    )
+    resp = client.post("/api/v1/jobs", json=bad_params)
+    assert resp.status_code == 422 and "dataset.params.channels" in error_fields(resp)
 
 
 def test_healthz(client) -> None:  # type: ignore[no-untyped-def]
