@@ -74,12 +74,12 @@ def test_a_job_that_raises_is_failed_with_the_error(
     assert run_job(source, settings) == "succeeded"
     evaluation = submit(client, evaluate_spec(source))
     with transaction(db_url) as s:
-        s.get(Job, source).checkpoint_path = "/nonexistent/model.pt"
+        s.get(Job, source).checkpoint_path = "/nonexistent/ckpt"
     assert run_job(evaluation, settings) == "failed"
     job = client.get(f"/api/v1/jobs/{evaluation}").get_json()
     assert job["state"] == "failed" and job["finished_at"]
     assert job["error"]["type"] == "UserError"
-    assert "/nonexistent/model.pt" in job["error"]["message"]
+    assert "/nonexistent/ckpt" in job["error"]["message"]
 
 
 def test_cancel_a_running_job(client, settings: Settings) -> None:  # type: ignore[no-untyped-def]

@@ -18,11 +18,12 @@ import shared
 from shared.db import transaction
 from shared.models import Job
 from shared.settings import Settings
-from shared.spec import EvaluateSpec, TrainSpec, load_stored_spec
+from shared.spec import EvaluateSpec, TrainSpec, load_stored_spec, spec_to_json
 from shared.state_machine import JobState, claim_job, finish_job
 from worker.lease import LeaseKeeper
 from worker.metric_sink import MetricSink
-from worker.training import JobCancelled, evaluate_job, pick_device, train_job
+from worker.training import JobCancelled, UserError, evaluate_job, pick_device, train_job
+from worker.training.datasets import DataPaths
 
 log = logging.getLogger(__name__)
 
@@ -36,37 +37,58 @@ def worker_name() -> str:
 @dataclass(frozen=True)
 class SourceCheckpoint:
     spec: TrainSpec
-    path: Path
+    directory: Path
 
 
 def _load_source(database_url: str, job_id: int) -> SourceCheckpoint:
     with transaction(database_url) as session:
         source = session.get(Job, job_id)
         if source is None or not source.checkpoint_path:
-            raise FileNotFoundError(f"job {job_id} has no checkpoint")
+            raise UserError(f"job {job_id} has no checkpoint")
         spec = load_stored_spec(source.spec)
         assert isinstance(spec, TrainSpec)
-        return SourceCheckpoint(spec=spec, path=Path(source.checkpoint_path))
+        return SourceCheckpoint(spec=spec, directory=Path(source.checkpoint_path))
+
+
+def checkpoint_dir(settings: Settings, job_id: int, attempt: int) -> Path:
+    """One directory per attempt: a zombie attempt can never overwrite a newer one's files."""
+    return settings.resolved_artifacts_dir / "jobs" / str(job_id) / f"attempt-{attempt}"
+
+
+def latest_checkpoint(settings: Settings, job_id: int, attempt: int) -> Path | None:
+    """The newest `last.pt` an earlier attempt of this job left, to resume from."""
+    for earlier in range(attempt - 1, 0, -1):
+        path = checkpoint_dir(settings, job_id, earlier) / "last.pt"
+        if path.is_file():
+            return path
+    return None
 
 
 def _execute(
     spec: TrainSpec | EvaluateSpec,
     settings: Settings,
     job_id: int,
+    attempt: int,
     sink: MetricSink,
     lease: LeaseKeeper,
 ) -> tuple[dict[str, Any], str | None]:
-    """Run the job body; returns (result, checkpoint path)."""
+    """Run the job body; returns (result, checkpoint directory)."""
     device = pick_device()
+    paths = DataPaths(data_dir=settings.resolved_data_dir, uploads_dir=settings.uploads_dir)
     # torch version, device name and seed are in the metrics train_job/evaluate_job return.
-    base = {"trainyard_version": shared.__version__}
+    base = {"trainyard_version": shared.__version__, "spec": spec_to_json(spec)}
     if isinstance(spec, TrainSpec):
-        checkpoint = settings.resolved_artifacts_dir / "jobs" / str(job_id) / "model.pt"
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        metrics = train_job(spec, device, sink, checkpoint, should_stop=lease.stop.is_set)
-        return {**base, "seed": spec.seed, "metrics": metrics}, str(checkpoint)
+        directory = checkpoint_dir(settings, job_id, attempt)
+        directory.mkdir(parents=True, exist_ok=True)
+        resume_from = latest_checkpoint(settings, job_id, attempt)
+        if resume_from is not None:
+            log.info("job %s attempt %s: resuming from %s", job_id, attempt, resume_from)
+        metrics = train_job(
+            spec, device, sink, directory, should_stop=lease.stop.is_set, paths=paths, resume_from=resume_from
+        )
+        return {**base, "metrics": metrics}, str(directory)
     source = _load_source(settings.resolved_database_url, spec.source_job_id)
-    metrics = evaluate_job(spec, source.spec, source.path, device)
+    metrics = evaluate_job(spec, source.spec, source.directory, device, paths=paths)
     return {**base, "source_job_id": spec.source_job_id, "metrics": metrics}, None
 
 
@@ -112,7 +134,7 @@ def run_job(job_id: int, settings: Settings) -> str:
     with lease:
         try:
             with sink:
-                result, checkpoint = _execute(spec, settings, job_id, sink, lease)
+                result, checkpoint = _execute(spec, settings, job_id, claim.attempt, sink, lease)
             state, values = JobState.SUCCEEDED, {"result": result, "checkpoint_path": checkpoint}
         except JobCancelled:
             state, values = JobState.CANCELLED, {"error_message": "cancelled by request"}

@@ -66,13 +66,13 @@ def test_failed_job_reports_its_error(live_server: str, start_worker, db_url: st
     assert wait_for_state(get_json, source, {"succeeded", "failed"})["state"] == "succeeded"
     # The checkpoint vanished (disk cleaned up): the evaluate job must fail, with the reason shown.
     with transaction(db_url) as s:
-        s.get(Job, source).checkpoint_path = "/nonexistent/model.pt"
+        s.get(Job, source).checkpoint_path = "/nonexistent/ckpt"
     evaluation = requests.post(
         f"{live_server}/api/v1/jobs", json=evaluate_spec(source), timeout=10
     ).json()["id"]
     job = wait_for_state(get_json, evaluation, {"succeeded", "failed"})
     assert job["state"] == "failed"
     assert (
-        job["error"]["type"] == "UserError" and "/nonexistent/model.pt" in job["error"]["message"]
+        job["error"]["type"] == "UserError" and "/nonexistent/ckpt" in job["error"]["message"]
     )
     assert job["attempt"] == 1 and job["finished_at"]
