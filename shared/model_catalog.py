@@ -1,5 +1,5 @@
 """The models a job can name, as metadata: parameters with ranges, and which datasets
-each can take. The PyTorch modules live in worker/training/models.py."""
+each can take. The PyTorch modules live in worker/training/models/."""
 
 from __future__ import annotations
 

@@ -446,6 +446,11 @@ def _check_train(spec: TrainSpec, ctx: CatalogContext) -> None:
         allowed = CLASSIFICATION_METRICS if info.task == "classification" else REGRESSION_METRICS
         if spec.early_stopping.metric not in allowed:
             problems["early_stopping.metric"] = f"{info.task} jobs report {', '.join(allowed)}"
+    uses_batch_norm = spec.model.name == "resnet" or (
+        isinstance(spec.model, CNNSpec) and spec.model.params.batch_norm
+    )
+    if uses_batch_norm and spec.batch_size < 2:
+        problems["batch_size"] = "BatchNorm needs at least 2 samples per training batch"
     if spec.dataset.augment.enabled and info.kind != "image":
         problems["dataset.augment"] = (
             f"augmentation applies to image data; {info.name!r} is {info.kind} data"
