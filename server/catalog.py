@@ -14,7 +14,10 @@ def upload_info(upload: Upload) -> UploadInfo:
         id=upload.id,
         filename=upload.filename,
         rows=upload.rows,
-        columns=tuple(ColumnInfo(c["name"], c["numeric"], c["distinct"]) for c in upload.columns),
+        columns=tuple(
+            ColumnInfo(c["name"], c["numeric"], c["distinct"], c.get("missing", 0))
+            for c in upload.columns
+        ),
     )
 
 

@@ -1,22 +1,28 @@
-"""Reading an uploaded CSV's shape: header, row count and which columns are numeric.
+"""The rules for reading an uploaded CSV, shared by the server and the worker.
 
 The server profiles a file once at upload (to check a `csv` dataset spec at
-submission); the worker's loader applies the same rules, so both agree on which
-columns are features and how many classes a target has:
+submission) and the worker's loader (worker/training/data/csv_table.py) reads it by
+the same rules, so both agree on which columns are features and how many classes a
+target has:
 
-- the first row is the header: non-empty, unique column names;
-- every row has as many fields as the header;
-- a column is numeric when every value in it parses as a finite float
-  (a blank cell makes a column non-numeric: there is no silent imputation);
-- class labels are the distinct raw strings of the target column.
+- UTF-8 (a byte-order mark is ignored), read by Python's `csv` module (Excel
+  dialect); the first record is the header: non-empty, unique column names.
+- Blank lines are skipped and not counted. Every value and name is stripped of
+  surrounding whitespace. A record shorter than the header has empty values for its
+  missing trailing columns; a longer one is an error.
+- A column is numeric when every non-empty value parses with `float()`.
+- `distinct` counts distinct non-empty values (capped at MAX_CSV_CLASSES + 1);
+  `missing` counts empty values. A target column must have none missing.
+- Training (worker): a missing or non-finite feature value is filled with the
+  column's mean over the training split; class labels are the sorted distinct
+  target strings, numbered 0..K-1.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from shared.dataset_catalog import MAX_CSV_CLASSES, ColumnInfo
@@ -28,13 +34,46 @@ class CsvProblem(ValueError):
     pass
 
 
-def parse_float(value: str) -> float | None:
-    """The float in a cell, or None when the cell is not a finite number."""
+def parses_as_number(value: str) -> bool:
     try:
-        number = float(value)
+        float(value)
     except ValueError:
-        return None
-    return number if math.isfinite(number) else None
+        return False
+    return True
+
+
+def read_records(lines: Iterable[str]) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """The header, and (line number, stripped and padded values) for each data record."""
+    reader = csv.reader(lines)
+    try:
+        header = next((r for r in reader if r), None)
+    except csv.Error as exc:
+        raise CsvProblem(f"not a CSV file: {exc}") from None
+    if header is None:
+        raise CsvProblem("the file is empty")
+    header = [name.strip() for name in header]
+    if len(header) > MAX_COLUMNS:
+        raise CsvProblem(f"{len(header)} columns; at most {MAX_COLUMNS}")
+    if any(not name for name in header):
+        raise CsvProblem("every column in the header needs a name")
+    if len(set(header)) != len(header):
+        raise CsvProblem("column names in the header must be unique")
+    width = len(header)
+
+    def records() -> Iterator[tuple[int, list[str]]]:
+        try:
+            for record in reader:
+                if not record:
+                    continue
+                if len(record) > width:
+                    raise CsvProblem(
+                        f"line {reader.line_num} has {len(record)} values, the header {width}"
+                    )
+                yield reader.line_num, [v.strip() for v in record] + [""] * (width - len(record))
+        except csv.Error as exc:
+            raise CsvProblem(f"line {reader.line_num}: {exc}") from None
+
+    return header, records()
 
 
 @dataclass(frozen=True)
@@ -43,46 +82,26 @@ class CsvProfile:
     columns: tuple[ColumnInfo, ...]
 
 
-def read_rows(lines: Iterable[str]) -> tuple[list[str], Iterable[list[str]]]:
-    """Header and an iterator over the data rows; raises CsvProblem on a bad header."""
-    reader = csv.reader(lines)
-    try:
-        header = [name.strip() for name in next(reader)]
-    except StopIteration:
-        raise CsvProblem("the file is empty") from None
-    except csv.Error as exc:
-        raise CsvProblem(f"not a CSV file: {exc}") from None
-    if len(header) > MAX_COLUMNS:
-        raise CsvProblem(f"{len(header)} columns; at most {MAX_COLUMNS}")
-    if any(not name for name in header):
-        raise CsvProblem("every column in the header needs a name")
-    if len(set(header)) != len(header):
-        raise CsvProblem("column names in the header must be unique")
-    return header, reader
-
-
 def profile_csv(text: str) -> CsvProfile:
-    header, reader = read_rows(io.StringIO(text, newline=""))
+    """Scan a file once, keeping only per-column counters (uploads can be large)."""
+    header, records = read_records(io.StringIO(text, newline=""))
     numeric = [True] * len(header)
+    missing = [0] * len(header)
     distinct: list[set[str]] = [set() for _ in header]
     rows = 0
-    try:
-        for line_no, row in enumerate(reader, start=2):
-            if not row:
-                continue  # blank line
-            if len(row) != len(header):
-                raise CsvProblem(
-                    f"line {line_no} has {len(row)} fields, the header has {len(header)}"
-                )
-            rows += 1
-            for i, value in enumerate(row):
-                if numeric[i] and parse_float(value) is None:
-                    numeric[i] = False
-                if len(distinct[i]) <= MAX_CSV_CLASSES:
-                    distinct[i].add(value)
-    except csv.Error as exc:
-        raise CsvProblem(f"line {reader.line_num}: {exc}") from None  # type: ignore[attr-defined]
+    for _line, values in records:
+        rows += 1
+        for i, value in enumerate(values):
+            if not value:
+                missing[i] += 1
+                continue
+            if numeric[i] and not parses_as_number(value):
+                numeric[i] = False
+            if len(distinct[i]) <= MAX_CSV_CLASSES:
+                distinct[i].add(value)
     if rows == 0:
         raise CsvProblem("the file has a header but no rows")
-    columns = tuple(ColumnInfo(name, numeric[i], len(distinct[i])) for i, name in enumerate(header))
+    columns = tuple(
+        ColumnInfo(name, numeric[i], len(distinct[i]), missing[i]) for i, name in enumerate(header)
+    )
     return CsvProfile(rows=rows, columns=columns)

@@ -59,7 +59,8 @@ class DatasetInfo:
 class ColumnInfo:
     name: str
     numeric: bool
-    distinct: int  # capped at MAX_CSV_CLASSES + 1
+    distinct: int  # non-empty values, capped at MAX_CSV_CLASSES + 1
+    missing: int = 0  # empty cells
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,11 @@ def _synthetic_regression(p: SyntheticRegressionParams, _ctx: CatalogContext) ->
 
 
 def _synthetic_sequences(p: SyntheticSequencesParams, _ctx: CatalogContext) -> DatasetInfo:
+    if p.seq_len * p.num_samples > MAX_SYNTHETIC_VALUES:
+        raise CatalogError(
+            "dataset.params.num_samples",
+            f"too large: at most {MAX_SYNTHETIC_VALUES:,} tokens in all",
+        )
     train, test = _split_sizes(p.num_samples)
     return DatasetInfo(
         "synthetic_sequences",
@@ -265,6 +271,11 @@ def _csv(p: CsvParams, ctx: CatalogContext) -> DatasetInfo:
     if target is None:
         raise CatalogError(
             "dataset.params.target", f"no column {p.target!r}; columns: {', '.join(names)}"
+        )
+    if target.missing:
+        raise CatalogError(
+            "dataset.params.target",
+            f"column {p.target!r} has {target.missing} empty cells; the target needs a value in every row",
         )
     if p.task == "regression" and not target.numeric:
         raise CatalogError(

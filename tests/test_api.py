@@ -269,7 +269,7 @@ def test_file_datasets_are_checked_at_submission(client, settings: Settings) -> 
         dataset={"name": "cifar10"}, model={"name": "resnet", "params": {"depth": 8}}
     )
     assert client.post("/api/v1/jobs", json=cifar).status_code == 422
-    write_cifar10(settings.resolved_data_dir / "cifar-10-batches-py", n_per_batch=4)
+    write_cifar10(settings.resolved_data_dir, n_per_batch=4)
     assert client.post("/api/v1/jobs", json=cifar).status_code == 201
 
 
