@@ -1,15 +1,22 @@
 """Training overhead of a Trainyard job against a bare PyTorch loop (design.md 5).
 
-Trains the same model on the same data with the same batch size and thread count
-twice per round: once as a hand-written loop in this process (the floor), once as
-a job submitted over HTTP to a real `celery worker` subprocess on a private Redis
-and SQLite. Prints samples/s of both and their ratio (target >= 0.97).
+Two cases (issue 3): the seed-style CNN on sklearn's digits, and a CIFAR-style
+ResNet-20 on synthetic 3x32x32 images. For each, every round trains the same model
+(build_model, same seed) on the same data tensors (load_dataset) with the same batch
+size, the same fused Adam kernel, per-epoch validation and the same thread count
+twice: once as a hand-written loop in this process (the floor), once as a job.
+Prints samples/s of both and their ratio (target >= 0.97).
 
-    .venv/bin/python bench/train_overhead.py [--model cnn] [--epochs 10] [--rounds 3]
+    .venv/bin/python bench/train_overhead.py [--case cnn-digits|resnet-synthetic|all]
+        [--rounds 3] [--in-process]
 
-The job figure is the worker's own `samples_per_s` (whole training loop, per-epoch
-validation, metric writes and progress included; process start-up excluded);
-the end-to-end figure adds queueing, claim and the final checkpoint.
+By default the job is submitted over HTTP to a real `celery worker` subprocess on a
+private Redis and SQLite, and the job figure is the worker's own `samples_per_s`
+(whole training loop, per-epoch validation, metric writes, progress and checkpoints
+included; process start-up and data loading excluded); the end-to-end figure adds
+queueing, claim and data loading. `--in-process` calls train_job directly in this
+process instead (a ListSink, checkpoints to a temp dir): the engine's own overhead,
+without the worker's database writes.
 """
 
 from __future__ import annotations
@@ -23,49 +30,78 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-import requests
 import torch
 import torch.nn.functional as F
-from werkzeug.serving import make_server
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from server.app import create_app  # noqa: E402
-from shared.local_redis import LocalRedis  # noqa: E402
-from shared.migrate import upgrade_database  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from shared.spec import parse_spec  # noqa: E402
+from shared.dataset_catalog import DATASETS  # noqa: E402
+from shared.spec import TrainSpec, parse_spec  # noqa: E402
+from worker.training import DataPaths, ListSink, train_job  # noqa: E402
 from worker.training.datasets import load_dataset  # noqa: E402
 from worker.training.models import build_model  # noqa: E402
 
-
-def make_spec(model: str, epochs: int, batch_size: int) -> dict:
-    return {
-        "kind": "train",
-        "name": f"bench-{model}",
+CASES: dict[str, dict[str, Any]] = {
+    "cnn-digits": {
         "dataset": {"name": "digits"},
-        "model": {"name": model},
+        "model": {"name": "cnn"},
+        "epochs": 10,
+        "batch_size": 32,
+    },
+    "resnet-synthetic": {
+        "dataset": {
+            "name": "synthetic_images",
+            "params": {
+                "channels": 3,
+                "height": 32,
+                "width": 32,
+                "num_classes": 10,
+                "num_samples": 2048,
+            },
+        },
+        "model": {"name": "resnet", "params": {"depth": 20}},
+        "epochs": 2,
+        "batch_size": 128,
+    },
+}
+EVAL_BATCH = 1024  # what the job's per-epoch validation uses
+NO_FILES = DataPaths(data_dir=Path("/nonexistent/data"), uploads_dir=Path("/nonexistent/uploads"))
+
+
+def make_spec(case: str, epochs: int | None) -> dict[str, Any]:
+    spec = {
+        "kind": "train",
+        "name": f"bench-{case}",
         "optimizer": {"name": "adam", "lr": 0.001},
-        "epochs": epochs,
-        "batch_size": batch_size,
         "seed": 0,
+        **CASES[case],
     }
+    if epochs is not None:
+        spec["epochs"] = epochs
+    return spec
 
 
-def bare_loop(spec_json: dict) -> float:
+def bare_loop(spec_json: dict[str, Any]) -> float:
     """The floor: the plainest loop that does the same work (train + per-epoch val)."""
     spec = parse_spec(spec_json)
+    assert isinstance(spec, TrainSpec)
     device = torch.device("cpu")
+    kind = DATASETS[spec.dataset.name].kind
+    data = load_dataset(spec.dataset.name, spec.dataset.params, spec.dataset.val_fraction,
+                        spec.dataset.resolved_normalize(kind), device, paths=NO_FILES)  # fmt: skip
     torch.manual_seed(spec.seed)
-    data = load_dataset(spec.dataset.name, spec.dataset.val_fraction, device)
     model = build_model(spec.model, data.info).to(device)
     # Same kernel as the job's optimizer (fused where the device has one), so the
     # ratio measures Trainyard's overhead, not an optimizer choice.
     opt = torch.optim.Adam(model.parameters(), lr=spec.optimizer.lr, fused=True)
     x, y, n = data.train.x, data.train.y, len(data.train)
+    xv, yv = data.val.x, data.val.y
     start = time.perf_counter()
     for _ in range(spec.epochs):
         model.train()
@@ -78,23 +114,35 @@ def bare_loop(spec_json: dict) -> float:
             opt.step()
         model.eval()
         with torch.inference_mode():
-            F.cross_entropy(model(data.val.x), data.val.y).item()
+            val_loss = torch.zeros(())
+            correct = torch.zeros((), dtype=torch.long)
+            for i in range(0, len(yv), EVAL_BATCH):
+                out = model(xv[i : i + EVAL_BATCH])
+                val_loss += F.cross_entropy(out, yv[i : i + EVAL_BATCH], reduction="sum")
+                correct += (out.argmax(1) == yv[i : i + EVAL_BATCH]).sum()
+            (val_loss / len(yv)).item(), correct.item()
     return spec.epochs * n / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="cnn", choices=["cnn", "mlp"])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+def job_in_process(spec_json: dict[str, Any]) -> dict[str, Any]:
+    spec = parse_spec(spec_json)
+    assert isinstance(spec, TrainSpec)
+    with tempfile.TemporaryDirectory() as tmp:
+        return train_job(spec, torch.device("cpu"), ListSink(), Path(tmp), paths=NO_FILES)
+
+
+@contextmanager
+def job_over_http() -> Iterator[Callable[[dict[str, Any]], dict[str, Any]]]:
+    """A real worker, Redis and SQLite; yields run(spec) -> the job's result metrics."""
+    import requests
+    from werkzeug.serving import make_server
+
+    from server.app import create_app
+    from shared.local_redis import LocalRedis
+    from shared.migrate import upgrade_database
+    from shared.settings import Settings
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    # Same threads as a one-slot worker child (worker/celery_worker.py).
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
-    spec = make_spec(args.model, args.epochs, args.batch_size)
-
     with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp) / "redis") as redis:
         settings = Settings(
             home=Path(tmp), database_url=f"sqlite:///{tmp}/bench.db", redis_url=redis.url
@@ -112,41 +160,75 @@ def main() -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{server.server_port}/api/v1"
 
-        def run_job(body: dict) -> dict:
+        def run(body: dict[str, Any]) -> dict[str, Any]:
             job = requests.post(f"{url}/jobs", json=body, timeout=10).json()
             while job["state"] not in ("succeeded", "failed", "cancelled"):
-                # Slow polling: the server shares the 2 cores with the training worker.
+                # Slow polling: the server shares the cores with the training worker.
                 time.sleep(0.5)
                 job = requests.get(f"{url}/jobs/{job['id']}", timeout=10).json()
             if job["state"] != "succeeded":
                 raise SystemExit(f"job {job['id']} {job['state']}: {job['error']}")
-            return job
+            return job["result"]["metrics"]
 
         try:
-            run_job({**spec, "epochs": 1})  # warm-up: worker child imports, dataset cache
-            bare_loop({**spec, "epochs": 1})
-            bare, inside, end_to_end = [], [], []
-            for r in range(args.rounds):
-                bare.append(bare_loop(spec))
-                job = run_job(spec)
-                metrics = job["result"]["metrics"]
-                inside.append(metrics["samples_per_s"])
-                end_to_end.append(
-                    metrics["epochs_run"] * metrics["num_train_samples"] / metrics["duration_s"]
-                )
-                print(f"round {r + 1}: bare {bare[-1]:8.0f}  job {inside[-1]:8.0f}  samples/s")
+            yield run
         finally:
             server.shutdown()
             worker.terminate()
             worker.wait(30)
             log.close()
 
+
+def bench_case(
+    case: str, run_job: Callable[[dict[str, Any]], dict[str, Any]], args: argparse.Namespace
+) -> float:
+    spec = make_spec(case, args.epochs)
+    run_job({**spec, "epochs": 1})  # warm-up: imports, dataset cache, allocator
+    bare_loop({**spec, "epochs": 1})
+    bare, inside, end_to_end = [], [], []
+    for r in range(args.rounds):
+        bare.append(bare_loop(spec))
+        metrics = run_job(spec)
+        inside.append(metrics["samples_per_s"])
+        end_to_end.append(
+            metrics["epochs_run"] * metrics["num_train_samples"] / metrics["duration_s"]
+        )
+        print(
+            f"  round {r + 1}: bare {bare[-1]:8.0f}  job {inside[-1]:8.0f}  samples/s", flush=True
+        )
     b, j, e = statistics.median(bare), statistics.median(inside), statistics.median(end_to_end)
-    print(f"\nmodel={args.model} dataset=digits epochs={args.epochs} batch={args.batch_size} "
-          f"threads={torch.get_num_threads()} rounds={args.rounds} (medians)")  # fmt: skip
-    print(f"bare PyTorch loop (floor) : {b:10.0f} samples/s")
-    print(f"trainyard job (worker)    : {j:10.0f} samples/s   ratio {j / b:.3f}  (target >= 0.97)")
-    print(f"job incl. data load + ckpt: {e:10.0f} samples/s   ratio {e / b:.3f}")
+    print(f"{case}: epochs={spec['epochs']} batch={spec['batch_size']} threads={torch.get_num_threads()} "
+          f"rounds={args.rounds} (medians)")  # fmt: skip
+    print(f"  bare PyTorch loop (floor) : {b:10.0f} samples/s")
+    print(
+        f"  trainyard job             : {j:10.0f} samples/s   ratio {j / b:.3f}  (target >= 0.97)"
+    )
+    print(f"  job incl. data load + ckpt: {e:10.0f} samples/s   ratio {e / b:.3f}")
+    return j / b
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--case", default="all", choices=[*CASES, "all"])
+    parser.add_argument("--epochs", type=int, default=None, help="override the case's epochs")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--in-process", action="store_true", help="call train_job here, not through a worker"
+    )
+    args = parser.parse_args()
+
+    # Same threads as a one-slot worker child (worker/celery_worker.py).
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cases = list(CASES) if args.case == "all" else [args.case]
+    ratios = {}
+    if args.in_process:
+        for case in cases:
+            ratios[case] = bench_case(case, job_in_process, args)
+    else:
+        with job_over_http() as run_job:
+            for case in cases:
+                ratios[case] = bench_case(case, run_job, args)
+    print("\n" + "  ".join(f"{case}: ratio {r:.3f}" for case, r in ratios.items()))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Flask or the database. The runner in worker/ maps JobCancelled to `cancelled` an
 UserError to `failed`.
 """
 
+from worker.training.datasets import DataPaths
 from worker.training.device import pick_device
 from worker.training.errors import JobCancelled, UserError
 from worker.training.evaluation import evaluate_job
@@ -12,6 +13,7 @@ from worker.training.sink import ListSink, Sink
 from worker.training.train import train_job
 
 __all__ = [
+    "DataPaths",
     "JobCancelled",
     "ListSink",
     "Sink",

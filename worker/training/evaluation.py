@@ -1,108 +1,115 @@
-"""evaluate_job: score a train job's checkpoint on one split of a dataset."""
+"""evaluate_job: score a train job's best or last checkpoint on one split of a dataset."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from shared.registry import DATASETS
-from shared.spec import EvaluateSpec, TrainSpec
-from worker.training.checkpoint import load_checkpoint
-from worker.training.datasets import load_dataset
+from shared.dataset_catalog import DATASETS, CatalogContext, DatasetInfo, resolve_dataset
+from shared.schema_base import CatalogError
+from shared.spec import EvaluateSpec, TrainSpec, eval_dataset_params
+from worker.training.checkpoint import checkpoint_file
+from worker.training.datasets import DataPaths, load_dataset
 from worker.training.device import device_name
 from worker.training.errors import UserError
 from worker.training.loop import evaluate
+from worker.training.losses import build_loss
+from worker.training.metrics import classification_metrics, regression_metrics
 from worker.training.models import build_model
-from worker.training.train import LOSSES
+from worker.training.train import info_from_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_job(
-    spec: EvaluateSpec, train_spec: TrainSpec, checkpoint_path: Path, device: torch.device
+    spec: EvaluateSpec,
+    source: TrainSpec,
+    checkpoint_dir: Path,
+    device: torch.device,
+    *,
+    paths: DataPaths,
 ) -> dict[str, Any]:
-    """Classification metrics of the checkpoint that `train_spec`'s job wrote.
+    """Metrics of `checkpoint_dir/{spec.checkpoint}.pt` (written by `source`'s job) on
+    `spec.dataset.split` of the evaluate job's dataset (default: the source's).
 
-    The split is rebuilt with the train job's val_fraction, so "val" means the samples
-    that job validated on and "test" the fixed held-out set it never saw.
+    The data goes through the training job's transform (its normalization statistics
+    come from the checkpoint), and splits are rebuilt with the source's val_fraction, so
+    "val" on the same dataset means the samples that job validated on and "test" the
+    fixed held-out set it never saw.
     """
     started = time.perf_counter()
-    dataset = spec.dataset.name or train_spec.dataset.name
-    split = spec.dataset.split
-    splits = load_dataset(dataset, train_spec.dataset.val_fraction, device)
-    trained_on = DATASETS[train_spec.dataset.name]
-    info = splits.info
-    if (info.input_shape, info.num_classes) != (trained_on.input_shape, trained_on.num_classes):
-        raise UserError(
-            f"the model was trained on {trained_on.name!r} (input {list(trained_on.input_shape)}, "
-            f"{trained_on.num_classes} classes) and cannot score {dataset!r} "
-            f"(input {list(info.input_shape)}, {info.num_classes} classes)"
-        )
+    path = checkpoint_file(checkpoint_dir, spec.checkpoint)
+    ckpt = read_checkpoint(path, f"{spec.checkpoint!r} of the source job")
+    name, params = eval_dataset_params(spec, source)
+    trained_on = info_from_checkpoint(ckpt)
+    if trained_on is None:
+        raise UserError(f"checkpoint {path} does not record the dataset it was trained on")
+    if name != "csv":
+        # Check before loading: the checkpoint's statistics only fit compatible data.
+        # (A CSV's shape is known once the file is read; load_dataset checks the stats.)
+        try:
+            info = resolve_dataset(name, params, CatalogContext(data_dir=paths.data_dir))
+        except CatalogError as exc:
+            raise UserError(f"{exc.field}: {exc.message}") from None
+        _check_compatible(info, trained_on)
+    splits = load_dataset(
+        name,
+        params,
+        source.dataset.val_fraction,
+        source.dataset.resolved_normalize(trained_on.kind),
+        device,
+        stats=ckpt.get("stats"),
+        paths=paths,
+    )
+    _check_compatible(splits.info, trained_on)
 
-    model = build_model(train_spec.model, trained_on).to(device)
-    try:
-        ckpt = load_checkpoint(checkpoint_path, map_location=device)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint not found: {checkpoint_path}") from None
-    except Exception as exc:  # truncated, or not a plain-data checkpoint
-        raise UserError(f"checkpoint {checkpoint_path} cannot be read: {exc}") from exc
+    model = build_model(source.model, trained_on).to(device)
     try:
         model.load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as exc:
-        raise UserError(f"checkpoint does not fit the source job's model: {exc}") from exc
+        raise UserError(f"checkpoint {path} does not fit the source job's model: {exc}") from exc
 
-    data = splits.get(split)
+    task = trained_on.task
+    data = splits.get(spec.dataset.split)
+    autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if device.type == "cuda" and source.precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if source.precision == "bf16" else torch.float16
+        autocast = torch.autocast(device_type="cuda", dtype=dtype)
     result = evaluate(
-        model, LOSSES[train_spec.loss], data, device=device, batch_size=spec.batch_size
+        model,
+        model,
+        build_loss(source.loss, task),
+        data,
+        task=task,
+        device=device,
+        batch_size=spec.batch_size,
+        autocast=autocast,
     )
-    metrics = classification_metrics(
-        data.y.cpu().numpy(), result.predictions.cpu().numpy(), info.num_classes
-    )
+    if task == "classification":
+        metrics = classification_metrics(data.y, result.outputs, trained_on.num_classes)
+    else:
+        metrics = regression_metrics(data.y, result.outputs)
     metrics.update(
         loss=result.loss,
         num_samples=len(data),
-        split=split,
-        dataset=dataset,
+        split=spec.dataset.split,
+        dataset=name,
+        checkpoint=spec.checkpoint,
         checkpoint_epoch=int(ckpt.get("epoch", 0)),
         device=device_name(device),
         duration_s=round(time.perf_counter() - started, 3),
     )
-    log.info(
-        "evaluated %s on %s/%s: accuracy %.4f", checkpoint_path, dataset, split, metrics["accuracy"]
-    )
+    log.info("evaluated %s on %s/%s (%s)", path, name, spec.dataset.split, DATASETS[name].kind)
     return metrics
 
 
-def classification_metrics(
-    y_true: np.ndarray, y_pred: np.ndarray, num_classes: int
-) -> dict[str, Any]:
-    """Accuracy, macro precision/recall/F1, per-class scores and the confusion matrix
-    (rows = true class, columns = predicted), as JSON-ready Python types."""
-    labels = list(range(num_classes))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average=None, zero_division=0
-    )
-    matrix = confusion_matrix(y_true, y_pred, labels=labels)
-    return {
-        "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0,
-        "precision": float(np.mean(precision)),
-        "recall": float(np.mean(recall)),
-        "f1": float(np.mean(f1)),
-        "confusion_matrix": matrix.astype(int).tolist(),
-        "per_class": [
-            {
-                "class": c,
-                "precision": float(precision[c]),
-                "recall": float(recall[c]),
-                "f1": float(f1[c]),
-                "support": int(support[c]),
-            }
-            for c in labels
-        ],
-    }
+def _check_compatible(info: DatasetInfo, trained_on: DatasetInfo) -> None:
+    # The server checks this at submission; files changed since then are caught here.
+    problem = info.compatible_with(trained_on)
+    if problem:
+        raise UserError(problem)

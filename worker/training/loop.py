@@ -2,12 +2,15 @@
 
 Speed matters here (a job must run at >= 0.97x a bare hand-written loop), so the step
 loop does no per-step host work beyond what the bare loop does: the batch order is one
-permutation per epoch, the running loss is summed on the device, and the host reads it
-back (a CPU-GPU sync point) only every `sync_every` steps.
+permutation per epoch, batches are gathered with index_select from tensors already on
+the device, the running loss is summed on the device, and the host reads it back (a
+CPU-GPU sync point) only every `sync_every` steps. Recipe options that are off cost a
+Python branch per step and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -20,33 +23,39 @@ from torch import nn
 
 from worker.training.datasets import Split
 from worker.training.errors import JobCancelled, UserError
+from worker.training.losses import LossFn, l1_penalty
+from worker.training.schedules import Schedule
 from worker.training.sink import Sink
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 # Evaluation has no backward pass and no optimizer state: big batches are cheap.
 EVAL_BATCH_SIZE = 1024
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+Augment = Callable[[torch.Tensor], torch.Tensor]
+
+# Reused: entering a nullcontext costs nothing, and it is what CPU "autocast" is.
+_NO_AUTOCAST = contextlib.nullcontext()
 
 
 @dataclass
 class LoopTracker:
-    """Counts steps, turns the device-side loss sum into step_loss points, and reports
-    progress to the sink at most every `progress_interval_s`.
+    """Counts steps, reports progress to the sink at most every `progress_interval_s`
+    and polls `should_stop`.
 
-    Everything here is a pure function of the step count except when progress is
-    reported, so two runs with the same seed log identical metric points.
+    Everything logged as a metric point is a pure function of the step count, so two
+    runs with the same seed log identical points; only progress depends on the clock.
     """
 
     sink: Sink
     epochs: int
-    steps_per_epoch: int
+    steps_per_epoch: int  # batches
     should_stop: Callable[[], bool] = lambda: False
     sync_every: int = 20
     progress_interval_s: float = 1.0
     epoch: int = 0
-    step: int = 0  # global, across epochs (and across a resume)
+    step: int = 0  # batches, global across epochs (and across a resume)
     _run_start_step: int = 0
     _run_samples: int = 0
     _started: float = field(default_factory=time.perf_counter)
@@ -102,98 +111,210 @@ class LoopTracker:
         }
 
 
-def _accumulator(device: torch.device) -> torch.Tensor:
+def loss_accumulator(device: torch.device) -> torch.Tensor:
     # float64 so that differences of the running sum (the step_loss windows) stay exact
     # enough over a long epoch; MPS has no float64.
     dtype = torch.float32 if device.type == "mps" else torch.float64
     return torch.zeros((), dtype=dtype, device=device)
 
 
+@dataclass
+class EpochProgress:
+    """How far the current epoch got: what a mid-epoch checkpoint must carry so that a
+    resumed run finishes the epoch with the same train_loss and step_loss points."""
+
+    loss_sum: torch.Tensor  # sum over samples of the batch-mean loss, on the device
+    batch: int = 0  # batches done this epoch
+    samples: int = 0
+    synced_sum: float = 0.0  # loss_sum and samples when step_loss was last logged
+    synced_samples: int = 0
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "batch": self.batch,
+            "loss_sum": self.loss_sum.detach().cpu(),
+            "samples": self.samples,
+            "synced_sum": self.synced_sum,
+            "synced_samples": self.synced_samples,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochProgress:
+        return cls(
+            loss_sum=state["loss_sum"].to(device),
+            batch=int(state["batch"]),
+            samples=int(state["samples"]),
+            synced_sum=float(state["synced_sum"]),
+            synced_samples=int(state["synced_samples"]),
+        )
+
+
+@dataclass
+class Recipe:
+    """What one training step applies besides the model and the data."""
+
+    loss_fn: LossFn
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    params: list[nn.Parameter]  # all trainable parameters (clipping)
+    l1: float = 0.0
+    l1_weights: list[nn.Parameter] = field(default_factory=list)
+    grad_clip_norm: float | None = None
+    grad_accum_steps: int = 1
+    autocast: contextlib.AbstractContextManager[Any] = _NO_AUTOCAST
+    scaler: torch.amp.GradScaler | None = None
+    augment: Augment | None = None
+
+    def optimizer_steps_per_epoch(self, batches: int) -> int:
+        return math.ceil(batches / self.grad_accum_steps)
+
+
+def epoch_batches(
+    n: int, batch_size: int, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """The epoch's batches of sample indices, in an order drawn from `generator`.
+
+    The generator lives on the CPU so that a seed gives the same order on any device;
+    the permutation crosses to the device once per epoch, and split() pre-builds the
+    index views so the step loop does no slicing arithmetic in Python.
+    """
+    return torch.randperm(n, generator=generator).to(device).split(batch_size)
+
+
 def train_one_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: LossFn,
+    forward: Forward,
+    recipe: Recipe,
     data: Split,
+    batches: tuple[torch.Tensor, ...],
     *,
-    batch_size: int,
-    generator: torch.Generator,
-    device: torch.device,
+    epoch_index: int,
+    progress: EpochProgress,
     tracker: LoopTracker,
 ) -> float:
-    """Train for one pass over `data` in an order drawn from `generator`; returns the
-    mean training loss per sample. Raises JobCancelled or UserError (non-finite loss)."""
-    model.train()
+    """Train on `batches` of `data` from batch `progress.batch` on; returns the epoch's
+    mean training loss per sample (the loss term only, without the L1 penalty, so it
+    compares with val_loss).
+
+    `epoch_index` (0-based) places the epoch's optimizer steps on the lr schedule.
+    `progress` is updated as batches finish, so that the caller can checkpoint it when
+    this raises JobCancelled (between batches). Raises UserError on a non-finite loss.
+    """
     x, y = data.x, data.y
-    n = len(data)
-    # The generator lives on the CPU so that a seed gives the same order on any device;
-    # the permutation crosses to the device once per epoch, and split() pre-builds the
-    # index views so the step loop does no slicing arithmetic in Python.
-    batches = torch.randperm(n, generator=generator).to(device).split(batch_size)
-    loss_sum = _accumulator(device)
-    seen = 0  # samples, known on the host without a sync
-    synced_sum, synced_seen = 0.0, 0
+    n, batch_size = len(data), batches[0].shape[0] if batches else 1
+    nb = len(batches)
+    accum, scaler, augment, schedule = (
+        recipe.grad_accum_steps,
+        recipe.scaler,
+        recipe.augment,
+        recipe.schedule,
+    )
+    set_lr = not schedule.is_constant
+    first_opt_step = epoch_index * recipe.optimizer_steps_per_epoch(nb)
+    sync_every = tracker.sync_every
 
     def sync() -> None:
-        nonlocal synced_sum, synced_seen
-        total = loss_sum.item()  # the CPU-GPU sync point
+        total = progress.loss_sum.item()  # the CPU-GPU sync point
         if not math.isfinite(total):
             raise UserError(
                 f"training loss became non-finite at epoch {tracker.epoch}, step {tracker.step}; "
                 "try a lower learning rate"
             )
-        if seen > synced_seen:
-            window = (total - synced_sum) / (seen - synced_seen)
+        if progress.samples > progress.synced_samples:
+            window = (total - progress.synced_sum) / (progress.samples - progress.synced_samples)
             tracker.sink.log("step_loss", window, step=tracker.step, epoch=tracker.epoch)
-        synced_sum, synced_seen = total, seen
+        progress.synced_sum, progress.synced_samples = total, progress.samples
 
-    for idx in batches:
+    for i in range(progress.batch, nb):
         tracker.check_stop()
+        idx = batches[i]
         # index_select skips advanced indexing's Python-side parsing: ~3 us a step.
         xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
-        loss.backward()
-        optimizer.step()
+        if augment is not None:
+            xb = augment(xb)
+        with recipe.autocast:
+            loss = recipe.loss_fn(forward(xb), yb)
+        objective = loss
+        if recipe.l1:
+            objective = objective + recipe.l1 * l1_penalty(recipe.l1_weights)
         bs = idx.shape[0]
-        loss_sum.add_(loss.detach(), alpha=bs)
-        seen += bs
+        if accum > 1:
+            # Weight each batch by its share of the window's samples, so k accumulated
+            # batches give the gradient of one batch k times as big (also for a short
+            # last window or batch).
+            start = (i // accum) * accum
+            window = min(n, min(start + accum, nb) * batch_size) - start * batch_size
+            objective = objective * (bs / window)
+        if scaler is not None:
+            scaler.scale(objective).backward()
+        else:
+            objective.backward()
+        if (i + 1) % accum == 0 or i + 1 == nb:
+            _optimizer_step(recipe, first_opt_step + i // accum, set_lr)
+        progress.loss_sum.add_(loss.detach(), alpha=bs)
+        progress.samples += bs
+        progress.batch = i + 1
         tracker.after_step(bs)
-        if tracker.step % tracker.sync_every == 0:
+        if tracker.step % sync_every == 0:
             sync()
     sync()
-    return synced_sum / max(n, 1)
+    return progress.synced_sum / max(n, 1)
+
+
+def _optimizer_step(recipe: Recipe, opt_step: int, set_lr: bool) -> None:
+    opt, scaler = recipe.optimizer, recipe.scaler
+    if set_lr:
+        lr = recipe.schedule(opt_step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+    if recipe.grad_clip_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(opt)  # clip the true gradients, not the loss-scaled ones
+        torch.nn.utils.clip_grad_norm_(recipe.params, recipe.grad_clip_norm)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 @dataclass(frozen=True)
 class Evaluation:
     loss: float  # mean per sample
-    accuracy: float
-    predictions: torch.Tensor  # predicted class per sample, on the data's device
+    outputs: torch.Tensor  # class index (classification) or value (regression) per sample
 
 
 @torch.inference_mode()
 def evaluate(
+    forward: Forward,
     model: nn.Module,
     loss_fn: LossFn,
     data: Split,
     *,
+    task: str,
     device: torch.device,
     batch_size: int = EVAL_BATCH_SIZE,
+    autocast: contextlib.AbstractContextManager[Any] = _NO_AUTOCAST,
 ) -> Evaluation:
-    """Score `model` on `data` without dropout or autograd; leaves the model in eval mode."""
+    """Score `forward` on `data` without dropout or autograd.
+
+    `model` is the module behind `forward` (which may be its torch.compile wrapper):
+    it is put in eval mode here and back in train mode by the caller.
+    """
     model.eval()
-    loss_sum = _accumulator(device)
-    predictions = []
+    loss_sum = loss_accumulator(device)
+    outputs = []
     for start in range(0, len(data), batch_size):
-        xb = data.x[start : start + batch_size].to(device)
-        yb = data.y[start : start + batch_size].to(device)
-        logits = model(xb)
-        loss_sum += loss_fn(logits, yb) * yb.shape[0]
-        predictions.append(logits.argmax(dim=1))
-    preds = (
-        torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long, device=device)
-    )
-    correct = (preds == data.y.to(device)).sum()
-    loss_total, correct_total = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
-    n = max(len(data), 1)
-    return Evaluation(loss=loss_total / n, accuracy=correct_total / n, predictions=preds)
+        xb = data.x[start : start + batch_size]
+        yb = data.y[start : start + batch_size]
+        with autocast:
+            out = forward(xb)
+            loss_sum += loss_fn(out, yb) * yb.shape[0]
+        outputs.append(out.argmax(dim=1) if task == "classification" else out.squeeze(-1).float())
+    if outputs:
+        preds = torch.cat(outputs)
+    else:
+        preds = torch.empty(
+            0, dtype=torch.long if task == "classification" else torch.float32, device=device
+        )
+    return Evaluation(loss=loss_sum.item() / max(len(data), 1), outputs=preds)
