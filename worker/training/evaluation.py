@@ -12,7 +12,7 @@ import torch
 
 from shared.dataset_catalog import DATASETS, CatalogContext, DatasetInfo, resolve_dataset
 from shared.schema_base import CatalogError
-from shared.spec import EvaluateSpec, TrainSpec, eval_dataset_params
+from shared.spec import EvaluateSpec, SpecError, TrainSpec, eval_dataset_params
 from worker.training.checkpoint import checkpoint_file
 from worker.training.datasets import DataPaths, load_dataset
 from worker.training.device import device_name
@@ -45,7 +45,10 @@ def evaluate_job(
     started = time.perf_counter()
     path = checkpoint_file(checkpoint_dir, spec.checkpoint)
     ckpt = read_checkpoint(path, f"{spec.checkpoint!r} of the source job")
-    name, params = eval_dataset_params(spec, source)
+    try:
+        name, params = eval_dataset_params(spec, source)
+    except SpecError as exc:  # checked at submission; a catalog change since then lands here
+        raise UserError(str(exc)) from None
     trained_on = info_from_checkpoint(ckpt)
     if trained_on is None:
         raise UserError(f"checkpoint {path} does not record the dataset it was trained on")
