@@ -88,17 +88,31 @@ def _place_copy(source: Path, target: Path) -> None:
         raise
 
 
+def snapshot(value: Any) -> Any:
+    """A copy of `value` whose tensors the training loop can no longer change."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(snapshot(v) for v in value)
+    return value
+
+
+def _serialize_and_save(path: Path, payload: dict[str, Any], also: Sequence[Path]) -> None:
+    save_checkpoint(path, serialize(payload), also=also)
+
+
 class CheckpointWriter:
     """Writes checkpoints on a background thread, so the training loop does not wait
-    for the disk (fsync alone takes milliseconds: a few percent of a small model's
-    epoch, more than the loop's whole overhead budget).
+    for pickling or the disk: serializing and fsyncing a small model's checkpoint
+    takes a few milliseconds, several percent of its epoch and more than the loop's
+    whole overhead budget.
 
-    `submit` serializes on the calling thread: the bytes are a consistent snapshot
-    while training goes on changing the tensors, and pickling is Python work that
-    would hold the GIL against the training thread if done in the background. Only
-    the write, fsync and renames (which release the GIL) run on the writer thread. At
-    most one write is in flight, so writes land in order and memory stays bounded;
-    `flush` waits for it and re-raises its error.
+    `submit` only copies the tensors (a memcpy per tensor) so the writer sees a
+    consistent snapshot while training goes on; pickling, the write, fsync and the
+    renames run on the writer thread. At most one write is in flight, so writes land
+    in order and memory stays bounded; `flush` waits for it and re-raises its error.
     """
 
     def __init__(self) -> None:
@@ -106,9 +120,9 @@ class CheckpointWriter:
         self._pending: Future[None] | None = None
 
     def submit(self, path: Path, payload: dict[str, Any], *, also: Sequence[Path] = ()) -> None:
-        data = serialize(payload)
+        copy = snapshot(payload)
         self.flush()
-        self._pending = self._executor.submit(save_checkpoint, path, data, also=also)
+        self._pending = self._executor.submit(_serialize_and_save, path, copy, also)
 
     def flush(self) -> None:
         pending, self._pending = self._pending, None
