@@ -107,3 +107,37 @@ def test_cancelled_queued_job_is_not_run_on_delivery(client, settings: Settings)
     assert run_job(job_id, settings) == "duplicate"
     job = client.get(f"/api/v1/jobs/{job_id}").get_json()
     assert job["state"] == "cancelled" and job["attempt"] == 0
+
+
+def test_a_requeued_job_resumes_from_its_checkpoint(client, settings: Settings, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    from shared.state_machine import requeue_job
+
+    fast = settings.model_copy(update={"heartbeat_seconds": 0.1})
+    spec = train_spec(model={"name": "cnn", "params": {"dropout": 0.3}}, epochs=8)
+    reference = submit(client, spec)
+    assert run_job(reference, fast) == "succeeded"
+    expected = client.get(f"/api/v1/jobs/{reference}").get_json()["result"]["metrics"]
+
+    job_id = submit(client, spec)
+    outcome: list[str] = []
+    first = threading.Thread(target=lambda: outcome.append(run_job(job_id, fast)))
+    first.start()
+    deadline = time.monotonic() + 60
+    while (client.get(f"/api/v1/jobs/{job_id}").get_json()["progress"] or {}).get("epoch", 0) < 3:
+        assert time.monotonic() < deadline and first.is_alive()
+        time.sleep(0.02)
+    # What the reconciler does once a lease has expired: hand the job back.
+    with transaction(db_url) as s:
+        assert requeue_job(s, job_id, 1, "worker lost")
+    first.join(30)
+    assert outcome == ["lost"]
+
+    assert run_job(job_id, fast) == "succeeded"
+    job = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    metrics = job["result"]["metrics"]
+    assert job["attempt"] == 2
+    with transaction(db_url) as s:
+        assert s.get(Job, job_id).checkpoint_path.endswith("attempt-2")
+    assert metrics["resumed_from_epoch"] is not None and metrics["resumed_from_epoch"] >= 2
+    for key in ("train_loss", "val_loss", "val_accuracy", "val_f1", "epochs_run"):
+        assert metrics[key] == expected[key], key
