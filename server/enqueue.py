@@ -7,7 +7,7 @@ import logging
 from celery import Celery
 from flask import Flask, current_app
 
-from shared.celery_app import TASK_NAMES, make_celery, task_id_for
+from shared.celery_app import make_celery, publish_job
 from shared.models import Job
 from shared.settings import Settings
 

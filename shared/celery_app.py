@@ -54,3 +54,19 @@ def make_celery(settings: Settings) -> Celery:
         broker_heartbeat=0,
     )
     return app
+
+
+# Celery's hard time limit is only a backstop behind the job's own soft limit
+# (max_runtime_s, enforced by the runner): give the runner time to checkpoint first.
+HARD_LIMIT_GRACE_S = 120
+
+
+def publish_job(
+    celery: Celery, job_id: int, kind: str, queue: str, max_runtime_s: int | None = None
+) -> None:
+    """Send a job's task. Every publish of a job carries the same task id; a second
+    delivery is harmless because the worker's claim is a compare-and-set."""
+    options: dict[str, object] = {}
+    if max_runtime_s:
+        options["time_limit"] = max_runtime_s + HARD_LIMIT_GRACE_S
+    celery.send_task(TASK_NAMES[kind], args=[job_id], task_id=task_id_for(job_id), queue=queue, **options)
