@@ -29,9 +29,7 @@ def enqueue_job(job: Job) -> bool:
         log.warning("job %s stored but not enqueued: TRAINYARD_REDIS_URL is not set", job.id)
         return False
     try:
-        celery.send_task(
-            TASK_NAMES[job.kind], args=[job.id], task_id=task_id_for(job.id), queue=job.queue
-        )
+        publish_job(celery, job.id, job.kind, job.queue, job.spec.get("max_runtime_s"))
     except Exception:
         log.exception("job %s stored but enqueue failed; the reconciler will retry", job.id)
         return False
