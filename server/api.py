@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from server.catalog import catalog_context
 from server.database import get_session
@@ -34,6 +38,9 @@ bp = Blueprint("api_v1", __name__, url_prefix="/api/v1")
 
 MAX_PAGE = 200
 DEFAULT_MAX_POINTS = 2000
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+# Printable ASCII, as a header value can carry it unchanged through proxies.
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,200}")
 
 
 def _settings() -> Settings:
@@ -115,12 +122,54 @@ def _check_evaluate_source(spec: EvaluateSpec) -> Job:
     return source
 
 
+def _idempotency_key() -> str | None:
+    if IDEMPOTENCY_HEADER not in request.headers:
+        return None
+    key = request.headers[IDEMPOTENCY_HEADER]
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise ApiError(
+            400,
+            "invalid_header",
+            f"invalid {IDEMPOTENCY_HEADER} header",
+            {IDEMPOTENCY_HEADER: "must be 1 to 200 printable ASCII characters"},
+        )
+    return key
+
+
+def _spec_digest(spec_json: dict[str, Any]) -> str:
+    # Canonical JSON, so a retry whose body differs only in key order or spelling of the
+    # same values (1e-3 vs 0.001) still counts as the same request.
+    canonical = json.dumps(spec_json, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(job: Job, spec_json: dict[str, Any]) -> ResponseReturnValue:
+    """The answer to a repeated Idempotency-Key: the job it created, never a second one."""
+    if _spec_digest(job.spec) != _spec_digest(spec_json):
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            f"{IDEMPOTENCY_HEADER} was already used for a different job spec",
+            {IDEMPOTENCY_HEADER: f"already used by job {job.id} with a different spec"},
+        )
+    headers = {"Location": f"/api/v1/jobs/{job.id}", "Idempotent-Replayed": "true"}
+    return jsonify(job_to_json(job)), 200, headers
+
+
+def _job_by_key(key: str) -> Job | None:
+    return get_session().scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+
+
 @bp.post("/jobs")
 def submit_job() -> ResponseReturnValue:
+    key = _idempotency_key()
     try:
         spec = parse_spec(_json_body(), catalog_context())
     except SpecError as exc:
         raise _invalid(exc.fields) from None
+    spec_json = spec_to_json(spec)
+    if key is not None and (existing := _job_by_key(key)) is not None:
+        return _replay(existing, spec_json)
 
     source = _check_evaluate_source(spec) if isinstance(spec, EvaluateSpec) else None
     if isinstance(spec, TrainSpec):
@@ -134,16 +183,26 @@ def submit_job() -> ResponseReturnValue:
         state=JobState.QUEUED.value,
         queue=spec.queue,
         priority=spec.priority,
-        spec=spec_to_json(spec),
+        spec=spec_json,
         model_name=model_name,
         dataset_name=dataset_name,
         source_job_id=source.id if source else None,
         max_attempts=_settings().max_attempts,
+        idempotency_key=key,
     )
     session = get_session()
     session.add(job)
-    # Commit before enqueue: a worker that picks the task up at once must find the row.
-    session.commit()
+    try:
+        # Commit before enqueue: a worker that picks the task up at once must find the row.
+        session.commit()
+    except IntegrityError:
+        # A concurrent POST with the same key committed first (the unique index decided):
+        # answer with its job, and leave the enqueueing to it.
+        session.rollback()
+        winner = _job_by_key(key) if key is not None else None
+        if winner is None:
+            raise
+        return _replay(winner, spec_json)
     enqueue_job(job)
     return jsonify(job_to_json(job)), 201, {"Location": f"/api/v1/jobs/{job.id}"}
 

@@ -55,6 +55,9 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     worker: Mapped[str | None] = mapped_column(String(200))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The client's Idempotency-Key header: a retried POST finds this job instead of
+    # creating a second one. Unique, so two concurrent POSTs cannot both insert.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, index=True)
 
     # Live progress (epoch, step, samples/s, ETA) while running.
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -32,10 +32,27 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     # CSV uploads for the `csv` dataset.
     max_upload_bytes: int = Field(default=100_000_000, ge=1024)
+    # Reliability timings (design.md 4; README "Reliability"). A worker that dies is
+    # noticed within lease_seconds + reconcile_seconds: its lease stops being renewed,
+    # and the next reconciler pass after expiry requeues the job.
+    #
+    # How long a claim lasts without a heartbeat. Longer than a few heartbeats, so one
+    # slow DB write does not cost a running job its lease.
     lease_seconds: float = Field(default=60.0, gt=0)
+    # How often the worker renews the lease (and sees a cancel request).
     heartbeat_seconds: float = Field(default=10.0, gt=0)
+    # Claims per job, the first included; a job that keeps killing its worker (OOM)
+    # ends `failed` after this many instead of looping.
     max_attempts: int = Field(default=3, ge=1, le=100)
-    # Must exceed the longest job (design.md 4.7); the lease, not this, detects lost workers.
+    # How often the reconciler looks for expired leases and lost messages.
+    reconcile_seconds: float = Field(default=15.0, gt=0)
+    # A queued job nobody claimed for this long, and whose message the broker no longer
+    # holds (Redis flushed, or the server died between commit and enqueue), is published
+    # again. A job whose message is still waiting behind busy workers is left alone.
+    requeue_after_seconds: float = Field(default=60.0, gt=0)
+    # Redis redelivers a message not acked within this (celery#5935): must exceed the
+    # longest job and lease_seconds. The lease, not this, detects lost workers; the
+    # duplicate a redelivery creates is stopped by the claim (design.md 4.2).
     visibility_timeout: int = Field(default=12 * 3600, ge=60)
     # Metric sink: flush after this many points or this many seconds, whichever first.
     metric_flush_points: int = Field(default=500, ge=1)
@@ -49,6 +66,13 @@ class Settings(BaseSettings):
         if self.heartbeat_seconds >= self.lease_seconds:
             raise ValueError(
                 "TRAINYARD_HEARTBEAT_SECONDS must be smaller than TRAINYARD_LEASE_SECONDS"
+            )
+        if self.visibility_timeout <= self.lease_seconds:
+            # Below the lease almost every job outlives it and is redelivered to another
+            # worker that only finds the claim taken: wasted deliveries, nothing gained.
+            raise ValueError(
+                "TRAINYARD_VISIBILITY_TIMEOUT must be larger than TRAINYARD_LEASE_SECONDS "
+                "(and than the longest job)"
             )
         return self
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Update, and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import utcnow
@@ -130,6 +130,19 @@ def update_progress(session: Session, job_id: int, attempt: int, progress: dict[
     return session.execute(stmt).rowcount == 1
 
 
+def still_owns(session: Session, job_id: int, attempt: int) -> bool:
+    """Fenced no-op write: True if this attempt still holds the running job. Being an
+    UPDATE, it also locks the row until the transaction ends, so writes made in the same
+    transaction cannot interleave with a reclaim by another worker."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
+        .values(updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1
+
+
 def finish_job(
     session: Session,
     job_id: int,
@@ -208,4 +221,48 @@ def requeue_job(session: Session, job_id: int, attempt: int, reason: str) -> boo
         )
         .execution_options(synchronize_session=False)
     )
+    return session.execute(stmt).rowcount == 1
+
+
+def _requeue_statement(job_id: int, attempt: int, reason: str) -> Update:
+    # A job with cancel_requested would sit in `queued` forever (claim_job skips it), so
+    # these leave it running; the worker then finishes it as cancelled.
+    return (
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.attempt == attempt,
+            Job.state == JobState.RUNNING.value,
+            Job.cancel_requested.is_(False),
+        )
+        .values(
+            state=JobState.QUEUED.value,
+            lease_expires_at=None,
+            worker=None,
+            error_message=reason,
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def hand_back_job(session: Session, job_id: int, attempt: int, reason: str) -> bool:
+    """running -> queued for a job its worker gives up through no fault of the job's
+    (the worker is shutting down). That must not use up an attempt: the next claim
+    increments `attempt` (the fencing token must only grow), so on the last attempt
+    the cap moves up by one, or the job could never be claimed again.
+    """
+    stmt = _requeue_statement(job_id, attempt, reason).values(
+        max_attempts=case(
+            (Job.attempt >= Job.max_attempts, Job.attempt + 1), else_=Job.max_attempts
+        )
+    )
+    return session.execute(stmt).rowcount == 1
+
+
+def retry_job(session: Session, job_id: int, attempt: int, reason: str) -> bool:
+    """running -> queued after an infrastructure failure (out of memory, database or
+    broker lost), if the job has attempts left. False: none left, a cancel is pending,
+    or this attempt no longer holds the job; the caller then finishes it instead."""
+    stmt = _requeue_statement(job_id, attempt, reason).where(Job.attempt < Job.max_attempts)
     return session.execute(stmt).rowcount == 1

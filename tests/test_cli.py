@@ -501,7 +501,8 @@ def test_db_upgrade_uses_the_settings_url(monkeypatch: pytest.MonkeyPatch, tmp_p
 def test_local_children() -> None:
     children = local_mode.local_children(host="127.0.0.1", port=8123, env={"X": "1"}, gpu=True)
     by_name = {c.name: c for c in children}
-    assert set(by_name) == {"web", "worker"}
+    assert set(by_name) == {"web", "worker", "reconciler"}
+    assert list(by_name["reconciler"].argv)[1:] == ["-m", "server.cli", "reconcile"]
     web_argv = list(by_name["web"].argv)
     assert web_argv[1:4] == ["-m", "server.cli", "web"] and "8123" in web_argv
     worker_argv = list(by_name["worker"].argv)

@@ -20,7 +20,7 @@ from server.cli import main
 from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICES = {"redis", "postgres", "migrate", "web", "worker", "worker-gpu"}
+SERVICES = {"redis", "postgres", "migrate", "web", "worker", "worker-gpu", "reconciler"}
 ONE_SHOT = {"migrate"}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
@@ -88,6 +88,7 @@ def test_every_trainyard_command_is_real(services: dict[str, dict[str, Any]]) ->
         "web": "web",
         "worker": "worker",
         "worker-gpu": "worker",
+        "reconciler": "reconcile",
     }
 
 
@@ -95,6 +96,17 @@ def test_the_checker_catches_mistakes() -> None:
     for bad in (["db", "migrate"], ["wrker"], ["worker", "--queue", "cpu"], ["web", "--port", "x"]):
         with pytest.raises((AssertionError, click.UsageError)):
             _check_trainyard_command(bad)
+
+
+def test_reconciler_healthcheck_watches_the_file_it_touches(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    service = services["reconciler"]
+    argv = _argv(service["command"])
+    alive = argv[argv.index("--alive-file") + 1]
+    test = _argv(service["healthcheck"]["test"])
+    assert alive in test[3] and "getmtime" in test[3]
+    assert "profiles" not in service, "the reconciler must start by default"
 
 
 def test_worker_queues(services: dict[str, dict[str, Any]]) -> None:
@@ -158,7 +170,7 @@ def test_depends_on_is_sane(services: dict[str, dict[str, Any]]) -> None:
 
     # What must be ready before each app service starts.
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("web", "worker", "worker-gpu"):
+    for name in ("web", "worker", "worker-gpu", "reconciler"):
         deps = services[name]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
         assert deps["redis"]["condition"] == "service_healthy", name
@@ -185,7 +197,7 @@ def test_app_services_share_settings_and_artifacts(compose: dict[str, Any]) -> N
         "TRAINYARD_ARTIFACTS_DIR": "/data/artifacts",
     }
     fields = set(Settings.model_fields)
-    for name in ("migrate", "web", "worker", "worker-gpu"):
+    for name in ("migrate", "web", "worker", "worker-gpu", "reconciler"):
         env = services[name]["environment"]
         assert {k: env.get(k) for k in expected} == expected, name
         for key in env:

@@ -98,12 +98,12 @@ def _run_once(home: Path, port: int, log: Path) -> None:
 
         # The state file names what `up` started; give the worker time to crash if it will.
         deadline = time.monotonic() + 30
-        while not (_state(home).get("children", {}).keys() >= {"web", "worker"}):
+        while not (_state(home).get("children", {}).keys() >= {"web", "worker", "reconciler"}):
             assert time.monotonic() < deadline, up.output()
             time.sleep(0.2)
         time.sleep(3)
         state = _state(home)
-        assert state["restarts"] == {"web": 0, "worker": 0}, up.output()
+        assert state["restarts"] == {"web": 0, "worker": 0, "reconciler": 0}, up.output()
         assert f"Trainyard is running at http://127.0.0.1:{port}" in up.output()
         children = dict(state["children"])
         redis_pid = state["redis"]["pid"]

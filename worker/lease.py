@@ -1,55 +1,150 @@
-"""LeaseKeeper: a heartbeat thread that extends the job's lease and watches for cancel.
+"""LeaseKeeper: a heartbeat thread that extends the job's lease, and the one place that
+decides when a running job must stop early, and why.
 
-It sets `stop` when the user asked to cancel, or when this attempt lost the job
-(another worker reclaimed it after the lease expired), so the training loop, which
-only checks a threading.Event between steps, stops within a step or two.
+The training loop only calls `should_stop()` between steps (cheap: a flag, another flag
+and a clock read), so every reason to stop reaches it within a step or two:
+
+- cancelled: the user asked (the heartbeat reads the flag from the job row);
+- lost: another attempt holds the job, or may hold it (see below); this attempt then
+  writes nothing final;
+- time_limit: the spec's `max_runtime_s` has passed since the claim;
+- shutdown: the worker is shutting down (worker/shutdown.py); the job is handed back.
+
+Heartbeat failures: each beat that fails is counted (`failed_beats`, reset by a good
+one). The lease runs out `lease_seconds` after the last beat that succeeded; from then
+on the reconciler may requeue the job and another worker claim it, so this attempt
+stops itself: it is `lost`, even if the database never told it so. With the default
+timings (lease 60 s, a beat every 10 s) that is 6 failed beats in a row. The check
+also runs in `should_stop`, so a beat stuck in a hung connection cannot delay it.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import math
 import threading
+import time
 
 from shared.db import transaction
 from shared.state_machine import heartbeat
+from worker.shutdown import shutdown_requested
 
 log = logging.getLogger(__name__)
 
 
+class StopReason(str, enum.Enum):
+    CANCELLED = "cancelled"
+    LOST = "lost"
+    TIME_LIMIT = "time_limit"
+    SHUTDOWN = "shutdown"
+
+
 class LeaseKeeper:
     def __init__(
-        self, database_url: str, job_id: int, attempt: int, lease_seconds: float, interval: float
+        self,
+        database_url: str,
+        job_id: int,
+        attempt: int,
+        lease_seconds: float,
+        interval: float,
+        *,
+        max_runtime_s: float | None = None,
+        claimed_at: float | None = None,
     ):
+        """`claimed_at`: time.monotonic() taken just before the claim, which set the
+        first lease; defaults to now."""
         self._url = database_url
         self._job_id = job_id
         self._attempt = attempt
         self._lease_seconds = lease_seconds
         self._interval = interval
+        start = time.monotonic() if claimed_at is None else claimed_at
+        # Local (monotonic) times: when the lease last set may run out, and the soft limit.
+        self._lease_ends = start + lease_seconds
+        self._deadline = start + max_runtime_s if max_runtime_s else math.inf
         self.stop = threading.Event()
-        self.cancel_requested = False
-        self.lost = False
+        self.stop_reason: StopReason | None = None
+        self.failed_beats = 0  # in a row
+        self._reason_lock = threading.Lock()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
+    @property
+    def lost(self) -> bool:
+        return self.stop_reason is StopReason.LOST
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.stop_reason is StopReason.CANCELLED
+
+    @property
+    def beats_per_lease(self) -> int:
+        """About how many beats fail in a row before this attempt stops itself."""
+        return max(1, math.floor(self._lease_seconds / self._interval))
+
+    def request_stop(self, reason: StopReason) -> None:
+        """Stop the job for `reason`. The first reason wins, except that losing the
+        job overrides any other: a lost attempt must not write an outcome."""
+        with self._reason_lock:
+            if self.stop_reason is None or reason is StopReason.LOST:
+                self.stop_reason = reason
+        self.stop.set()
+
+    def should_stop(self) -> bool:
+        """Polled by the training loop before every step."""
+        if self.stop.is_set():
+            return True
+        if shutdown_requested():
+            self.request_stop(StopReason.SHUTDOWN)
+        else:
+            self._check_clocks(time.monotonic())
+        return self.stop.is_set()
+
+    def _check_clocks(self, now: float) -> None:
+        if now >= self._lease_ends:
+            log.warning(
+                "job %s attempt %s: no heartbeat for %.1fs (%d failed in a row), longer than "
+                "the %.0fs lease; another worker may own the job now: stopping",
+                self._job_id, self._attempt, now - self._lease_ends + self._lease_seconds,
+                self.failed_beats, self._lease_seconds,
+            )  # fmt: skip
+            self.request_stop(StopReason.LOST)
+        elif now >= self._deadline:
+            self._deadline = math.inf  # once is enough; keeps _wait_seconds from spinning
+            self.request_stop(StopReason.TIME_LIMIT)
+
     def beat(self) -> None:
+        started = time.monotonic()
         with transaction(self._url) as session:
             hb = heartbeat(session, self._job_id, self._attempt, self._lease_seconds)
         if not hb.owned:
-            self.lost = True
-            self.stop.set()
-        elif hb.cancel_requested:
-            self.cancel_requested = True
-            self.stop.set()
+            self.request_stop(StopReason.LOST)
+            return
+        # The database set the lease from its own "now", which came after `started`.
+        self._lease_ends = started + self._lease_seconds
+        self.failed_beats = 0
+        if hb.cancel_requested:
+            self.request_stop(StopReason.CANCELLED)
 
     def _run(self) -> None:
-        while not self._done.wait(self._interval):
+        while not self._done.wait(self._wait_seconds()):
             try:
                 self.beat()
-            except Exception:  # noqa: BLE001 - a missed beat is survivable; the lease has slack
-                log.warning("job %s: heartbeat failed", self._job_id, exc_info=True)
+            except Exception:  # noqa: BLE001 - a missed beat is survivable until the lease runs out
+                self.failed_beats += 1
+                log.warning(
+                    "job %s attempt %s: heartbeat failed (%d in a row)",
+                    self._job_id, self._attempt, self.failed_beats, exc_info=True,
+                )  # fmt: skip
+            self._check_clocks(time.monotonic())
             if self.lost:
                 log.warning("job %s attempt %s: lease lost; stopping", self._job_id, self._attempt)
                 return
+
+    def _wait_seconds(self) -> float:
+        # Wake for the time limit too, so `stop` is set on time even between beats.
+        return max(0.0, min(self._interval, self._deadline - time.monotonic()))
 
     def __enter__(self) -> LeaseKeeper:
         self._thread.start()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import insert
 
 from shared.db import transaction
 from shared.models import MetricPoint
-from shared.state_machine import update_progress
+from shared.state_machine import still_owns, update_progress
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,16 @@ class MetricSink:
         attempt: int,
         flush_seconds: float = 2.0,
         flush_points: int = 500,
+        give_up: Callable[[], bool] = lambda: False,
     ):
+        """`give_up`: checked while `close` retries a failed write; True means the points
+        can no longer be written by this attempt (its lease ran out), so stop trying."""
         self._url = database_url
         self._job_id = job_id
         self._attempt = attempt
         self._flush_seconds = flush_seconds
         self._flush_points = flush_points
+        self._give_up = give_up
         self._points: list[dict[str, Any]] = []
         self._progress: dict[str, Any] | None = None
         self._lock = threading.Lock()
@@ -84,6 +89,13 @@ class MetricSink:
         deadline = time.monotonic() + timeout
         delay = 0.2
         while not self.lost:
+            if self._give_up():
+                log.warning(
+                    "job %s attempt %s: dropping %d metric points: the job may be another "
+                    "attempt's now",
+                    self._job_id, self._attempt, len(self._points),
+                )  # fmt: skip
+                return
             try:
                 if self.flush() == 0:
                     return
@@ -122,9 +134,14 @@ class MetricSink:
                 return 0
             try:
                 with transaction(self._url) as session:
-                    # The fenced progress UPDATE doubles as the ownership check, and
-                    # locks the job row so a concurrent reclaim waits for this batch.
-                    if not update_progress(session, self._job_id, self._attempt, progress or {}):
+                    # The fenced UPDATE is the ownership check, and locks the job row so
+                    # a concurrent reclaim waits for this batch. Without new progress,
+                    # leave the last one in place.
+                    if progress is None:
+                        owned = still_owns(session, self._job_id, self._attempt)
+                    else:
+                        owned = update_progress(session, self._job_id, self._attempt, progress)
+                    if not owned:
                         self.lost = True
                         raise LostJob(f"job {self._job_id} attempt {self._attempt} lost its claim")
                     if points:

@@ -1,7 +1,21 @@
 """The job runner: claim a job, run it under a lease with a metric sink, record the outcome.
 
 This is where a job is claimed (`claim_job`), trained (`train_job` / `evaluate_job`)
-and finished (`finish_job`). Celery tasks call `run_job` and nothing else.
+and finished (`finish_job`) or handed back (`hand_back_job` / `retry_job`). Celery tasks
+call `run_job` and nothing else. What `run_job` returns:
+
+- "succeeded", "failed", "cancelled": the terminal state it recorded. A job fails at
+  once for its own errors (worker/failures.py), for exceeding its `max_runtime_s`, and
+  for an infrastructure failure on its last attempt.
+- "requeued": handed back to the queue and published again, because the worker is
+  shutting down (this does not use up an attempt) or an infrastructure failure (out of
+  memory, database or broker lost) left attempts to spare. The next attempt resumes
+  from the last checkpoint this one wrote.
+- "duplicate": not claimable (another delivery owns it, or it already ended).
+- "lost": this attempt lost the job mid-run (reclaimed after its lease ran out, or its
+  heartbeats failed for longer than the lease) and wrote nothing final.
+
+Every write after the claim names the claimed attempt (a fencing token).
 """
 
 from __future__ import annotations
@@ -10,24 +24,44 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 import shared
+from shared.celery_app import make_celery, publish_job
 from shared.db import transaction
 from shared.models import Job
 from shared.settings import Settings
 from shared.spec import EvaluateSpec, TrainSpec, load_stored_spec, spec_to_json
-from shared.state_machine import JobState, claim_job, finish_job
-from worker.lease import LeaseKeeper
+from shared.state_machine import (
+    Claim,
+    JobState,
+    claim_job,
+    finish_job,
+    hand_back_job,
+    retry_job,
+)
+from worker import shutdown
+from worker.failures import classify
+from worker.lease import LeaseKeeper, StopReason
 from worker.metric_sink import MetricSink
 from worker.training import JobCancelled, UserError, evaluate_job, pick_device, train_job
 from worker.training.datasets import DataPaths
+from worker.training.device import device_name
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 4000
+REQUEUED, DUPLICATE, LOST = "requeued", "duplicate", "lost"
+TIME_LIMIT_ERROR = "TimeLimitExceeded"
 
 
 def worker_name() -> str:
@@ -38,6 +72,15 @@ def worker_name() -> str:
 class SourceCheckpoint:
     spec: TrainSpec
     directory: Path
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended, before it is recorded."""
+
+    state: JobState  # a terminal state, or QUEUED: hand the job back
+    values: dict[str, Any] = field(default_factory=dict)  # finish_job's keyword arguments
+    retry: bool = False  # QUEUED after an infrastructure failure: uses up this attempt
 
 
 def _load_source(database_url: str, job_id: int) -> SourceCheckpoint:
@@ -64,27 +107,38 @@ def latest_checkpoint(settings: Settings, job_id: int, attempt: int) -> Path | N
     return None
 
 
+def describe_device(device: torch.device) -> str:
+    return f"{device} ({device_name(device)})" if device.type == "cuda" else str(device)
+
+
 def _execute(
     spec: TrainSpec | EvaluateSpec,
     settings: Settings,
-    job_id: int,
-    attempt: int,
+    claim: Claim,
+    device: torch.device,
     sink: MetricSink,
-    lease: LeaseKeeper,
+    should_stop: Callable[[], bool],
 ) -> tuple[dict[str, Any], str | None]:
     """Run the job body; returns (result, checkpoint directory)."""
-    device = pick_device()
     paths = DataPaths(data_dir=settings.resolved_data_dir, uploads_dir=settings.uploads_dir)
     # torch version, device name and seed are in the metrics train_job/evaluate_job return.
     base = {"trainyard_version": shared.__version__, "spec": spec_to_json(spec)}
     if isinstance(spec, TrainSpec):
-        directory = checkpoint_dir(settings, job_id, attempt)
+        directory = checkpoint_dir(settings, claim.job_id, claim.attempt)
         directory.mkdir(parents=True, exist_ok=True)
-        resume_from = latest_checkpoint(settings, job_id, attempt)
+        resume_from = latest_checkpoint(settings, claim.job_id, claim.attempt)
         if resume_from is not None:
-            log.info("job %s attempt %s: resuming from %s", job_id, attempt, resume_from)
+            log.info(
+                "job %s attempt %s: resuming from %s", claim.job_id, claim.attempt, resume_from
+            )
         metrics = train_job(
-            spec, device, sink, directory, should_stop=lease.stop.is_set, paths=paths, resume_from=resume_from
+            spec,
+            device,
+            sink,
+            directory,
+            should_stop=should_stop,
+            paths=paths,
+            resume_from=resume_from,
         )
         return {**base, "metrics": metrics}, str(directory)
     source = _load_source(settings.resolved_database_url, spec.source_job_id)
@@ -92,65 +146,181 @@ def _execute(
     return {**base, "source_job_id": spec.source_job_id, "metrics": metrics}, None
 
 
-def _finish(database_url: str, job_id: int, attempt: int, state: JobState, **values: Any) -> bool:
-    # The final write is the one that must not be lost to a DB hiccup: retry it.
+def run_job(job_id: int, settings: Settings, celery: Celery | None = None) -> str:
+    """Claim and run one job; returns what happened (see the module docstring).
+
+    `celery` publishes the job again when it is handed back; without it (tests, scripts)
+    an app is built from `settings` for that one message.
+    """
+    # Taken before the claim: the lease it sets cannot run out before this + lease_seconds.
+    claimed_at = time.monotonic()
+    with transaction(settings.resolved_database_url) as session:
+        claim = claim_job(session, job_id, worker_name(), settings.lease_seconds)
+    if claim is None:
+        log.info(
+            "job %s: not claimable (duplicate delivery, running elsewhere, finished or "
+            "cancelled); skipping",
+            job_id,
+        )
+        return DUPLICATE
+    log.info("job %s: claimed, attempt %s", job_id, claim.attempt)
+    outcome = _attempt(claim, settings, claimed_at)
+    if outcome is None:
+        return LOST
+    result = _record(claim, outcome, settings.resolved_database_url)
+    if result == REQUEUED:
+        _publish(claim, settings, celery)
+    log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
+    return result
+
+
+def _attempt(claim: Claim, settings: Settings, claimed_at: float) -> Outcome | None:
+    """Run the claimed job under its lease; None if this attempt lost the job meanwhile."""
+    url = settings.resolved_database_url
+    max_runtime_s = claim.spec.get("max_runtime_s")
+    lease = LeaseKeeper(
+        url, claim.job_id, claim.attempt, settings.lease_seconds, settings.heartbeat_seconds,
+        max_runtime_s=max_runtime_s, claimed_at=claimed_at,
+    )  # fmt: skip
+    sink = MetricSink(
+        url, claim.job_id, claim.attempt, settings.metric_flush_seconds,
+        settings.metric_flush_points, give_up=lambda: lease.lost,
+    )  # fmt: skip
+    device = pick_device()
+    with lease:
+        try:
+            spec = load_stored_spec(claim.spec)
+            with sink:
+                result, checkpoint = _execute(
+                    spec, settings, claim, device, sink, lease.should_stop
+                )
+            outcome = Outcome(JobState.SUCCEEDED, {"result": result, "checkpoint_path": checkpoint})
+        except JobCancelled:
+            directory = checkpoint_dir(settings, claim.job_id, claim.attempt)
+            outcome = _stopped(lease.stop_reason, max_runtime_s, directory)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded outcome
+            outcome = _failed(exc, claim, device)
+    if device.type == "cuda":
+        # The failed attempt's tensors are garbage now; give the memory back for the next job.
+        torch.cuda.empty_cache()
+    if lease.lost or sink.lost:
+        log.warning(
+            "job %s attempt %s: lost the job; leaving the outcome to whoever holds it now",
+            claim.job_id, claim.attempt,
+        )  # fmt: skip
+        return None
+    return outcome
+
+
+def _stopped(reason: StopReason | None, max_runtime_s: int | None, directory: Path) -> Outcome:
+    """The training loop stopped on request and wrote last.pt where it stopped."""
+    checkpoint = str(directory) if (directory / "last.pt").is_file() else None
+    if reason is StopReason.SHUTDOWN:
+        return Outcome(JobState.QUEUED, {"error_message": f"{shutdown.REASON}; requeued"})
+    if reason is StopReason.TIME_LIMIT:
+        return Outcome(
+            JobState.FAILED,
+            {
+                "error_type": TIME_LIMIT_ERROR,
+                "error_message": f"time limit of {max_runtime_s} s exceeded",
+                "checkpoint_path": checkpoint,
+            },
+        )
+    return Outcome(
+        JobState.CANCELLED, {"error_message": "cancelled by request", "checkpoint_path": checkpoint}
+    )
+
+
+def _failed(exc: Exception, claim: Claim, device: torch.device) -> Outcome:
+    failure = classify(exc, describe_device(device))
+    values = {"error_type": failure.error_type, "error_message": failure.reason[:MAX_ERROR_CHARS]}
+    if failure.retriable:
+        log.warning(
+            "job %s attempt %s: infrastructure failure: %s",
+            claim.job_id, claim.attempt, failure.reason, exc_info=exc,
+        )  # fmt: skip
+        return Outcome(JobState.QUEUED, values, retry=True)
+    log.error("job %s attempt %s failed", claim.job_id, claim.attempt, exc_info=exc)
+    return Outcome(JobState.FAILED, values)
+
+
+# -- recording the outcome: each a compare-and-set on this attempt ----------------------
+
+
+def _record(claim: Claim, outcome: Outcome, database_url: str) -> str:
+    if outcome.state is not JobState.QUEUED:
+        return _with_retries(
+            database_url, lambda s: _finish(s, claim, outcome.state, outcome.values)
+        )
+    if outcome.retry:
+        return _with_retries(database_url, lambda s: _retry_or_fail(s, claim, outcome.values))
+    return _with_retries(
+        database_url, lambda s: _hand_back(s, claim, outcome.values["error_message"])
+    )
+
+
+def _with_retries(database_url: str, write: Callable[[Session], str]) -> str:
+    """Run `write` in a transaction, retried through a database hiccup: the outcome is
+    the one write that must not be lost. Each write is a compare-and-set, so a retry of
+    one that did commit finds the job changed and answers "lost", never a double write."""
     delay = 0.5
     for tries in range(8):
         try:
             with transaction(database_url) as session:
-                return finish_job(session, job_id, attempt, state, **values)
+                return write(session)
         except Exception:  # noqa: BLE001
             if tries == 7:
                 raise
-            log.warning("job %s: could not record %s, retrying", job_id, state, exc_info=True)
+            log.warning("could not record a job outcome, retrying in %.1fs", delay, exc_info=True)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
-    return False
+    raise AssertionError("unreachable")
 
 
-def run_job(job_id: int, settings: Settings) -> str:
-    """Claim and run one job. Returns what happened: a terminal state, or
-    "duplicate" (not claimable: another delivery owns or finished it) or
-    "lost" (this attempt lost its lease mid-run and wrote nothing final).
-    """
-    url = settings.resolved_database_url
-    with transaction(url) as session:
-        claim = claim_job(session, job_id, worker_name(), settings.lease_seconds)
-    if claim is None:
-        log.info(
-            "job %s: not claimable (duplicate delivery, finished or cancelled); skipping", job_id
+def _finish(session: Session, claim: Claim, state: JobState, values: dict[str, Any]) -> str:
+    if finish_job(session, claim.job_id, claim.attempt, state, **values):
+        return state.value
+    log.warning("job %s attempt %s: finish rejected (no longer owner)", claim.job_id, claim.attempt)
+    return LOST
+
+
+def _hand_back(session: Session, claim: Claim, reason: str) -> str:
+    if hand_back_job(session, claim.job_id, claim.attempt, reason):
+        return REQUEUED
+    # Not handed back: a cancel arrived meanwhile (or the job is no longer ours).
+    return _finish(session, claim, JobState.CANCELLED, {"error_message": "cancelled by request"})
+
+
+def _retry_or_fail(session: Session, claim: Claim, values: dict[str, Any]) -> str:
+    reason = values["error_message"]
+    if retry_job(
+        session, claim.job_id, claim.attempt, f"{reason}; requeued after attempt {claim.attempt}"
+    ):
+        return REQUEUED
+    row = session.execute(
+        select(Job.max_attempts, Job.cancel_requested).where(Job.id == claim.job_id)
+    ).one_or_none()
+    if row is not None and row.cancel_requested:
+        return _finish(
+            session, claim, JobState.CANCELLED, {"error_message": "cancelled by request"}
         )
-        return "duplicate"
-    log.info("job %s: claimed, attempt %s", job_id, claim.attempt)
-    spec = load_stored_spec(claim.spec)
+    max_attempts = row.max_attempts if row is not None else claim.attempt
+    final = f"{reason} (attempt {claim.attempt} of {max_attempts}; no attempts left)"
+    return _finish(session, claim, JobState.FAILED, {**values, "error_message": final})
 
-    lease = LeaseKeeper(
-        url, job_id, claim.attempt, settings.lease_seconds, settings.heartbeat_seconds
-    )
-    sink = MetricSink(
-        url, job_id, claim.attempt, settings.metric_flush_seconds, settings.metric_flush_points
-    )
-    state, values = JobState.FAILED, {}
-    with lease:
-        try:
-            with sink:
-                result, checkpoint = _execute(spec, settings, job_id, claim.attempt, sink, lease)
-            state, values = JobState.SUCCEEDED, {"result": result, "checkpoint_path": checkpoint}
-        except JobCancelled:
-            state, values = JobState.CANCELLED, {"error_message": "cancelled by request"}
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded state
-            log.exception("job %s failed", job_id)
-            state = JobState.FAILED
-            values = {"error_type": type(exc).__name__, "error_message": str(exc)[:MAX_ERROR_CHARS]}
-    if lease.lost or sink.lost:
+
+def _publish(claim: Claim, settings: Settings, celery: Celery | None) -> None:
+    """Send the handed-back job's task now, so another worker picks it up at once. The
+    row is already `queued`: if this fails, the reconciler enqueues it later."""
+    try:
+        spec = load_stored_spec(claim.spec)
+        if celery is not None:
+            publish_job(celery, claim.job_id, claim.kind, spec.queue, spec.max_runtime_s)
+            return
+        with closing(make_celery(settings)) as app:
+            publish_job(app, claim.job_id, claim.kind, spec.queue, spec.max_runtime_s)
+    except Exception:  # noqa: BLE001 - the database already says queued; that is what counts
         log.warning(
-            "job %s attempt %s: lost the lease; leaving the outcome to the new owner",
-            job_id,
-            claim.attempt,
-        )
-        return "lost"
-    if not _finish(url, job_id, claim.attempt, state, **values):
-        log.warning("job %s attempt %s: finish rejected (no longer owner)", job_id, claim.attempt)
-        return "lost"
-    log.info("job %s: %s", job_id, state.value)
-    return state.value
+            "job %s requeued but not published; the reconciler will enqueue it",
+            claim.job_id, exc_info=True,
+        )  # fmt: skip

@@ -5,7 +5,8 @@ Two kinds of subcommand, each in its own module:
 - client commands (`submit`, `jobs`, `show`, `watch`, `cancel`: job_commands) talk to the
   HTTP API only, never to the database, so they work from any machine that can reach
   the server;
-- process commands (`web`, `worker`, `db upgrade`: process_commands; `up`: local_mode)
+- process commands (`web`, `worker`, `reconcile`, `db upgrade`: process_commands; `up`:
+  local_mode)
   start the parts of Trainyard.
 
 The subcommands are registered here rather than with `@main.command()` in their modules,
@@ -21,7 +22,7 @@ import click
 
 from server.cli.job_commands import cancel, jobs_command, show, submit, watch
 from server.cli.local_mode import up
-from server.cli.process_commands import db, web, worker
+from server.cli.process_commands import db, reconcile, web, worker
 
 __all__ = ["main"]
 
@@ -36,5 +37,5 @@ def main() -> None:
     """
 
 
-for _command in (submit, jobs_command, show, watch, cancel, web, worker, db, up):
+for _command in (submit, jobs_command, show, watch, cancel, web, worker, reconcile, db, up):
     main.add_command(_command)

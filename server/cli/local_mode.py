@@ -1,4 +1,4 @@
-"""`trainyard up`: web server, a worker and (if needed) Redis on this machine, kept running.
+"""`trainyard up`: web server, a worker, the reconciler and (if needed) Redis, kept running.
 
 State (SQLite database, Redis AOF, artifacts, the run directory) lives in TRAINYARD_HOME.
 """
@@ -55,9 +55,10 @@ def local_children(*, host: str, port: int, env: dict[str, str], gpu: bool) -> l
              "--concurrency", "1"],
             env,
         ),
+        # Requeues jobs of a worker that died and re-publishes messages Redis lost
+        # (design.md 4.1, 4.4); without it such jobs would wait forever.
+        ChildSpec("reconciler", [python, "-m", "server.cli", "reconcile"], env),
     ]  # fmt: skip
-    # The reconciler (design.md 4.1, 4.4) joins here as one more ChildSpec once it has an
-    # entry point, e.g. ChildSpec("reconciler", [python, "-m", "server.cli", "reconciler"], env).
     return children
 
 
@@ -208,7 +209,7 @@ def _configure_logging() -> None:
     help="Seconds to wait for /healthz.",
 )
 def up(host: str, port: int, startup_timeout: float) -> None:
-    """Run everything locally: web server, a worker and (if needed) Redis.
+    """Run everything locally: web server, a worker, the reconciler and (if needed) Redis.
 
     State (SQLite database, Redis AOF, artifacts) lives in TRAINYARD_HOME
     (default ./.trainyard). Ctrl-C stops everything.

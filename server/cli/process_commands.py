@@ -1,4 +1,4 @@
-"""The commands that start Trainyard's processes: web, worker, db upgrade.
+"""The commands that start Trainyard's processes: web, worker, reconcile, db upgrade.
 
 `web` and `worker` exec gunicorn and Celery in a fresh interpreter, so this module never
 imports `worker` or torch: the web process imports the CLI too (it is the console script).
@@ -6,11 +6,15 @@ imports `worker` or torch: the web process imports the CLI too (it is the consol
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import click
@@ -170,3 +174,46 @@ def db_upgrade() -> None:
     settings = cli_settings()
     upgrade_database(settings)
     click.echo(f"Database is up to date: {safe_url(settings.resolved_database_url)}")
+
+
+@click.command()
+@click.option("--once", is_flag=True, help="Run one pass, print what it did and exit.")
+@click.option(
+    "--alive-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Touch this file after every pass (for a container healthcheck).",
+)
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def reconcile(once: bool, alive_file: Path | None, loglevel: str) -> None:
+    """Requeue jobs whose worker was lost and re-publish queued jobs the broker lost.
+
+    Runs every $TRAINYARD_RECONCILE_SECONDS until stopped (SIGTERM/Ctrl-C). Several
+    reconcilers may run at once: each change is a compare-and-set on the job row.
+    """
+    # Celery and redis, no torch: the reconciler is a small process of its own.
+    from shared.celery_app import make_celery
+    from shared.reconciler import reconcile_once, run_forever
+
+    settings = cli_settings()
+    if not settings.redis_url:
+        raise click.ClickException("TRAINYARD_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
+    logging.basicConfig(
+        level=loglevel.upper(),
+        format="%(asctime)s [reconciler] %(levelname)s %(message)s",
+        force=True,
+    )
+    if once:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            report = reconcile_once(settings, make_celery(settings))
+        except SQLAlchemyError as exc:
+            raise click.ClickException(f"database error: {exc}") from None
+        click.echo(str(report))
+        if report.broker_error:
+            raise click.ClickException(f"Redis could not be read: {report.broker_error}")
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda _signum, _frame: stop.set())
+    run_forever(settings, stop, alive_file)

@@ -1,0 +1,1 @@
+"""Fault-injection suite (issue 4): real Redis, real workers, real faults."""

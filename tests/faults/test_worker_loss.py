@@ -1,0 +1,150 @@
+"""Workers that die or are stopped mid-job (issue 4, scenarios 1, 2 and 4)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from tests.faults.conftest import (
+    TERMINAL,
+    Cluster,
+    claims_logged,
+    long_spec,
+    pool_children,
+    task_outcomes,
+    wait_for,
+    worker_pid,
+)
+
+pytestmark = pytest.mark.integration
+
+# Result metrics that must match an uninterrupted run exactly (CPU, same seed, one thread).
+SAME_AS_UNINTERRUPTED = (
+    "train_loss", "val_loss", "val_accuracy", "val_f1", "lr", "best_metric_value",
+    "best_epoch", "epochs_run", "steps",
+)  # fmt: skip
+
+
+def test_killed_worker_group_job_resumes_elsewhere_with_identical_results(cluster: Cluster) -> None:
+    """1. SIGKILL a worker's whole process group mid-training: the reconciler requeues the
+    job once the lease runs out, another worker resumes it from the checkpoint, and it
+    ends exactly as an uninterrupted run of the same spec."""
+    spec = long_spec(epochs=10)
+    workers = [cluster.start_worker(), cluster.start_worker()]
+    cluster.start_reconciler()
+
+    reference_id = cluster.submit(spec)
+    reference = cluster.wait_state(reference_id, {"succeeded", "failed"})
+    assert reference.state == "succeeded", cluster.describe(reference_id)
+    expected = reference.result["metrics"]
+
+    job_id = cluster.submit(spec)
+    wait_for(
+        lambda: cluster.job(job_id).state == "running" and cluster.checkpoint(job_id, 1).is_file(),
+        90,
+        "attempt 1 to write its first checkpoint",
+    )
+    job = cluster.job(job_id)
+    victim = cluster.worker_holding(job, workers)
+    survivor = next(w for w in workers if w is not victim)
+    killed_at = time.monotonic()
+    os.killpg(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait(10)
+    assert cluster.job(job_id).state == "running", (
+        "the job finished before the kill; make it longer"
+    )
+
+    # Noticed after the lease plus a reconcile pass (with slack for a loaded machine).
+    wait_for(
+        lambda: cluster.job(job_id).attempt >= 2 or cluster.job(job_id).state in TERMINAL,
+        60,
+        "another attempt to claim the job",
+    )
+    lease = cluster.timings["lease_seconds"]
+    assert time.monotonic() - killed_at < lease + 20, "requeue took far longer than the lease"
+
+    job = cluster.wait_state(job_id, {"succeeded", "failed", "cancelled"})
+    assert job.state == "succeeded", cluster.describe(job_id)
+    assert job.attempt == 2, cluster.describe(job_id)
+    assert worker_pid(job) in pool_children(survivor), (job.worker, cluster.describe(job_id))
+    metrics = job.result["metrics"]
+    assert metrics["resumed_from_epoch"] is not None and metrics["resumed_from_epoch"] >= 1, metrics
+    resumed_ckpt = torch.load(cluster.checkpoint(job_id, 1), map_location="cpu", weights_only=True)
+    assert metrics["resumed_from_epoch"] == resumed_ckpt["epoch"]
+    for key in SAME_AS_UNINTERRUPTED:
+        assert metrics[key] == expected[key], (key, metrics[key], expected[key])
+    # The metric history of attempt 1 stops where the kill hit; attempt 2's picks up.
+    assert cluster.epochs_logged(job_id, 2) == list(
+        range(metrics["resumed_from_epoch"] + 1, spec["epochs"] + 1)
+    )
+
+
+def test_job_that_keeps_killing_its_child_fails_after_max_attempts(cluster: Cluster) -> None:
+    """2. The pool child dies under the job every time (what the OOM killer does):
+    after max_attempts the job is `failed` with a reason that says so, and stays so."""
+    max_attempts = cluster.settings.max_attempts
+    worker = cluster.start_worker()
+    cluster.start_reconciler()
+    job_id = cluster.submit(long_spec(epochs=60))
+
+    for attempt in range(1, max_attempts + 1):
+        job = cluster.wait_training(job_id, attempt)
+        pid = worker_pid(job)
+        assert pid in pool_children(worker), (job.worker, pool_children(worker))
+        os.kill(pid, signal.SIGKILL)
+
+    job = cluster.wait_state(job_id, {"failed", "succeeded", "cancelled"}, timeout=60)
+    assert job.state == "failed", cluster.describe(job_id)
+    assert job.attempt == max_attempts
+    reason = (job.error_message or "").lower()
+    assert "lost" in reason and str(max_attempts) in reason, job.error_message
+    assert job.error_type, "a failed job names its error type"
+    assert worker.proc.poll() is None, "the worker itself survives its children"
+
+    # No loop: a few reconcile passes later nothing moved, and no worker claimed it again.
+    claims = claims_logged(cluster.tmp_path).get(job_id, [])
+    time.sleep(4 * cluster.timings["reconcile_seconds"] + 1)
+    after = cluster.job(job_id)
+    assert (after.state, after.attempt) == ("failed", max_attempts)
+    assert (
+        claims_logged(cluster.tmp_path).get(job_id, [])
+        == claims
+        == list(range(1, max_attempts + 1))
+    )
+    assert "succeeded" not in task_outcomes(cluster.tmp_path).get(job_id, {})
+
+
+@pytest.mark.timings(lease_seconds=30.0)
+def test_sigterm_hands_the_job_back_promptly_and_it_resumes(cluster: Cluster) -> None:
+    """4. SIGTERM to the worker (what `docker stop` sends its main process): the running
+    job is checkpointed and handed back in seconds, not after the lease (30 s here),
+    the worker exits, and a new worker resumes the job from that checkpoint."""
+    worker = cluster.start_worker()
+    cluster.start_reconciler()
+    job_id = cluster.submit(long_spec(epochs=12))
+    cluster.wait_training(job_id, 1)
+
+    stopped_at = time.monotonic()
+    os.kill(worker.proc.pid, signal.SIGTERM)
+    job = cluster.wait_state(job_id, {"queued", "succeeded", "failed", "cancelled"}, timeout=15)
+    handed_back_after = time.monotonic() - stopped_at
+    assert job.state == "queued", cluster.describe(job_id)
+    assert handed_back_after < 10, f"handed back after {handed_back_after:.1f}s"
+    assert job.attempt == 1 and job.lease_expires_at is None
+    worker.proc.wait(20)  # the worker exits too, promptly
+    assert time.monotonic() - stopped_at < 25
+
+    handback = torch.load(cluster.checkpoint(job_id, 1), map_location="cpu", weights_only=True)
+    cluster.start_worker()
+    job = cluster.wait_state(job_id, {"succeeded", "failed", "cancelled"})
+    assert job.state == "succeeded", cluster.describe(job_id)
+    assert job.attempt == 2
+    metrics = job.result["metrics"]
+    assert (metrics["resumed_from_epoch"], metrics["resumed_from_step"]) == (
+        handback["epoch"], handback["step"],
+    ), metrics  # fmt: skip
+    assert metrics["epochs_run"] == 12

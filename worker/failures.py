@@ -1,0 +1,93 @@
+"""Which failures are the job's fault and which are the infrastructure's.
+
+A job's own error (bad data, a shape mismatch, a diverged loss, a bug in its spec) fails
+the same way on every attempt, so it ends `failed` at once. A lost resource (GPU or host
+memory, the database, the broker, the disk) says nothing about the job: the runner hands
+it back for another attempt, which resumes from the last checkpoint (design.md 4.4).
+Anything not recognised as infrastructure counts as the job's own error: retrying an
+unknown bug would only burn attempts.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from dataclasses import dataclass
+
+import kombu.exceptions
+import redis.exceptions
+import sqlalchemy.exc
+import torch
+
+# Error types recorded on the job row (error_type) for infrastructure failures.
+CUDA_OOM = "CudaOutOfMemory"
+HOST_OOM = "OutOfMemory"
+INFRASTRUCTURE = "InfrastructureError"
+
+_DATABASE_ERRORS = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.DisconnectionError,
+)
+_BROKER_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    kombu.exceptions.OperationalError,
+)
+_DISK_ERRNOS = {
+    errno.ENOSPC: "disk full",
+    errno.EIO: "I/O error",
+    errno.EDQUOT: "disk quota exceeded",
+}
+
+_CUDA_OOM_PREFIX = re.compile(r"^CUDA out of memory\.?\s*")
+# How much of the original message to keep in the one-line reason.
+_DETAIL_CHARS = 300
+
+
+@dataclass(frozen=True)
+class Failure:
+    retriable: bool
+    error_type: str  # what the job row's error_type says if the job ends with this
+    reason: str  # one line for error_message, without the attempt bookkeeping
+
+
+def classify(exc: BaseException, device: str = "cpu") -> Failure:
+    """Map an exception from a job to a Failure. `device` names where the job ran
+    ("cuda:0 (NVIDIA H200)"), for the out-of-memory message."""
+    if _is_cuda_oom(exc):
+        detail = _CUDA_OOM_PREFIX.sub("", _detail(exc))  # said once is enough
+        return Failure(True, CUDA_OOM, f"CUDA out of memory on {device}: {detail}".rstrip(": "))
+    if isinstance(exc, MemoryError) or _is_cpu_alloc_failure(exc):
+        return Failure(True, HOST_OOM, f"out of host memory: {_detail(exc)}")
+    if isinstance(exc, _DATABASE_ERRORS):
+        return Failure(True, INFRASTRUCTURE, f"database unavailable: {_named(exc)}")
+    if isinstance(exc, _BROKER_ERRORS):
+        return Failure(True, INFRASTRUCTURE, f"broker unavailable: {_named(exc)}")
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return Failure(True, INFRASTRUCTURE, f"{_DISK_ERRNOS[exc.errno]}: {_named(exc)}")
+    return Failure(False, type(exc).__name__, str(exc))
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    # Older torch raised a plain RuntimeError with this text; some CUDA paths still do.
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+    )
+
+
+def _is_cpu_alloc_failure(exc: BaseException) -> bool:
+    # torch's CPU allocator reports a failed malloc as a RuntimeError, not MemoryError.
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(
+        exc
+    )
+
+
+def _detail(exc: BaseException) -> str:
+    """The first line of the message: torch's OOM text goes on about allocator settings."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:_DETAIL_CHARS]
+
+
+def _named(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_detail(exc)}"
