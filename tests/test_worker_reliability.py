@@ -19,10 +19,11 @@ import pytest
 import redis
 import sqlalchemy.exc
 import torch
+from celery.exceptions import Reject
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from shared.celery_app import task_id_for
+from shared.celery_app import TRAIN_TASK, make_celery, task_id_for
 from shared.db import transaction
 from shared.models import Job, MetricPoint
 from shared.settings import Settings
@@ -41,6 +42,7 @@ from worker.failures import CUDA_OOM, HOST_OOM, INFRASTRUCTURE, classify
 from worker.lease import LeaseKeeper, StopReason
 from worker.metric_sink import LostJob, MetricSink
 from worker.runner import run_job
+from worker.tasks import register_tasks
 from worker.training import UserError
 
 TINY_MLP = {"name": "mlp", "params": {"hidden": 32, "layers": 1}}
@@ -108,15 +110,16 @@ def dead_url(db_url: str) -> str:
 
 
 def test_keeper_stops_the_job_once_failed_heartbeats_outlast_the_lease(db_url: str) -> None:
+    start = time.monotonic()
     keeper = LeaseKeeper(dead_url(db_url), 1, 1, lease_seconds=1.5, interval=0.1)
     assert keeper.beats_per_lease == 15
     with keeper:
         time.sleep(0.8)
         # Beats fail, but the lease the claim set has not run out: keep training.
-        assert not keeper.should_stop() and keeper.failed_beats >= 4
-        took = wait_until(keeper.stop.is_set, 5, "the keeper to stop the job")
+        assert not keeper.should_stop() and keeper.failed_beats >= 3
+        wait_until(keeper.stop.is_set, 5, "the keeper to stop the job")
+    assert 1.5 <= time.monotonic() - start < 3
     assert keeper.stop_reason is StopReason.LOST and keeper.lost
-    assert 1.5 <= 0.8 + took < 2.5
     assert keeper.failed_beats >= 10
 
 
@@ -153,7 +156,7 @@ def test_a_job_whose_heartbeats_fail_stops_itself_and_writes_nothing_final(
     monkeypatch.setattr(worker.lease, "heartbeat", heartbeat)
     monkeypatch.setattr(runner, "train_job", train_job)
     fast = settings.model_copy(update={"lease_seconds": 1.0, "heartbeat_seconds": 0.1})
-    job_id = submit(client, train_spec(model=TINY_MLP, epochs=12))
+    job_id = submit(client, train_spec(model=TINY_MLP, epochs=8))
     thread, outcome = in_thread(job_id, fast)
     wait_until(outage.is_set, 60, "the outage to begin")
     cut = time.monotonic()
@@ -314,7 +317,7 @@ def test_shutdown_hands_the_running_job_back(client, settings: Settings, db_url:
     wait_until(lambda: training_progress(db_url, job_id) > 20, 30, "training to start")
     shutdown.request_shutdown()
     took = wait_until(lambda: not thread.is_alive(), 10, "the job to stop")
-    assert outcome == ["requeued"] and took < 2
+    assert outcome == ["requeued"] and took < 3
     job = job_row(db_url, job_id)
     assert (job.state, job.attempt, job.error_message) == (
         "queued", 1, "worker shutting down; requeued",
@@ -323,11 +326,43 @@ def test_shutdown_hands_the_running_job_back(client, settings: Settings, db_url:
     assert queued_task_ids(settings.require_redis_url()) == [task_id_for(job_id)]
 
 
+def test_a_sigterm_to_the_process_running_a_job_hands_it_back(
+    client, settings: Settings, db_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    """What a pool child does when a process-group kill reaches it: the task body runs
+    here in the main thread, as it does in a child, and this process gets the SIGTERM."""
+    app = make_celery(settings)
+    register_tasks(app, settings)
+    job_id = submit(client, LONG)
+    redis.Redis.from_url(settings.require_redis_url()).delete(CPU_QUEUE)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminate_once_training() -> None:
+        wait_until(lambda: training_progress(db_url, job_id) > 0, 30, "training to start")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_once_training)
+    killer.start()
+    assert app.tasks[TRAIN_TASK].apply(args=[job_id]).get() == "requeued"
+    killer.join()
+    assert signal.getsignal(signal.SIGTERM) is before  # restored once the job ended
+    job = job_row(db_url, job_id)
+    assert (job.state, job.attempt, job.error_message) == (
+        "queued", 1, "worker shutting down; requeued",
+    )  # fmt: skip
+    assert queued_task_ids(settings.require_redis_url()) == [task_id_for(job_id)]
+
+    # This process is going away now: a task it still gets goes back to the broker as is.
+    result = app.tasks[TRAIN_TASK].apply(args=[job_id])
+    assert isinstance(result.result, Reject) and result.result.requeue
+    assert job_row(db_url, job_id).state == "queued"
+
+
 @pytest.mark.integration
 def test_sigterm_checkpoints_and_requeues_then_another_worker_resumes(
     client, settings: Settings, db_url: str, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
-    spec = train_spec(model=TINY_MLP, epochs=30)
+    spec = train_spec(model=TINY_MLP, epochs=20)
     first = start_worker()
     job_id = submit(client, spec)
     # Progress is first reported a second into training: well before its end.
@@ -339,9 +374,9 @@ def test_sigterm_checkpoints_and_requeues_then_another_worker_resumes(
     job = job_row(db_url, job_id)
     assert (job.attempt, job.error_message) == (1, "worker shutting down; requeued")
     assert (runner.checkpoint_dir(settings, job_id, 1) / "last.pt").is_file()
-    assert first.proc.wait(15) == 0, first.log_tail()
 
     second = start_worker()
+    assert first.proc.wait(15) == 0, first.log_tail()  # a warm shutdown, done by now
 
     def get_json(path: str) -> dict[str, Any]:
         return client.get(path).get_json()

@@ -19,6 +19,7 @@ needs others says so with `@pytest.mark.timings(lease_seconds=..., ...)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -222,13 +223,38 @@ class Cluster:
     redis: LocalRedis
     tmp_path: Path
     timings: dict[str, Any]
-    _start_worker: Callable[..., root_conftest.WorkerProcess]
+    workers: list[root_conftest.WorkerProcess] = field(default_factory=list)
     reconcilers: list[ReconcilerProcess] = field(default_factory=list)
     http: requests.Session = field(default_factory=requests.Session)
 
     # -- processes
-    def start_worker(self, concurrency: int = 1) -> root_conftest.WorkerProcess:
-        return self._start_worker("cpu", concurrency)
+    def start_workers(self, n: int = 1) -> list[root_conftest.WorkerProcess]:
+        """`n` one-slot `celery worker` subprocesses on the cpu queue, started together."""
+        started = []
+        for _ in range(n):
+            log_path = self.tmp_path / f"worker-{len(self.workers)}.log"
+            worker = root_conftest.WorkerProcess(self.settings, log_path, "cpu", 1)
+            self.workers.append(worker)
+            started.append(worker)
+        for worker in started:
+            worker.wait_ready()
+        return started
+
+    def start_worker(self) -> root_conftest.WorkerProcess:
+        return self.start_workers(1)[0]
+
+    def stop_all(self) -> None:
+        """SIGTERM every process still running, all at once, then wait for each."""
+        running = [p for p in (*self.reconcilers, *self.workers) if p.proc.poll() is None]
+        for p in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for p in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.proc.wait(max(0.1, deadline - time.monotonic()))
+        for p in (*self.reconcilers, *self.workers):
+            p.stop()  # closes its log; SIGTERMs again and then SIGKILLs one still running
 
     def start_reconciler(self) -> ReconcilerProcess:
         env = root_conftest.settings_env(self.settings)
@@ -304,10 +330,8 @@ class Cluster:
 
         def ready() -> Job | None:
             job = self.job(job_id)
-            if job.state == "running" and job.attempt == attempt:
-                if self.point_count(job_id, attempt) > 0:
-                    return job
-            return None
+            training = job.state == "running" and job.attempt == attempt
+            return job if training and self.point_count(job_id, attempt) > 0 else None
 
         try:
             return wait_for(ready, timeout, f"job {job_id} attempt {attempt} to be training")
@@ -403,13 +427,11 @@ def cluster(  # type: ignore[no-untyped-def]
     local_redis: LocalRedis,
     tmp_path: Path,
     timings: dict[str, Any],
-    start_worker,
 ) -> Iterator[Cluster]:
-    c = Cluster(settings, db_url, live_server, local_redis, tmp_path, timings, start_worker)
+    c = Cluster(settings, db_url, live_server, local_redis, tmp_path, timings)
     yield c
     crashed = [r for r in c.reconcilers if not r.alive()]
-    for r in c.reconcilers:
-        r.stop()
+    c.stop_all()
     c.http.close()
     assert not crashed, "the reconciler died during the test:\n" + crashed[0].log_tail()
 

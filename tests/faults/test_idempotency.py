@@ -59,8 +59,3 @@ def test_concurrent_posts_with_one_key_create_one_job(cluster: Cluster) -> None:
     assert (again.status_code, again.json()["id"]) == (200, job_id)
     other = cluster.submit(spec, headers={"Idempotency-Key": f"other-{token()}"})
     assert other != job_id and len(cluster.jobs()) == 2
-
-    # The job it stands for runs, once.
-    cluster.start_worker()
-    for i in (job_id, other):
-        assert cluster.wait_state(i, {"succeeded", "failed", "cancelled"}, 60).state == "succeeded"

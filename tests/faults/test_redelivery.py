@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from shared.celery_app import task_id_for
 from tests.faults.conftest import (
     Cluster,
     claims_logged,
@@ -23,13 +22,13 @@ def test_redelivered_copy_of_a_running_job_does_not_run_it_twice(cluster: Cluste
     and periodically); a second worker then receives the job while the first still
     trains it. The settings refuse a visibility timeout shorter than a minute, so the
     test runs the transport's own sweep with a timeout of zero once the job runs."""
+    epochs = 20
     first = cluster.start_worker()
-    job_id = cluster.submit(long_spec(epochs=10))
+    job_id = cluster.submit(long_spec(epochs=epochs))
     cluster.wait_training(job_id, 1)
+    second = cluster.start_worker()  # idle, so it takes the copy at once
 
     assert restore_unacked(cluster.redis.url) == 1
-    assert task_id_for(job_id) in cluster.broker_task_ids(), "the sweep restored nothing"
-    second = cluster.start_worker()
     wait_for(
         lambda: task_outcomes(cluster.tmp_path).get(job_id, {}).get("duplicate"),
         60,
@@ -42,6 +41,6 @@ def test_redelivered_copy_of_a_running_job_does_not_run_it_twice(cluster: Cluste
     assert job.attempt == 1, "the redelivery must not start a second attempt"
     assert claims_logged(cluster.tmp_path)[job_id] == [1]
     assert dict(task_outcomes(cluster.tmp_path)[job_id]) == {"succeeded": 1, "duplicate": 1}
-    assert cluster.epochs_logged(job_id, 1) == list(range(1, 11))
+    assert cluster.epochs_logged(job_id, 1) == list(range(1, epochs + 1))
     assert cluster.point_count(job_id) == cluster.point_count(job_id, attempt=1)
     assert first.proc.poll() is None and second.proc.poll() is None
