@@ -121,31 +121,49 @@ def test_job_that_keeps_killing_its_child_fails_after_max_attempts(cluster: Clus
 
 @pytest.mark.timings(lease_seconds=30.0)
 def test_sigterm_hands_the_job_back_promptly_and_it_resumes(cluster: Cluster) -> None:
-    """4. SIGTERM to the worker (what `docker stop` sends its main process): the running
-    job is checkpointed and handed back in seconds, not after the lease (30 s here),
-    the worker exits, and a new worker resumes the job from that checkpoint."""
-    worker = cluster.start_worker()
+    """4. SIGTERM to a worker: the running job is checkpointed and handed back in
+    seconds, not after the lease (30 s here), the worker exits, and the next worker
+    resumes the job from that checkpoint. Twice: first to the main process only (what
+    `docker stop` and Kubernetes send), then to the whole process group, pool child
+    included (what `trainyard up`, systemd or a Ctrl-C send)."""
+    epochs = 50  # outlasts starting the next worker while it trains, twice
     cluster.start_reconciler()
-    job_id = cluster.submit(long_spec(epochs=12))
-    cluster.wait_training(job_id, 1)
+    worker = cluster.start_worker()
+    job_id = cluster.submit(long_spec(epochs=epochs))
+    for attempt, whole_group in ((1, False), (2, True)):
+        cluster.wait_training(job_id, attempt)
+        successor = cluster.start_worker()  # idle: it takes the job as soon as it is back
+        stopped_at = time.monotonic()
+        if whole_group:
+            os.killpg(worker.proc.pid, signal.SIGTERM)
+        else:
+            os.kill(worker.proc.pid, signal.SIGTERM)
+        job = wait_for(
+            lambda n=attempt: (
+                j if (j := cluster.job(job_id)).state != "running" or j.attempt > n else None
+            ),
+            20,
+            "the job to be handed back",
+        )
+        handed_back_after = time.monotonic() - stopped_at
+        assert job.state in ("queued", "running"), cluster.describe(job_id)
+        assert "shutting down" in (job.error_message or ""), job.error_message
+        assert handed_back_after < 10, f"handed back after {handed_back_after:.1f}s"
+        worker.proc.wait(20)  # the worker exits too, promptly
+        assert time.monotonic() - stopped_at < 25
+        handback = torch.load(
+            cluster.checkpoint(job_id, attempt), map_location="cpu", weights_only=True
+        )
+        assert handback["epoch"] < epochs
+        worker = successor
 
-    stopped_at = time.monotonic()
-    os.kill(worker.proc.pid, signal.SIGTERM)
-    job = cluster.wait_state(job_id, {"queued", "succeeded", "failed", "cancelled"}, timeout=15)
-    handed_back_after = time.monotonic() - stopped_at
-    assert job.state == "queued", cluster.describe(job_id)
-    assert handed_back_after < 10, f"handed back after {handed_back_after:.1f}s"
-    assert job.attempt == 1 and job.lease_expires_at is None
-    worker.proc.wait(20)  # the worker exits too, promptly
-    assert time.monotonic() - stopped_at < 25
-
-    handback = torch.load(cluster.checkpoint(job_id, 1), map_location="cpu", weights_only=True)
-    cluster.start_worker()
     job = cluster.wait_state(job_id, {"succeeded", "failed", "cancelled"})
     assert job.state == "succeeded", cluster.describe(job_id)
-    assert job.attempt == 2
+    assert job.attempt == 3
+    assert worker_pid(job) in pool_children(worker)
     metrics = job.result["metrics"]
+    # Resumed from the second hand-back's checkpoint, exactly where it stopped.
     assert (metrics["resumed_from_epoch"], metrics["resumed_from_step"]) == (
         handback["epoch"], handback["step"],
     ), metrics  # fmt: skip
-    assert metrics["epochs_run"] == 12
+    assert metrics["epochs_run"] == epochs
