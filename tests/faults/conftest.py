@@ -228,14 +228,16 @@ class Cluster:
     http: requests.Session = field(default_factory=requests.Session)
 
     # -- processes
+    def launch_worker(self) -> root_conftest.WorkerProcess:
+        """A one-slot `celery worker` subprocess on the cpu queue, still booting."""
+        log_path = self.tmp_path / f"worker-{len(self.workers)}.log"
+        worker = root_conftest.WorkerProcess(self.settings, log_path, "cpu", 1)
+        self.workers.append(worker)
+        return worker
+
     def start_workers(self, n: int = 1) -> list[root_conftest.WorkerProcess]:
-        """`n` one-slot `celery worker` subprocesses on the cpu queue, started together."""
-        started = []
-        for _ in range(n):
-            log_path = self.tmp_path / f"worker-{len(self.workers)}.log"
-            worker = root_conftest.WorkerProcess(self.settings, log_path, "cpu", 1)
-            self.workers.append(worker)
-            started.append(worker)
+        """`n` workers, booted together; returns once all are ready."""
+        started = [self.launch_worker() for _ in range(n)]
         for worker in started:
             worker.wait_ready()
         return started

@@ -8,15 +8,16 @@ import pytest
 import redis
 
 from shared.celery_app import task_id_for
-from tests.faults.conftest import Cluster, small_spec, task_outcomes
+from tests.faults.conftest import Cluster, long_spec, small_spec, task_outcomes
 
 pytestmark = pytest.mark.integration
 
 
 def test_redis_restart_with_aof_loses_nothing(cluster: Cluster) -> None:
     """5. Redis restarts (AOF on) while jobs wait and no worker runs: the messages
-    survive, a worker started afterwards runs them all, and a worker that was connected
-    through a second restart goes on consuming. No reconciler runs here, so nothing but
+    survive, a worker started afterwards runs them all, and when Redis restarts again
+    under that worker while it trains, the job completes and the worker goes on
+    consuming. No reconciler runs here, so nothing but
     Redis's own persistence can bring a message back."""
     ids = [cluster.submit(small_spec(seed=i)) for i in range(3)]
     waiting = Counter(cluster.broker_task_ids())
@@ -31,12 +32,16 @@ def test_redis_restart_with_aof_loses_nothing(cluster: Cluster) -> None:
         job = cluster.wait_state(job_id, {"succeeded", "failed", "cancelled"}, timeout=60)
         assert job.state == "succeeded" and job.attempt == 1, cluster.describe(job_id)
 
-    # Restart under a connected worker (and the server's publisher): both reconnect.
+    # Restart under a worker that is running a job: the job finishes, its worker
+    # reconnects and takes the next one.
+    running = cluster.submit(long_spec(epochs=12))
+    cluster.wait_training(running, 1)
     cluster.redis.stop()
     cluster.redis.start()
     late = cluster.submit(small_spec(seed=9))
-    job = cluster.wait_state(late, {"succeeded", "failed", "cancelled"}, timeout=90)
-    assert job.state == "succeeded" and job.attempt == 1, cluster.describe(late)
+    for job_id in (running, late):
+        job = cluster.wait_state(job_id, {"succeeded", "failed", "cancelled"}, timeout=90)
+        assert job.state == "succeeded" and job.attempt == 1, cluster.describe(job_id)
     assert worker.proc.poll() is None
 
 

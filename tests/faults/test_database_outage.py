@@ -82,7 +82,7 @@ def test_database_outage_mid_job_buffers_metrics_and_completes(
     loop); metric points and progress wait in the sink and are written afterwards; the
     heartbeat misses a few beats, fewer than a lease's worth, so the attempt goes on; the
     reconciler survives its failed passes. One attempt, every epoch's metrics once."""
-    epochs = 20
+    epochs = 45  # still training when the outage ends
     cluster.start_worker()
     cluster.start_reconciler()
     job_id = cluster.submit(long_spec(epochs=epochs))

@@ -19,21 +19,22 @@ pytestmark = pytest.mark.integration
 def test_redelivered_copy_of_a_running_job_does_not_run_it_twice(cluster: Cluster) -> None:
     """Kombu's Redis transport puts a message that stayed unacked longer than the
     visibility timeout back in its queue (each consumer sweeps for them when it connects
-    and periodically); a second worker then receives the job while the first still
+    and periodically); another worker then receives the job while the first still
     trains it. The settings refuse a visibility timeout shorter than a minute, so the
     test runs the transport's own sweep with a timeout of zero once the job runs."""
-    epochs = 20
-    first = cluster.start_worker()
+    epochs = 10
+    workers = cluster.start_workers(2)  # one takes the job, the other stays idle
     job_id = cluster.submit(long_spec(epochs=epochs))
-    cluster.wait_training(job_id, 1)
-    second = cluster.start_worker()  # idle, so it takes the copy at once
+    holder = cluster.worker_holding(cluster.wait_training(job_id, 1), workers)
+    (idle,) = [w for w in workers if w is not holder]
 
     assert restore_unacked(cluster.redis.url) == 1
     wait_for(
         lambda: task_outcomes(cluster.tmp_path).get(job_id, {}).get("duplicate"),
         60,
-        "the second worker to receive and drop the redelivered copy",
+        "the idle worker to receive and drop the redelivered copy",
     )
+    assert "' duplicate'" not in idle.log_tail() and "'duplicate'" in idle.log_path.read_text()
     assert cluster.job(job_id).state == "running", "the job finished before the redelivery"
 
     job = cluster.wait_state(job_id, {"succeeded", "failed", "cancelled"})
@@ -43,4 +44,4 @@ def test_redelivered_copy_of_a_running_job_does_not_run_it_twice(cluster: Cluste
     assert dict(task_outcomes(cluster.tmp_path)[job_id]) == {"succeeded": 1, "duplicate": 1}
     assert cluster.epochs_logged(job_id, 1) == list(range(1, epochs + 1))
     assert cluster.point_count(job_id) == cluster.point_count(job_id, attempt=1)
-    assert first.proc.poll() is None and second.proc.poll() is None
+    assert all(w.proc.poll() is None for w in workers)

@@ -33,7 +33,7 @@ def test_killed_worker_group_job_resumes_elsewhere_with_identical_results(cluste
     """1. SIGKILL a worker's whole process group mid-training: the reconciler requeues the
     job once the lease runs out, another worker resumes it from the checkpoint, and it
     ends exactly as an uninterrupted run of the same spec."""
-    spec = long_spec(epochs=8)
+    spec = long_spec(epochs=10)
     workers = cluster.start_workers(2)
     cluster.start_reconciler()
 
@@ -131,8 +131,12 @@ def test_sigterm_hands_the_job_back_promptly_and_it_resumes(cluster: Cluster) ->
     worker = cluster.start_worker()
     job_id = cluster.submit(long_spec(epochs=epochs))
     for attempt, whole_group in ((1, False), (2, True)):
+        # The successor boots while this attempt sets up and trains; idle once ready, it
+        # takes the job as soon as the job is back.
+        wait_for(lambda n=attempt: cluster.job(job_id).attempt == n, 60, f"attempt {attempt}")
+        successor = cluster.launch_worker()
         cluster.wait_training(job_id, attempt)
-        successor = cluster.start_worker()  # idle: it takes the job as soon as it is back
+        successor.wait_ready()
         stopped_at = time.monotonic()
         if whole_group:
             os.killpg(worker.proc.pid, signal.SIGTERM)
