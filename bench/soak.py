@@ -4,18 +4,18 @@ Starts a private Redis (AOF), a database (SQLite in a temporary directory, or
 `--database-url`, an empty PostgreSQL database, say), the web server, `--workers`
 Celery workers and the reconciler, each a subprocess started the way production starts
 it (`python -m server.cli web|worker|reconcile`). Submits `--jobs` small training jobs
-over HTTP, cancels `--cancels` of them on the way, and meanwhile SIGKILLs a worker
-`--kills` times at random moments: mostly the whole process group (a lost host; a new
-worker is started in its place), sometimes only the pool child (what the OOM killer
-does; Celery forks a new one). Then waits, at most `--timeout` seconds, until every job
-is terminal, and prints:
+over HTTP, cancels `--cancels` of them on the way (running ones when there are), and
+meanwhile SIGKILLs the worker of a running job `--kills` times at random moments: mostly
+the whole process group (a lost host; a new worker is started in its place), sometimes
+only the pool child (what the OOM killer does; Celery forks a new one). Then waits, at
+most `--timeout` seconds, until every job is terminal, and prints:
 
     submitted / succeeded / failed / cancelled / duplicated / lost
 
 `duplicated`: a job that finished more than once (more than one terminal outcome in the
-workers' logs) or whose final attempt wrote a metric twice (an epoch's `val_loss`, or
-any key at one step); `lost`: a job not terminal at the end. The exit code is 1 if
-either is non-zero. Not run in CI:
+workers' and the reconciler's logs) or whose final attempt wrote a metric twice (an
+epoch's `val_loss`, or any key at one step); `lost`: a job not terminal at the end. The
+exit code is 1 if either is non-zero. Not run in CI:
 
     .venv/bin/python bench/soak.py [--jobs 40] [--workers 2] [--kills 10] [--cancels 2]
         [--database-url postgresql+psycopg://postgres@127.0.0.1:5432/soak] [--seed 0]
@@ -54,6 +54,7 @@ from shared.models import Job, MetricPoint  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 TASK_RETURN = re.compile(r"Task trainyard\.\w+\[trainyard-job-(\d+)\] succeeded in \S+: '(\w+)'")
+RECONCILER_FINISH = re.compile(r"reconciler: job (\d+) (failed|cancelled):")
 
 # Reliability timings: short, so that lost workers are noticed in seconds.
 TIMINGS = {
@@ -258,6 +259,9 @@ def build_report(db_url: str, ids: list[int], logs: Path) -> Report:
     for path in sorted(logs.glob("worker-*.log")):
         for job_id, outcome in TASK_RETURN.findall(path.read_bytes().decode(errors="replace")):
             outcomes.setdefault(int(job_id), Counter())[outcome] += 1
+    reconciler_log = (logs / "reconciler.log").read_bytes().decode(errors="replace")
+    for job_id, outcome in RECONCILER_FINISH.findall(reconciler_log):
+        outcomes.setdefault(int(job_id), Counter())[f"reconciler {outcome}"] += 1
     with transaction(db_url) as s:
         jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(ids)))}
         repeated = {
@@ -291,7 +295,9 @@ def build_report(db_url: str, ids: list[int], logs: Path) -> Report:
         if job.state == "failed":
             failures[re.sub(r"\d+", "N", job.error_message or "?")[:120]] += 1
         finished = outcomes.get(job_id, Counter())
-        terminal = sum(n for outcome, n in finished.items() if outcome in TERMINAL)
+        terminal = sum(
+            n for outcome, n in finished.items() if outcome.removeprefix("reconciler ") in TERMINAL
+        )
         twice = [
             e for (j, a, e), n in val_epochs.items() if j == job_id and a == job.attempt and n > 1
         ]
@@ -361,13 +367,22 @@ def main() -> int:
             done = threading.Event()
             chaos = Chaos(cluster, db_url, args.kills, rng, done)
             chaos.start()
-            to_cancel = set(rng.sample(ids, min(args.cancels, len(ids))))
+            cancels_left, next_cancel = args.cancels, started + 3.0
+            cancelled_log: list[str] = []
             deadline = time.monotonic() + args.timeout
             while time.monotonic() < deadline:
                 with transaction(db_url) as s:
                     states = dict(s.execute(select(Job.id, Job.state).where(Job.id.in_(ids))).all())
-                if to_cancel and time.monotonic() - started > 3:
-                    http.post(f"{url}/api/v1/jobs/{to_cancel.pop()}/cancel", timeout=30)
+                if cancels_left and time.monotonic() > next_cancel:
+                    # A running job if there is one (the loop must notice), else a queued one.
+                    running = [i for i in ids if states[i] == "running"]
+                    queued = [i for i in ids if states[i] == "queued"]
+                    if running or queued:
+                        victim = rng.choice(running or queued)
+                        http.post(f"{url}/api/v1/jobs/{victim}/cancel", timeout=30)
+                        cancelled_log.append(f"job {victim} ({states[victim]})")
+                        cancels_left -= 1
+                    next_cancel = time.monotonic() + 4.0
                 if all(states[i] in TERMINAL for i in ids) and not chaos.is_alive():
                     break
                 if all(states[i] in TERMINAL for i in ids):
@@ -379,6 +394,7 @@ def main() -> int:
             cluster.stop()
             report = build_report(db_url, ids, cluster.logs)
             print("\n".join(chaos.log))
+            print(f"cancel requested: {', '.join(cancelled_log) or 'none'}")
             print(f"kills: {len(chaos.log)}; wall time {elapsed:.1f}s")
             report.print()
             return 1 if report.duplicated or report.lost else 0

@@ -7,9 +7,11 @@ subprocess on demand, and, after the test, a check of the invariants the issue p
 
 - every job is terminal, or running under a live lease, or queued with its message in
   the broker;
-- no job finished twice: at most one terminal outcome per job across all worker logs,
-  exactly one for a succeeded job, one metric point per (attempt, key, step), and for
-  a succeeded train job one `val_loss` point per epoch its final attempt trained;
+- no job finished twice: at most one terminal write per job in the worker and reconciler
+  logs, exactly one worker success for a succeeded job, claims logged for attempts
+  1..attempt, one metric point per (attempt, key, step), and for a succeeded train job
+  one `val_loss` point per epoch its final attempt trained and checkpoint_path in the
+  final attempt's directory;
 - attempts never exceed max_attempts;
 - a succeeded train job's last checkpoint loads with `torch.load(weights_only=True)`.
 
@@ -45,6 +47,7 @@ from shared.local_redis import LocalRedis
 from shared.models import Job, MetricPoint
 from shared.settings import Settings
 from tests import conftest as root_conftest
+from tests.helpers import train_spec
 
 T = TypeVar("T")
 
@@ -67,11 +70,25 @@ FAST_TIMINGS: dict[str, Any] = {
 # Celery logs every task's return value; run_job returns the outcome of the delivery.
 TASK_RETURN = re.compile(r"Task trainyard\.\w+\[trainyard-job-(\d+)\] succeeded in \S+: '(\w+)'")
 CLAIM_LINE = re.compile(r"job (\d+): claimed, attempt (\d+)")
+# The reconciler's terminal writes: a job out of attempts, a cancelled job whose worker died.
+RECONCILER_FINISH = re.compile(r"reconciler: job (\d+) (failed|cancelled):")
 
-# Small jobs. SMALL finishes in well under a second; LONG (~0.2 s an epoch on one
-# thread) runs long enough to be interrupted mid-training.
+# Small jobs. SMALL finishes in well under a second; LONG (0.13 to 0.2 s an epoch on one
+# thread, a checkpoint every epoch) runs long enough to be interrupted mid-training.
 SMALL_MODEL = {"name": "mlp", "params": {"hidden": 16, "layers": 1}}
 LONG_MODEL = {"name": "cnn", "params": {"dropout": 0.25}}
+
+
+def small_spec(**overrides: Any) -> dict[str, Any]:
+    return train_spec(**{"model": SMALL_MODEL, "epochs": 2, "batch_size": 32, **overrides})
+
+
+def long_spec(epochs: int = 12, **overrides: Any) -> dict[str, Any]:
+    return train_spec(**{"model": LONG_MODEL, "epochs": epochs, "batch_size": 16, **overrides})
+
+
+def token() -> str:
+    return secrets.token_hex(4)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -124,7 +141,8 @@ def broker_task_ids(redis_url: str) -> list[str]:
 
 def restore_unacked(redis_url: str) -> int:
     """What kombu's Redis transport does once a message outlives the visibility timeout:
-    put every unacked message back in its queue. Returns how many it restored."""
+    put the unacked messages back in their queues (with a timeout of zero: all of them).
+    Returns how many there were."""
     from kombu import Connection
 
     client = redis.Redis.from_url(redis_url)
@@ -150,6 +168,14 @@ def task_outcomes(log_dir: Path) -> dict[int, Counter[str]]:
     for job_id, outcome in TASK_RETURN.findall(worker_logs(log_dir)):
         outcomes.setdefault(int(job_id), Counter())[outcome] += 1
     return outcomes
+
+
+def reconciler_finishes(log_dir: Path) -> Counter[int]:
+    """job id -> how often a reconciler wrote a terminal state for it."""
+    text = "".join(
+        p.read_bytes().decode(errors="replace") for p in sorted(log_dir.glob("reconciler-*.log"))
+    )
+    return Counter(int(job_id) for job_id, _ in RECONCILER_FINISH.findall(text))
 
 
 def claims_logged(log_dir: Path) -> dict[int, list[int]]:
@@ -192,12 +218,19 @@ class ReconcilerProcess:
 
 
 def pool_children(worker: root_conftest.WorkerProcess) -> list[int]:
+    """The live pool processes of a worker (a killed one lingers as a zombie until reaped)."""
     import psutil
 
     try:
-        return [c.pid for c in psutil.Process(worker.proc.pid).children(recursive=True)]
+        children = psutil.Process(worker.proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+    alive = []
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child.pid)
+    return alive
 
 
 def worker_pid(job: Job) -> int | None:
@@ -422,7 +455,7 @@ def _subprocess_timings(monkeypatch: pytest.MonkeyPatch, timings: dict[str, Any]
 
 
 @pytest.fixture
-def cluster(  # type: ignore[no-untyped-def]
+def cluster(
     settings: Settings,
     db_url: str,
     live_server: str,
@@ -471,6 +504,7 @@ def check_invariants(db_url: str, broker: LocalRedis, log_dir: Path) -> list[str
 
     waiting = set(broker_task_ids(broker.url)) if broker.is_running() else set()
     outcomes = task_outcomes(log_dir)
+    reconciled = reconciler_finishes(log_dir)
     claims = claims_logged(log_dir)
     for job in jobs:
         tag = f"job {job.id} ({job.state}, attempt {job.attempt}/{job.max_attempts})"
@@ -490,9 +524,11 @@ def check_invariants(db_url: str, broker: LocalRedis, log_dir: Path) -> list[str
 
         finished = outcomes.get(job.id, Counter())
         terminal_outcomes = sum(n for outcome, n in finished.items() if outcome in TERMINAL)
+        terminal_outcomes += reconciled[job.id]
         if terminal_outcomes > 1:
             problems.append(
-                f"{tag}: workers finished it {terminal_outcomes} times: {dict(finished)}"
+                f"{tag}: finished {terminal_outcomes} times: workers {dict(finished)}, "
+                f"reconciler {reconciled[job.id]}"
             )
         if job.state == "succeeded" and finished.get("succeeded", 0) != 1:
             problems.append(f"{tag}: {finished.get('succeeded', 0)} worker successes logged")
@@ -523,21 +559,3 @@ def check_invariants(db_url: str, broker: LocalRedis, log_dir: Path) -> list[str
                 except Exception as exc:  # noqa: BLE001
                     problems.append(f"{tag}: {last} does not load: {exc!r}")
     return problems
-
-
-def token() -> str:
-    return secrets.token_hex(4)
-
-
-def small_spec(**overrides: Any) -> dict[str, Any]:
-    """A job that finishes in well under a second."""
-    from tests.helpers import train_spec
-
-    return train_spec(**{"model": SMALL_MODEL, "epochs": 2, "batch_size": 32, **overrides})
-
-
-def long_spec(epochs: int = 12, **overrides: Any) -> dict[str, Any]:
-    """A job that trains for a few seconds (a checkpoint every epoch), to interrupt."""
-    from tests.helpers import train_spec
-
-    return train_spec(**{"model": LONG_MODEL, "epochs": epochs, "batch_size": 16, **overrides})

@@ -48,6 +48,7 @@ def test_each_violation_is_reported(
             _job(5, "succeeded", finished_at=now, result={"metrics": metrics},
                  checkpoint_path=str(good_dir)),
             _job(6, "queued", attempt=0),  # its message is in Redis: fine
+            _job(8, "failed", attempt=3, finished_at=now),  # the worker and the reconciler
             _job(7, "succeeded", attempt=2, finished_at=now,
                  result={"metrics": {"epochs_run": 3, "resumed_from_epoch": 1}},
                  checkpoint_path=str(good_dir)),  # fine
@@ -59,6 +60,10 @@ def test_each_violation_is_reported(
         "Task trainyard.train[trainyard-job-5] succeeded in 1.0s: 'succeeded'\n"
         "Task trainyard.train[trainyard-job-7] succeeded in 1.0s: 'succeeded'\n"
         "Task trainyard.train[trainyard-job-4] succeeded in 1.0s: 'succeeded'\n"
+        "Task trainyard.train[trainyard-job-8] succeeded in 1.0s: 'failed'\n"
+    )
+    (tmp_path / "reconciler-0.log").write_text(
+        "INFO reconciler: job 8 failed: worker lost on attempt 3 of 3, no attempts left\n"
     )
     celery = make_celery(settings)
     publish_job(celery, 6, "train", "cpu")
@@ -72,9 +77,10 @@ def test_each_violation_is_reported(
     assert "job 4 attempt 1: 2 points for val_loss at step 2" in text
     assert "job 4 (succeeded, attempt 1/3): final attempt's val_loss epochs [1, 2, 2, 3]" in text
     assert "job 4 (succeeded, attempt 1/3)" in text and "last.pt does not load" in text
-    assert "job 5 (succeeded, attempt 1/3): workers finished it 2 times" in text
+    assert "job 5 (succeeded, attempt 1/3): finished 2 times" in text
     assert "job 5 (succeeded, attempt 1/3): final attempt's val_loss epochs []" in text
     assert "job 5 (succeeded, attempt 1/3): checkpoint_path" in text  # attempt-2 is not its
+    assert "job 8 (failed, attempt 3/3): finished 2 times" in text
     assert not [p for p in problems if p.startswith(("job 6 ", "job 7 "))], problems
 
     # Leave nothing behind for the check that runs after this test.
@@ -82,3 +88,4 @@ def test_each_violation_is_reported(
         s.execute(delete(MetricPoint))
         s.execute(delete(Job))
     (tmp_path / "worker-0.log").unlink()
+    (tmp_path / "reconciler-0.log").unlink()
