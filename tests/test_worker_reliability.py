@@ -362,14 +362,19 @@ def test_a_sigterm_to_the_process_running_a_job_hands_it_back(
 def test_sigterm_checkpoints_and_requeues_then_another_worker_resumes(
     client, settings: Settings, db_url: str, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
-    spec = train_spec(model=TINY_MLP, epochs=20)
+    # Long enough that it cannot finish before the SIGTERM lands, even on a loaded machine.
+    spec = train_spec(model=TINY_MLP, epochs=60)
     first = start_worker()
     job_id = submit(client, spec)
     # Progress is first reported a second into training: well before its end.
     wait_until(lambda: training_progress(db_url, job_id) > 0, 60, "training to start")
 
     os.kill(first.proc.pid, signal.SIGTERM)  # the main process only, as docker stop does
-    took = wait_until(lambda: job_row(db_url, job_id).state == "queued", 10, "the hand-back")
+    try:
+        took = wait_until(lambda: job_row(db_url, job_id).state == "queued", 10, "the hand-back")
+    except AssertionError:
+        row = job_row(db_url, job_id)
+        raise AssertionError(f"job {row.state} {row.progress}\n{first.log_tail()}") from None
     assert took < 3, first.log_tail()
     job = job_row(db_url, job_id)
     assert (job.attempt, job.error_message) == (1, "worker shutting down; requeued")
