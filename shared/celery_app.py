@@ -69,4 +69,6 @@ def publish_job(
     options: dict[str, object] = {}
     if max_runtime_s:
         options["time_limit"] = max_runtime_s + HARD_LIMIT_GRACE_S
-    celery.send_task(TASK_NAMES[kind], args=[job_id], task_id=task_id_for(job_id), queue=queue, **options)
+    celery.send_task(
+        TASK_NAMES[kind], args=[job_id], task_id=task_id_for(job_id), queue=queue, **options
+    )

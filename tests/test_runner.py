@@ -109,7 +109,9 @@ def test_cancelled_queued_job_is_not_run_on_delivery(client, settings: Settings)
     assert job["state"] == "cancelled" and job["attempt"] == 0
 
 
-def test_a_requeued_job_resumes_from_its_checkpoint(client, settings: Settings, db_url: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_requeued_job_resumes_from_its_checkpoint(
+    client, settings: Settings, db_url: str
+) -> None:  # type: ignore[no-untyped-def]
     from shared.state_machine import requeue_job
 
     fast = settings.model_copy(update={"heartbeat_seconds": 0.1})

@@ -312,7 +312,10 @@ def test_evaluate_spec() -> None:
         (train_spec(regularization={"l1": -1}), "regularization.l1"),
         (train_spec(checkpoint_every_epochs=0), "checkpoint_every_epochs"),
         (train_spec(model={"name": "resnet", "params": {"depth": 8}}, batch_size=1), "batch_size"),
-        (train_spec(model={"name": "cnn", "params": {"batch_norm": True}}, batch_size=1), "batch_size"),
+        (
+            train_spec(model={"name": "cnn", "params": {"batch_norm": True}}, batch_size=1),
+            "batch_size",
+        ),
     ],
 )
 def test_bad_specs_name_the_field(data: object, field: str) -> None:

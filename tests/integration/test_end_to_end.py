@@ -72,7 +72,5 @@ def test_failed_job_reports_its_error(live_server: str, start_worker, db_url: st
     ).json()["id"]
     job = wait_for_state(get_json, evaluation, {"succeeded", "failed"})
     assert job["state"] == "failed"
-    assert (
-        job["error"]["type"] == "UserError" and "/nonexistent/ckpt" in job["error"]["message"]
-    )
+    assert job["error"]["type"] == "UserError" and "/nonexistent/ckpt" in job["error"]["message"]
     assert job["attempt"] == 1 and job["finished_at"]
