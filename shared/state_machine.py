@@ -208,20 +208,9 @@ def request_cancel(session: Session, job_id: int) -> str | None:
 
 
 def requeue_job(session: Session, job_id: int, attempt: int, reason: str) -> bool:
-    """running -> queued for a job this attempt hands back (worker shutting down)."""
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
-        .values(
-            state=JobState.QUEUED.value,
-            lease_expires_at=None,
-            worker=None,
-            error_message=reason,
-            updated_at=utcnow(),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    return session.execute(stmt).rowcount == 1
+    """running -> queued for a job this attempt hands back (tests and tools; the
+    runner uses hand_back_job / retry_job, which also handle the attempt cap)."""
+    return session.execute(_requeue_statement(job_id, attempt, reason)).rowcount == 1
 
 
 def _requeue_statement(job_id: int, attempt: int, reason: str) -> Update:
