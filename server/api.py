@@ -7,19 +7,24 @@ import json
 import re
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify, request, send_file
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import joinedload
 
+from server.access import find_visible_job, visible_job, visible_jobs
+from server.auth import api_user, authenticate_api_request, submit_limits
 from server.catalog import catalog_context
 from server.database import get_session
 from server.enqueue import enqueue_job
 from server.errors import ApiError
+from server.params import JobListQuery, LogQuery, MetricsQuery, NoQuery, parse_query
 from server.serialize import job_to_json
+from shared import job_files
 from shared.dataset_catalog import DATASETS, resolve_dataset
 from shared.model_catalog import MODELS
-from shared.models import Job, MetricPoint
+from shared.models import Job, MetricPoint, User
 from shared.schema_base import CatalogError
 from shared.settings import Settings
 from shared.spec import (
@@ -32,12 +37,11 @@ from shared.spec import (
     resolve_train_dataset,
     spec_to_json,
 )
-from shared.state_machine import ALL_STATES, JobState, request_cancel
+from shared.state_machine import TERMINAL, JobState, request_cancel
 
 bp = Blueprint("api_v1", __name__, url_prefix="/api/v1")
+bp.before_request(authenticate_api_request)
 
-MAX_PAGE = 200
-DEFAULT_MAX_POINTS = 2000
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 # Printable ASCII, as a header value can carry it unchanged through proxies.
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,200}")
@@ -48,8 +52,14 @@ def _settings() -> Settings:
 
 
 def _json_body() -> Any:
-    # force=True: a client that forgets the Content-Type header still gets its JSON read.
-    data = request.get_json(force=True, silent=True)
+    if not request.is_json:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send the body as JSON",
+            {"Content-Type": "must be application/json"},
+        )
+    data = request.get_json(silent=True)
     if data is None:
         raise ApiError(
             400,
@@ -60,33 +70,6 @@ def _json_body() -> Any:
     return data
 
 
-def _int_arg(name: str, default: int | None, lo: int, hi: int) -> int | None:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(
-            400, "invalid_parameter", f"{name} must be an integer", {name: "must be an integer"}
-        ) from None
-    if not lo <= value <= hi:
-        raise ApiError(
-            400,
-            "invalid_parameter",
-            f"{name} out of range",
-            {name: f"must be between {lo} and {hi}"},
-        )
-    return value
-
-
-def _get_job(job_id: int) -> Job:
-    job = get_session().get(Job, job_id)
-    if job is None:
-        raise ApiError(404, "not_found", f"job {job_id} does not exist")
-    return job
-
-
 def _invalid(fields: dict[str, str]) -> ApiError:
     return ApiError(422, "invalid_spec", "invalid job spec", fields)
 
@@ -94,7 +77,8 @@ def _invalid(fields: dict[str, str]) -> ApiError:
 def _check_evaluate_source(spec: EvaluateSpec) -> Job:
     """An evaluate job must name a succeeded train job, and a dataset its model can take."""
     field = "source_job_id"
-    source = get_session().get(Job, spec.source_job_id)
+    # Someone else's job reads as missing here too.
+    source = find_visible_job(spec.source_job_id)
     if source is None:
         raise _invalid({field: f"job {spec.source_job_id} does not exist"})
     if source.kind != "train":
@@ -152,6 +136,14 @@ def _replay(job: Job, spec_json: dict[str, Any]) -> ResponseReturnValue:
             f"{IDEMPOTENCY_HEADER} was already used for a different job spec",
             {IDEMPOTENCY_HEADER: f"already used by job {job.id} with a different spec"},
         )
+    if job.owner_id != api_user().id:
+        # Keys are global; another user's key must not reveal (or return) their job.
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            f"{IDEMPOTENCY_HEADER} was already used",
+            {IDEMPOTENCY_HEADER: "already used; choose a new key"},
+        )
     headers = {"Location": f"/api/v1/jobs/{job.id}", "Idempotent-Replayed": "true"}
     return jsonify(job_to_json(job)), 200, headers
 
@@ -162,6 +154,7 @@ def _job_by_key(key: str) -> Job | None:
 
 @bp.post("/jobs")
 def submit_job() -> ResponseReturnValue:
+    parse_query(NoQuery)
     key = _idempotency_key()
     try:
         spec = parse_spec(_json_body(), catalog_context())
@@ -172,6 +165,7 @@ def submit_job() -> ResponseReturnValue:
         return _replay(existing, spec_json)
 
     source = _check_evaluate_source(spec) if isinstance(spec, EvaluateSpec) else None
+    submit_limits().check(api_user())
     if isinstance(spec, TrainSpec):
         model_name, dataset_name = spec.model.name, spec.dataset.name
     else:
@@ -189,7 +183,12 @@ def submit_job() -> ResponseReturnValue:
         source_job_id=source.id if source else None,
         max_attempts=_settings().max_attempts,
         idempotency_key=key,
+        owner_id=api_user().id,
     )
+    return _create_job(job, spec_json, key)
+
+
+def _create_job(job: Job, spec_json: dict[str, Any], key: str | None = None) -> ResponseReturnValue:
     session = get_session()
     session.add(job)
     try:
@@ -209,52 +208,73 @@ def submit_job() -> ResponseReturnValue:
 
 @bp.get("/jobs")
 def list_jobs() -> ResponseReturnValue:
-    stmt = select(Job).order_by(Job.id.desc())
-    state = request.args.get("state")
-    if state:
-        if state not in ALL_STATES:
-            raise ApiError(
-                400,
-                "invalid_parameter",
-                "unknown state",
-                {"state": f"one of: {', '.join(ALL_STATES)}"},
-            )
-        stmt = stmt.where(Job.state == state)
-    kind = request.args.get("kind")
-    if kind:
-        if kind not in ("train", "evaluate"):
-            raise ApiError(
-                400, "invalid_parameter", "unknown kind", {"kind": "one of: train, evaluate"}
-            )
-        stmt = stmt.where(Job.kind == kind)
-    limit = _int_arg("limit", 50, 1, MAX_PAGE)
-    before = _int_arg("before", None, 1, 2**62)
-    if before is not None:
+    query = parse_query(JobListQuery)
+    stmt = visible_jobs(select(Job)).options(joinedload(Job.owner)).order_by(Job.id.desc())
+    if query.state:
+        stmt = stmt.where(Job.state == query.state)
+    if query.kind:
+        stmt = stmt.where(Job.kind == query.kind)
+    if query.model:
+        stmt = stmt.where(Job.model_name == query.model)
+    if query.dataset:
+        stmt = stmt.where(Job.dataset_name == query.dataset)
+    if query.owner:
+        stmt = stmt.join(User, User.id == Job.owner_id).where(User.username == query.owner)
+    if query.before is not None:
         # Keyset pagination: stable under inserts and as fast on page 1000 as on page 1.
-        stmt = stmt.where(Job.id < before)
-    jobs = get_session().scalars(stmt.limit(limit + 1)).all()
-    page = jobs[:limit]
-    next_before = page[-1].id if len(jobs) > limit else None
+        stmt = stmt.where(Job.id < query.before)
+    jobs = get_session().scalars(stmt.limit(query.limit + 1)).all()
+    page = jobs[: query.limit]
+    next_before = page[-1].id if len(jobs) > query.limit else None
     return jsonify({"jobs": [job_to_json(j) for j in page], "next_before": next_before})
 
 
 @bp.get("/jobs/<int:job_id>")
 def get_job(job_id: int) -> ResponseReturnValue:
-    return jsonify(job_to_json(_get_job(job_id)))
+    parse_query(NoQuery)
+    return jsonify(job_to_json(visible_job(job_id)))
 
 
 @bp.post("/jobs/<int:job_id>/cancel")
 def cancel_job(job_id: int) -> ResponseReturnValue:
+    parse_query(NoQuery)
+    job = visible_job(job_id)
     session = get_session()
     state = request_cancel(session, job_id)
     session.commit()
-    if state is None:
-        raise ApiError(404, "not_found", f"job {job_id} does not exist")
-    job = _get_job(job_id)
     session.refresh(job)
     if state in (JobState.SUCCEEDED.value, JobState.FAILED.value):
         raise ApiError(409, "already_finished", f"job {job_id} already {state}", {"state": state})
     return jsonify(job_to_json(job))
+
+
+@bp.post("/jobs/<int:job_id>/retry")
+def retry_job(job_id: int) -> ResponseReturnValue:
+    """A new job with the same spec (design.md 3), owned by whoever asked for it."""
+    parse_query(NoQuery)
+    original = visible_job(job_id)
+    if original.state not in {s.value for s in TERMINAL}:
+        raise ApiError(
+            409,
+            "not_finished",
+            f"job {job_id} is {original.state}; only finished jobs can be retried",
+            {"state": original.state},
+        )
+    submit_limits().check(api_user())
+    job = Job(
+        kind=original.kind,
+        name=original.name,
+        state=JobState.QUEUED.value,
+        queue=original.queue,
+        priority=original.priority,
+        spec=original.spec,
+        model_name=original.model_name,
+        dataset_name=original.dataset_name,
+        source_job_id=original.source_job_id,
+        max_attempts=_settings().max_attempts,
+        owner_id=api_user().id,
+    )
+    return _create_job(job, original.spec)
 
 
 def _downsample(
@@ -273,14 +293,15 @@ def _downsample(
 
 @bp.get("/jobs/<int:job_id>/metrics")
 def get_metrics(job_id: int) -> ResponseReturnValue:
-    job = _get_job(job_id)
-    max_points = _int_arg("max_points", DEFAULT_MAX_POINTS, 2, 100_000) or DEFAULT_MAX_POINTS
+    query = parse_query(MetricsQuery)
+    job = visible_job(job_id)
+    max_points = query.max_points
     stmt = (
         select(MetricPoint.key, MetricPoint.step, MetricPoint.epoch, MetricPoint.value)
         .where(MetricPoint.job_id == job.id)
         .order_by(MetricPoint.key, MetricPoint.step, MetricPoint.id)
     )
-    keys = [k for k in request.args.get("keys", "").split(",") if k]
+    keys = [k for k in (query.keys or "").split(",") if k]
     if keys:
         stmt = stmt.where(MetricPoint.key.in_(keys))
     by_key: dict[str, list[tuple[int, int | None, float]]] = {}
@@ -297,8 +318,39 @@ def get_metrics(job_id: int) -> ResponseReturnValue:
     return jsonify({"job_id": job.id, "series": series})
 
 
+@bp.get("/jobs/<int:job_id>/logs")
+def get_logs(job_id: int) -> ResponseReturnValue:
+    query = parse_query(LogQuery)
+    job = visible_job(job_id)
+    lines, size = job_files.read_log_tail(job_files.log_path(_settings(), job.id), query.tail)
+    return jsonify({"job_id": job.id, "lines": lines, "size_bytes": size})
+
+
+@bp.get("/jobs/<int:job_id>/artifacts")
+def list_artifacts(job_id: int) -> ResponseReturnValue:
+    parse_query(NoQuery)
+    job = visible_job(job_id)
+    files = job_files.list_artifacts(job_files.job_dir(_settings(), job.id))
+    return jsonify({"job_id": job.id, "artifacts": files})
+
+
+@bp.get("/jobs/<int:job_id>/artifacts/<path:name>")
+def download_artifact(job_id: int, name: str) -> ResponseReturnValue:
+    parse_query(NoQuery)
+    job = visible_job(job_id)
+    # resolve_artifact refuses anything that is not a plain file inside the job's folder
+    # ("..", absolute paths, symlinks out), so a name cannot reach another job's files.
+    path = job_files.resolve_artifact(job_files.job_dir(_settings(), job.id), name)
+    if path is None:
+        raise ApiError(
+            404, "not_found", f"job {job_id} has no artifact {name!r}", {"name": "no such file"}
+        )
+    return send_file(path, as_attachment=True, download_name=path.name, max_age=0)
+
+
 @bp.get("/models")
 def list_models() -> ResponseReturnValue:
+    parse_query(NoQuery)
     return jsonify(
         {
             "models": [m.to_json() for m in MODELS.values()],
@@ -310,5 +362,6 @@ def list_models() -> ResponseReturnValue:
 
 @bp.get("/datasets")
 def list_datasets() -> ResponseReturnValue:
+    parse_query(NoQuery)
     ctx = catalog_context()
     return jsonify({"datasets": [d.to_json(ctx) for d in DATASETS.values()]})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import current_app
 
-from server.database import get_session
+from server.access import find_visible_upload
 from shared.dataset_catalog import CatalogContext, ColumnInfo, UploadInfo
 from shared.models import Upload
 
@@ -22,7 +22,8 @@ def upload_info(upload: Upload) -> UploadInfo:
 
 
 def _find_upload(upload_id: int) -> UploadInfo | None:
-    upload = get_session().get(Upload, upload_id)
+    # Another user's upload reads as missing: a job cannot train on data it may not see.
+    upload = find_visible_upload(upload_id)
     return None if upload is None else upload_info(upload)
 
 

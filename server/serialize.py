@@ -19,6 +19,7 @@ def job_to_json(job: Job) -> dict[str, Any]:
         "kind": job.kind,
         "name": job.name,
         "state": job.state,
+        "owner": job.owner.username if job.owner is not None else None,
         "queue": job.queue,
         "priority": job.priority,
         "model": job.model_name,

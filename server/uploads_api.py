@@ -9,6 +9,8 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from server.access import find_visible_upload
+from server.auth import api_user, authenticate_api_request
 from server.database import get_session
 from server.errors import ApiError
 from server.serialize import iso
@@ -17,6 +19,7 @@ from shared.models import Upload
 from shared.settings import Settings
 
 bp = Blueprint("uploads_v1", __name__, url_prefix="/api/v1/uploads")
+bp.before_request(authenticate_api_request)
 
 
 def upload_to_json(upload: Upload) -> dict[str, Any]:
@@ -79,6 +82,7 @@ def create_upload() -> ResponseReturnValue:
 
     session = get_session()
     upload = Upload(
+        owner_id=api_user().id,
         filename=os.path.basename(filename)[:255] or "upload.csv",
         size_bytes=len(data),
         rows=profile.rows,
@@ -102,7 +106,9 @@ def create_upload() -> ResponseReturnValue:
 
 @bp.get("/<int:upload_id>")
 def get_upload(upload_id: int) -> ResponseReturnValue:
-    upload = get_session().get(Upload, upload_id)
+    upload = find_visible_upload(upload_id)
     if upload is None:
-        raise ApiError(404, "not_found", f"upload {upload_id} does not exist")
+        raise ApiError(
+            404, "not_found", f"upload {upload_id} does not exist", {"upload_id": "no such upload"}
+        )
     return jsonify(upload_to_json(upload))

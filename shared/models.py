@@ -1,4 +1,4 @@
-"""ORM models: a Job row per submitted job and its MetricPoint rows.
+"""ORM models: users and their API tokens, a Job row per submitted job, its MetricPoint rows.
 
 The schema changes only through Alembic revisions in migrations/; keep the two in step
 (tests/test_migrations.py compares them).
@@ -21,7 +21,7 @@ from sqlalchemy import (
     String,
     Text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from shared.db import utcnow
 
@@ -33,10 +33,47 @@ class Base(DeclarativeBase):
     pass
 
 
+class User(Base):
+    """Someone who logs in to the web UI or calls the API with a token."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    # "admin" sees and acts on every job; "member" only on their own (shared/accounts.py).
+    role: Mapped[str] = mapped_column(String(16), default="member")
+    # argon2id hash; None for an account that only uses API tokens.
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    # A disabled account keeps its jobs but can neither log in nor use its tokens.
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token. Only the SHA-256 of the token is stored; the token is shown once."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(BigId, ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100), default="")
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # The first characters of the token, so a listing can tell tokens apart.
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (Index("ix_api_tokens_user_id", "user_id"),)
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # Who submitted it. NULL only for jobs from before accounts existed (admins see those).
+    owner_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id"))
+    owner: Mapped[User | None] = relationship()
     kind: Mapped[str] = mapped_column(String(16))
     name: Mapped[str | None] = mapped_column(String(200))
     state: Mapped[str] = mapped_column(String(16), default="queued")
@@ -74,6 +111,9 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_state_id", "state", "id"),
         Index("ix_jobs_kind_id", "kind", "id"),
+        # A member's job list (newest first), and the per-user queued-jobs limit.
+        Index("ix_jobs_owner_id", "owner_id", "id"),
+        Index("ix_jobs_owner_state_id", "owner_id", "state", "id"),
     )
 
 
@@ -99,6 +139,7 @@ class Upload(Base):
     __tablename__ = "uploads"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    owner_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id"))
     filename: Mapped[str] = mapped_column(String(255))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     rows: Mapped[int] = mapped_column(Integer)

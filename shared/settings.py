@@ -6,6 +6,9 @@ pydantic-settings does the parsing and type checking, so a bad value
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 from functools import cached_property
 from pathlib import Path
 
@@ -28,6 +31,17 @@ class Settings(BaseSettings):
     data_dir: Path | None = None
     # Where the CLI finds the HTTP API.
     url: str = "http://127.0.0.1:8000"
+    # The CLI's API token; without it the CLI reads `home`/cli-token (written by `up`).
+    token: str | None = None
+    # Signs session cookies and CSRF tokens. Every web process must share it; unset, one
+    # is generated once and kept in `home`/secret-key.
+    secret_key: str | None = Field(default=None, min_length=16)
+    # Session cookies only over HTTPS. Unset: on when `url` is https.
+    secure_cookies: bool | None = None
+    # Per-user limits on POST /api/v1/jobs (and retries): jobs waiting in the queue, and
+    # submissions per time window (Flask-Limiter syntax, counted in Redis).
+    max_queued_per_user: int = Field(default=200, ge=1)
+    submit_rate_limit: str = "120/minute"
 
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     # CSV uploads for the `csv` dataset.
@@ -94,6 +108,25 @@ class Settings(BaseSettings):
     def resolved_data_dir(self) -> Path:
         return (self.data_dir or self.home / "data").resolve()
 
+    @cached_property
+    def cli_token_path(self) -> Path:
+        return self.home / "cli-token"
+
+    @cached_property
+    def resolved_secret_key(self) -> str:
+        if self.secret_key:
+            return self.secret_key
+        path = self.home / "secret-key"
+        if not path.exists():
+            _write_private(path, secrets.token_hex(32), replace=False)
+        return path.read_text().strip()
+
+    @property
+    def cookies_secure(self) -> bool:
+        if self.secure_cookies is not None:
+            return self.secure_cookies
+        return self.url.startswith("https://")
+
     def require_redis_url(self) -> str:
         if not self.redis_url:
             raise RuntimeError(
@@ -101,6 +134,34 @@ class Settings(BaseSettings):
                 "`trainyard up` sets it for the processes it starts"
             )
         return self.redis_url
+
+
+def _write_private(path: Path, text: str, *, replace: bool) -> None:
+    """Write a file only its owner can read, complete before anyone can open it.
+
+    Without `replace`, an existing file wins: two processes starting at once cannot each
+    keep a different secret (os.link fails for the second, which then reads the first's).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Replace `path` with `text`, readable by its owner only (tokens, passwords)."""
+    _write_private(path, text, replace=True)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -14,13 +14,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from werkzeug.serving import make_server
 
-from shared.db import get_engine
+from shared import accounts
+from shared.db import get_engine, transaction
 from shared.models import Base
 from shared.settings import Settings
 
@@ -98,9 +100,63 @@ def app(settings: Settings):  # type: ignore[no-untyped-def]
     app.extensions["trainyard_celery"] = None
 
 
+@dataclass(frozen=True)
+class TestUser:
+    id: int
+    username: str
+    role: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@dataclass(frozen=True)
+class TestUsers:
+    """Two members and an admin, each with an API token (no passwords: hashing is slow)."""
+
+    alice: TestUser
+    bob: TestUser
+    admin: TestUser
+
+
 @pytest.fixture
-def client(app):  # type: ignore[no-untyped-def]
-    return app.test_client()
+def users(db_url: str) -> TestUsers:
+    made = {}
+    with transaction(db_url) as session:
+        for name, role in (("alice", "member"), ("bob", "member"), ("root", "admin")):
+            user = accounts.create_user(session, name, role)
+            made[name] = TestUser(
+                user.id, name, role, accounts.create_token(session, user, "tests").secret
+            )
+    return TestUsers(alice=made["alice"], bob=made["bob"], admin=made["root"])
+
+
+@pytest.fixture
+def api_token(users: TestUsers) -> str:
+    """The token tests use by default: alice's, a member (the common, restricted case)."""
+    return users.alice.token
+
+
+@pytest.fixture
+def auth_headers(api_token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_token}"}
+
+
+def as_user(app, user: TestUser | None):  # type: ignore[no-untyped-def]
+    """A test client that authenticates as `user` (anonymous for None)."""
+    client = app.test_client()
+    if user is not None:
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {user.token}"
+    return client
+
+
+@pytest.fixture
+def client(app, api_token: str):  # type: ignore[no-untyped-def]
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_token}"
+    return client
 
 
 @pytest.fixture

@@ -46,11 +46,12 @@ def test_gpu_job_goes_to_gpu_queue(client, redis_url: str) -> None:  # type: ign
     assert len(queued_messages(redis_url, "gpu")) == 1 and not queued_messages(redis_url, "cpu")
 
 
-def test_job_is_kept_when_the_broker_is_down(settings: Settings) -> None:
+def test_job_is_kept_when_the_broker_is_down(settings: Settings, auth_headers) -> None:  # type: ignore[no-untyped-def]
     from server.app import create_app
 
     dead = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     client = create_app(dead).test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = auth_headers["Authorization"]
     resp = client.post("/api/v1/jobs", json=train_spec())
     assert resp.status_code == 201
     job_id = resp.get_json()["id"]
@@ -81,7 +82,9 @@ def test_non_json_body(client) -> None:  # type: ignore[no-untyped-def]
     resp = client.post(
         "/api/v1/jobs", data="epochs=3", content_type="application/x-www-form-urlencoded"
     )
-    assert resp.status_code == 400 and "body" in error_fields(resp)
+    assert resp.status_code == 415 and "Content-Type" in error_fields(resp)
+    resp = client.post("/api/v1/jobs", data='{"kind": "train"}')  # no Content-Type at all
+    assert resp.status_code == 415 and "Content-Type" in error_fields(resp)
     resp = client.post("/api/v1/jobs", data="{not json", content_type="application/json")
     assert resp.status_code == 400 and "body" in error_fields(resp)
     resp = client.post("/api/v1/jobs", json=[1, 2, 3])
@@ -337,10 +340,11 @@ def test_bad_uploads_name_the_file_field(
     assert resp.status_code == status and "file" in error_fields(resp)
 
 
-def test_upload_size_limit(settings: Settings) -> None:
+def test_upload_size_limit(settings: Settings, auth_headers) -> None:  # type: ignore[no-untyped-def]
     from server.app import create_app
 
     client = create_app(settings.model_copy(update={"max_upload_bytes": 2048})).test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = auth_headers["Authorization"]
     resp = client.post("/api/v1/uploads", data=CSV * 20, content_type="text/csv")
     assert resp.status_code == 413 and "2048" in error_fields(resp)["body"]
     assert client.get("/api/v1/uploads/1").status_code == 404

@@ -94,7 +94,7 @@ def test_longest_and_oddest_valid_keys(client) -> None:  # type: ignore[no-untyp
 
 
 def test_concurrent_posts_with_one_key_create_one_job(
-    live_server: str, db_url: str, redis_url: str
+    live_server: str, db_url: str, redis_url: str, auth_headers: dict[str, str]
 ) -> None:
     n = 8
     barrier = threading.Barrier(n)
@@ -107,7 +107,7 @@ def test_concurrent_posts_with_one_key_create_one_job(
             resp = requests.post(
                 f"{live_server}/api/v1/jobs",
                 json=train_spec(),
-                headers={KEY: "same-key-under-load"},
+                headers={KEY: "same-key-under-load", **auth_headers},
                 timeout=60,
             )
             results.append((resp.status_code, resp.json()["id"]))

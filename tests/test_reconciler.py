@@ -251,12 +251,14 @@ def test_a_job_is_not_republished_before_requeue_after(settings: Settings, celer
 
 
 def test_a_job_stored_while_redis_was_down_is_published_once_it_is_back(
-    settings: Settings, celery: Celery
+    settings: Settings, celery: Celery, auth_headers: dict[str, str]
 ) -> None:
     from server.app import create_app
 
     dead = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
-    resp = create_app(dead).test_client().post("/api/v1/jobs", json=train_spec())
+    resp = (
+        create_app(dead).test_client().post("/api/v1/jobs", json=train_spec(), headers=auth_headers)
+    )
     assert resp.status_code == 201
     job_id = resp.get_json()["id"]
     assert not messages(settings.redis_url)

@@ -15,7 +15,8 @@ call `run_job` and nothing else. What `run_job` returns:
 - "lost": this attempt lost the job mid-run (reclaimed after its lease ran out, or its
   heartbeats failed for longer than the lease) and wrote nothing final.
 
-Every write after the claim names the claimed attempt (a fencing token).
+Every write after the claim names the claimed attempt (a fencing token). Each attempt
+also narrates itself in the job's log file for the web to show (worker/job_log.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import os
 import socket
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from sqlalchemy.orm import Session
 import shared
 from shared.celery_app import make_celery, publish_job
 from shared.db import transaction
+from shared.job_files import job_dir, log_path
 from shared.models import Job
 from shared.settings import Settings
 from shared.spec import EvaluateSpec, TrainSpec, load_stored_spec, spec_to_json
@@ -51,9 +54,10 @@ from shared.state_machine import (
 )
 from worker import shutdown
 from worker.failures import classify
+from worker.job_log import EpochLogSink, JobLog, format_metrics
 from worker.lease import LeaseKeeper, StopReason
 from worker.metric_sink import MetricSink
-from worker.training import JobCancelled, UserError, evaluate_job, pick_device, train_job
+from worker.training import JobCancelled, Sink, UserError, evaluate_job, pick_device, train_job
 from worker.training.datasets import DataPaths
 from worker.training.device import device_name
 
@@ -81,6 +85,7 @@ class Outcome:
     state: JobState  # a terminal state, or QUEUED: hand the job back
     values: dict[str, Any] = field(default_factory=dict)  # finish_job's keyword arguments
     retry: bool = False  # QUEUED after an infrastructure failure: uses up this attempt
+    detail: str = ""  # for the job log only: a code error's traceback
 
 
 def _load_source(database_url: str, job_id: int) -> SourceCheckpoint:
@@ -95,7 +100,7 @@ def _load_source(database_url: str, job_id: int) -> SourceCheckpoint:
 
 def checkpoint_dir(settings: Settings, job_id: int, attempt: int) -> Path:
     """One directory per attempt: a zombie attempt can never overwrite a newer one's files."""
-    return settings.resolved_artifacts_dir / "jobs" / str(job_id) / f"attempt-{attempt}"
+    return job_dir(settings, job_id) / f"attempt-{attempt}"
 
 
 def latest_checkpoint(settings: Settings, job_id: int, attempt: int) -> Path | None:
@@ -116,8 +121,9 @@ def _execute(
     settings: Settings,
     claim: Claim,
     device: torch.device,
-    sink: MetricSink,
+    sink: Sink,
     should_stop: Callable[[], bool],
+    job_log: JobLog,
 ) -> tuple[dict[str, Any], str | None]:
     """Run the job body; returns (result, checkpoint directory)."""
     paths = DataPaths(data_dir=settings.resolved_data_dir, uploads_dir=settings.uploads_dir)
@@ -131,6 +137,7 @@ def _execute(
             log.info(
                 "job %s attempt %s: resuming from %s", claim.job_id, claim.attempt, resume_from
             )
+            job_log.event(f"resuming from checkpoint {resume_from}")
         metrics = train_job(
             spec,
             device,
@@ -164,17 +171,23 @@ def run_job(job_id: int, settings: Settings, celery: Celery | None = None) -> st
         )
         return DUPLICATE
     log.info("job %s: claimed, attempt %s", job_id, claim.attempt)
-    outcome = _attempt(claim, settings, claimed_at)
-    if outcome is None:
-        return LOST
-    result = _record(claim, outcome, settings.resolved_database_url)
+    with JobLog(log_path(settings, job_id), job_id, claim.attempt) as job_log:
+        outcome = _attempt(claim, settings, claimed_at, job_log)
+        if outcome is None:
+            job_log.event("lost the job (lease ran out or reclaimed); recorded nothing")
+            return LOST
+        result = _record(claim, outcome, settings.resolved_database_url)
+        # Written after the database agrees, so the log never claims an end it did not get.
+        job_log.event(_final_event(result, outcome))
     if result == REQUEUED:
         _publish(claim, settings, celery)
     log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
     return result
 
 
-def _attempt(claim: Claim, settings: Settings, claimed_at: float) -> Outcome | None:
+def _attempt(
+    claim: Claim, settings: Settings, claimed_at: float, job_log: JobLog
+) -> Outcome | None:
     """Run the claimed job under its lease; None if this attempt lost the job meanwhile."""
     url = settings.resolved_database_url
     max_runtime_s = claim.spec.get("max_runtime_s")
@@ -187,15 +200,18 @@ def _attempt(claim: Claim, settings: Settings, claimed_at: float) -> Outcome | N
         settings.metric_flush_points, give_up=lambda: lease.lost,
     )  # fmt: skip
     device = pick_device()
+    job_log.event(f"claimed by {worker_name()} on {describe_device(device)}")
     with lease:
         try:
             spec = load_stored_spec(claim.spec)
             with sink:
                 result, checkpoint = _execute(
-                    spec, settings, claim, device, sink, lease.should_stop
-                )
+                    spec, settings, claim, device, EpochLogSink(sink, job_log),
+                    lease.should_stop, job_log,
+                )  # fmt: skip
             outcome = Outcome(JobState.SUCCEEDED, {"result": result, "checkpoint_path": checkpoint})
         except JobCancelled:
+            job_log.event(f"stopped: {_STOP_EVENTS.get(lease.stop_reason, 'on request')}")
             directory = checkpoint_dir(settings, claim.job_id, claim.attempt)
             outcome = _stopped(lease.stop_reason, max_runtime_s, directory)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded outcome
@@ -210,6 +226,14 @@ def _attempt(claim: Claim, settings: Settings, claimed_at: float) -> Outcome | N
         )  # fmt: skip
         return None
     return outcome
+
+
+_STOP_EVENTS = {
+    StopReason.CANCELLED: "cancel requested",
+    StopReason.SHUTDOWN: shutdown.REASON,
+    StopReason.TIME_LIMIT: "time limit reached",
+    StopReason.LOST: "lease lost",
+}
 
 
 def _stopped(reason: StopReason | None, max_runtime_s: int | None, directory: Path) -> Outcome:
@@ -241,7 +265,28 @@ def _failed(exc: Exception, claim: Claim, device: torch.device) -> Outcome:
         )  # fmt: skip
         return Outcome(JobState.QUEUED, values, retry=True)
     log.error("job %s attempt %s failed", claim.job_id, claim.attempt, exc_info=exc)
-    return Outcome(JobState.FAILED, values)
+    # A UserError's message says it all; anything else is a bug whose traceback helps.
+    detail = "" if isinstance(exc, UserError) else "".join(traceback.format_exception(exc))
+    return Outcome(JobState.FAILED, values, detail=detail)
+
+
+def _final_event(result: str, outcome: Outcome) -> str:
+    """The job log's line for how the attempt was recorded (which may differ from the
+    outcome: a cancel can overtake a hand-back, another attempt can own the job)."""
+    values = outcome.values
+    error = f"{values.get('error_type')}: {values.get('error_message')}"
+    if result == JobState.SUCCEEDED.value:
+        return f"succeeded: {format_metrics(values['result'].get('metrics', {}))}"
+    if result == JobState.FAILED.value:
+        final = f"failed: {error}" + (" (no attempts left)" if outcome.retry else "")
+        return f"{final}\n{outcome.detail}" if outcome.detail else final
+    if result == REQUEUED and outcome.retry:
+        return f"requeued after an infrastructure failure: {error}"
+    if result == REQUEUED:
+        return f"handed back to the queue ({shutdown.REASON}); the next attempt resumes"
+    if result == JobState.CANCELLED.value:
+        return "cancelled"
+    return "finish rejected: another attempt owns the job now; recorded nothing"
 
 
 # -- recording the outcome: each a compare-and-set on this attempt ----------------------

@@ -462,8 +462,10 @@ def cluster(
     local_redis: LocalRedis,
     tmp_path: Path,
     timings: dict[str, Any],
+    auth_headers: dict[str, str],
 ) -> Iterator[Cluster]:
     c = Cluster(settings, db_url, live_server, local_redis, tmp_path, timings)
+    c.http.headers.update(auth_headers)
     yield c
     crashed = [r for r in c.reconcilers if not r.alive()]
     c.stop_all()

@@ -32,7 +32,10 @@ def test_concurrent_posts_with_one_key_create_one_job(cluster: Cluster) -> None:
                 resp = http.post(
                     f"{cluster.url}/api/v1/jobs",
                     json=spec,
-                    headers={"Idempotency-Key": key},
+                    headers={
+                        "Idempotency-Key": key,
+                        "Authorization": cluster.http.headers["Authorization"],
+                    },
                     timeout=30,
                 )
                 answers.append((resp.status_code, resp.json()))

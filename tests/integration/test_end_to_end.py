@@ -12,9 +12,10 @@ from tests.helpers import evaluate_spec, train_spec
 pytestmark = pytest.mark.integration
 
 
-def test_train_then_evaluate_on_a_real_worker(live_server: str, start_worker) -> None:  # type: ignore[no-untyped-def]
+def test_train_then_evaluate_on_a_real_worker(live_server: str, start_worker, auth_headers) -> None:  # type: ignore[no-untyped-def]
     worker = start_worker("cpu")
     http = requests.Session()
+    http.headers.update(auth_headers)
 
     def get_json(path: str) -> dict:
         resp = http.get(live_server + path, timeout=10)
@@ -52,23 +53,27 @@ def test_train_then_evaluate_on_a_real_worker(live_server: str, start_worker) ->
     assert sum(map(sum, matrix)) == digits["splits"]["test"] == 360
 
 
-def test_failed_job_reports_its_error(live_server: str, start_worker, db_url: str) -> None:  # type: ignore[no-untyped-def]
+def test_failed_job_reports_its_error(
+    live_server: str, start_worker, db_url: str, auth_headers
+) -> None:  # type: ignore[no-untyped-def]
     from shared.db import transaction
     from shared.models import Job
 
     start_worker("cpu")
     tiny = train_spec(model={"name": "mlp", "params": {"hidden": 16, "layers": 1}}, epochs=1)
-    source = requests.post(f"{live_server}/api/v1/jobs", json=tiny, timeout=10).json()["id"]
+    source = requests.post(
+        f"{live_server}/api/v1/jobs", json=tiny, headers=auth_headers, timeout=10
+    ).json()["id"]
 
     def get_json(path: str) -> dict:
-        return requests.get(live_server + path, timeout=10).json()
+        return requests.get(live_server + path, headers=auth_headers, timeout=10).json()
 
     assert wait_for_state(get_json, source, {"succeeded", "failed"})["state"] == "succeeded"
     # The checkpoint vanished (disk cleaned up): the evaluate job must fail, with the reason shown.
     with transaction(db_url) as s:
         s.get(Job, source).checkpoint_path = "/nonexistent/ckpt"
     evaluation = requests.post(
-        f"{live_server}/api/v1/jobs", json=evaluate_spec(source), timeout=10
+        f"{live_server}/api/v1/jobs", json=evaluate_spec(source), headers=auth_headers, timeout=10
     ).json()["id"]
     job = wait_for_state(get_json, evaluation, {"succeeded", "failed"})
     assert job["state"] == "failed"

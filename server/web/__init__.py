@@ -1,0 +1,10 @@
+"""The HTML side: server-rendered pages for logged-in users (login lives in login.py)."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+bp = Blueprint("web", __name__)
+
+# Route modules register on `bp` when imported; app.py imports this package.
+from server.web import login, pages  # noqa: E402,F401

@@ -1,0 +1,194 @@
+"""Where a job's files live, and safe reads of them for the web API.
+
+The worker writes under `job_dir` (checkpoints in `attempt-<n>/`, the job log in
+`job.log`); the web lists, tails and serves them. Everything here takes paths or names
+that may come straight from an HTTP request, so nothing may read outside the job's
+directory or block on a huge file. Pure stdlib: the web imports this without torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from shared.settings import Settings
+
+LOG_NAME = "job.log"
+# In-progress atomic writes (worker/training/checkpoint.py): renamed into place when done.
+TMP_SUFFIX = ".tmp"
+DEFAULT_MAX_BYTES = 256_000
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def job_dir(settings: Settings, job_id: int) -> Path:
+    """The directory holding everything one job writes (all attempts)."""
+    return settings.resolved_artifacts_dir / "jobs" / str(job_id)
+
+
+def log_path(settings: Settings, job_id: int) -> Path:
+    """The job's human-readable log, appended to by every attempt."""
+    return job_dir(settings, job_id) / LOG_NAME
+
+
+def _split_lines(data: bytes) -> list[str]:
+    # Split on b"\n" only: str.splitlines would also break on \x0b, \x1c, U+2028...,
+    # which a log line may well contain, and the line counts would no longer match.
+    text = data.decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_log_tail(
+    path: Path, lines: int, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[list[str], int]:
+    """The last `lines` lines of the file and the offset they end at (the file size).
+
+    Reads at most `max_bytes` from the end, so the cost does not grow with the file; a
+    first line cut by that window is dropped. A last line without its newline yet is
+    included, as `tail` does. ([], 0) when the file does not exist.
+    """
+    if lines <= 0 or max_bytes <= 0:
+        return [], _size(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            start = max(0, size - max_bytes)
+            f.seek(start)
+            # Bounded by the size seen above: a writer appending meanwhile cannot make
+            # this read more than max_bytes.
+            data = f.read(size - start)
+    except FileNotFoundError:
+        return [], 0
+    end = start + len(data)
+    if start > 0:
+        newline = data.find(b"\n")
+        data = b"" if newline < 0 else data[newline + 1 :]
+    return _split_lines(data)[-lines:], end
+
+
+def read_log_from(
+    path: Path, offset: int, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[list[str], int]:
+    """The complete lines written at or after byte `offset`, and the offset to pass next.
+
+    For following a live log: a last line still being written is left for the next
+    call. An offset past the end means the file was truncated or replaced, so reading
+    starts again from 0. A single line longer than `max_bytes` is returned in pieces
+    rather than stalling the reader forever. ([], 0) when the file does not exist.
+    """
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if offset > size:
+                offset = 0
+            f.seek(offset)
+            data = f.read(min(max_bytes, size - offset))
+    except FileNotFoundError:
+        return [], 0
+    newline = data.rfind(b"\n")
+    if newline >= 0:
+        data = data[: newline + 1]
+    elif len(data) < max_bytes:
+        data = b""  # only a partial line so far
+    return _split_lines(data), offset + len(data)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _iso_utc(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc).replace(tzinfo=None)
+    return moment.isoformat(timespec="milliseconds") + "Z"
+
+
+def list_artifacts(directory: Path) -> list[dict[str, Any]]:
+    """Every regular file under `directory`, recursively, sorted by path:
+    {"path": "attempt-1/best.pt", "size_bytes": ..., "modified_at": "...Z"}.
+
+    Symlinks (to files or directories) are skipped, so a listing never reaches outside
+    the directory, and so are `*.tmp` files, which are checkpoints still being written.
+    [] when the directory does not exist.
+    """
+    root = Path(directory)
+    if root.is_symlink() or not root.is_dir():
+        return []
+    found: list[dict[str, Any]] = []
+    # os.walk does not descend into symlinked directories with followlinks=False.
+    for parent, _dirs, files in os.walk(root, followlinks=False):
+        for name in files:
+            if name.endswith(TMP_SUFFIX):
+                continue
+            path = Path(parent, name)
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue  # removed while listing (a tmp file renamed, a cleanup)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            found.append(
+                {
+                    "path": path.relative_to(root).as_posix(),
+                    "size_bytes": st.st_size,
+                    "modified_at": _iso_utc(st.st_mtime),
+                }
+            )
+    found.sort(key=lambda item: item["path"])
+    return found
+
+
+def resolve_artifact(directory: Path, name: str) -> Path | None:
+    """The regular file `name` (a path as list_artifacts gives it) inside `directory`,
+    or None: missing, not a regular file, a symlink anywhere along the way, a `*.tmp`
+    file, or any name that is not a plain relative posix path ("..", ".", empty parts,
+    absolute paths, backslashes, drive letters, NUL bytes). Only the canonical spelling
+    of a name is accepted: "a/./b" and "a//b" are None even when "a/b" exists.
+    """
+    if not _plain_relative_name(name):
+        return None
+    root = Path(directory)
+    try:
+        root_resolved = root.resolve(strict=True)
+        candidate = root
+        for part in name.split("/"):
+            candidate = candidate / part
+            # lstat, not stat: a symlink is refused whatever it points to, as
+            # list_artifacts never lists one.
+            st = candidate.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        resolved = candidate.resolve(strict=True)
+    except (OSError, ValueError):
+        return None
+    # Belt and braces after the checks above: whatever they missed, the real path
+    # must still be inside the real directory.
+    if resolved == root_resolved or not resolved.is_relative_to(root_resolved):
+        return None
+    return resolved
+
+
+def _plain_relative_name(name: object) -> bool:
+    if not isinstance(name, str) or not name:
+        return False
+    if "\x00" in name or "\\" in name or name.startswith("/") or _DRIVE.match(name):
+        return False
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return False
+    return not name.endswith(TMP_SUFFIX)
