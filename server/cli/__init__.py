@@ -7,7 +7,9 @@ Two kinds of subcommand, each in its own module:
   the server;
 - process commands (`web`, `worker`, `reconcile`, `db upgrade`: process_commands; `up`:
   local_mode)
-  start the parts of Trainyard.
+  start the parts of Trainyard;
+- operator commands (`user`, `token`: account_commands) change accounts in the database
+  directly, so they run where the database is reachable; they make the first token.
 
 The subcommands are registered here rather than with `@main.command()` in their modules,
 so no module imports this one and the package has no import cycles.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import click
 
+from server.cli.account_commands import token_group, user_group
 from server.cli.job_commands import cancel, jobs_command, show, submit, watch
 from server.cli.local_mode import up
 from server.cli.process_commands import db, reconcile, web, worker
@@ -37,5 +40,18 @@ def main() -> None:
     """
 
 
-for _command in (submit, jobs_command, show, watch, cancel, web, worker, reconcile, db, up):
+for _command in (
+    submit,
+    jobs_command,
+    show,
+    watch,
+    cancel,
+    web,
+    worker,
+    reconcile,
+    db,
+    up,
+    user_group,
+    token_group,
+):
     main.add_command(_command)

@@ -1,7 +1,7 @@
 """The HTTP client the job commands use, and how its errors reach the terminal.
 
 The client commands talk to the API only, never to the database, so they work from any
-machine that can reach the server.
+machine that can reach the server: nothing here imports SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.fields = fields or {}
+        # Whether the request carried a token: a 401 then means "refused", not "missing".
+        self.token_sent = False
         super().__init__(f"{message} ({code}, HTTP {status})")
 
     @classmethod
@@ -57,11 +59,22 @@ class ApiUnreachable(Exception):
 
 
 class ApiClient:
-    def __init__(self, base_url: str, timeout: tuple[float, float] = (3.05, 30.0)) -> None:
+    """JSON over HTTP to /api/v1, with `Authorization: Bearer <token>` when given a token."""
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout: tuple[float, float] = (3.05, 30.0),
+        *,
+        token: str | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         # One session: `watch` polls twice a second and keep-alive saves a handshake each time.
         self._session = requests.Session()
+        self.token = check_token(token) if token else None
+        if self.token:
+            self._session.headers["Authorization"] = f"Bearer {self.token}"
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         return self._request(
@@ -86,7 +99,9 @@ class ApiClient:
                 f"Trainyard at {self.base_url} did not answer within {self.timeout[1]:.0f} s"
             ) from None
         if resp.status_code >= 400:
-            raise ApiError.from_response(resp)
+            error = ApiError.from_response(resp)
+            error.token_sent = self.token is not None
+            raise error
         try:
             return resp.json()
         except ValueError:
@@ -107,9 +122,37 @@ def api_command(func: F) -> F:
             raise click.exceptions.Exit(EXIT_UNREACHABLE) from None
         except ApiError as exc:
             echo_api_error(exc)
+            if exc.status == 401:
+                click.echo(unauthorized_hint(exc.token_sent), err=True)
             raise click.exceptions.Exit(EXIT_API_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_token(token: str) -> str:
+    """The token without surrounding whitespace; refused if it cannot be an HTTP header."""
+    token = token.strip()
+    # requests would fail deep inside with a traceback; a token is URL-safe ASCII anyway.
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise ValueError("an API token is printable ASCII without spaces")
+    return token
+
+
+def unauthorized_hint(token_sent: bool) -> str:
+    """What to do about a 401: where a token comes from."""
+    # Imported here: the settings are only needed on this path.
+    from server.cli.settings import cli_settings
+
+    path = cli_settings().cli_token_path.resolve()
+    why = (
+        "the server refused the API token (revoked, or its user disabled?)"
+        if token_sent
+        else "no API token was sent"
+    )
+    return (
+        f"hint: {why}; set TRAINYARD_TOKEN (create one with "
+        f"`trainyard token create --user NAME`) or run `trainyard up`, which writes {path}"
+    )
 
 
 def echo_api_error(exc: ApiError) -> None:

@@ -1,4 +1,7 @@
-"""The client commands: submit, jobs, show, watch, cancel. They speak HTTP only."""
+"""The client commands: submit, jobs, show, watch, cancel. They speak HTTP only.
+
+Each sends an API token: --token, else TRAINYARD_TOKEN, else the file `trainyard up` writes.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from server.cli.api_client import (
     ApiClient,
     ApiUnreachable,
     api_command,
+    check_token,
 )
 from server.cli.display import (
     jobs_table,
@@ -43,6 +47,42 @@ _url_option = click.option(
 )
 
 
+def default_token() -> str | None:
+    """TRAINYARD_TOKEN, else the token `trainyard up` wrote to <TRAINYARD_HOME>/cli-token."""
+    settings = cli_settings()
+    if settings.token:
+        return settings.token
+    path = settings.cli_token_path
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        # Sending no token would end in a 401 whose hint points at this very file.
+        raise click.ClickException(f"cannot read the API token in {path}: {exc.strerror}") from None
+
+
+def _checked_token(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        return check_token(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_token_option = click.option(
+    "--token",
+    default=default_token,
+    callback=_checked_token,
+    show_default="$TRAINYARD_TOKEN, else the file $TRAINYARD_HOME/cli-token",
+    metavar="TOKEN",
+    # A command-line argument is visible to every user of the machine in `ps`.
+    help="API token (sent as Authorization: Bearer). Prefer TRAINYARD_TOKEN: "
+    "arguments show up in `ps`.",
+)
+
+
 @click.command()
 @click.argument("spec_file", type=click.File("r", encoding="utf-8"), metavar="SPEC_FILE")
 @click.option("--watch", "-w", "then_watch", is_flag=True, help="Follow the job until it finishes.")
@@ -51,14 +91,17 @@ _url_option = click.option(
     "--interval", default=0.5, show_default=True, type=click.FloatRange(min=0.05), hidden=True
 )
 @_url_option
+@_token_option
 @api_command
-def submit(spec_file: IO[str], then_watch: bool, quiet: bool, interval: float, url: str) -> None:
+def submit(
+    spec_file: IO[str], then_watch: bool, quiet: bool, interval: float, url: str, token: str | None
+) -> None:
     """Submit the job described by SPEC_FILE (JSON; `-` reads stdin)."""
     try:
         spec = json.load(spec_file)
     except json.JSONDecodeError as exc:
         raise click.ClickException(f"{spec_file.name} is not valid JSON: {exc}") from None
-    client = ApiClient(url)
+    client = ApiClient(url, token=token)
     job = client.post("/jobs", spec)
     if quiet:
         click.echo(job["id"])
@@ -77,12 +120,19 @@ def submit(spec_file: IO[str], then_watch: bool, quiet: bool, interval: float, u
 @click.option("--before", type=int, metavar="ID", help="Jobs older than this id (the next page).")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw API answer.")
 @_url_option
+@_token_option
 @api_command
 def jobs_command(
-    state: str | None, kind: str | None, limit: int, before: int | None, as_json: bool, url: str
+    state: str | None,
+    kind: str | None,
+    limit: int,
+    before: int | None,
+    as_json: bool,
+    url: str,
+    token: str | None,
 ) -> None:
     """List jobs, newest first."""
-    page = ApiClient(url).get(
+    page = ApiClient(url, token=token).get(
         "/jobs", {"state": state, "kind": kind, "limit": limit, "before": before}
     )
     if as_json:
@@ -102,10 +152,11 @@ def jobs_command(
 @click.argument("job_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw job object.")
 @_url_option
+@_token_option
 @api_command
-def show(job_id: int, as_json: bool, url: str) -> None:
+def show(job_id: int, as_json: bool, url: str, token: str | None) -> None:
     """Show one job: state, progress, result or error, and its spec."""
-    job = ApiClient(url).get(f"/jobs/{job_id}")
+    job = ApiClient(url, token=token).get(f"/jobs/{job_id}")
     if as_json:
         click.echo(json.dumps(job, indent=2))
     else:
@@ -122,10 +173,11 @@ def show(job_id: int, as_json: bool, url: str) -> None:
     help="Seconds between polls.",
 )
 @_url_option
+@_token_option
 @api_command
-def watch(job_id: int, interval: float, url: str) -> None:
+def watch(job_id: int, interval: float, url: str, token: str | None) -> None:
     """Follow a job until it finishes; exit 0 if it succeeded, 1 otherwise."""
-    raise click.exceptions.Exit(_watch(ApiClient(url), job_id, interval))
+    raise click.exceptions.Exit(_watch(ApiClient(url, token=token), job_id, interval))
 
 
 def _watch(
@@ -188,10 +240,11 @@ def _watch(
 @click.command()
 @click.argument("job_id", type=int)
 @_url_option
+@_token_option
 @api_command
-def cancel(job_id: int, url: str) -> None:
+def cancel(job_id: int, url: str, token: str | None) -> None:
     """Cancel a job: a queued one at once, a running one within seconds."""
-    job = ApiClient(url).post(f"/jobs/{job_id}/cancel")
+    job = ApiClient(url, token=token).post(f"/jobs/{job_id}/cancel")
     state = str(job.get("state"))
     console = make_console()
     if state in TERMINAL_STATES:

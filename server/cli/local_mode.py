@@ -1,6 +1,7 @@
 """`trainyard up`: web server, a worker, the reconciler and (if needed) Redis, kept running.
 
-State (SQLite database, Redis AOF, artifacts, the run directory) lives in TRAINYARD_HOME.
+State (SQLite database, Redis AOF, artifacts, the run directory) lives in TRAINYARD_HOME,
+and so do the first admin's password and the CLI's API token, written on first start.
 """
 
 from __future__ import annotations
@@ -10,22 +11,32 @@ import errno
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import requests
 from rich.console import Console
+from rich.markup import escape
 
+from server.cli.account_commands import db_error_text
 from server.cli.display import make_console
 from server.cli.process_commands import gpu_visible, safe_url, upgrade_database
 from server.cli.settings import cli_settings
+from shared.settings import Settings
 from shared.supervisor import Backoff, ChildSpec, Supervisor
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from shared.models import User
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +45,166 @@ STATE_FILE = "up.json"
 LOCK_FILE = "up.lock"
 # Substrings of a child's command line; a leftover pid is only killed if it matches one.
 _CHILD_MARKERS = ("gunicorn", "celery", "server.cli", "trainyard")
+ADMIN_USERNAME = "admin"
+ADMIN_PASSWORD_FILE = "admin-password"
+CLI_TOKEN_NAME = "cli"
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """What bootstrap_local_admin did, for `up` to tell the user."""
+
+    password_path: Path
+    token_path: Path
+    # Set on first start only: the admin account was created with this password.
+    created_password: str | None = field(default=None, repr=False)
+    # The password file exists and still logs admin in.
+    password_file_works: bool = False
+    # A new CLI token was created and written to token_path (first start, or healed).
+    token_written: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def bootstrap_local_admin(settings: Settings) -> BootstrapResult:
+    """Make local mode usable without setup; call after the schema is up to date.
+
+    First start (no user with role admin): create `admin` with a random password, write
+    the password to <home>/admin-password and a new API token to the CLI's token file
+    (both 0600), so `trainyard submit` works at once. Later starts create no user; they
+    only write a fresh CLI token when the file is missing or its token no longer works.
+    """
+    from sqlalchemy import select
+
+    from shared.accounts import create_token, create_user, find_user
+    from shared.db import transaction
+    from shared.models import User
+    from shared.settings import write_private_file
+
+    url = settings.resolved_database_url
+    password_path = settings.home.resolve() / ADMIN_PASSWORD_FILE
+    token_path = settings.cli_token_path.resolve()
+    warnings: list[str] = []
+
+    with transaction(url) as session:
+        has_admin = session.scalar(select(User.id).where(User.role == "admin").limit(1))
+        if has_admin is None:
+            if find_user(session, ADMIN_USERNAME) is not None:
+                warnings.append(
+                    f"there is no admin, and the name {ADMIN_USERNAME!r} is taken by a "
+                    f"member; make one with `trainyard user set-role NAME admin`"
+                )
+            else:
+                password = secrets.token_urlsafe(12)
+                admin = create_user(session, ADMIN_USERNAME, role="admin", password=password)
+                new = create_token(session, admin, CLI_TOKEN_NAME)
+                # Files before the commit: if the commit fails, the next start begins
+                # again and overwrites them; the other order could commit an admin whose
+                # password nobody ever sees.
+                write_private_file(password_path, password)
+                write_private_file(token_path, new.secret)
+                return BootstrapResult(
+                    password_path,
+                    token_path,
+                    created_password=password,
+                    password_file_works=True,
+                    token_written=True,
+                )
+
+    password_file_works = _password_file_works(url, password_path)
+    if not password_file_works and password_path.exists():
+        warnings.append(
+            f"{password_path} no longer holds {ADMIN_USERNAME}'s password (changed with "
+            f"`trainyard user set-password {ADMIN_USERNAME}`?); delete the file"
+        )
+    token_written = False
+    if not _token_file_works(url, token_path):
+        with transaction(url) as session:
+            admin = _an_active_admin(session)
+            if admin is None:
+                warnings.append(
+                    f"no active admin to create a CLI token for, so {token_path} was not "
+                    "written; `trainyard user enable NAME` or `trainyard user create NAME --admin`"
+                )
+            else:
+                new = create_token(session, admin, CLI_TOKEN_NAME)
+                write_private_file(token_path, new.secret)
+                token_written = True
+    return BootstrapResult(
+        password_path,
+        token_path,
+        password_file_works=password_file_works,
+        token_written=token_written,
+        warnings=warnings,
+    )
+
+
+def _read_secret(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _password_file_works(url: str, path: Path) -> bool:
+    """Whether the file still holds admin's password (it may have been changed since)."""
+    from shared.accounts import authenticate
+    from shared.db import session_factory
+
+    password = _read_secret(path)
+    if password is None:
+        return False
+    # Never committed: authenticate may rehash, and a check at start-up changes nothing.
+    with session_factory(url)() as session:
+        return authenticate(session, ADMIN_USERNAME, password) is not None
+
+
+def _token_file_works(url: str, path: Path) -> bool:
+    from shared.accounts import user_for_token
+    from shared.db import session_factory
+
+    secret = _read_secret(path)
+    if secret is None:
+        return False
+    # Never committed: `up` looking at the token must not show as its "last used".
+    with session_factory(url)() as session:
+        return user_for_token(session, secret) is not None
+
+
+def _an_active_admin(session: Session) -> User | None:
+    """The CLI token's owner: `admin` if it is an active admin, else the oldest one."""
+    from sqlalchemy import case, select
+
+    from shared.models import User
+
+    return session.scalars(
+        select(User)
+        .where(User.role == "admin", User.is_active.is_(True))
+        .order_by(case((User.username == ADMIN_USERNAME, 0), else_=1), User.id)
+        .limit(1)
+    ).first()
+
+
+def print_login(console: Console, result: BootstrapResult, url: str) -> None:
+    """How to log in and where the CLI token is, as `up` prints it once it is running."""
+    password_path = escape(str(result.password_path))
+    token_path = escape(str(result.token_path))
+    if result.created_password is not None:
+        console.print(
+            f"Created the admin account. Log in at {escape(url)} as [bold]{ADMIN_USERNAME}[/] "
+            f"with the password in {password_path}:\n"
+            f"    [bold]{escape(result.created_password)}[/]  (printed only now; the file keeps it)\n"
+            f"The CLI's API token is in {token_path}; `trainyard submit` uses it."
+        )
+    else:
+        if result.password_file_works:
+            console.print(f"Log in as {ADMIN_USERNAME} (password in {password_path}).")
+        if result.token_written:
+            console.print(
+                f"Wrote a new CLI API token to {token_path} (the old one was missing or "
+                "no longer valid)."
+            )
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def local_children(*, host: str, port: int, env: dict[str, str], gpu: bool) -> list[ChildSpec]:
@@ -212,7 +383,9 @@ def up(host: str, port: int, startup_timeout: float) -> None:
     """Run everything locally: web server, a worker, the reconciler and (if needed) Redis.
 
     State (SQLite database, Redis AOF, artifacts) lives in TRAINYARD_HOME
-    (default ./.trainyard). Ctrl-C stops everything.
+    (default ./.trainyard). On first start it creates the user `admin`, prints its
+    password (also kept in TRAINYARD_HOME/admin-password) and writes an API token for
+    the CLI to TRAINYARD_HOME/cli-token. Ctrl-C stops everything.
     """
     from shared.local_redis import LocalRedis, LocalRedisError
 
@@ -253,13 +426,28 @@ def up(host: str, port: int, startup_timeout: float) -> None:
                 raise click.ClickException(f"database upgrade failed: {exc}") from None
             _configure_logging()
             log.info("database is up to date: %s", safe_url(settings.resolved_database_url))
+            try:
+                login = bootstrap_local_admin(settings)
+            except Exception as exc:
+                # Not logged with the traceback: a database error repeats its parameters,
+                # which for `users` include a password hash.
+                raise click.ClickException(
+                    f"could not set up the admin account: {db_error_text(exc)}"
+                ) from None
+            finally:
+                from shared.db import get_engine
+
+                # `up` itself needs the database no more; its children open their own.
+                get_engine(settings.resolved_database_url).dispose()
 
             if stop.received is None:  # else Ctrl-C came during start-up: start no more
                 supervisor = Supervisor(
                     local_children(host=host, port=port, env=env, gpu=gpu_visible())
                 )
                 supervisor.start()
-                _supervise(supervisor, redis_server, stop, run_dir, url, startup_timeout, console)
+                _supervise(
+                    supervisor, redis_server, stop, run_dir, url, startup_timeout, console, login
+                )
         finally:
             if supervisor is not None:
                 console.print("Stopping Trainyard ...")
@@ -279,6 +467,7 @@ def _supervise(
     url: str,
     startup_timeout: float,
     console: Console,
+    login: BootstrapResult | None = None,
 ) -> None:
     """The loop of `up`: restart what exits, announce readiness, return on a signal."""
     from shared.local_redis import LocalRedisError
@@ -323,6 +512,8 @@ def _supervise(
             if _healthy(url):
                 ready = True
                 console.print(f"Trainyard is running at {url}  (Ctrl-C to stop)")
+                if login is not None:
+                    print_login(console, login, url)
             elif now > deadline:
                 raise click.ClickException(
                     f"the web server did not answer {url}/healthz within {startup_timeout:.0f} s; "
