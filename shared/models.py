@@ -117,6 +117,23 @@ class Job(Base):
     )
 
 
+class JobEvent(Base):
+    """One step of a job's history (claimed, resumed, requeued, finished...), for its
+    timeline. Written in the same transaction as the state change it describes."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    message: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+
 class MetricPoint(Base):
     __tablename__ = "metric_points"
 

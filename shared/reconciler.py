@@ -39,6 +39,7 @@ from sqlalchemy.sql import ColumnElement
 
 from shared.celery_app import make_celery, publish_job, task_id_for
 from shared.db import transaction, utcnow
+from shared.job_events import add_event
 from shared.models import Job
 from shared.settings import Settings
 from shared.state_machine import JobState
@@ -215,11 +216,25 @@ def _select_rows(url: str, *where: ColumnElement[bool]) -> list[_Row]:
     ]
 
 
-def _cas(url: str, where: list[ColumnElement[bool]], values: dict[str, Any]) -> bool:
-    """One conditional UPDATE in its own transaction; True if this process won it."""
+def _cas(
+    url: str,
+    where: list[ColumnElement[bool]],
+    values: dict[str, Any],
+    event: tuple[_Row, str, str] | None = None,
+) -> bool:
+    """One conditional UPDATE in its own transaction; True if this process won it.
+
+    `event` (row, kind, message) goes on the job's timeline in the same transaction.
+    """
     stmt = update(Job).where(*where).values(**values).execution_options(synchronize_session=False)
     with transaction(url) as session:
-        return session.execute(stmt).rowcount == 1
+        won = session.execute(stmt).rowcount == 1
+        if won and event is not None:
+            row, kind, message = event
+            add_event(
+                session, row.id, kind, attempt=row.attempt, worker=row.worker, message=message
+            )
+        return won
 
 
 def _terminal_values(now: datetime, state: JobState, **values: Any) -> dict[str, Any]:
@@ -290,7 +305,7 @@ def _recover_expired_leases(
             # Nobody is left to notice the flag; a requeued copy could never be claimed.
             message = f"cancelled; its worker was lost before it stopped (last seen on {last_seen})"
             values = _terminal_values(now, JobState.CANCELLED, error_message=message)
-            if _cas(url, seen, values):
+            if _cas(url, seen, values, (row, "cancelled", message)):
                 _log_action("cancelled", row.id, message, report)
         elif row.attempt < row.max_attempts:
             reason = (
@@ -305,7 +320,9 @@ def _recover_expired_leases(
                 "error_message": reason,
                 "updated_at": now,
             }
-            if _cas(url, [*seen, Job.cancel_requested.is_(False)], values):
+            if _cas(
+                url, [*seen, Job.cancel_requested.is_(False)], values, (row, "requeued", reason)
+            ):
                 _log_action("requeued", row.id, reason, report)
                 requeued.append(row)
         else:
@@ -316,7 +333,7 @@ def _recover_expired_leases(
             values = _terminal_values(
                 now, JobState.FAILED, error_type="WorkerLost", error_message=reason
             )
-            if _cas(url, seen, values):
+            if _cas(url, seen, values, (row, "failed", f"WorkerLost: {reason}")):
                 _log_action("failed", row.id, reason, report)
     if requeued:
         _publish_requeued(requeued, publisher)
@@ -359,7 +376,7 @@ def _settle_unclaimable(url: str, now: datetime, report: ReconcileReport) -> Non
                 now, JobState.FAILED, error_type="AttemptsExhausted", error_message=message
             )
             action = "failed"
-        if _cas(url, seen, values):
+        if _cas(url, seen, values, (row, action, message)):
             _log_action(action, row.id, message, report)
 
 
@@ -389,6 +406,10 @@ def _republish_lost_messages(
             continue
         if publisher.publish(row):
             _log_action("republished", row.id, "its message was not in the broker", report)
+            with transaction(url) as session:
+                add_event(
+                    session, row.id, "republished", message="its message was not in the broker"
+                )
 
 
 def _log_action(action: str, job_id: int, reason: str, report: ReconcileReport) -> None:

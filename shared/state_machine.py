@@ -21,6 +21,7 @@ from sqlalchemy import Update, and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import utcnow
+from shared.job_events import add_event
 from shared.models import Job
 
 
@@ -93,6 +94,7 @@ def claim_job(session: Session, job_id: int, worker: str, lease_seconds: float) 
     row = session.execute(stmt).first()
     if row is None:
         return None
+    add_event(session, job_id, "claimed", attempt=row.attempt, worker=worker)
     return Claim(job_id=job_id, attempt=row.attempt, spec=row.spec, kind=row.kind)
 
 
@@ -175,7 +177,11 @@ def finish_job(
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    return session.execute(stmt).rowcount == 1
+    if session.execute(stmt).rowcount != 1:
+        return False
+    message = f"{error_type}: {error_message}" if error_type else error_message
+    add_event(session, job_id, state.value, attempt=attempt, message=message)
+    return True
 
 
 def request_cancel(session: Session, job_id: int) -> str | None:
@@ -197,20 +203,35 @@ def request_cancel(session: Session, job_id: int) -> str | None:
         .execution_options(synchronize_session=False)
     ).rowcount
     if cancelled_now:
+        add_event(session, job_id, "cancelled", message="cancelled before it started")
         return JobState.CANCELLED.value
-    session.execute(
+    flagged = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+        .where(
+            Job.id == job_id,
+            Job.state == JobState.RUNNING.value,
+            Job.cancel_requested.is_(False),
+        )
         .values(cancel_requested=True, updated_at=now)
         .execution_options(synchronize_session=False)
-    )
+    ).rowcount
+    if flagged:
+        add_event(session, job_id, "cancel_requested")
     return session.execute(select(Job.state).where(Job.id == job_id)).scalar_one_or_none()
 
 
 def requeue_job(session: Session, job_id: int, attempt: int, reason: str) -> bool:
     """running -> queued for a job this attempt hands back (tests and tools; the
     runner uses hand_back_job / retry_job, which also handle the attempt cap)."""
-    return session.execute(_requeue_statement(job_id, attempt, reason)).rowcount == 1
+    return _requeued(session, _requeue_statement(job_id, attempt, reason), "requeued", reason)
+
+
+def _requeued(session: Session, stmt: Update, kind: str, reason: str) -> bool:
+    row = session.execute(stmt.returning(Job.id, Job.attempt)).first()
+    if row is None:
+        return False
+    add_event(session, row.id, kind, attempt=row.attempt, message=reason)
+    return True
 
 
 def _requeue_statement(job_id: int, attempt: int, reason: str) -> Update:
@@ -246,7 +267,7 @@ def hand_back_job(session: Session, job_id: int, attempt: int, reason: str) -> b
             (Job.attempt >= Job.max_attempts, Job.attempt + 1), else_=Job.max_attempts
         )
     )
-    return session.execute(stmt).rowcount == 1
+    return _requeued(session, stmt, "handed_back", reason)
 
 
 def retry_job(session: Session, job_id: int, attempt: int, reason: str) -> bool:
@@ -254,4 +275,4 @@ def retry_job(session: Session, job_id: int, attempt: int, reason: str) -> bool:
     broker lost), if the job has attempts left. False: none left, a cancel is pending,
     or this attempt no longer holds the job; the caller then finishes it instead."""
     stmt = _requeue_statement(job_id, attempt, reason).where(Job.attempt < Job.max_attempts)
-    return session.execute(stmt).rowcount == 1
+    return _requeued(session, stmt, "requeued", reason)

@@ -24,6 +24,7 @@ from celery import Celery
 import shared.reconciler as reconciler
 from shared.celery_app import make_celery, publish_job, task_id_for
 from shared.db import transaction, utcnow
+from shared.job_events import job_events
 from shared.models import Job
 from shared.reconciler import ReconcileReport, read_broker, reconcile_once, run_forever
 from shared.settings import Settings
@@ -117,7 +118,9 @@ def test_expired_lease_is_requeued_and_published(settings: Settings, celery: Cel
     # The next claim takes it, with the next fencing token.
     with transaction(url) as session:
         claim = claim_job(session, job_id, "other:1", settings.lease_seconds)
+        timeline = [(e.kind, e.attempt, e.worker) for e in job_events(session, job_id)]
     assert claim is not None and claim.attempt == 2
+    assert timeline == [("requeued", 1, WORKER), ("claimed", 2, "other:1")]
 
 
 def test_no_attempts_left_fails_with_the_reason(settings: Settings, celery: Celery) -> None:
@@ -132,6 +135,9 @@ def test_no_attempts_left_fails_with_the_reason(settings: Settings, celery: Cele
     )
     assert job.finished_at is not None and job.lease_expires_at is None
     assert not messages(settings.redis_url)
+    with transaction(url) as session:
+        [event] = job_events(session, job_id)
+    assert (event.kind, event.attempt) == ("failed", 3) and "WorkerLost" in event.message
     # Terminal: later passes leave it alone.
     assert not reconcile_once(settings, celery, now=later(settings)).acted
 

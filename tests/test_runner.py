@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from shared.celery_app import TRAIN_TASK, make_celery
 from shared.dataset_catalog import CatalogContext
 from shared.db import transaction
+from shared.job_events import job_events
 from shared.job_files import job_dir, log_path
 from shared.models import Job, MetricPoint
 from shared.settings import Settings
@@ -152,6 +153,17 @@ def test_a_requeued_job_resumes_from_its_checkpoint(
     assert job["attempt"] == 2
     with transaction(db_url) as s:
         assert s.get(Job, job_id).checkpoint_path.endswith("attempt-2")
+        # The timeline tells the same story, in order.
+        events = [(e.kind, e.attempt) for e in job_events(s, job_id)]
+        resumed = [e.message for e in job_events(s, job_id) if e.kind == "resumed"]
+    assert events == [
+        ("claimed", 1),
+        ("requeued", 1),
+        ("claimed", 2),
+        ("resumed", 2),
+        ("succeeded", 2),
+    ]
+    assert resumed == ["attempt-1/last.pt"]
     assert metrics["resumed_from_epoch"] is not None and metrics["resumed_from_epoch"] >= 2
     for key in ("train_loss", "val_loss", "val_accuracy", "val_f1", "epochs_run"):
         assert metrics[key] == expected[key], key

@@ -147,3 +147,31 @@ def test_requeue_hands_job_back(db_url: str) -> None:
     with transaction(db_url) as s:
         again = claim_job(s, job_id, "w2", 30)
     assert again and again.attempt == 2
+
+
+def test_transitions_write_the_job_timeline(db_url: str) -> None:
+    from shared.job_events import job_events
+
+    job_id = make_job(db_url)
+    with transaction(db_url) as s:
+        assert claim_job(s, job_id, "host-a:1", lease_seconds=30)
+    with transaction(db_url) as s:
+        assert requeue_job(s, job_id, 1, "lease expired")
+        assert not requeue_job(s, job_id, 1, "again")  # lost CAS: no event either
+    with transaction(db_url) as s:
+        assert claim_job(s, job_id, "host-b:2", lease_seconds=30)
+    with transaction(db_url) as s:
+        assert request_cancel(s, job_id) == "running"
+        assert request_cancel(s, job_id) == "running"  # already flagged: one event
+    with transaction(db_url) as s:
+        assert finish_job(s, job_id, 2, JobState.CANCELLED, error_message="cancelled")
+        assert not finish_job(s, job_id, 1, JobState.FAILED, error_message="zombie")
+    with transaction(db_url) as s:
+        events = [(e.kind, e.attempt, e.worker, e.message) for e in job_events(s, job_id)]
+    assert events == [
+        ("claimed", 1, "host-a:1", None),
+        ("requeued", 1, None, "lease expired"),
+        ("claimed", 2, "host-b:2", None),
+        ("cancel_requested", None, None, None),
+        ("cancelled", 2, None, "cancelled"),
+    ]

@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 import shared
 from shared.celery_app import make_celery, publish_job
 from shared.db import transaction
+from shared.job_events import add_event
 from shared.job_files import job_dir, log_path
 from shared.models import Job
 from shared.settings import Settings
@@ -51,6 +52,7 @@ from shared.state_machine import (
     finish_job,
     hand_back_job,
     retry_job,
+    still_owns,
 )
 from worker import shutdown
 from worker.failures import classify
@@ -138,6 +140,7 @@ def _execute(
                 "job %s attempt %s: resuming from %s", claim.job_id, claim.attempt, resume_from
             )
             job_log.event(f"resuming from checkpoint {resume_from}")
+            _timeline_resumed(settings.resolved_database_url, claim, resume_from)
         metrics = train_job(
             spec,
             device,
@@ -151,6 +154,17 @@ def _execute(
     source = _load_source(settings.resolved_database_url, spec.source_job_id)
     metrics = evaluate_job(spec, source.spec, source.directory, device, paths=paths)
     return {**base, "source_job_id": spec.source_job_id, "metrics": metrics}, None
+
+
+def _timeline_resumed(url: str, claim: Claim, checkpoint: Path) -> None:
+    """Put the resume on the job's timeline; only informative, so a failure is not fatal."""
+    try:
+        with transaction(url) as session:
+            if still_owns(session, claim.job_id, claim.attempt):
+                relative = f"{checkpoint.parent.name}/{checkpoint.name}"
+                add_event(session, claim.job_id, "resumed", attempt=claim.attempt, message=relative)
+    except Exception:  # noqa: BLE001 - the lease keeper notices a database that stays down
+        log.warning("job %s: could not record the resume event", claim.job_id, exc_info=True)
 
 
 def run_job(job_id: int, settings: Settings, celery: Celery | None = None) -> str:

@@ -1,0 +1,53 @@
+"""The job timeline: what happened to a job and when, as JobEvent rows.
+
+Events are added in the caller's transaction, next to the state change they describe,
+so the timeline never shows a transition that was rolled back.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.db import utcnow
+from shared.models import JobEvent
+
+# kind -> what the web UI calls it. Anything else is shown by its kind.
+EVENT_KINDS = {
+    "claimed": "claimed by a worker",
+    "resumed": "resumed from a checkpoint",
+    "requeued": "requeued",
+    "handed_back": "handed back (worker shutting down)",
+    "republished": "message re-sent to the broker",
+    "cancel_requested": "cancel requested",
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+
+
+def add_event(
+    session: Session,
+    job_id: int,
+    kind: str,
+    *,
+    attempt: int | None = None,
+    worker: str | None = None,
+    message: str | None = None,
+) -> None:
+    session.add(
+        JobEvent(
+            job_id=job_id,
+            at=utcnow(),
+            kind=kind,
+            attempt=attempt,
+            worker=worker,
+            message=message[:2000] if message else None,
+        )
+    )
+
+
+def job_events(session: Session, job_id: int, limit: int = 500) -> list[JobEvent]:
+    """The job's events, oldest first (the newest `limit` of them)."""
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())
+    return list(reversed(session.scalars(stmt.limit(limit)).all()))
