@@ -13,13 +13,23 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload
 
+from server import api_models as models
 from server.access import find_visible_job, visible_job, visible_jobs
 from server.auth import api_user, authenticate_api_request, submit_limits
 from server.catalog import catalog_context
 from server.database import get_session
 from server.enqueue import enqueue_job
 from server.errors import ApiError
-from server.params import JobListQuery, LogQuery, MetricsQuery, NoQuery, parse_query
+from server.openapi import operation
+from server.params import (
+    JobListQuery,
+    LogQuery,
+    MetricsQuery,
+    NoQuery,
+    check_path_ids,
+    json_body,
+    parse_query,
+)
 from server.serialize import job_to_json
 from shared import job_files
 from shared.dataset_catalog import DATASETS, resolve_dataset
@@ -41,6 +51,7 @@ from shared.state_machine import TERMINAL, JobState, request_cancel
 
 bp = Blueprint("api_v1", __name__, url_prefix="/api/v1")
 bp.before_request(authenticate_api_request)
+bp.before_request(check_path_ids)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 # Printable ASCII, as a header value can carry it unchanged through proxies.
@@ -49,25 +60,6 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,200}")
 
 def _settings() -> Settings:
     return current_app.config["TRAINYARD_SETTINGS"]
-
-
-def _json_body() -> Any:
-    if not request.is_json:
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            "send the body as JSON",
-            {"Content-Type": "must be application/json"},
-        )
-    data = request.get_json(silent=True)
-    if data is None:
-        raise ApiError(
-            400,
-            "invalid_json",
-            "request body is not valid JSON",
-            {"body": "expected a JSON object"},
-        )
-    return data
 
 
 def _invalid(fields: dict[str, str]) -> ApiError:
@@ -152,12 +144,44 @@ def _job_by_key(key: str) -> Job | None:
     return get_session().scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
 
 
+_JOB_CREATED_HEADERS = {"Location": {"$ref": "#/components/headers/Location"}}
+
+
 @bp.post("/jobs")
+@operation(
+    tag="jobs",
+    json=models.JobSpecBody,
+    headers=models.IdempotencyHeaders,
+    ok={201: models.Job, 200: models.Job},
+    errors=(413, 415, 422, 429),
+    validate=False,  # the body is checked by parse_spec, against the catalogs
+    extra={
+        "responses": {
+            "201": {"description": "The job, queued", "headers": _JOB_CREATED_HEADERS},
+            "200": {
+                "description": "A repeat of an earlier request with the same "
+                "Idempotency-Key and spec: the job it created",
+                "headers": {
+                    **_JOB_CREATED_HEADERS,
+                    "Idempotent-Replayed": {
+                        "description": "present on a replay",
+                        "schema": {"type": "string", "enum": ["true"]},
+                    },
+                },
+            },
+        }
+    },
+)
 def submit_job() -> ResponseReturnValue:
+    """Submit a job.
+
+    The job row is committed before the task is enqueued. A bad spec is a 422 naming
+    every bad field by its dotted path.
+    """
     parse_query(NoQuery)
     key = _idempotency_key()
     try:
-        spec = parse_spec(_json_body(), catalog_context())
+        spec = parse_spec(json_body("invalid_spec", "invalid job spec"), catalog_context())
     except SpecError as exc:
         raise _invalid(exc.fields) from None
     spec_json = spec_to_json(spec)
@@ -207,7 +231,9 @@ def _create_job(job: Job, spec_json: dict[str, Any], key: str | None = None) -> 
 
 
 @bp.get("/jobs")
+@operation(tag="jobs", query=JobListQuery, ok={200: models.JobPage})
 def list_jobs() -> ResponseReturnValue:
+    """List jobs, newest first (keyset pagination with `before`)."""
     query = parse_query(JobListQuery)
     stmt = visible_jobs(select(Job)).options(joinedload(Job.owner)).order_by(Job.id.desc())
     if query.state:
@@ -230,13 +256,24 @@ def list_jobs() -> ResponseReturnValue:
 
 
 @bp.get("/jobs/<int:job_id>")
+@operation(tag="jobs", ok={200: models.Job}, errors=(404,))
 def get_job(job_id: int) -> ResponseReturnValue:
+    """A job: state, progress, result, error."""
     parse_query(NoQuery)
     return jsonify(job_to_json(visible_job(job_id)))
 
 
 @bp.post("/jobs/<int:job_id>/cancel")
+@operation(
+    tag="jobs",
+    ok={200: models.Job},
+    errors={404: "", 409: "The job already succeeded or failed.", 413: ""},
+)
 def cancel_job(job_id: int) -> ResponseReturnValue:
+    """Cancel a job.
+
+    A queued job ends `cancelled` at once; a running one stops within a heartbeat.
+    """
     parse_query(NoQuery)
     job = visible_job(job_id)
     session = get_session()
@@ -249,8 +286,17 @@ def cancel_job(job_id: int) -> ResponseReturnValue:
 
 
 @bp.post("/jobs/<int:job_id>/retry")
+@operation(
+    tag="jobs",
+    ok={201: models.Job},
+    errors={404: "", 409: "The job has not finished yet.", 413: "", 429: ""},
+    extra={"responses": {"201": {"description": "The new job", "headers": _JOB_CREATED_HEADERS}}},
+)
 def retry_job(job_id: int) -> ResponseReturnValue:
-    """A new job with the same spec (design.md 3), owned by whoever asked for it."""
+    """Retry a finished job.
+
+    A new job with the same spec (design.md 3), owned by whoever asked for it.
+    """
     parse_query(NoQuery)
     original = visible_job(job_id)
     if original.state not in {s.value for s in TERMINAL}:
@@ -292,7 +338,9 @@ def _downsample(
 
 
 @bp.get("/jobs/<int:job_id>/metrics")
+@operation(tag="jobs", query=MetricsQuery, ok={200: models.Metrics}, errors=(404,))
 def get_metrics(job_id: int) -> ResponseReturnValue:
+    """A job's metric series, downsampled on the server."""
     query = parse_query(MetricsQuery)
     job = visible_job(job_id)
     max_points = query.max_points
@@ -319,7 +367,9 @@ def get_metrics(job_id: int) -> ResponseReturnValue:
 
 
 @bp.get("/jobs/<int:job_id>/logs")
+@operation(tag="jobs", query=LogQuery, ok={200: models.Logs}, errors=(404,))
 def get_logs(job_id: int) -> ResponseReturnValue:
+    """The last lines of a job's log."""
     query = parse_query(LogQuery)
     job = visible_job(job_id)
     lines, size = job_files.read_log_tail(job_files.log_path(_settings(), job.id), query.tail)
@@ -327,7 +377,9 @@ def get_logs(job_id: int) -> ResponseReturnValue:
 
 
 @bp.get("/jobs/<int:job_id>/artifacts")
+@operation(tag="artifacts", ok={200: models.Artifacts}, errors=(404,))
 def list_artifacts(job_id: int) -> ResponseReturnValue:
+    """A job's files: checkpoints and whatever else it wrote."""
     parse_query(NoQuery)
     job = visible_job(job_id)
     files = job_files.list_artifacts(job_files.job_dir(_settings(), job.id))
@@ -335,7 +387,30 @@ def list_artifacts(job_id: int) -> ResponseReturnValue:
 
 
 @bp.get("/jobs/<int:job_id>/artifacts/<path:name>")
+@operation(
+    tag="artifacts",
+    ok={200: None},
+    errors=(404,),
+    validate=False,  # a file streams; spectree would read it whole into memory
+    extra={
+        "responses": {
+            "200": {
+                "description": "The file",
+                "headers": {
+                    "Content-Disposition": {
+                        "description": "attachment; filename=...",
+                        "schema": {"type": "string"},
+                    }
+                },
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
+        }
+    },
+)
 def download_artifact(job_id: int, name: str) -> ResponseReturnValue:
+    """Download one of a job's files."""
     parse_query(NoQuery)
     job = visible_job(job_id)
     # resolve_artifact refuses anything that is not a plain file inside the job's folder
@@ -345,11 +420,21 @@ def download_artifact(job_id: int, name: str) -> ResponseReturnValue:
         raise ApiError(
             404, "not_found", f"job {job_id} has no artifact {name!r}", {"name": "no such file"}
         )
-    return send_file(path, as_attachment=True, download_name=path.name, max_age=0)
+    # Always octet-stream: a type guessed from the name would be whatever the job wrote
+    # (`.pt` reads as a SNES page table, `.html` as a page served from this origin).
+    return send_file(
+        path,
+        mimetype="application/octet-stream",
+        as_attachment=True,
+        download_name=path.name,
+        max_age=0,
+    )
 
 
 @bp.get("/models")
+@operation(tag="registry", ok={200: models.Models})
 def list_models() -> ResponseReturnValue:
+    """The model registry: each model's parameter schema, and the recipe schema."""
     parse_query(NoQuery)
     return jsonify(
         {
@@ -361,7 +446,9 @@ def list_models() -> ResponseReturnValue:
 
 
 @bp.get("/datasets")
+@operation(tag="registry", ok={200: models.Datasets})
 def list_datasets() -> ResponseReturnValue:
+    """The dataset registry: shapes, classes, split sizes, whether files are present."""
     parse_query(NoQuery)
     ctx = catalog_context()
     return jsonify({"datasets": [d.to_json(ctx) for d in DATASETS.values()]})

@@ -10,7 +10,7 @@ from flask import Flask, Response, current_app, jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
-from server import api, auth, database, enqueue, tokens_api, uploads_api, web
+from server import api, auth, database, enqueue, openapi, tokens_api, uploads_api, web
 from server.database import get_session
 from server.errors import register_error_handlers
 from shared.settings import Settings, load_settings
@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None, config: dict[str, Any] | None = None) -> Flask:
     settings = settings or load_settings()
     app = Flask(__name__)
+    # "//" in a path is a 404 like any other bad path, not a redirect that rewrites it
+    # (an artifact name must never be reinterpreted on the way to its check).
+    app.url_map.merge_slashes = False
     app.config.update(
         TRAINYARD_SETTINGS=settings,
         DATABASE_URL=settings.resolved_database_url,
@@ -39,7 +42,9 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     app.register_blueprint(uploads_api.bp)
     app.register_blueprint(tokens_api.bp)
     app.register_blueprint(web.bp)
+    app.register_blueprint(openapi.bp)
     app.add_url_rule("/healthz", "healthz", healthz)
+    openapi.init_app(app)
     app.after_request(security_headers)
     return app
 

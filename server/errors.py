@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,25 @@ def register_error_handlers(app: Flask) -> None:
         code = (exc.name or "error").lower().replace(" ", "_")
         # Keep what the exception says about itself (Allow on a 405), not its HTML type.
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
-        return error_response(exc.code or 500, code, exc.description or exc.name, None, headers)
+        return error_response(
+            exc.code or 500, code, exc.description or exc.name, _routing_fields(exc), headers
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> ResponseReturnValue:
         # The one place a bug becomes a 500: logged with its traceback, never shown.
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal server error; see the server log")
+
+
+def _routing_fields(exc: HTTPException) -> dict[str, str] | None:
+    """Name what a routing failure is about: the URL (a malformed or unknown id, an
+    unknown path) or the method, like every other 4xx names its field."""
+    if request.url_rule is not None:
+        return None  # raised by a view, which said what it meant in the description
+    if isinstance(exc, MethodNotAllowed):
+        allowed = ", ".join(sorted(exc.valid_methods or ()))
+        return {"method": f"{request.method} is not allowed here; use {allowed}"}
+    if isinstance(exc, NotFound):
+        return {"path": "no resource at this path (ids in paths are positive integers)"}
+    return None

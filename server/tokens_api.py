@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from server import api_models as models
 from server.auth import api_user, authenticate_api_request
 from server.database import get_session
 from server.errors import ApiError
-from server.params import NoQuery, TokenListQuery, parse_query
+from server.openapi import operation
+from server.params import NoQuery, TokenListQuery, check_path_ids, json_body, parse_query
 from server.serialize import iso
 from shared import accounts
 from shared.models import ApiToken, User
 
 bp = Blueprint("tokens_v1", __name__, url_prefix="/api/v1")
 bp.before_request(authenticate_api_request)
+bp.before_request(check_path_ids)
 
 
 class TokenCreate(BaseModel):
@@ -45,14 +48,23 @@ def _current_user_row() -> User:
 
 
 @bp.get("/me")
+@operation(tag="account", ok={200: models.Me})
 def me() -> ResponseReturnValue:
+    """Who the credentials belong to."""
     parse_query(NoQuery)
     user = api_user()
     return jsonify({"id": user.id, "username": user.username, "role": user.role})
 
 
 @bp.get("/tokens")
+@operation(
+    tag="account",
+    query=TokenListQuery,
+    ok={200: models.Tokens},
+    errors={403: "`all=true` is for admins."},
+)
 def list_tokens() -> ResponseReturnValue:
+    """The caller's API tokens (every user's with `all=true`, admins only)."""
     query = parse_query(TokenListQuery)
     if query.all and not api_user().is_admin:
         raise ApiError(
@@ -63,17 +75,18 @@ def list_tokens() -> ResponseReturnValue:
 
 
 @bp.post("/tokens")
+@operation(
+    tag="account",
+    json=TokenCreate,
+    ok={201: models.TokenCreated},
+    errors=(413, 415, 422),
+    validate=False,  # the body goes through json_body's checks first
+)
 def create_token() -> ResponseReturnValue:
+    """Create an API token for the caller; the secret is in this answer only."""
     parse_query(NoQuery)
-    if not request.is_json:
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            "send the body as JSON",
-            {"Content-Type": "must be application/json"},
-        )
     try:
-        body = TokenCreate.model_validate(request.get_json(silent=True) or {})
+        body = TokenCreate.model_validate(json_body("invalid_body", "invalid token request"))
     except ValidationError as exc:
         fields = {".".join(str(p) for p in e["loc"]) or "body": e["msg"] for e in exc.errors()}
         raise ApiError(422, "invalid_body", "invalid token request", fields) from None
@@ -86,7 +99,9 @@ def create_token() -> ResponseReturnValue:
 
 
 @bp.delete("/tokens/<int:token_id>")
+@operation(tag="account", ok={200: models.Token}, errors=(404, 413))
 def revoke_token(token_id: int) -> ResponseReturnValue:
+    """Revoke a token (admins: anyone's; members: their own)."""
     parse_query(NoQuery)
     session = get_session()
     user = api_user()

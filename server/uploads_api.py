@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from server import api_models as models
 from server.access import find_visible_upload
 from server.auth import api_user, authenticate_api_request
 from server.database import get_session
 from server.errors import ApiError
+from server.openapi import operation
+from server.params import NoQuery, UploadQuery, check_path_ids, parse_query
 from server.serialize import iso
 from shared.csv_profile import CsvProblem, profile_csv
 from shared.models import Upload
@@ -20,6 +24,13 @@ from shared.settings import Settings
 
 bp = Blueprint("uploads_v1", __name__, url_prefix="/api/v1/uploads")
 bp.before_request(authenticate_api_request)
+bp.before_request(check_path_ids)
+
+# The raw-body content types taken besides multipart/form-data.
+CSV_BODY_TYPES = ("text/csv", "text/plain", "application/octet-stream")
+# Control characters (NUL above all: PostgreSQL refuses it in text) have no place in
+# a filename that is stored and shown.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def upload_to_json(upload: Upload) -> dict[str, Any]:
@@ -33,7 +44,7 @@ def upload_to_json(upload: Upload) -> dict[str, Any]:
     }
 
 
-def _read_upload() -> tuple[str, bytes]:
+def _read_upload(query: UploadQuery) -> tuple[str, bytes]:
     """(filename, bytes) from a multipart `file` field or a raw text/csv body."""
     if request.mimetype == "multipart/form-data":
         file = request.files.get("file")
@@ -45,12 +56,20 @@ def _read_upload() -> tuple[str, bytes]:
                 {"file": "send the CSV as the form field 'file'"},
             )
         return file.filename or "upload.csv", file.read()
-    if request.mimetype in ("text/csv", "text/plain", "application/octet-stream"):
-        return request.args.get("filename", "upload.csv"), request.get_data()
+    if request.mimetype in CSV_BODY_TYPES:
+        return query.filename or "upload.csv", request.get_data()
     raise ApiError(
         415, "unsupported_media_type", "send multipart/form-data with a 'file' field, or a text/csv body",
-        {"file": f"unsupported content type {request.mimetype or 'none'!r}"},
+        {"Content-Type": f"unsupported content type {request.mimetype or 'none'!r}; "
+                         "use multipart/form-data or text/csv"},
     )  # fmt: skip
+
+
+def _clean_filename(filename: str) -> str:
+    name = _CONTROL_CHARS.sub("", os.path.basename(filename))
+    # Unpaired surrogates (from a percent-encoded multipart header) cannot be stored.
+    name = name.encode("utf-8", "replace").decode("utf-8")
+    return name[:255] or "upload.csv"
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -62,11 +81,42 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+_CSV_SCHEMA = {"type": "string", "format": "binary", "description": "the CSV file (UTF-8)"}
+
+
 @bp.post("")
+@operation(
+    tag="uploads",
+    query=UploadQuery,
+    form=models.UploadForm,
+    ok={201: models.Upload},
+    errors={
+        400: "An invalid query parameter, or a multipart form without its `file` field.",
+        413: "",
+        415: "",
+        422: "The file is not a usable UTF-8 CSV.",
+    },
+    validate=False,  # multipart or a raw body: read by the view
+    extra={
+        "requestBody": {"content": {t: {"schema": _CSV_SCHEMA} for t in CSV_BODY_TYPES}},
+        "responses": {
+            "201": {
+                "description": "The upload: its columns and row count",
+                "headers": {"Location": {"$ref": "#/components/headers/Location"}},
+            }
+        },
+    },
+)
 def create_upload() -> ResponseReturnValue:
+    """Upload a CSV for the `csv` dataset.
+
+    As the multipart form field `file`, or as a raw `text/csv` body (with `filename`).
+    The size limit is TRAINYARD_MAX_UPLOAD_BYTES.
+    """
+    query = parse_query(UploadQuery)
     settings: Settings = current_app.config["TRAINYARD_SETTINGS"]
     request.max_content_length = settings.max_upload_bytes
-    filename, data = _read_upload()
+    filename, data = _read_upload(query)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -83,7 +133,7 @@ def create_upload() -> ResponseReturnValue:
     session = get_session()
     upload = Upload(
         owner_id=api_user().id,
-        filename=os.path.basename(filename)[:255] or "upload.csv",
+        filename=_clean_filename(filename),
         size_bytes=len(data),
         rows=profile.rows,
         columns=[
@@ -105,7 +155,10 @@ def create_upload() -> ResponseReturnValue:
 
 
 @bp.get("/<int:upload_id>")
+@operation(tag="uploads", ok={200: models.Upload}, errors=(404,))
 def get_upload(upload_id: int) -> ResponseReturnValue:
+    """An upload: its columns and row count."""
+    parse_query(NoQuery)
     upload = find_visible_upload(upload_id)
     if upload is None:
         raise ApiError(

@@ -348,7 +348,7 @@ class TrainSpec(_Common):
 
 class EvaluateSpec(_Common):
     kind: Literal["evaluate"]
-    source_job_id: int = Field(ge=1, description="a succeeded train job")
+    source_job_id: int = Field(ge=1, le=2**63 - 1, description="a succeeded train job")
     checkpoint: Literal["best", "last"] = Field(
         "best", description="the source job's best or last checkpoint"
     )

@@ -29,6 +29,11 @@ class LoginForm(FlaskForm):
 
 def _safe_next(target: str | None) -> str:
     # Only same-site paths: an open redirect would turn the login page into a phishing aid.
+    # No control characters either: browsers drop tabs and newlines from a URL (so
+    # "/\t/evil.example" is "//evil.example" to them), and a CR/LF in the Location header
+    # made Werkzeug raise, turning a crafted ?next= into a 500.
+    if target and any(ord(c) < 0x20 or ord(c) == 0x7F for c in target):
+        return url_for("web.home")
     if target and target.startswith("/") and not target.startswith("//"):
         parts = urlsplit(target)
         if not parts.scheme and not parts.netloc and "\\" not in target:
@@ -57,7 +62,11 @@ def login() -> ResponseReturnValue:
             status = 429
         else:
             session = get_session()
-            user = accounts.authenticate(session, username, form.password.data or "")
+            # A name no account can have (a NUL byte, which PostgreSQL refuses in a query
+            # parameter and answered with a 500) is a failed login like any other.
+            plausible = accounts.USERNAME_PATTERN.fullmatch(username) is not None
+            password = form.password.data or ""
+            user = accounts.authenticate(session, username, password) if plausible else None
             if user is None:
                 # One message for "no such user" and "wrong password": no username probing.
                 form.password.errors.append("Wrong username or password.")

@@ -1,0 +1,237 @@
+"""Pydantic models of what the API sends and takes, for the OpenAPI document.
+
+The views build plain dicts (server/serialize.py, the `*_to_json` helpers); these
+models describe exactly those dicts. spectree validates each documented JSON response
+against its model (server/openapi.py) and the schemathesis run checks every response
+against the document, so a key added to a dict without its model here fails a test.
+
+Response models forbid unknown keys and declare every key required (nullable where the
+value may be null): the document says precisely what comes back.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+from server.params import JobStateName
+from shared.spec import JobSpec
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    # For a key that is absent rather than null: the model needs a default to accept
+    # its absence, but `"default": null` would claim a value the key never has.
+    schema.pop("default", None)
+
+
+# ---------------------------------------------------------------- requests
+
+
+class JobSpecBody(RootModel[JobSpec]):  # type: ignore[valid-type]
+    """A JobSpec: a `train` or an `evaluate` job, told apart by `kind`.
+
+    The server validates it with the catalogs in hand (datasets present, uploads known,
+    model fits the data), which a schema cannot say; each problem is named in a 422.
+    """
+
+
+class IdempotencyHeaders(BaseModel):
+    idempotency_key: str = Field(
+        default=None,  # type: ignore[assignment]
+        json_schema_extra=_no_default,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[\x20-\x7e]+$",
+        description="makes a retried submission safe: a repeat with the same key and spec "
+        "returns the first job (200) instead of creating another",
+    )
+
+
+class UploadForm(BaseModel):
+    file: bytes = Field(description="the CSV file (UTF-8)")
+
+
+# ---------------------------------------------------------------- responses
+
+
+class ResponseModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(ResponseModel):
+    code: str = Field(description="machine-readable, e.g. invalid_spec, not_found")
+    message: str = Field(description="for people")
+    fields: dict[str, str] = Field(
+        description="what to fix: the offending field, parameter or header (dotted path "
+        "for nested body fields) and what is wrong with it"
+    )
+
+
+class ErrorBody(ResponseModel):
+    """The one error shape of every 4xx and 5xx."""
+
+    error: ErrorDetail
+
+
+class JobError(ResponseModel):
+    type: str | None = Field(description="e.g. UserError, WorkerLost, OutOfMemoryError")
+    message: str | None
+
+
+class Job(ResponseModel):
+    id: int
+    kind: Literal["train", "evaluate"]
+    name: str | None
+    state: JobStateName
+    owner: str | None = Field(description="username of the submitter")
+    queue: str = Field(description="cpu or gpu")
+    priority: int
+    model: str | None
+    dataset: str | None
+    tags: list[str]
+    spec: dict[str, Any] = Field(description="the validated JobSpec, defaults filled in")
+    source_job_id: int | None = Field(description="evaluate jobs: the train job scored")
+    attempt: int = Field(description="claims so far (0 while first queued)")
+    max_attempts: int
+    worker: str | None
+    cancel_requested: bool
+    progress: dict[str, Any] | None = Field(description="epoch, step, latest metrics")
+    result: dict[str, Any] | None = Field(description="final metrics of a finished job")
+    error: JobError | None = Field(description="why a job failed")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class JobPage(ResponseModel):
+    jobs: list[Job] = Field(description="newest first")
+    next_before: int | None = Field(
+        description="pass as `before` for the next page; null on the last page"
+    )
+
+
+class Series(ResponseModel):
+    step: list[int]
+    epoch: list[int | None]
+    value: list[float]
+
+
+class Metrics(ResponseModel):
+    job_id: int
+    series: dict[str, Series] = Field(description="per metric key, columnar")
+
+
+class Logs(ResponseModel):
+    job_id: int
+    lines: list[str]
+    size_bytes: int = Field(description="the log's size: where the returned lines end")
+
+
+class Artifact(ResponseModel):
+    path: str = Field(description="relative to the job's folder; the download name")
+    size_bytes: int
+    modified_at: datetime
+
+
+class Artifacts(ResponseModel):
+    job_id: int
+    artifacts: list[Artifact]
+
+
+class ModelInfo(ResponseModel):
+    name: str
+    description: str
+    inputs: list[str] = Field(description="data kinds the model takes: image, tabular, sequence")
+    tasks: list[str]
+    params_schema: dict[str, Any] = Field(description="JSON Schema of `model.params`")
+
+
+class Models(ResponseModel):
+    models: list[ModelInfo]
+    train_spec_schema: dict[str, Any] = Field(description="JSON Schema of a train JobSpec")
+
+
+class DatasetInfo(ResponseModel):
+    name: str
+    description: str
+    kind: Literal["image", "tabular", "sequence"]
+    tasks: list[str]
+    params_schema: dict[str, Any] = Field(description="JSON Schema of `dataset.params`")
+    source: str
+    files: list[str]
+    available: bool
+    unavailable_reason: str | None
+    # Present only for a dataset that resolves with its default params (absent for csv,
+    # which needs an upload, and for one whose files are missing).
+    input_shape: list[int] = Field(
+        default=None,  # type: ignore[assignment]
+        json_schema_extra=_no_default,
+        description="per sample",
+    )
+    num_classes: int = Field(
+        default=None,  # type: ignore[assignment]
+        json_schema_extra=_no_default,
+        description="0 for regression",
+    )
+    splits: dict[str, int | None] = Field(
+        default=None,  # type: ignore[assignment]
+        json_schema_extra=_no_default,
+        description='sample counts: "train+val" and "test" (null when only a worker can tell)',
+    )
+
+
+class Datasets(ResponseModel):
+    datasets: list[DatasetInfo]
+
+
+class Me(ResponseModel):
+    id: int
+    username: str
+    role: Literal["admin", "member"]
+
+
+class Token(ResponseModel):
+    id: int
+    user: str = Field(description="the owner's username")
+    name: str
+    prefix: str = Field(description="the token's first characters, to recognise it")
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class TokenCreated(Token):
+    token: str = Field(description="the secret: shown this once, never again")
+
+
+class Tokens(ResponseModel):
+    tokens: list[Token]
+
+
+class UploadColumn(ResponseModel):
+    name: str
+    numeric: bool
+    distinct: int = Field(description="distinct non-empty values (capped)")
+
+
+class Upload(ResponseModel):
+    id: int
+    filename: str
+    size_bytes: int
+    rows: int
+    columns: list[UploadColumn]
+    created_at: datetime
+
+
+class Health(ResponseModel):
+    status: Literal["ok", "degraded"]
+    database: str = Field(description='"ok" or the error')
+    broker: str = Field(description='"ok", "not configured" or the error')
+
+
+class OpenApiDocument(RootModel[dict[str, Any]]):
+    """This document."""

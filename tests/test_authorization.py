@@ -1,0 +1,523 @@
+"""The authorization matrix: every route of the app, called by every kind of caller.
+
+MATRIX below lists each route (method + URL rule) with how to call it against objects
+owned by alice (a member) and the status each identity must get:
+
+- anonymous: 401 in the JSON error shape for /api/*, a redirect to /login for pages;
+- alice (the owner): the documented success;
+- bob (another member): 404 for alice's objects, exactly as for an id that does not
+  exist; his lists never show alice's jobs;
+- admin: success, and sees everything.
+
+`test_every_route_is_in_the_matrix` fails when a route exists that the matrix does not
+list, so a new endpoint cannot ship without deciding who may call it.
+
+API rows authenticate with a bearer token; page rows with a browser session (the user id
+written into the session, as Flask-Login's FlaskLoginClient does; the real login form is
+exercised in test_security.py). GET rows of the API are also replayed with the
+session and must answer the same.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from server.auth import principal
+from shared import accounts, job_files
+from shared.db import transaction, utcnow
+from shared.models import Job, MetricPoint, User
+from shared.settings import Settings
+from tests.conftest import as_user
+from tests.helpers import evaluate_spec, train_spec
+
+ANON, ALICE, BOB, ADMIN = "anonymous", "alice", "bob", "admin"
+IDENTITIES = (ANON, ALICE, BOB, ADMIN)
+
+ARTIFACT = "attempt-1/best.pt"
+ARTIFACT_BYTES = b"alice's checkpoint bytes"
+LOG_LINE = "epoch 1 train_loss=0.5"
+CSV = b"x1,x2,label\n0.1,0.2,a\n0.3,0.4,b\n0.5,0.6,a\n0.7,0.8,b\n"
+
+# Expected status per identity.
+Expect = dict[str, int]
+
+
+def owned(ok: int = 200) -> Expect:
+    """An object of alice's: hers and the admin's to use; bob gets 404."""
+    return {ANON: 401, ALICE: ok, BOB: 404, ADMIN: ok}
+
+
+def any_user(ok: int = 200) -> Expect:
+    return {ANON: 401, ALICE: ok, BOB: ok, ADMIN: ok}
+
+
+def page(ok: int = 200) -> Expect:
+    """An HTML page for logged-in users: anonymous is sent to the login form (302)."""
+    return {ANON: 302, ALICE: ok, BOB: ok, ADMIN: ok}
+
+
+PUBLIC: Expect = {ANON: 200, ALICE: 200, BOB: 200, ADMIN: 200}
+
+
+@dataclass
+class World:
+    """Alice's and bob's objects, created once per test through the API and the DB."""
+
+    app: Flask
+    settings: Settings
+    db_url: str
+    users: Any
+    job: int  # alice's succeeded train job, with metrics, a log and artifacts
+    queued: int  # alice's queued job (the one to cancel)
+    bob_job: int
+    upload: int  # alice's CSV upload
+    spare_token: int  # an extra token of alice's (the one to revoke)
+    spare_secret: str
+    clients: dict[str, FlaskClient] = field(default_factory=dict)
+    sessions: dict[str, FlaskClient] = field(default_factory=dict)
+
+    def user(self, identity: str) -> Any:
+        return {ALICE: self.users.alice, BOB: self.users.bob, ADMIN: self.users.admin}[identity]
+
+    def ids(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "queued": self.queued,
+            "bob_job": self.bob_job,
+            "upload": self.upload,
+            "token": self.spare_token,
+            "artifact": ARTIFACT,
+        }
+
+
+def session_client(app: Flask, db_url: str, user: Any | None) -> FlaskClient:
+    """A browser-like client logged in as `user` (anonymous for None)."""
+    client = app.test_client()
+    if user is not None:
+        with transaction(db_url) as s:
+            session_id = principal(s.get(User, user.id)).get_id()
+        with client.session_transaction() as sess:
+            sess["_user_id"] = session_id
+            sess["_fresh"] = True
+    return client
+
+
+def page_csrf_token(client: FlaskClient) -> str:
+    """The CSRF token a page gives this client (its <meta name="csrf-token">)."""
+    resp = client.get("/login")
+    if resp.status_code != 200:  # logged in: /login redirects; any page has the token
+        resp = client.get("/")
+    match = re.search(r'<meta name="csrf-token" content="([^"]+)"', resp.get_data(as_text=True))
+    assert match, f"no csrf-token meta tag on the page ({resp.status_code})"
+    return match.group(1)
+
+
+def make_world(app: Flask, settings: Settings, db_url: str, users: Any) -> World:
+    alice, bob = as_user(app, users.alice), as_user(app, users.bob)
+
+    def submit(client: FlaskClient, name: str) -> int:
+        resp = client.post("/api/v1/jobs", json=train_spec(name=name))
+        assert resp.status_code == 201, resp.get_json()
+        return resp.get_json()["id"]
+
+    job, queued = submit(alice, "alice-run"), submit(alice, "alice-queued")
+    bob_job = submit(bob, "bob-run")
+    resp = alice.post("/api/v1/uploads?filename=a.csv", data=CSV, content_type="text/csv")
+    assert resp.status_code == 201, resp.get_json()
+    upload = resp.get_json()["id"]
+    with transaction(db_url) as s:
+        row = s.get(Job, job)
+        row.state, row.attempt, row.finished_at = "succeeded", 1, utcnow()
+        row.checkpoint_path = str(job_files.job_dir(settings, job) / ARTIFACT)
+        s.add(
+            MetricPoint(
+                job_id=job, attempt=1, key="val_loss", step=1, epoch=1, value=0.5, wall_time=0.0
+            )
+        )
+        spare = accounts.create_token(s, s.get(User, users.alice.id), "spare")
+        spare_id, spare_secret = spare.token.id, spare.secret
+    path = job_files.job_dir(settings, job) / ARTIFACT
+    path.parent.mkdir(parents=True)
+    path.write_bytes(ARTIFACT_BYTES)
+    job_files.log_path(settings, job).write_text(LOG_LINE + "\n")
+    world = World(
+        app, settings, db_url, users, job, queued, bob_job, upload, spare_id, spare_secret
+    )
+    world.clients = {ANON: as_user(app, None)} | {
+        i: as_user(app, world.user(i)) for i in IDENTITIES[1:]
+    }
+    world.sessions = {ANON: session_client(app, db_url, None)} | {
+        i: session_client(app, db_url, world.user(i)) for i in IDENTITIES[1:]
+    }
+    return world
+
+
+# ---------------------------------------------------------------- checks on a success
+# Each takes (response, identity, world) and asserts more than the status.
+
+
+def listed_ids(resp: TestResponse) -> set[int]:
+    return {j["id"] for j in resp.get_json()["jobs"]}
+
+
+def check_job_list(resp: TestResponse, who: str, w: World) -> None:
+    owners = {j["owner"] for j in resp.get_json()["jobs"]}
+    ids = listed_ids(resp)
+    if who == ALICE:
+        assert owners == {"alice"} and {w.job, w.queued} <= ids, ids
+    elif who == BOB:
+        assert owners == {"bob"} and ids == {w.bob_job}, ids
+    else:
+        assert {w.job, w.queued, w.bob_job} <= ids, ids
+
+
+def check_owner_filter(resp: TestResponse, who: str, w: World) -> None:
+    # ?owner=alice: a member sees only their own jobs whatever the filter says.
+    expected = {BOB: set(), ALICE: {w.job, w.queued}, ADMIN: {w.job, w.queued}}[who]
+    assert listed_ids(resp) == expected
+
+
+def check_job(resp: TestResponse, who: str, w: World) -> None:
+    assert resp.get_json()["id"] == w.job and resp.get_json()["owner"] == "alice"
+
+
+def check_metrics(resp: TestResponse, who: str, w: World) -> None:
+    assert resp.get_json()["series"]["val_loss"]["value"] == [0.5]
+
+
+def check_logs(resp: TestResponse, who: str, w: World) -> None:
+    assert resp.get_json()["lines"] == [LOG_LINE]
+
+
+def check_artifact_list(resp: TestResponse, who: str, w: World) -> None:
+    assert ARTIFACT in {a["path"] for a in resp.get_json()["artifacts"]}
+
+
+def check_download(resp: TestResponse, who: str, w: World) -> None:
+    assert resp.data == ARTIFACT_BYTES
+    assert resp.headers["Content-Disposition"].startswith("attachment")
+
+
+def check_new_job_is_callers(resp: TestResponse, who: str, w: World) -> None:
+    # A retried or submitted job belongs to whoever asked, even an admin retrying alice's.
+    assert resp.get_json()["owner"] == w.user(who).username
+    assert resp.get_json()["id"] not in {w.job, w.queued, w.bob_job}
+
+
+def check_evaluate(resp: TestResponse, who: str, w: World) -> None:
+    if who == BOB:  # reads exactly as a missing id (see test_another_users_object_...)
+        assert resp.get_json()["error"]["fields"] == {
+            "source_job_id": f"job {w.job} does not exist"
+        }
+    elif who != ANON:
+        check_new_job_is_callers(resp, who, w)
+        assert resp.get_json()["source_job_id"] == w.job
+
+
+def check_cancel(resp: TestResponse, who: str, w: World) -> None:
+    with transaction(w.db_url) as s:
+        state = s.get(Job, w.queued).state
+    assert state == ("queued" if who in (ANON, BOB) else "cancelled")
+
+
+def check_upload(resp: TestResponse, who: str, w: World) -> None:
+    assert resp.get_json()["id"] == w.upload and resp.get_json()["rows"] == 4
+
+
+def check_new_upload(resp: TestResponse, who: str, w: World) -> None:
+    assert resp.get_json()["rows"] == 4
+
+
+def check_own_tokens(resp: TestResponse, who: str, w: World) -> None:
+    tokens = resp.get_json()["tokens"]
+    assert tokens and {t["user"] for t in tokens} == {w.user(who).username}
+    assert all("token" not in t and "token_hash" not in t for t in tokens)
+
+
+def check_all_tokens(resp: TestResponse, who: str, w: World) -> None:
+    assert {t["user"] for t in resp.get_json()["tokens"]} == {"alice", "bob", "root"}
+
+
+def check_new_token(resp: TestResponse, who: str, w: World) -> None:
+    body = resp.get_json()
+    assert body["user"] == w.user(who).username and body["token"].startswith("ty_")
+
+
+def check_revoke(resp: TestResponse, who: str, w: World) -> None:
+    # Bob's attempt must leave alice's token working; the others' must have killed it.
+    still_works = w.app.test_client().get(
+        "/api/v1/me", headers={"Authorization": f"Bearer {w.spare_secret}"}
+    )
+    assert still_works.status_code == (200 if who in (ANON, BOB) else 401)
+
+
+def check_me(resp: TestResponse, who: str, w: World) -> None:
+    user = w.user(who)
+    assert resp.get_json() == {"id": user.id, "username": user.username, "role": user.role}
+
+
+def check_home(resp: TestResponse, who: str, w: World) -> None:
+    html = resp.get_data(as_text=True)
+    sees = {name for name in ("alice-run", "alice-queued", "bob-run") if name in html}
+    expected = {
+        ALICE: {"alice-run", "alice-queued"},
+        BOB: {"bob-run"},
+        ADMIN: {"alice-run", "alice-queued", "bob-run"},
+    }[who]
+    assert sees == expected, sees
+
+
+def check_login_page(resp: TestResponse, who: str, w: World) -> None:
+    if who == ANON:
+        assert 'name="csrf_token"' in resp.get_data(as_text=True)
+    else:  # already logged in: on to the app
+        assert resp.headers["Location"] == "/"
+
+
+def check_logged_out(resp: TestResponse, who: str, w: World) -> None:
+    assert resp.headers["Location"] == "/login"
+    assert w.sessions[who].get("/").status_code == 302  # the session is gone
+
+
+def check_bad_login(resp: TestResponse, who: str, w: World) -> None:
+    if who == ANON:
+        assert "Wrong username or password." in resp.get_data(as_text=True)
+
+
+# ---------------------------------------------------------------- the matrix
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    rule: str  # exactly as in app.url_map
+    expect: Expect
+    path: str = ""  # the URL to call, with {job}, {queued}, {upload}, ...; default: rule
+    json: Any = None
+    data: bytes | None = None
+    content_type: str | None = None
+    check: Callable[[TestResponse, str, World], None] | None = None
+    # Run `check` on every answer, refusals and redirects too (to show a refused write
+    # changed nothing); by default it only runs on a 2xx.
+    check_all: bool = False
+    page: bool = False  # an HTML page: browser session (and CSRF token on POST)
+    optional: bool = False  # a route another engineer may not have added yet
+    note: str = ""  # tells rows of the same route apart in failure messages
+
+    @property
+    def route(self) -> tuple[str, str]:
+        return self.method, self.rule
+
+    def label(self) -> str:
+        return f"{self.method} {self.path or self.rule}" + (f" ({self.note})" if self.note else "")
+
+
+J = "/api/v1/jobs/<int:job_id>"
+
+MATRIX: tuple[Row, ...] = (
+    # jobs
+    Row("GET", "/api/v1/jobs", any_user(), check=check_job_list),
+    Row("GET", "/api/v1/jobs", any_user(), "/api/v1/jobs?owner=alice", check=check_owner_filter),
+    Row("GET", J, owned(), "/api/v1/jobs/{job}", check=check_job),
+    Row("GET", J + "/metrics", owned(), "/api/v1/jobs/{job}/metrics", check=check_metrics),
+    Row("GET", J + "/logs", owned(), "/api/v1/jobs/{job}/logs", check=check_logs),
+    Row("GET", J + "/artifacts", owned(), "/api/v1/jobs/{job}/artifacts", check=check_artifact_list),
+    Row("GET", J + "/artifacts/<path:name>", owned(), "/api/v1/jobs/{job}/artifacts/{artifact}",
+        check=check_download),
+    Row("POST", "/api/v1/jobs", any_user(201), json=train_spec(), check=check_new_job_is_callers,
+        note="train"),
+    # bob: 422 "job N does not exist", the answer for an id that does not exist.
+    Row("POST", "/api/v1/jobs", {ANON: 401, ALICE: 201, BOB: 422, ADMIN: 201},
+        json={"kind": "evaluate", "source_job_id": "{job}", "dataset": {"split": "test"}},
+        check=check_evaluate, check_all=True, note="evaluate alice's job"),
+    Row("POST", J + "/cancel", owned(), "/api/v1/jobs/{queued}/cancel", check=check_cancel,
+        check_all=True),
+    Row("POST", J + "/retry", owned(201), "/api/v1/jobs/{job}/retry",
+        check=check_new_job_is_callers),
+    # uploads
+    Row("POST", "/api/v1/uploads", any_user(201), data=CSV, content_type="text/csv",
+        check=check_new_upload),
+    Row("GET", "/api/v1/uploads/<int:upload_id>", owned(), "/api/v1/uploads/{upload}",
+        check=check_upload),
+    # account and tokens
+    Row("GET", "/api/v1/me", any_user(), check=check_me),
+    Row("GET", "/api/v1/tokens", any_user(), check=check_own_tokens),
+    Row("GET", "/api/v1/tokens", {ANON: 401, ALICE: 403, BOB: 403, ADMIN: 200},
+        "/api/v1/tokens?all=true", check=check_all_tokens),
+    Row("POST", "/api/v1/tokens", any_user(201), json={"name": "matrix"}, check=check_new_token),
+    # Admins may revoke anyone's token (a leaked one); bob cannot see alice's.
+    Row("DELETE", "/api/v1/tokens/<int:token_id>", owned(), "/api/v1/tokens/{token}",
+        check=check_revoke, check_all=True),
+    # registries and health
+    Row("GET", "/api/v1/models", any_user()),
+    Row("GET", "/api/v1/datasets", any_user()),
+    Row("GET", "/healthz", PUBLIC),
+    # HTML
+    Row("GET", "/", page(), check=check_home, page=True),
+    Row("GET", "/login", {ANON: 200, ALICE: 302, BOB: 302, ADMIN: 302}, check=check_login_page,
+        check_all=True, page=True),
+    Row("POST", "/login", {ANON: 401, ALICE: 302, BOB: 302, ADMIN: 302}, page=True,
+        note="wrong password",
+        data=b"username=alice&password=not-her-password", check=check_bad_login, check_all=True,
+        content_type="application/x-www-form-urlencoded"),
+    # API reference (server/openapi.py, still being written, hence optional): the document
+    # is public (it describes the API, no data); the Swagger UI page needs a login.
+    Row("GET", "/api/v1/openapi.json", PUBLIC, optional=True),
+    Row("GET", "/api/docs", page(), page=True, optional=True),
+    # Last: it ends the session the page rows above use.
+    Row("POST", "/logout", {i: 302 for i in IDENTITIES}, page=True, check=check_logged_out,
+        check_all=True),
+)  # fmt: skip
+
+IGNORED_ENDPOINTS = {"static"}
+
+
+def app_routes(app: Flask) -> set[tuple[str, str]]:
+    return {
+        (method, rule.rule)
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint not in IGNORED_ENDPOINTS
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}
+    }
+
+
+def test_every_route_is_in_the_matrix(tmp_path: Path) -> None:
+    from server.app import create_app
+
+    app = create_app(Settings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    routes = app_routes(app)
+    listed = {row.route for row in MATRIX}
+    missing = sorted(routes - listed)
+    assert not missing, (
+        "routes with no row in the authorization matrix (add them to MATRIX in "
+        "tests/test_authorization.py, deciding who may call them): "
+        + ", ".join(f"{method} {rule}" for method, rule in missing)
+    )
+    stale = sorted(r.route for r in MATRIX if not r.optional and r.route not in routes)
+    assert not stale, "MATRIX rows for routes the app does not have: " + ", ".join(
+        f"{m} {r}" for m, r in stale
+    )
+
+
+def fill(value: Any, ids: dict[str, Any]) -> Any:
+    """Put the world's ids into a row's path or JSON body ("{job}" -> 12)."""
+    if isinstance(value, str):
+        whole = re.fullmatch(r"\{(\w+)\}", value)
+        return ids[whole.group(1)] if whole else value.format(**ids)
+    if isinstance(value, dict):
+        return {k: fill(v, ids) for k, v in value.items()}
+    if isinstance(value, list):
+        return [fill(v, ids) for v in value]
+    return value
+
+
+def call(row: Row, client: FlaskClient, w: World) -> TestResponse:
+    path = fill(row.path or row.rule, w.ids())
+    kwargs: dict[str, Any] = {}
+    if row.json is not None:
+        kwargs["json"] = fill(row.json, w.ids())
+    data = row.data
+    if row.page and row.method == "POST":
+        # A real browser form carries the page's CSRF token.
+        token = f"csrf_token={page_csrf_token(client)}".encode()
+        data = token + (b"&" + data if data else b"")
+        kwargs["content_type"] = "application/x-www-form-urlencoded"
+    if data is not None:
+        kwargs["data"] = data
+        kwargs.setdefault("content_type", row.content_type)
+    return client.open(path, method=row.method, **kwargs)
+
+
+def check_response(row: Row, who: str, resp: TestResponse, w: World) -> None:
+    if resp.status_code != row.expect[who]:
+        raise AssertionError(
+            f"status {resp.status_code}, expected {row.expect[who]}: "
+            + resp.get_data(as_text=True)[:200]
+        )
+    if resp.status_code == 401 and not row.page:
+        body = resp.get_json()
+        assert body["error"]["code"] == "unauthorized", body
+        assert set(body["error"]) == {"code", "message", "fields"}
+    elif resp.status_code == 404 and not row.page:
+        assert resp.get_json()["error"]["code"] == "not_found"
+    elif resp.status_code == 302 and who == ANON and row.method == "GET":
+        assert resp.headers["Location"].startswith("/login"), resp.headers["Location"]
+    if row.check is not None and (resp.status_code < 300 or row.check_all):
+        row.check(resp, who, w)
+
+
+@pytest.mark.parametrize("who", IDENTITIES)
+def test_authorization_matrix(who: str, app: Flask, settings: Settings, db_url: str, users) -> None:  # type: ignore[no-untyped-def]
+    w = make_world(app, settings, db_url, users)
+    routes = app_routes(app)
+    failures: list[str] = []
+    for row in MATRIX:
+        if row.optional and row.route not in routes:
+            continue
+        client = w.sessions[who] if row.page else w.clients[who]
+        try:
+            check_response(row, who, call(row, client, w), w)
+            if not row.page and row.method == "GET":
+                # The same read with the browser session (no token) answers the same.
+                check_response(row, who, call(row, w.sessions[who], w), w)
+        except Exception as exc:  # noqa: BLE001 - collect every row's failure, then report
+            failures.append(f"{who}: {row.label()}: {type(exc).__name__}: {exc}")
+    assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------- no existence leak
+
+
+def normalized(resp: TestResponse, object_id: int) -> tuple[int, str]:
+    """Status and body with the asked-for id replaced, to compare two answers."""
+    body = json.dumps(resp.get_json(), sort_keys=True)
+    return resp.status_code, re.sub(rf"\b{object_id}\b", "<id>", body)
+
+
+def test_another_users_object_reads_exactly_like_a_missing_one(
+    app: Flask, settings: Settings, db_url: str, users
+) -> None:  # type: ignore[no-untyped-def]
+    w = make_world(app, settings, db_url, users)
+    bob = w.clients[BOB]
+    missing = 10**9  # no such job, upload or token
+    probes = [
+        ("GET", "/api/v1/jobs/{}"),
+        ("GET", "/api/v1/jobs/{}/metrics"),
+        ("GET", "/api/v1/jobs/{}/logs"),
+        ("GET", "/api/v1/jobs/{}/artifacts"),
+        ("GET", "/api/v1/jobs/{}/artifacts/" + ARTIFACT),
+        ("POST", "/api/v1/jobs/{}/cancel"),
+        ("POST", "/api/v1/jobs/{}/retry"),
+    ]
+    cases = [(m, p, w.job) for m, p in probes]
+    cases += [
+        ("GET", "/api/v1/uploads/{}", w.upload),
+        ("DELETE", "/api/v1/tokens/{}", w.spare_token),
+    ]
+    for method, template, alices in cases:
+        theirs = bob.open(template.format(alices), method=method)
+        nothing = bob.open(template.format(missing), method=method)
+        assert theirs.status_code == 404, (template, theirs.get_json())
+        assert normalized(theirs, alices) == normalized(nothing, missing), template
+        assert sorted(theirs.headers.keys()) == sorted(nothing.headers.keys()), template
+
+    # An evaluate job naming alice's job as its source: the 422 of a missing job.
+    theirs = bob.post("/api/v1/jobs", json=evaluate_spec(w.job))
+    nothing = bob.post("/api/v1/jobs", json=evaluate_spec(missing))
+    assert theirs.status_code == 422
+    assert theirs.get_json()["error"]["fields"] == {"source_job_id": f"job {w.job} does not exist"}
+    assert normalized(theirs, w.job) == normalized(nothing, missing)
+
+    with transaction(db_url) as s:  # and nothing of alice's changed hands or state
+        assert s.query(Job).filter(Job.owner_id == users.bob.id).count() == 1  # bob-run
+        assert s.get(Job, w.queued).state == "queued"
