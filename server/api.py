@@ -14,11 +14,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload
 
 from server import api_models as models
-from server.access import find_visible_job, visible_job, visible_jobs
-from server.auth import api_user, authenticate_api_request, submit_limits
+from server import submission
+from server.access import visible_job, visible_jobs
+from server.auth import api_user, authenticate_api_request
 from server.catalog import catalog_context
 from server.database import get_session
-from server.enqueue import enqueue_job
 from server.errors import ApiError
 from server.openapi import operation
 from server.params import (
@@ -32,22 +32,15 @@ from server.params import (
 )
 from server.serialize import job_to_json
 from shared import job_files
-from shared.dataset_catalog import DATASETS, resolve_dataset
+from shared.dataset_catalog import DATASETS
 from shared.model_catalog import MODELS
 from shared.models import Job, MetricPoint, User
-from shared.schema_base import CatalogError
 from shared.settings import Settings
 from shared.spec import (
-    EvaluateSpec,
-    SpecError,
     TrainSpec,
-    eval_dataset_params,
-    load_stored_spec,
-    parse_spec,
-    resolve_train_dataset,
     spec_to_json,
 )
-from shared.state_machine import TERMINAL, JobState, request_cancel
+from shared.state_machine import JobState, request_cancel
 
 bp = Blueprint("api_v1", __name__, url_prefix="/api/v1")
 bp.before_request(authenticate_api_request)
@@ -60,42 +53,6 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,200}")
 
 def _settings() -> Settings:
     return current_app.config["TRAINYARD_SETTINGS"]
-
-
-def _invalid(fields: dict[str, str]) -> ApiError:
-    return ApiError(422, "invalid_spec", "invalid job spec", fields)
-
-
-def _check_evaluate_source(spec: EvaluateSpec) -> Job:
-    """An evaluate job must name a succeeded train job, and a dataset its model can take."""
-    field = "source_job_id"
-    # Someone else's job reads as missing here too.
-    source = find_visible_job(spec.source_job_id)
-    if source is None:
-        raise _invalid({field: f"job {spec.source_job_id} does not exist"})
-    if source.kind != "train":
-        raise _invalid({field: f"job {source.id} is an {source.kind} job, not a train job"})
-    if source.state != JobState.SUCCEEDED.value or not source.checkpoint_path:
-        raise _invalid(
-            {
-                field: f"job {source.id} is {source.state}; only succeeded train jobs can be evaluated"
-            }
-        )
-    source_spec = load_stored_spec(source.spec)
-    assert isinstance(source_spec, TrainSpec)
-    ctx = catalog_context()
-    try:
-        trained_on = resolve_train_dataset(source_spec, ctx)
-        name, params = eval_dataset_params(spec, source_spec)
-        scored_on = resolve_dataset(name, params, ctx)
-    except CatalogError as exc:
-        raise _invalid({exc.field: exc.message}) from None
-    except SpecError as exc:
-        raise _invalid(exc.fields) from None
-    problem = scored_on.compatible_with(trained_on)
-    if problem:
-        raise _invalid({"dataset.name": f"{problem} (job {source.id})"})
-    return source
 
 
 def _idempotency_key() -> str | None:
@@ -140,10 +97,6 @@ def _replay(job: Job, spec_json: dict[str, Any]) -> ResponseReturnValue:
     return jsonify(job_to_json(job)), 200, headers
 
 
-def _job_by_key(key: str) -> Job | None:
-    return get_session().scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
-
-
 _JOB_CREATED_HEADERS = {"Location": {"$ref": "#/components/headers/Location"}}
 
 
@@ -180,53 +133,25 @@ def submit_job() -> ResponseReturnValue:
     """
     parse_query(NoQuery)
     key = _idempotency_key()
-    try:
-        spec = parse_spec(json_body("invalid_spec", "invalid job spec"), catalog_context())
-    except SpecError as exc:
-        raise _invalid(exc.fields) from None
+    spec = submission.parse_job_spec(json_body("invalid_spec", "invalid job spec"))
     spec_json = spec_to_json(spec)
-    if key is not None and (existing := _job_by_key(key)) is not None:
+    if key is not None and (existing := submission.job_by_idempotency_key(key)) is not None:
         return _replay(existing, spec_json)
-
-    source = _check_evaluate_source(spec) if isinstance(spec, EvaluateSpec) else None
-    submit_limits().check(api_user())
-    if isinstance(spec, TrainSpec):
-        model_name, dataset_name = spec.model.name, spec.dataset.name
-    else:
-        model_name = source.model_name if source else None
-        dataset_name = spec.dataset.name or (source.dataset_name if source else None)
-    job = Job(
-        kind=spec.kind,
-        name=spec.name,
-        state=JobState.QUEUED.value,
-        queue=spec.queue,
-        priority=spec.priority,
-        spec=spec_json,
-        model_name=model_name,
-        dataset_name=dataset_name,
-        source_job_id=source.id if source else None,
-        max_attempts=_settings().max_attempts,
-        idempotency_key=key,
-        owner_id=api_user().id,
-    )
-    return _create_job(job, spec_json, key)
-
-
-def _create_job(job: Job, spec_json: dict[str, Any], key: str | None = None) -> ResponseReturnValue:
-    session = get_session()
-    session.add(job)
+    job = submission.build_job(spec, api_user(), idempotency_key=key)
     try:
-        # Commit before enqueue: a worker that picks the task up at once must find the row.
-        session.commit()
+        submission.store_and_enqueue(job)
     except IntegrityError:
         # A concurrent POST with the same key committed first (the unique index decided):
         # answer with its job, and leave the enqueueing to it.
-        session.rollback()
-        winner = _job_by_key(key) if key is not None else None
+        get_session().rollback()
+        winner = submission.job_by_idempotency_key(key) if key is not None else None
         if winner is None:
             raise
         return _replay(winner, spec_json)
-    enqueue_job(job)
+    return _created(job)
+
+
+def _created(job: Job) -> ResponseReturnValue:
     return jsonify(job_to_json(job)), 201, {"Location": f"/api/v1/jobs/{job.id}"}
 
 
@@ -298,29 +223,7 @@ def retry_job(job_id: int) -> ResponseReturnValue:
     A new job with the same spec (design.md 3), owned by whoever asked for it.
     """
     parse_query(NoQuery)
-    original = visible_job(job_id)
-    if original.state not in {s.value for s in TERMINAL}:
-        raise ApiError(
-            409,
-            "not_finished",
-            f"job {job_id} is {original.state}; only finished jobs can be retried",
-            {"state": original.state},
-        )
-    submit_limits().check(api_user())
-    job = Job(
-        kind=original.kind,
-        name=original.name,
-        state=JobState.QUEUED.value,
-        queue=original.queue,
-        priority=original.priority,
-        spec=original.spec,
-        model_name=original.model_name,
-        dataset_name=original.dataset_name,
-        source_job_id=original.source_job_id,
-        max_attempts=_settings().max_attempts,
-        owner_id=api_user().id,
-    )
-    return _create_job(job, original.spec)
+    return _created(submission.retry(visible_job(job_id), api_user()))
 
 
 def _downsample(

@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     app.register_blueprint(uploads_api.bp)
     app.register_blueprint(tokens_api.bp)
     app.register_blueprint(web.bp)
+    web.filters.init_app(app)
     app.register_blueprint(openapi.bp)
     app.add_url_rule("/healthz", "healthz", healthz)
     openapi.init_app(app)

@@ -133,17 +133,17 @@ def test_losing_the_insert_race_returns_the_winner(  # type: ignore[no-untyped-d
 ) -> None:
     """Deterministic version of the race: the first look-up misses (the other request
     has not committed yet), the INSERT then hits the unique index."""
-    import server.api
+    import server.submission
 
     winner = client.post("/api/v1/jobs", json=train_spec(), headers={KEY: "race"}).get_json()
-    real_lookup = server.api._job_by_key
+    real_lookup = server.submission.job_by_idempotency_key
     calls: list[str] = []
 
     def miss_once(key: str):  # type: ignore[no-untyped-def]
         calls.append(key)
         return None if len(calls) == 1 else real_lookup(key)
 
-    monkeypatch.setattr(server.api, "_job_by_key", miss_once)
+    monkeypatch.setattr(server.submission, "job_by_idempotency_key", miss_once)
     resp = client.post("/api/v1/jobs", json=train_spec(), headers={KEY: "race"})
     assert resp.status_code == 200, resp.get_json()
     assert resp.get_json()["id"] == winner["id"] and calls == ["race", "race"]

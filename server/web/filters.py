@@ -1,0 +1,80 @@
+"""Jinja filters and globals shared by the pages: durations, times, metric values."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+from flask import Flask, request
+
+from shared.db import utcnow
+
+
+def duration(seconds: float | None) -> str:
+    """1.2 s, 42 s, 3 m 05 s, 2 h 14 m: short and readable at a glance."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "—"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} m {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} m"
+
+
+def job_duration(started: datetime | None, finished: datetime | None) -> str:
+    if started is None:
+        return "—"
+    return duration(((finished or utcnow()) - started).total_seconds())
+
+
+def ago(ts: datetime | None) -> str:
+    """How long ago a naive-UTC timestamp was: "just now", "5 min ago", "3 d ago"."""
+    if ts is None:
+        return "—"
+    seconds = (utcnow() - ts).total_seconds()
+    if seconds < 45:
+        return "just now"
+    if seconds < 3600:
+        return f"{round(seconds / 60)} min ago"
+    if seconds < 86400:
+        return f"{round(seconds / 3600)} h ago"
+    return f"{round(seconds / 86400)} d ago"
+
+
+def utc(ts: datetime | None) -> str:
+    return "—" if ts is None else ts.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def iso_utc(ts: datetime | None) -> str:
+    return "" if ts is None else ts.isoformat(timespec="seconds") + "Z"
+
+
+def metric(value: object) -> str:
+    """A metric value with 4 significant digits; counts stay integers."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def nav_active(path: str) -> bool:
+    if path == "/":
+        return request.path == "/" or request.path.startswith("/jobs")
+    return request.path == path or request.path.startswith(path + "/")
+
+
+def init_app(app: Flask) -> None:
+    app.jinja_env.filters.update(
+        duration=duration, job_duration=job_duration, ago=ago, utc=utc, iso_utc=iso_utc,
+        metric=metric,
+    )  # fmt: skip
+    app.jinja_env.globals.update(nav_active=nav_active)
