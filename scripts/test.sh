@@ -19,4 +19,16 @@ if [ "${TRAINYARD_TEST_SKIP_PG:-0}" != "1" ]; then
   fi
 fi
 
+# The browser tests drive Debian's Chromium (no browser download: there is no internet
+# at test time beyond the package mirrors). Install it when it is missing and we can.
+if [ "${TRAINYARD_TEST_SKIP_BROWSER:-0}" != "1" ] && [ ! -x "${TRAINYARD_TEST_CHROMIUM:-/usr/bin/chromium}" ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test: installing Chromium for the browser tests (apt-get)"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "test: no Chromium at ${TRAINYARD_TEST_CHROMIUM:-/usr/bin/chromium}; install the 'chromium' package or set TRAINYARD_TEST_SKIP_BROWSER=1" >&2
+    exit 1
+  fi
+fi
+
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
