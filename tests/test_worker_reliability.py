@@ -386,13 +386,14 @@ def test_sigterm_checkpoints_and_requeues_then_another_worker_resumes(
     def get_json(path: str) -> dict[str, Any]:
         return client.get(path).get_json()
 
-    done = wait_for_state(get_json, job_id, {"succeeded", "failed", "cancelled"}, timeout=60)
+    # Generous: a deadline, not a timing assertion; a loaded CI machine trains slowly.
+    done = wait_for_state(get_json, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
     assert done["state"] == "succeeded", second.log_tail()
     metrics = done["result"]["metrics"]
     assert done["attempt"] == 2 and metrics["resumed_from_step"] > 0
 
     reference_id = submit(client, spec)  # the same spec and seed, never interrupted
-    reference = wait_for_state(get_json, reference_id, {"succeeded", "failed"}, timeout=60)
+    reference = wait_for_state(get_json, reference_id, {"succeeded", "failed"}, timeout=240)
     expected = reference["result"]["metrics"]
     assert expected["resumed_from_step"] is None
     for key in ("train_loss", "val_loss", "val_accuracy", "val_f1", "epochs_run", "steps"):
