@@ -9,17 +9,16 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request, send_file
 from flask.typing import ResponseReturnValue
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import joinedload
 
 from server import api_models as models
-from server import submission
-from server.access import visible_job, visible_jobs
+from server import job_query, metric_series, submission
+from server.access import visible_job
 from server.auth import api_user, authenticate_api_request
 from server.catalog import catalog_context
 from server.database import get_session
 from server.errors import ApiError
+from server.job_query import Cursor, JobFilters, JobListPage
 from server.openapi import operation
 from server.params import (
     JobListQuery,
@@ -34,7 +33,7 @@ from server.serialize import job_to_json
 from shared import job_files
 from shared.dataset_catalog import DATASETS
 from shared.model_catalog import MODELS
-from shared.models import Job, MetricPoint, User
+from shared.models import Job
 from shared.settings import Settings
 from shared.spec import (
     TrainSpec,
@@ -156,28 +155,41 @@ def _created(job: Job) -> ResponseReturnValue:
 
 
 @bp.get("/jobs")
-@operation(tag="jobs", query=JobListQuery, ok={200: models.JobPage})
+@operation(tag="jobs", query=JobListQuery, ok={200: JobListPage})
 def list_jobs() -> ResponseReturnValue:
-    """List jobs, newest first (keyset pagination with `before`)."""
+    """List jobs: filtered, sorted, keyset-paginated.
+
+    Newest first by default; page with `cursor` (any sort) or `before` (newest only).
+    """
     query = parse_query(JobListQuery)
-    stmt = visible_jobs(select(Job)).options(joinedload(Job.owner)).order_by(Job.id.desc())
-    if query.state:
-        stmt = stmt.where(Job.state == query.state)
-    if query.kind:
-        stmt = stmt.where(Job.kind == query.kind)
-    if query.model:
-        stmt = stmt.where(Job.model_name == query.model)
-    if query.dataset:
-        stmt = stmt.where(Job.dataset_name == query.dataset)
-    if query.owner:
-        stmt = stmt.join(User, User.id == Job.owner_id).where(User.username == query.owner)
-    if query.before is not None:
-        # Keyset pagination: stable under inserts and as fast on page 1000 as on page 1.
-        stmt = stmt.where(Job.id < query.before)
-    jobs = get_session().scalars(stmt.limit(query.limit + 1)).all()
-    page = jobs[: query.limit]
-    next_before = page[-1].id if len(jobs) > query.limit else None
-    return jsonify({"jobs": [job_to_json(j) for j in page], "next_before": next_before})
+    if query.before is not None and (query.cursor is not None or query.sort != "newest"):
+        field = "cursor" if query.cursor is not None else "sort"
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            "invalid query parameters",
+            {"before": f"cannot be combined with {field}; use cursor"},
+        )
+    cursor = None
+    if query.cursor is not None:
+        cursor = Cursor.decode(query.cursor, query.sort)
+    elif query.before is not None:
+        # `before` is the newest-first cursor in its first form: the rows below an id.
+        cursor = Cursor("newest", True, 0, (query.before,))
+    filters = JobFilters(
+        state=query.state, kind=query.kind, model=query.model, dataset=query.dataset,
+        tag=query.tag, owner=query.owner, q=query.q,
+    )  # fmt: skip
+    page = job_query.list_jobs(filters, query.sort, cursor, query.limit)
+    more = page.next is not None
+    return jsonify(
+        {
+            "jobs": [job_to_json(j) for j in page.jobs],
+            "next_before": page.jobs[-1].id if more and query.sort == "newest" else None,
+            "next_cursor": page.next.encode() if page.next else None,
+            "prev_cursor": page.prev.encode() if page.prev else None,
+        }
+    )
 
 
 @bp.get("/jobs/<int:job_id>")
@@ -226,47 +238,15 @@ def retry_job(job_id: int) -> ResponseReturnValue:
     return _created(submission.retry(visible_job(job_id), api_user()))
 
 
-def _downsample(
-    rows: list[tuple[int, int | None, float]], max_points: int
-) -> list[tuple[int, int | None, float]]:
-    # Even stride keeps the shape of a curve; the last point is always kept so the
-    # final value shown matches the result.
-    if len(rows) <= max_points:
-        return rows
-    stride = -(-len(rows) // max_points)
-    picked = rows[::stride]
-    if picked[-1] is not rows[-1]:
-        picked[-1] = rows[-1]
-    return picked
-
-
 @bp.get("/jobs/<int:job_id>/metrics")
 @operation(tag="jobs", query=MetricsQuery, ok={200: models.Metrics}, errors=(404,))
 def get_metrics(job_id: int) -> ResponseReturnValue:
     """A job's metric series, downsampled on the server."""
     query = parse_query(MetricsQuery)
     job = visible_job(job_id)
-    max_points = query.max_points
-    stmt = (
-        select(MetricPoint.key, MetricPoint.step, MetricPoint.epoch, MetricPoint.value)
-        .where(MetricPoint.job_id == job.id)
-        .order_by(MetricPoint.key, MetricPoint.step, MetricPoint.id)
-    )
-    keys = [k for k in (query.keys or "").split(",") if k]
-    if keys:
-        stmt = stmt.where(MetricPoint.key.in_(keys))
-    by_key: dict[str, list[tuple[int, int | None, float]]] = {}
-    for key, step, epoch, value in get_session().execute(stmt):
-        by_key.setdefault(key, []).append((step, epoch, value))
-    series = {}
-    for key, rows in by_key.items():
-        rows = _downsample(rows, max_points)
-        series[key] = {
-            "step": [r[0] for r in rows],
-            "epoch": [r[1] for r in rows],
-            "value": [r[2] for r in rows],
-        }
-    return jsonify({"job_id": job.id, "series": series})
+    keys = [k for k in (query.keys or "").split(",") if k] or None
+    series = metric_series.load_series(get_session(), job.id, keys, query.max_points)
+    return jsonify({"job_id": job.id, "series": {k: s.to_json() for k, s in series.items()}})
 
 
 @bp.get("/jobs/<int:job_id>/logs")

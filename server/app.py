@@ -10,7 +10,18 @@ from flask import Flask, Response, current_app, jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
-from server import api, auth, database, enqueue, openapi, tokens_api, uploads_api, web
+from server import (
+    api,
+    auth,
+    cluster_api,
+    database,
+    enqueue,
+    openapi,
+    timeline_api,
+    tokens_api,
+    uploads_api,
+    web,
+)
 from server.database import get_session
 from server.errors import register_error_handlers
 from shared.settings import Settings, load_settings
@@ -41,6 +52,8 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     app.register_blueprint(api.bp)
     app.register_blueprint(uploads_api.bp)
     app.register_blueprint(tokens_api.bp)
+    app.register_blueprint(timeline_api.bp)
+    app.register_blueprint(cluster_api.bp)
     app.register_blueprint(web.bp)
     web.filters.init_app(app)
     app.register_blueprint(openapi.bp)

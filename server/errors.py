@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify, request
+from flask import Flask, jsonify, render_template, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
@@ -39,10 +39,40 @@ def error_response(
     return jsonify(body), status, headers or {}
 
 
+def _wants_html() -> bool:
+    """A browser asking for a page (not the API, not the health check) gets an HTML page."""
+    path = request.path
+    if path.startswith("/api/") or path == "/healthz" or path.startswith("/static/"):
+        return False
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "text/html"
+
+
+_TITLES = {400: "Bad request", 403: "Not allowed", 404: "Not found", 405: "Not allowed",
+           409: "Conflict", 413: "Too large", 429: "Slow down", 500: "Something broke"}  # fmt: skip
+
+
+def _page_or_json(
+    status: int,
+    code: str,
+    message: str,
+    fields: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> ResponseReturnValue:
+    if _wants_html():
+        try:
+            title = _TITLES.get(status, "Error")
+            page = render_template("error.html", status=status, title=title, message=message)
+            return page, status, headers or {}
+        except Exception:  # noqa: BLE001 - e.g. the database is down: fall back to JSON
+            log.exception("error page failed to render")
+    return error_response(status, code, message, fields, headers)
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> ResponseReturnValue:
-        return error_response(exc.status, exc.code, exc.message, exc.fields, exc.headers)
+        return _page_or_json(exc.status, exc.code, exc.message, exc.fields, exc.headers)
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge) -> ResponseReturnValue:
@@ -59,7 +89,7 @@ def register_error_handlers(app: Flask) -> None:
         code = (exc.name or "error").lower().replace(" ", "_")
         # Keep what the exception says about itself (Allow on a 405), not its HTML type.
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
-        return error_response(
+        return _page_or_json(
             exc.code or 500, code, exc.description or exc.name, _routing_fields(exc), headers
         )
 
@@ -67,7 +97,7 @@ def register_error_handlers(app: Flask) -> None:
     def _unexpected(exc: Exception) -> ResponseReturnValue:
         # The one place a bug becomes a 500: logged with its traceback, never shown.
         log.exception("unhandled error")
-        return error_response(500, "internal_error", "internal server error; see the server log")
+        return _page_or_json(500, "internal_error", "internal server error; see the server log")
 
 
 def _routing_fields(exc: HTTPException) -> dict[str, str] | None:

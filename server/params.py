@@ -59,9 +59,28 @@ class JobListQuery(QueryModel):
     owner: QueryText | None = Field(
         default=None, max_length=64, description="username (admins; members see their own)"
     )
+    tag: QueryText | None = Field(
+        default=None, max_length=64, description="only jobs with this tag"
+    )
+    q: QueryText | None = Field(
+        default=None,
+        max_length=200,
+        description="a case-insensitive substring of the name (`%` and `_` match themselves)",
+    )
+    sort: Literal["newest", "oldest", "name"] = Field(
+        default="newest", description="newest or oldest first (by id), or by name then id"
+    )
     limit: int = Field(default=50, ge=1, le=200, description="page size")
     before: int | None = Field(
-        default=None, ge=1, le=2**62, description="keyset cursor: `next_before` of the last page"
+        default=None,
+        ge=1,
+        le=2**62,
+        description="sort=newest only: keyset cursor, `next_before` of the last page",
+    )
+    cursor: QueryText | None = Field(
+        default=None,
+        max_length=1000,
+        description="keyset cursor for any sort: `next_cursor` or `prev_cursor` of a page",
     )
 
 

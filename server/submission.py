@@ -20,7 +20,7 @@ from server.database import get_session
 from server.enqueue import enqueue_job
 from server.errors import ApiError
 from shared.dataset_catalog import resolve_dataset
-from shared.models import Job
+from shared.models import Job, JobTag
 from shared.schema_base import CatalogError
 from shared.spec import (
     EvaluateSpec,
@@ -106,6 +106,8 @@ def build_job(
         max_attempts=current_app.config["TRAINYARD_SETTINGS"].max_attempts,
         idempotency_key=idempotency_key,
         owner_id=user.id,
+        # dict.fromkeys: a spec may repeat a tag; the (job_id, tag) key takes it once.
+        tag_rows=[JobTag(tag=tag) for tag in dict.fromkeys(spec.tags)],
     )
 
 

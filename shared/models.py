@@ -74,6 +74,10 @@ class Job(Base):
     # Who submitted it. NULL only for jobs from before accounts existed (admins see those).
     owner_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id"))
     owner: Mapped[User | None] = relationship()
+    # spec.tags as rows, so a tag filter is an index lookup (written by build_job).
+    tag_rows: Mapped[list[JobTag]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True
+    )
     kind: Mapped[str] = mapped_column(String(16))
     name: Mapped[str | None] = mapped_column(String(200))
     state: Mapped[str] = mapped_column(String(16), default="queued")
@@ -114,7 +118,27 @@ class Job(Base):
         # A member's job list (newest first), and the per-user queued-jobs limit.
         Index("ix_jobs_owner_id", "owner_id", "id"),
         Index("ix_jobs_owner_state_id", "owner_id", "state", "id"),
+        # The job list's model/dataset filters and name sort page through these in order.
+        Index("ix_jobs_model_id", "model_name", "id"),
+        Index("ix_jobs_dataset_id", "dataset_name", "id"),
+        Index("ix_jobs_name_id", "name", "id"),
+        # The leaderboard: a dataset's succeeded jobs, and which datasets have any.
+        Index("ix_jobs_state_dataset_id", "state", "dataset_name", "id"),
     )
+
+
+class JobTag(Base):
+    """One of a job's tags (a copy of spec.tags), so the job list filters by tag with an
+    index instead of parsing every job's spec."""
+
+    __tablename__ = "job_tags"
+
+    job_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+    __table_args__ = (Index("ix_job_tags_tag_job_id", "tag", "job_id"),)
 
 
 class JobEvent(Base):

@@ -66,6 +66,11 @@ def page(ok: int = 200) -> Expect:
     return {ANON: 302, ALICE: ok, BOB: ok, ADMIN: ok}
 
 
+def owned_page(ok: int = 200) -> Expect:
+    """A page about an object of alice's: bob gets the 404 page, anonymous the login form."""
+    return {ANON: 302, ALICE: ok, BOB: 404, ADMIN: ok}
+
+
 PUBLIC: Expect = {ANON: 200, ALICE: 200, BOB: 200, ADMIN: 200}
 
 
@@ -266,6 +271,25 @@ def check_me(resp: TestResponse, who: str, w: World) -> None:
     assert resp.get_json() == {"id": user.id, "username": user.username, "role": user.role}
 
 
+def check_queues(resp: TestResponse, who: str, w: World) -> None:
+    # Members see only their own waiting jobs; depths count everyone's, anonymously.
+    waiting = resp.get_json()["waiting"]
+    ids = {j["id"] for j in waiting}
+    if who == ADMIN:
+        assert w.bob_job in ids, ids
+    else:
+        assert {j["owner"] for j in waiting} <= {w.user(who).username}
+        assert (w.bob_job in ids) == (who == BOB), ids
+
+
+def check_workers_page(resp: TestResponse, who: str, w: World) -> None:
+    html = resp.get_data(as_text=True)
+    assert 'id="workers-page"' in html
+    # bob's queued job waits; alice's jobs are named alice-run and alice-queued.
+    assert ("bob-run" in html) == (who in (BOB, ADMIN))
+    assert ("alice-" in html) == (who != BOB) or who == ALICE
+
+
 def check_home(resp: TestResponse, who: str, w: World) -> None:
     html = resp.get_data(as_text=True)
     sees = {name for name in ("alice-run", "alice-queued", "bob-run") if name in html}
@@ -275,6 +299,16 @@ def check_home(resp: TestResponse, who: str, w: World) -> None:
         ADMIN: {"alice-run", "alice-queued", "bob-run"},
     }[who]
     assert sees == expected, sees
+
+
+def check_compare(resp: TestResponse, who: str, w: World) -> None:
+    # alice's job compared: hers and the admin's to see; bob's 404 names nothing of it.
+    assert ("alice-run" in resp.get_data(as_text=True)) == (who in (ALICE, ADMIN))
+
+
+def check_leaderboard(resp: TestResponse, who: str, w: World) -> None:
+    # alice's succeeded digits job puts digits in the dataset list; bob has none.
+    assert ('<option value="digits"' in resp.get_data(as_text=True)) == (who in (ALICE, ADMIN))
 
 
 def check_login_page(resp: TestResponse, who: str, w: World) -> None:
@@ -292,6 +326,58 @@ def check_logged_out(resp: TestResponse, who: str, w: World) -> None:
 def check_bad_login(resp: TestResponse, who: str, w: World) -> None:
     if who == ANON:
         assert "Wrong username or password." in resp.get_data(as_text=True)
+
+
+def check_submit_page(resp: TestResponse, who: str, w: World) -> None:
+    html = resp.get_data(as_text=True)
+    assert 'id="submit-form"' in html
+    # The evaluate form offers only the caller's own succeeded train jobs.
+    assert (f'<option value="{w.job}"' in html) == (who == ALICE)
+
+
+def check_clone_page(resp: TestResponse, who: str, w: World) -> None:
+    # Bob's 404 must not show alice's spec (the form's inputs filled from it).
+    assert ('value="alice-run"' in resp.get_data(as_text=True)) == (who in (ALICE, ADMIN))
+
+
+def check_form_job(resp: TestResponse, who: str, w: World) -> None:
+    # A job submitted with the form belongs to whoever submitted it.
+    if who == ANON:
+        assert resp.headers["Location"].startswith("/login")
+        return
+    job_id = int(resp.headers["Location"].removeprefix("/jobs/"))
+    with transaction(w.db_url) as s:
+        assert s.get(Job, job_id).owner_id == w.user(who).id
+
+
+def check_job_page(resp: TestResponse, who: str, w: World) -> None:
+    html = resp.get_data(as_text=True)
+    assert 'id="job-page"' in html and "alice-run" in html
+
+
+def check_job_stream(resp: TestResponse, who: str, w: World) -> None:
+    # alice's job is finished: its state, then the end of the stream.
+    body = resp.get_data(as_text=True)
+    assert resp.mimetype == "text/event-stream"
+    assert "event: job\n" in body and body.rstrip().split("\n")[-2] == "event: end"
+
+
+def check_timeline(resp: TestResponse, who: str, w: World) -> None:
+    assert resp.get_json()["job_id"] == w.job
+
+
+def check_page_cancel(resp: TestResponse, who: str, w: World) -> None:
+    check_cancel(resp, who, w)
+    if who in (ALICE, ADMIN):
+        assert resp.headers["Location"] == f"/jobs/{w.queued}"
+
+
+def check_page_new_job(resp: TestResponse, who: str, w: World) -> None:
+    # Retried or evaluated from the page: a new job, the caller's, and its page next.
+    job_id = int(resp.headers["Location"].removeprefix("/jobs/"))
+    with transaction(w.db_url) as s:
+        job = s.get(Job, job_id)
+        assert job.owner_id == w.user(who).id and job_id not in (w.job, w.queued, w.bob_job)
 
 
 # ---------------------------------------------------------------- the matrix
@@ -330,6 +416,7 @@ MATRIX: tuple[Row, ...] = (
     Row("GET", "/api/v1/jobs", any_user(), "/api/v1/jobs?owner=alice", check=check_owner_filter),
     Row("GET", J, owned(), "/api/v1/jobs/{job}", check=check_job),
     Row("GET", J + "/metrics", owned(), "/api/v1/jobs/{job}/metrics", check=check_metrics),
+    Row("GET", J + "/events", owned(), "/api/v1/jobs/{job}/events", check=check_timeline),
     Row("GET", J + "/logs", owned(), "/api/v1/jobs/{job}/logs", check=check_logs),
     Row("GET", J + "/artifacts", owned(), "/api/v1/jobs/{job}/artifacts", check=check_artifact_list),
     Row("GET", J + "/artifacts/<path:name>", owned(), "/api/v1/jobs/{job}/artifacts/{artifact}",
@@ -361,9 +448,32 @@ MATRIX: tuple[Row, ...] = (
     # registries and health
     Row("GET", "/api/v1/models", any_user()),
     Row("GET", "/api/v1/datasets", any_user()),
+    # workers and queues (server/cluster_api.py): counts for everyone, jobs only one's own
+    Row("GET", "/api/v1/workers", any_user()),
+    Row("GET", "/api/v1/queues", any_user(), check=check_queues),
     Row("GET", "/healthz", PUBLIC),
     # HTML
     Row("GET", "/", page(), check=check_home, page=True),
+    # the job page (server/web/job_page.py): alice's job is a 404 page for bob
+    Row("GET", "/jobs/<int:job_id>", owned_page(), "/jobs/{job}", check=check_job_page,
+        page=True),
+    Row("GET", "/jobs/<int:job_id>/stream", owned_page(), "/jobs/{job}/stream",
+        check=check_job_stream, page=True),
+    Row("POST", "/jobs/<int:job_id>/cancel", owned_page(303), "/jobs/{queued}/cancel",
+        check=check_page_cancel, check_all=True, page=True),
+    Row("POST", "/jobs/<int:job_id>/retry", owned_page(303), "/jobs/{job}/retry",
+        check=check_page_new_job, page=True),
+    Row("POST", "/jobs/<int:job_id>/evaluate", owned_page(303), "/jobs/{job}/evaluate",
+        data=b"split=test&checkpoint=best&dataset=", check=check_page_new_job, page=True),
+    Row("GET", "/compare", {ANON: 302, ALICE: 200, BOB: 404, ADMIN: 200}, "/compare?ids={job}",
+        check=check_compare, check_all=True, page=True),
+    Row("GET", "/leaderboard", page(), check=check_leaderboard, page=True),
+    Row("GET", "/workers", page(), check=check_workers_page, page=True),
+    Row("GET", "/submit", page(), check=check_submit_page, page=True),
+    Row("GET", "/submit", {ANON: 302, ALICE: 200, BOB: 404, ADMIN: 200}, "/submit?clone={job}",
+        check=check_clone_page, check_all=True, page=True, note="clone alice's job"),
+    Row("POST", "/submit", page(302), page=True, data=b"kind=train&name=matrix-form",
+        check=check_form_job, check_all=True),
     Row("GET", "/login", {ANON: 200, ALICE: 302, BOB: 302, ADMIN: 302}, check=check_login_page,
         check_all=True, page=True),
     Row("POST", "/login", {ANON: 401, ALICE: 302, BOB: 302, ADMIN: 302}, page=True,

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from typing import Any
 
-from celery.signals import celeryd_init, worker_process_init, worker_shutting_down
+from celery.signals import (
+    celeryd_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from shared.celery_app import make_celery
 from shared.db import dispose_inherited_engines
 from shared.settings import load_settings
+from shared.worker_registry import Heartbeat, SlotInfo, connect, remove_node
 from worker import shutdown
+from worker.runner import worker_name
 from worker.tasks import register_tasks
 
 log = logging.getLogger(__name__)
@@ -21,12 +31,18 @@ app = make_celery(settings)
 register_tasks(app, settings)
 
 _slots = {"n": settings.worker_slots}
+# The Celery node name (-n), known in the main process and inherited by each child.
+_node = {"name": f"celery@{socket.gethostname()}"}
+# This child's registry heartbeat (shared/worker_registry.py), once started.
+_registry: dict[str, Heartbeat] = {}
 
 
 @celeryd_init.connect
 def _init_main(sender=None, conf=None, options=None, **_kw) -> None:  # type: ignore[no-untyped-def]
     if options and options.get("concurrency"):
         _slots["n"] = int(options["concurrency"])
+    if sender:
+        _node["name"] = str(sender)
     # Before the pool forks, so that every child shares the shutdown flag.
     shutdown.share_with_children()
 
@@ -50,3 +66,65 @@ def _init_child(**_kw) -> None:  # type: ignore[no-untyped-def]
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // _slots["n"])
     torch.set_num_threads(threads)
     log.info("worker child %s: torch threads=%s", os.getpid(), threads)
+    _start_registry()
+
+
+def _consumed_queues() -> tuple[str, ...]:
+    # -Q is applied to app.amqp.queues.consume_from in the main process before the pool
+    # forks, so a child sees it too; without -Q a worker consumes every declared queue.
+    chosen = app.amqp.queues.consume_from or app.amqp.queues
+    return tuple(sorted(chosen))
+
+
+def _gpu_names() -> tuple[str, ...]:
+    import torch
+
+    try:
+        return tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    except Exception as exc:  # noqa: BLE001 - a broken driver shows as "no GPU", not a crash
+        log.warning("worker registry: cannot list GPUs (%s)", exc)
+        return ()
+
+
+def _start_registry() -> None:
+    """Announce this slot in the worker registry (the /workers page and API) and keep
+    it there with a heartbeat thread. Failing here must never stop the worker."""
+    try:
+        gpus = _gpu_names()
+        info = SlotInfo(
+            name=worker_name(),
+            node=_node["name"],
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=_consumed_queues(),
+            node_slots=_slots["n"],
+            gpu_names=gpus,
+            # What pick_device() picks: the current CUDA device, 0 unless changed.
+            device="cuda:0" if gpus else "cpu",
+        )
+        heartbeat = Heartbeat(settings.require_redis_url(), info)
+        heartbeat.start()
+        _registry["heartbeat"] = heartbeat
+    except Exception:  # noqa: BLE001
+        log.exception("worker registry: not registering this slot")
+
+
+@worker_process_shutdown.connect
+def _leave_registry(**_kw: Any) -> None:
+    heartbeat = _registry.pop("heartbeat", None)
+    if heartbeat is not None:
+        heartbeat.stop()
+
+
+@worker_shutdown.connect
+def _forget_node(**_kw: Any) -> None:
+    # In the main process, after the pool stopped: children killed before they could
+    # unregister would otherwise stay listed until their entries expire.
+    try:
+        client = connect(settings.require_redis_url())
+        try:
+            remove_node(client, _node["name"])
+        finally:
+            client.close()
+    except Exception as exc:  # noqa: BLE001 - the entries expire on their own
+        log.info("worker registry: could not remove node %s (%s)", _node["name"], exc)

@@ -1,0 +1,144 @@
+"""Who is online and what waits: GET /api/v1/workers and GET /api/v1/queues.
+
+The answers are built in server/cluster_status.py (shared with the /workers page); the
+models below describe them for the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from flask import Blueprint, current_app, jsonify
+from flask.typing import ResponseReturnValue
+from pydantic import Field
+from spectree import Tag
+
+from server import openapi
+from server.api_models import ResponseModel
+from server.auth import api_user, authenticate_api_request
+from server.cluster_status import WAITING_SHOWN, queues_json, read_broker, workers_json
+from server.database import get_session
+from server.openapi import operation
+from server.params import NoQuery, parse_query
+
+bp = Blueprint("cluster_v1", __name__, url_prefix="/api/v1")
+bp.before_request(authenticate_api_request)
+
+openapi.TAGS.setdefault(
+    "cluster",
+    Tag(name="cluster", description="Worker slots online, queue depths, why jobs wait"),
+)
+
+_BROKER_ERROR = "why Redis could not be read (the registry and depths are then unknown)"
+
+
+# ---------------------------------------------------------------- response models
+
+
+class SlotJob(ResponseModel):
+    id: int
+    name: str | None
+    kind: Literal["train", "evaluate"]
+    owner: str | None
+    started_at: datetime | None
+    progress: float | None = Field(description="fraction of its steps done, 0 to 1")
+
+
+class WorkerSlot(ResponseModel):
+    name: str = Field(description="host:pid, as a job's `worker` names it")
+    pid: int
+    device: str = Field(description='the torch device its jobs run on: "cpu", "cuda:0"')
+    started_at: datetime | None
+    last_heartbeat: datetime | None = Field(description="by the worker's clock")
+    heartbeat_age_s: float = Field(description="seconds since its last heartbeat")
+    busy: bool = Field(description="whether it runs a job now")
+    job: SlotJob | None = Field(
+        description="the job it runs; null when idle, or when the job is another user's "
+        "(members see only that the slot is busy)"
+    )
+
+
+class WorkerNode(ResponseModel):
+    node: str = Field(description="the Celery node name, e.g. trainyard-1234@gpu-01")
+    host: str
+    queues: list[str] = Field(description="queues its slots take jobs from")
+    slots: int = Field(description="slots the node runs (its concurrency)")
+    online_slots: int = Field(description="slots heard from within the registry's TTL")
+    busy_slots: int
+    gpus: int = Field(description="GPUs the worker can see; 0: CPU only")
+    gpu_names: list[str]
+    workers: list[WorkerSlot]
+
+
+class Workers(ResponseModel):
+    nodes: list[WorkerNode]
+    online_slots: int
+    busy_slots: int
+    broker_error: str | None = Field(description=_BROKER_ERROR)
+    checked_at: datetime
+
+
+class QueueStatus(ResponseModel):
+    name: str
+    messages: int | None = Field(description="messages waiting in Redis; null if unknown")
+    queued_jobs: int = Field(description="jobs in state `queued` (everyone's)")
+    running_jobs: int
+    slots: int | None = Field(description="online slots consuming it; null if unknown")
+    busy_slots: int
+    nodes: int = Field(description="worker nodes consuming it")
+
+
+class WaitingJob(ResponseModel):
+    id: int
+    name: str | None
+    kind: Literal["train", "evaluate"]
+    owner: str | None
+    queue: str
+    priority: int
+    model: str | None
+    dataset: str | None
+    attempt: int = Field(description="claims so far; above 0 for a job handed back")
+    queued_since: datetime = Field(description="when it last entered the queue")
+    waiting_s: float
+    ahead: int = Field(description="queued jobs of its queue that workers take first")
+    reason_code: Literal["no_worker", "slots_busy", "jobs_ahead", "next_in_line", "unknown"]
+    reason: str = Field(description='why it waits, e.g. "all 2 gpu slots are busy"')
+
+
+class Queues(ResponseModel):
+    queues: list[QueueStatus]
+    waiting: list[WaitingJob] = Field(
+        description=f"the caller's queued jobs (an admin's: everyone's), the first "
+        f"{WAITING_SHOWN} in the order workers take them"
+    )
+    waiting_total: int = Field(description="how many queued jobs the caller may see")
+    broker_error: str | None = Field(description=_BROKER_ERROR)
+    checked_at: datetime
+
+
+# ---------------------------------------------------------------- routes
+
+
+def _broker_url() -> str | None:
+    return current_app.config["TRAINYARD_SETTINGS"].redis_url
+
+
+@bp.get("/workers")
+@operation(tag="cluster", ok={200: Workers})
+def list_workers() -> ResponseReturnValue:
+    """Worker slots online, grouped by node, with the job each one runs.
+
+    A slot shows up within a few seconds of starting and disappears when it stops (or
+    within 20 s if it dies). Members see a slot running another user's job as busy only.
+    """
+    parse_query(NoQuery)
+    return jsonify(workers_json(get_session(), read_broker(_broker_url()), api_user()))
+
+
+@bp.get("/queues")
+@operation(tag="cluster", ok={200: Queues})
+def list_queues() -> ResponseReturnValue:
+    """Queue depths and capacity, and why each of the caller's queued jobs waits."""
+    parse_query(NoQuery)
+    return jsonify(queues_json(get_session(), read_broker(_broker_url()), api_user()))

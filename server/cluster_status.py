@@ -1,0 +1,322 @@
+"""What the workers and queues are doing, for GET /api/v1/workers, /queues and /workers.
+
+Three sources are joined here: the worker registry in Redis (shared/worker_registry.py:
+which slots are online and which queues they consume), the broker's queue lists (how
+many messages wait), and the jobs table (what runs where, what waits, in which order).
+
+Members must not learn about other users' jobs: a slot running someone else's job is
+only "busy", and the waiting list holds the caller's own jobs. Counts (queue depths,
+jobs ahead) are shown to everyone: they say how long a wait is, not whose work it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from server.access import can_see, visible_jobs
+from server.auth import Principal
+from server.serialize import iso
+from shared.celery_app import QUEUES
+from shared.db import utcnow
+from shared.models import Job, User
+from shared.reconciler import _queue_lists
+from shared.state_machine import JobState
+from shared.worker_registry import OnlineSlot, connect, online_slots
+
+log = logging.getLogger(__name__)
+
+# The waiting list shows this many jobs, in the order workers will take them.
+WAITING_SHOWN = 100
+# A page must answer even when Redis does not: give up on it quickly.
+REDIS_TIMEOUT_S = 2.0
+
+QUEUED, RUNNING = JobState.QUEUED.value, JobState.RUNNING.value
+
+
+# ----------------------------------------------------------------------------- why it waits
+
+
+@dataclass(frozen=True)
+class WaitReason:
+    code: str  # no_worker | slots_busy | jobs_ahead | next_in_line | unknown
+    text: str
+
+
+def _jobs(n: int) -> str:
+    return f"{n} job" if n == 1 else f"{n} jobs"
+
+
+def wait_reason(queue: str, ahead: int, slots: int | None, busy: int) -> WaitReason:
+    """Why a queued job has not started yet.
+
+    `ahead`: queued jobs of the same queue that workers take before it; `slots`: worker
+    slots consuming the queue (None when the registry could not be read); `busy`: how
+    many of those run a job now.
+    """
+    if slots is None:
+        return WaitReason("unknown", "unknown: the broker cannot be reached")
+    if slots <= 0:
+        return WaitReason("no_worker", f"no worker consumes the {queue} queue")
+    free = max(slots - busy, 0)
+    if free > ahead:
+        # The free slots take the jobs ahead and this one in the same round.
+        return WaitReason("next_in_line", "next in line")
+    all_busy = (
+        f"the only {queue} slot is busy" if slots == 1 else f"all {slots} {queue} slots are busy"
+    )
+    if free == 0 and ahead == 0:
+        return WaitReason("slots_busy", all_busy)
+    if free == 0:
+        return WaitReason("jobs_ahead", f"{_jobs(ahead)} ahead of it; {all_busy}")
+    return WaitReason("jobs_ahead", f"{_jobs(ahead)} ahead of it")
+
+
+# ----------------------------------------------------------------------------- the broker
+
+
+@dataclass(frozen=True)
+class BrokerSnapshot:
+    """The registry and queue lengths, read once per request."""
+
+    slots: list[OnlineSlot] | None  # None: Redis could not be read
+    messages: dict[str, int]  # queue -> messages waiting in Redis
+    error: str | None = None
+
+
+def queue_messages(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
+    """Messages waiting per queue: kombu keeps one list per priority step."""
+    queues = list(queues)
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        for name in _queue_lists(queue):
+            pipe.llen(name)
+    lengths = iter(pipe.execute())
+    return {q: sum(next(lengths) for _ in _queue_lists(q)) for q in queues}
+
+
+def read_broker(url: str | None, queues: Sequence[str] = QUEUES) -> BrokerSnapshot:
+    if not url:
+        return BrokerSnapshot(None, {}, "TRAINYARD_REDIS_URL is not set")
+    client = connect(url, timeout_s=REDIS_TIMEOUT_S)
+    try:
+        return BrokerSnapshot(online_slots(client), queue_messages(client, queues))
+    except (redis.RedisError, OSError) as exc:
+        log.warning("cluster status: cannot read Redis (%s)", exc)
+        return BrokerSnapshot(None, {}, f"cannot reach Redis ({type(exc).__name__})")
+    finally:
+        client.close()
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _unix_iso(ts: float) -> str | None:
+    if ts <= 0:
+        return None
+    return iso(datetime.fromtimestamp(ts, timezone.utc).replace(tzinfo=None))
+
+
+def _running_by_worker(session: Session, names: list[str]) -> dict[str, Any]:
+    if not names:
+        return {}
+    stmt = (
+        select(
+            Job.id,
+            Job.name,
+            Job.kind,
+            Job.owner_id,
+            User.username,
+            Job.worker,
+            Job.started_at,
+            Job.progress,
+        )
+        .outerjoin(User, User.id == Job.owner_id)
+        .where(Job.state == RUNNING, Job.worker.in_(names))
+    )
+    return {row.worker: row for row in session.execute(stmt)}
+
+
+def _progress(progress: dict[str, Any] | None) -> float | None:
+    value = (progress or {}).get("fraction")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def workers_json(session: Session, broker: BrokerSnapshot, user: Principal) -> dict[str, Any]:
+    """Online slots grouped by node, each with its current job (if the user may see it)."""
+    slots = broker.slots or []
+    running = _running_by_worker(session, [s.name for s in slots])
+    nodes: dict[str, dict[str, Any]] = {}
+    for slot in slots:
+        info = slot.info
+        node = nodes.setdefault(
+            info.node,
+            {
+                "node": info.node,
+                "host": info.host,
+                "queues": [],
+                "slots": info.node_slots,
+                "online_slots": 0,
+                "busy_slots": 0,
+                "gpus": info.gpu_count,
+                "gpu_names": list(info.gpu_names),
+                "workers": [],
+            },
+        )
+        node["queues"] = sorted(set(node["queues"]) | set(info.queues))
+        row = running.get(slot.name)
+        job = None
+        if row is not None and can_see(row.owner_id, user):
+            job = {
+                "id": row.id,
+                "name": row.name,
+                "kind": row.kind,
+                "owner": row.username,
+                "started_at": iso(row.started_at),
+                "progress": _progress(row.progress),
+            }
+        node["online_slots"] += 1
+        node["busy_slots"] += row is not None
+        node["workers"].append(
+            {
+                "name": slot.name,
+                "pid": info.pid,
+                "device": info.device,
+                "started_at": _unix_iso(info.started_at),
+                "last_heartbeat": _unix_iso(slot.last_heartbeat),
+                "heartbeat_age_s": slot.heartbeat_age_s,
+                "busy": row is not None,
+                "job": job,
+            }
+        )
+    return {
+        "nodes": list(nodes.values()),
+        "online_slots": len(slots),
+        "busy_slots": sum(n["busy_slots"] for n in nodes.values()),
+        "broker_error": broker.error,
+        "checked_at": iso(utcnow()),
+    }
+
+
+# ----------------------------------------------------------------------------- queues
+
+
+def _job_counts(session: Session) -> dict[tuple[str, str], int]:
+    stmt = (
+        select(Job.queue, Job.state, func.count())
+        .where(Job.state.in_((QUEUED, RUNNING)))
+        .group_by(Job.queue, Job.state)
+    )
+    return {(queue, state): n for queue, state, n in session.execute(stmt)}
+
+
+def _busy_slot_names(session: Session, names: list[str]) -> set[str]:
+    if not names:
+        return set()
+    stmt = select(Job.worker).where(Job.state == RUNNING, Job.worker.in_(names))
+    return {w for (w,) in session.execute(stmt)}
+
+
+def _waiting_jobs(session: Session, user: Principal) -> tuple[list[Any], int]:
+    """The user's queued jobs (an admin's: everyone's) in the order workers take them,
+    each with how many queued jobs of its queue come first, and how many there are."""
+    # Workers take a queue's messages in the order they were published: the broker is
+    # given no priority (shared/celery_app.publish_job), so `priority` does not reorder
+    # them. A job is (re)published when it is created, handed back or requeued, and each
+    # of those sets updated_at, which nothing else changes while a job is queued.
+    ahead = func.row_number().over(partition_by=Job.queue, order_by=(Job.updated_at, Job.id)) - 1
+    ranked = (
+        select(
+            Job.id,
+            Job.name,
+            Job.kind,
+            Job.queue,
+            Job.priority,
+            Job.model_name,
+            Job.dataset_name,
+            Job.attempt,
+            Job.updated_at,
+            Job.owner_id,
+            ahead.label("ahead"),
+        )
+        .where(Job.state == QUEUED)
+        .subquery()
+    )
+    stmt = (
+        select(ranked, User.username)
+        .outerjoin(User, User.id == ranked.c.owner_id)
+        .order_by(ranked.c.ahead, ranked.c.updated_at, ranked.c.id)
+        .limit(WAITING_SHOWN)
+    )
+    if not user.is_admin:
+        # visible_jobs' rule, applied outside the ranking: other users' jobs still count
+        # as ahead of this user's, they are only not listed.
+        stmt = stmt.where(ranked.c.owner_id == user.id)
+    rows = session.execute(stmt).all()
+    total_stmt = select(func.count()).select_from(Job).where(Job.state == QUEUED)
+    total = session.scalar(visible_jobs(total_stmt, user)) or 0
+    return list(rows), total
+
+
+def queues_json(session: Session, broker: BrokerSnapshot, user: Principal) -> dict[str, Any]:
+    """Depth and capacity per queue, and the user's waiting jobs with why each waits."""
+    slots = broker.slots
+    names = [s.name for s in slots or []]
+    busy_names = _busy_slot_names(session, names)
+    counts = _job_counts(session)
+    capacity: dict[str, tuple[int | None, int]] = {}
+    queues = []
+    for queue in QUEUES:
+        consuming = [s for s in slots or [] if queue in s.info.queues]
+        total = None if slots is None else len(consuming)
+        busy = sum(s.name in busy_names for s in consuming)
+        capacity[queue] = (total, busy)
+        queues.append(
+            {
+                "name": queue,
+                "messages": broker.messages.get(queue),
+                "queued_jobs": counts.get((queue, QUEUED), 0),
+                "running_jobs": counts.get((queue, RUNNING), 0),
+                "slots": total,
+                "busy_slots": busy,
+                "nodes": len({s.info.node for s in consuming}),
+            }
+        )
+    rows, total_waiting = _waiting_jobs(session, user)
+    now = utcnow()
+    waiting = []
+    for row in rows:
+        total_slots, busy = capacity.get(row.queue, (0, 0) if slots is not None else (None, 0))
+        reason = wait_reason(row.queue, row.ahead, total_slots, busy)
+        waiting.append(
+            {
+                "id": row.id,
+                "name": row.name,
+                "kind": row.kind,
+                "owner": row.username,
+                "queue": row.queue,
+                "priority": row.priority,
+                "model": row.model_name,
+                "dataset": row.dataset_name,
+                "attempt": row.attempt,
+                "queued_since": iso(row.updated_at),
+                "waiting_s": round(max((now - row.updated_at).total_seconds(), 0.0), 1),
+                "ahead": row.ahead,
+                "reason_code": reason.code,
+                "reason": reason.text,
+            }
+        )
+    return {
+        "queues": queues,
+        "waiting": waiting,
+        "waiting_total": total_waiting,
+        "broker_error": broker.error,
+        "checked_at": iso(now),
+    }

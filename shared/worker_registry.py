@@ -1,0 +1,239 @@
+"""Which worker slots are online: a small registry in Redis, kept alive by heartbeats.
+
+Each worker slot (a Celery prefork child; its name `host:pid` is what the runner writes
+into `Job.worker`) keeps a hash `trainyard:workers:<host:pid>` describing itself, and
+refreshes it every HEARTBEAT_S with a TTL of TTL_S. A slot that dies without saying
+goodbye (SIGKILL, OOM, a lost host) therefore vanishes on its own within TTL_S; a clean
+shutdown deletes its hash at once. A set, `trainyard:workers`, names the slots so that
+readers need no SCAN over the whole keyspace; names whose hash expired are pruned by
+the next reader.
+
+Liveness comes from Redis's own clock (the key's remaining TTL), never from comparing
+the worker's clock with the reader's, so clock skew between hosts cannot make a live
+worker look dead or a dead one alive.
+
+Registry writes must never break a worker: the heartbeat thread catches everything, logs
+the first failure of a streak (not one line every beat) and tries again next beat.
+
+No Flask, no torch: the worker passes in what it knows about its devices.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "trainyard:workers:"
+INDEX_KEY = "trainyard:workers"
+HEARTBEAT_S = 5.0
+# Several missed beats before a slot counts as gone: one slow Redis round trip (or a
+# busy GIL in a training step) must not make a worker flicker off the page.
+TTL_S = 20.0
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """What a worker slot says about itself."""
+
+    name: str  # host:pid, exactly as Job.worker holds it
+    node: str  # the Celery node name, e.g. trainyard-1234@gpu-01
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    node_slots: int  # the node's concurrency: how many slots it runs in all
+    gpu_names: tuple[str, ...] = ()  # every GPU this process can see; empty: CPU only
+    device: str = "cpu"  # the torch device jobs in this slot run on, e.g. "cuda:0"
+    started_at: float = field(default_factory=time.time)  # Unix time
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self.gpu_names)
+
+    def to_hash(self, now: float) -> dict[str, str]:
+        return {
+            "node": self.node,
+            "host": self.host,
+            "pid": str(self.pid),
+            "queues": ",".join(self.queues),
+            "node_slots": str(self.node_slots),
+            "gpus": str(self.gpu_count),
+            "gpu_names": json.dumps(list(self.gpu_names)),
+            "device": self.device,
+            "started_at": repr(self.started_at),
+            "last_heartbeat": repr(now),
+        }
+
+    @classmethod
+    def from_hash(cls, name: str, raw: dict[str, str]) -> SlotInfo:
+        return cls(
+            name=name,
+            node=raw.get("node", ""),
+            host=raw.get("host", name.rpartition(":")[0]),
+            pid=int(raw.get("pid") or 0),
+            queues=tuple(q for q in raw.get("queues", "").split(",") if q),
+            node_slots=int(raw.get("node_slots") or 1),
+            gpu_names=tuple(json.loads(raw.get("gpu_names") or "[]")),
+            device=raw.get("device", "cpu"),
+            started_at=float(raw.get("started_at") or 0.0),
+        )
+
+
+@dataclass(frozen=True)
+class OnlineSlot:
+    """A slot as a reader finds it in the registry."""
+
+    info: SlotInfo
+    last_heartbeat: float  # Unix time, by the worker's clock (for display only)
+    heartbeat_age_s: float  # seconds since its last beat, by Redis's clock
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+def slot_key(name: str) -> str:
+    return KEY_PREFIX + name
+
+
+def register(client: redis.Redis, info: SlotInfo, ttl_s: float = TTL_S) -> None:
+    """Write (or refresh) a slot's hash and its TTL, and name it in the index."""
+    pipe = client.pipeline(transaction=True)
+    key = slot_key(info.name)
+    pipe.hset(key, mapping=info.to_hash(time.time()))
+    pipe.pexpire(key, int(ttl_s * 1000))
+    pipe.sadd(INDEX_KEY, info.name)
+    pipe.execute()
+
+
+def unregister(client: redis.Redis, name: str) -> None:
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(slot_key(name))
+    pipe.srem(INDEX_KEY, name)
+    pipe.execute()
+
+
+def online_slots(client: redis.Redis, ttl_s: float = TTL_S) -> list[OnlineSlot]:
+    """Every slot whose hash has not expired, by node then name. Raises RedisError."""
+    names = sorted(_text(n) for n in client.smembers(INDEX_KEY))
+    if not names:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(slot_key(name))
+        pipe.pttl(slot_key(name))
+    replies = pipe.execute()
+    found: list[OnlineSlot] = []
+    gone: list[str] = []
+    for name, raw, pttl in zip(names, replies[::2], replies[1::2], strict=True):
+        if not raw or pttl is None or pttl < 0:
+            # Expired (a dead slot), or a hash without a TTL, which no live worker
+            # writes: either way not online.
+            gone.append(name)
+            continue
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        try:
+            info = SlotInfo.from_hash(name, fields)
+            last = float(fields.get("last_heartbeat") or 0.0)
+        except (ValueError, TypeError) as exc:
+            log.warning("worker registry: ignoring malformed entry %r (%s)", name, exc)
+            continue
+        age = max(0.0, ttl_s - pttl / 1000.0)
+        found.append(OnlineSlot(info=info, last_heartbeat=last, heartbeat_age_s=round(age, 1)))
+    if gone:
+        client.srem(INDEX_KEY, *gone)
+    found.sort(key=lambda s: (s.info.node, s.info.host, s.info.pid))
+    return found
+
+
+def remove_node(client: redis.Redis, node: str) -> int:
+    """Delete every slot of one Celery node (its main process, on shutdown, cleans up
+    after children that could not do it themselves). Returns how many went."""
+    removed = 0
+    for slot in online_slots(client):
+        if slot.info.node == node:
+            unregister(client, slot.name)
+            removed += 1
+    return removed
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def connect(url: str, timeout_s: float = 3.0) -> redis.Redis:
+    """A client for the broker's Redis (kombu's redis+socket:// spelling understood)."""
+    if url.startswith("redis+socket://"):
+        url = "unix://" + url.removeprefix("redis+socket://")
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+
+
+class Heartbeat:
+    """A daemon thread that keeps one slot's registry entry alive.
+
+    `start` writes the entry once before returning (so the slot shows up at once if
+    Redis answers) and then refreshes it every `interval_s`; `stop` ends the thread and
+    deletes the entry. Neither ever raises.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        info: SlotInfo,
+        interval_s: float = HEARTBEAT_S,
+        ttl_s: float = TTL_S,
+    ) -> None:
+        self.info = info
+        self._url = url
+        self._interval_s = interval_s
+        self._ttl_s = ttl_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: redis.Redis | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="trainyard-registry", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        try:
+            unregister(self._redis(), self.info.name)
+        except Exception as exc:  # noqa: BLE001 - the entry then expires on its own
+            log.debug("worker registry: could not remove %s (%s)", self.info.name, exc)
+
+    def beat(self) -> bool:
+        """Refresh the entry once; False (and logged once per streak) when it failed."""
+        try:
+            register(self._redis(), self.info, self._ttl_s)
+        except Exception as exc:  # noqa: BLE001 - a registry must never break a worker
+            if not self._failing:
+                log.warning(
+                    "worker registry: cannot write %s to Redis (%s: %s); retrying every %.0f s",
+                    self.info.name, type(exc).__name__, exc, self._interval_s,
+                )  # fmt: skip
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("worker registry: %s registered again", self.info.name)
+        self._failing = False
+        return True
+
+    def _redis(self) -> redis.Redis:
+        if self._client is None:
+            self._client = connect(self._url)
+        return self._client
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.beat()
