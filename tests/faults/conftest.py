@@ -95,6 +95,30 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "timings(**values): override the fault suite's short settings for one test"
     )
+    config.addinivalue_line(
+        "markers",
+        "postgresql_only(why): run this scenario on PostgreSQL only (SQLite when PG is skipped)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Scenarios whose database plays no part run once, on PostgreSQL.
+
+    The suite must fit in 10 minutes on 2 cores; a scenario about the broker, signals
+    or a crashing child gains nothing from a second run on SQLite, whose own semantics
+    (locking, outages, resume) keep their SQLite runs here and in the tests above.
+    The skipped copies show up as "deselected" in pytest's summary.
+    """
+    if "postgresql" not in root_conftest.DB_PARAMS:
+        return
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_sqlite = callspec is not None and callspec.params.get("db_url") == "sqlite"
+        (drop if on_sqlite and item.get_closest_marker("postgresql_only") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 # ------------------------------------------------------------------ polling
