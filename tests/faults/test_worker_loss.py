@@ -132,7 +132,9 @@ def test_sigterm_hands_the_job_back_promptly_and_it_resumes(cluster: Cluster) ->
     resumes the job from that checkpoint. Twice: first to the main process only (what
     `docker stop` and Kubernetes send), then to the whole process group, pool child
     included (what `trainyard up`, systemd or a Ctrl-C send)."""
-    epochs = 50  # outlasts starting the next worker while it trains, twice
+    # Outlasts starting the next worker while it trains, twice, on a fast quiet machine
+    # too (50 epochs once finished before the second SIGTERM landed).
+    epochs = 80
     cluster.start_reconciler()
     worker = cluster.start_worker()
     job_id = cluster.submit(long_spec(epochs=epochs))
