@@ -141,6 +141,25 @@ class JobTag(Base):
     __table_args__ = (Index("ix_job_tags_tag_job_id", "tag", "job_id"),)
 
 
+class JobMetric(Base):
+    """One final metric of a succeeded job (a copy of result.metrics.<key>), written with
+    the state change, so the leaderboard ranks a dataset's runs from an index instead of
+    reading every run's result JSON."""
+
+    __tablename__ = "job_final_metrics"
+
+    job_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+    # Copied from the job (neither changes once it has succeeded).
+    dataset_name: Mapped[str | None] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+
+    __table_args__ = (Index("ix_job_final_metrics_rank", "dataset_name", "key", "value", "job_id"),)
+
+
 class JobEvent(Base):
     """One step of a job's history (claimed, resumed, requeued, finished...), for its
     timeline. Written in the same transaction as the state change it describes."""

@@ -13,16 +13,17 @@ they claimed with (a fencing token), so a zombie cannot overwrite a newer attemp
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Update, and_, case, or_, select, update
+from sqlalchemy import Update, and_, case, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import utcnow
 from shared.job_events import add_event
-from shared.models import Job
+from shared.models import Job, JobMetric
 
 
 class JobState(str, enum.Enum):
@@ -145,6 +146,29 @@ def still_owns(session: Session, job_id: int, attempt: int) -> bool:
     return session.execute(stmt).rowcount == 1
 
 
+def final_metrics(result: Any) -> dict[str, float]:
+    """result["metrics"]'s finite numbers (not bools), as the job_final_metrics rows keep
+    them for the leaderboard; keys longer than the column are left out."""
+    metrics = result.get("metrics") if isinstance(result, dict) else None
+    if not isinstance(metrics, dict):
+        return {}
+    return {
+        key: number
+        for key, value in metrics.items()
+        if isinstance(key, str) and 0 < len(key) <= 64 and (number := _finite(value)) is not None
+    }
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)  # an int too big for a float raises
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def finish_job(
     session: Session,
     job_id: int,
@@ -177,8 +201,22 @@ def finish_job(
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    if session.execute(stmt).rowcount != 1:
-        return False
+    if state != JobState.SUCCEEDED:
+        if session.execute(stmt).rowcount != 1:
+            return False
+    else:
+        # RETURNING: the fenced UPDATE says whether it matched and gives the columns the
+        # metric rows copy, in one statement.
+        won = session.execute(stmt.returning(Job.dataset_name, Job.kind)).one_or_none()
+        if won is None:
+            return False
+        rows = [
+            {"job_id": job_id, "key": key, "value": value,
+             "dataset_name": won.dataset_name, "kind": won.kind}
+            for key, value in final_metrics(result).items()
+        ]  # fmt: skip
+        if rows:
+            session.execute(insert(JobMetric), rows)
     message = f"{error_type}: {error_message}" if error_type else error_message
     add_event(session, job_id, state.value, attempt=attempt, message=message)
     return True

@@ -6,7 +6,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from shared.db import transaction
-from shared.models import Job, JobTag, MetricPoint
+from shared.models import Job, JobMetric, JobTag, MetricPoint
+from shared.state_machine import final_metrics
 
 T0 = datetime(2026, 11, 1, 12, 0, 0)
 
@@ -44,7 +45,8 @@ def add_jobs(db_url: str, rows: list[dict[str, Any]]) -> list[int]:
 
     Defaults: a succeeded train job on digits with the spec above, created a minute
     after the previous one. `tags` (list) sets the spec's tags and the tag rows;
-    `metrics` (dict) the result's final metrics; `points` ({key: [values]}) metric
+    `metrics` (dict) the result's final metrics (and, for a succeeded job, the
+    job_final_metrics rows finish_job would write); `points` ({key: [values]}) metric
     points at steps 1, 2, ...
     """
     ids = []
@@ -91,6 +93,10 @@ def add_jobs(db_url: str, rows: list[dict[str, Any]]) -> list[int]:
             )
             s.add(job)
             s.flush()
+            if state == "succeeded":  # as finish_job writes them with the state change
+                for key, value in final_metrics(job.result).items():
+                    s.add(JobMetric(job_id=job.id, key=key, value=value,
+                                    dataset_name=dataset, kind=kind))  # fmt: skip
             for key, values in points.items():
                 for step, value in enumerate(values, start=1):
                     s.add(MetricPoint(job_id=job.id, attempt=1, key=key, step=step,

@@ -7,8 +7,12 @@ from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
 from server.web.compare import flatten
+from shared.db import transaction
+from shared.models import JobMetric
+from shared.state_machine import JobState, finish_job
 from tests.job_rows import add_jobs, job_spec
 from tests.test_authorization import session_client
 
@@ -169,3 +173,31 @@ def test_leaderboard_order_direction_and_visibility(app: Flask, db_url: str, use
 def test_leaderboard_with_nothing_to_rank(app: Flask, db_url: str, users: Any) -> None:
     html = session_client(app, db_url, users.alice).get("/leaderboard").get_data(as_text=True)
     assert 'id="leaderboard-empty"' in html and "Nothing to rank yet" in html
+
+
+def test_leaderboard_ranks_what_finish_job_writes(app: Flask, db_url: str, users: Any) -> None:
+    """finish_job writes the final-metric rows with the state change; the page reads them."""
+    a = users.alice.id
+    add_jobs(db_url, [{"owner": a, "name": "a-old", "metrics": {"val_accuracy": 0.9}}])
+    (running,) = add_jobs(db_url, [{"owner": a, "name": "a-just-done", "state": "running"}])
+    metrics = {"val_accuracy": 0.95, "val_loss": 0.2, "epochs_run": 3, "early_stopped": True,
+               "best_metric": "val_loss"}  # fmt: skip
+    if db_url.startswith("sqlite"):  # PostgreSQL's JSON has no NaN; SQLite stores Python's
+        metrics["val_f1"] = float("nan")
+    with transaction(db_url) as s:
+        # A stale attempt (a zombie) writes nothing.
+        assert not finish_job(s, running, 0, JobState.SUCCEEDED, result={"metrics": metrics})
+        assert finish_job(s, running, 1, JobState.SUCCEEDED, result={"metrics": metrics})
+    with transaction(db_url) as s:
+        rows = s.execute(
+            select(JobMetric.key, JobMetric.value, JobMetric.dataset_name, JobMetric.kind)
+            .where(JobMetric.job_id == running)
+            .order_by(JobMetric.key)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        ("epochs_run", 3.0, "digits", "train"),
+        ("val_accuracy", 0.95, "digits", "train"),
+        ("val_loss", 0.2, "digits", "train"),
+    ]
+    alice = session_client(app, db_url, users.alice)
+    assert ranking(alice, "dataset=digits") == ["a-just-done", "a-old"]

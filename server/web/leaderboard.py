@@ -1,24 +1,22 @@
 """The leaderboard: per dataset, the best succeeded runs by one metric.
 
-GET /leaderboard?dataset=digits&metric=val_accuracy. The metric is read from each job's
-result JSON by the database (SQLAlchemy's JSON path: JSON_EXTRACT on SQLite, #>> on
-PostgreSQL), which sorts and keeps the top 20; only those rows reach Python. Training
+GET /leaderboard?dataset=digits&metric=val_accuracy. The ranking reads job_final_metrics
+(a row per final metric of a succeeded job, written by finish_job with the state change)
+through its (dataset_name, key, value, job_id) index: the database walks the index in
+metric order and stops at the top 20, so no job's result JSON is parsed. Training
 metrics (val_*, train_*) rank train jobs, the others (accuracy, mse, ...) evaluation
 jobs. Members rank their own jobs; admins everyone's.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import current_app, g, render_template, request
+from flask import g, render_template, request
 from flask.typing import ResponseReturnValue
 from flask_login import login_required
-from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import joinedload
 
 from server.access import visible_jobs
@@ -26,7 +24,7 @@ from server.database import get_session
 from server.web import bp
 from server.web.job_metrics import direction
 from shared.dataset_catalog import DATASETS
-from shared.models import Job
+from shared.models import Job, JobMetric
 
 TOP = 20
 CLASSIFICATION_METRICS = (
@@ -62,16 +60,6 @@ def kind_of(metric: str) -> str:
     return "train" if metric.startswith(("val_", "train_")) else "evaluate"
 
 
-def metric_value(metric: str, dialect: str) -> ColumnElement[Any]:
-    """result.metrics.<metric> as a number, in SQL."""
-    value = Job.result[("metrics", metric)].as_float()
-    if dialect == "sqlite":
-        # json_extract raises on text that is not JSON (a NaN that Python's json wrote):
-        # one such row would fail the whole page, so it counts as having no value.
-        value = case((func.json_valid(Job.result) == 1, value))
-    return value
-
-
 @dataclass(frozen=True)
 class Entry:
     rank: int
@@ -104,89 +92,36 @@ def _recipe(job: Job, source: Job | None) -> tuple[Any, Any, Any]:
     return lr, spec.get("batch_size"), spec.get("epochs")
 
 
-class RankingCache:
-    """Recent rankings as (job id, value) pairs, each with the count it was computed at.
-
-    Ranking means reading the metric out of the result JSON of every succeeded run of
-    the dataset: ~90 ms (SQLite) to ~190 ms (PostgreSQL) for 25k runs. But succeeded is
-    a final state and a job's dataset never changes, so the succeeded jobs of a dataset
-    only ever grow in number: the count (from an index, which the page reads anyway for
-    its dataset list) says whether a stored ranking is still the ranking.
-    """
-
-    def __init__(self, size: int = 256):
-        self._items: OrderedDict[Hashable, tuple[int, list[tuple[int, float]]]] = OrderedDict()
-        self._lock = threading.Lock()
-        self._size = size
-
-    def get(self, key: Hashable, version: int) -> list[tuple[int, float]] | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None or item[0] != version:
-                return None
-            self._items.move_to_end(key)
-            return item[1]
-
-    def put(self, key: Hashable, version: int, ranking: list[tuple[int, float]]) -> None:
-        with self._lock:
-            self._items[key] = (version, ranking)
-            self._items.move_to_end(key)
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-RANKINGS = RankingCache()
-
-
-def ranking(dataset: str, metric: str, limit: int = TOP) -> list[tuple[int, float]]:
-    """(job id, value) of the best `limit` runs the user may see, best first, in SQL."""
+def top_runs(dataset: str, metric: str, limit: int = TOP) -> list[Entry]:
+    """The best `limit` runs the user may see, best first: one walk of the
+    job_final_metrics index, each row joined to its job for the page's columns."""
     session = get_session()
-    value = metric_value(metric, session.get_bind().dialect.name).label("value")
+    value = JobMetric.value
     order = value.desc() if direction(metric) == "max" else value.asc()
     stmt = (
-        visible_jobs(select(Job.id, value))
+        visible_jobs(
+            select(Job, value)
+            .join(JobMetric, JobMetric.job_id == Job.id)
+            .options(joinedload(Job.owner))
+        )
         .where(
-            Job.state == "succeeded",
-            Job.dataset_name == dataset,
-            Job.kind == kind_of(metric),
-            value.is_not(None),
+            JobMetric.dataset_name == dataset,
+            JobMetric.key == metric,
+            JobMetric.kind == kind_of(metric),
         )
         # Ties go to the earlier run.
-        .order_by(order, Job.id)
+        .order_by(order, JobMetric.job_id)
         .limit(limit)
     )
-    return [(job_id, val) for job_id, val in session.execute(stmt)]
-
-
-def top_runs(dataset: str, metric: str, runs: int, limit: int = TOP) -> list[Entry]:
-    """The leaderboard's rows; `runs`: how many succeeded jobs the user may see on it."""
-    scope = "all" if g.user.is_admin else g.user.id
-    key = (current_app.config["DATABASE_URL"], scope, dataset, metric, limit)
-    ranked = RANKINGS.get(key, runs)
-    if ranked is None:
-        ranked = ranking(dataset, metric, limit)
-        RANKINGS.put(key, runs, ranked)
-    if not ranked:
-        return []
-    session = get_session()
-    ids = [job_id for job_id, _ in ranked]
-    jobs = {
-        j.id: j
-        for j in session.scalars(select(Job).where(Job.id.in_(ids)).options(joinedload(Job.owner)))
-    }
-    source_ids = {j.source_job_id for j in jobs.values() if j.source_job_id}
+    ranked = [(job, val) for job, val in session.execute(stmt)]
+    source_ids = {j.source_job_id for j, _ in ranked if j.source_job_id}
     sources = (
         {j.id: j for j in session.scalars(visible_jobs(select(Job).where(Job.id.in_(source_ids))))}
         if source_ids
         else {}
     )
     entries = []
-    for rank, (job_id, metric_val) in enumerate(ranked, start=1):
-        job = jobs[job_id]
+    for rank, (job, metric_val) in enumerate(ranked, start=1):
         lr, batch_size, epochs = _recipe(job, sources.get(job.source_job_id or 0))
         entries.append(Entry(rank, job, metric_val, lr, batch_size, epochs))
     return entries
@@ -225,10 +160,7 @@ def _choose(counts: list[tuple[str, int]]) -> Choice:
 def leaderboard() -> ResponseReturnValue:
     counts = _dataset_counts()
     choice = _choose(counts)
-    runs = dict(counts).get(choice.dataset or "", 0)
-    entries = (
-        top_runs(choice.dataset, choice.metric, runs) if choice.dataset and choice.metric else []
-    )
+    entries = top_runs(choice.dataset, choice.metric) if choice.dataset and choice.metric else []
     return render_template(
         "leaderboard.html",
         counts=counts,
