@@ -16,22 +16,24 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# --no-compile: byte-compiling every file of torch and friends at install costs ~20 s;
+# Python compiles the modules that are actually imported, once, on first use.
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install -q --upgrade pip
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "install: NVIDIA GPU found; installing the default (CUDA) torch build"
-    "${pip[@]}" install -q "torch>=2.3"
-  elif "${pip[@]}" install -q --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
+    "${pip[@]}" install -q --no-compile "torch>=2.3"
+  elif "${pip[@]}" install -q --no-compile --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
     echo "install: no NVIDIA GPU; installed torch $TORCH_VERSION from a local wheel"
   else
     index=${TRAINYARD_TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
     echo "install: no NVIDIA GPU; installing the CPU torch build from $index"
-    "${pip[@]}" install -q torch --index-url "$index"
+    "${pip[@]}" install -q --no-compile torch --index-url "$index"
   fi
 fi
 
-"${pip[@]}" install -q -e ".[worker,local,dev]"
+"${pip[@]}" install -q --no-compile -e ".[worker,local,dev]"
 echo "$want" >"$stamp"
 echo "install: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'))"
