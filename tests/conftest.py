@@ -36,6 +36,23 @@ DB_PARAMS = (
 )
 
 
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A PostgreSQL database holding the schema, copied for each test: a template copy
+    takes ~25 ms where CREATE DATABASE plus create_all takes ~180 ms, hundreds of times."""
+    name = f"trainyard_template_{secrets.token_hex(4)}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine = sa.create_engine(admin.url.set(database=name))
+    Base.metadata.create_all(engine)
+    engine.dispose()  # a template must have no connections while it is copied
+    yield name
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
 @pytest.fixture(params=DB_PARAMS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database with the schema, on each backend."""
@@ -45,12 +62,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
         get_engine(url).dispose()
         return
+    template = request.getfixturevalue("pg_template")
     name = f"trainyard_test_{secrets.token_hex(4)}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        # WAL_LOG (PostgreSQL 15+) copies a small template without a checkpoint.
+        strategy = " STRATEGY WAL_LOG" if conn.dialect.server_version_info >= (15,) else ""
+        conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"{strategy}'))
     url = admin.url.set(database=name).render_as_string(hide_password=False)
-    Base.metadata.create_all(get_engine(url))
     yield url
     get_engine(url).dispose()
     with admin.connect() as conn:
