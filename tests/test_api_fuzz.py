@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from tests.conftest import TestUsers
 
 FUZZ_DB = "postgresql" if "postgresql" in DB_PARAMS else "sqlite"
-EXAMPLES_PER_OPERATION = 40
+EXAMPLES_PER_OPERATION = 25
 CHECKS = [
     "not_a_server_error",
     "status_code_conformance",

@@ -372,6 +372,8 @@ def test_a_sigterm_to_the_process_running_a_job_hands_it_back(
 
 
 @pytest.mark.integration
+# SQLite (local mode's database); tests/faults runs the SIGTERM scenario on PostgreSQL.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_sigterm_checkpoints_and_requeues_then_another_worker_resumes(
     client, settings: Settings, db_url: str, start_worker
 ) -> None:  # type: ignore[no-untyped-def]

@@ -96,18 +96,19 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "timings(**values): override the fault suite's short settings for one test"
     )
     config.addinivalue_line(
-        "markers",
-        "postgresql_only(why): run this scenario on PostgreSQL only (SQLite when PG is skipped)",
+        "markers", "both_databases(why): run this scenario on SQLite too, not only PostgreSQL"
     )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Scenarios whose database plays no part run once, on PostgreSQL.
+    """Fault scenarios run once, on PostgreSQL (the multi-host production database),
+    except those marked both_databases, where SQLite's own behaviour is what is tested.
 
-    The suite must fit in 10 minutes on 2 cores; a scenario about the broker, signals
-    or a crashing child gains nothing from a second run on SQLite, whose own semantics
-    (locking, outages, resume) keep their SQLite runs here and in the tests above.
-    The skipped copies show up as "deselected" in pytest's summary.
+    The suite must fit in 10 minutes on 2 cores. SQLite's part in reliability (the
+    compare-and-set transitions, the reconciler, resume, SIGTERM hand-back, local mode)
+    is tested on it in tests/test_state_machine.py, test_reconciler.py, test_runner.py,
+    test_worker_reliability.py and the browser tests. The skipped copies show up as
+    "deselected" in pytest's summary. With PostgreSQL skipped, everything runs on SQLite.
     """
     if "postgresql" not in root_conftest.DB_PARAMS:
         return
@@ -115,7 +116,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         callspec = getattr(item, "callspec", None)
         on_sqlite = callspec is not None and callspec.params.get("db_url") == "sqlite"
-        (drop if on_sqlite and item.get_closest_marker("postgresql_only") else keep).append(item)
+        (drop if on_sqlite and not item.get_closest_marker("both_databases") else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -13,9 +13,6 @@ from tests.faults.conftest import Cluster, long_spec, small_spec, task_outcomes
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.postgresql_only(
-    "Redis behaviour; the database's part is covered by test_reconciler on both"
-)
 def test_redis_restart_with_aof_loses_nothing(cluster: Cluster) -> None:
     """5. Redis restarts (AOF on) while jobs wait and no worker runs: the messages
     survive, a worker started afterwards runs them all, and when Redis restarts again
@@ -48,9 +45,6 @@ def test_redis_restart_with_aof_loses_nothing(cluster: Cluster) -> None:
     assert worker.proc.poll() is None
 
 
-@pytest.mark.postgresql_only(
-    "Redis behaviour; the database's part is covered by test_reconciler on both"
-)
 def test_flushed_redis_jobs_are_republished_and_run_once(cluster: Cluster) -> None:
     """6. Redis loses every message (FLUSHALL: a restart without persistence): the
     reconciler publishes the queued jobs again and each runs exactly once."""
@@ -70,9 +64,6 @@ def test_flushed_redis_jobs_are_republished_and_run_once(cluster: Cluster) -> No
         assert task_outcomes(cluster.tmp_path)[job_id]["succeeded"] == 1
 
 
-@pytest.mark.postgresql_only(
-    "Redis behaviour; the database's part is covered by test_reconciler on both"
-)
 def test_job_committed_but_never_published_is_enqueued_by_the_reconciler(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:

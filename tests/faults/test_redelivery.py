@@ -16,7 +16,6 @@ from tests.faults.conftest import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.postgresql_only("the claim's compare-and-set is covered on both in test_state_machine")
 def test_redelivered_copy_of_a_running_job_does_not_run_it_twice(cluster: Cluster) -> None:
     """Kombu's Redis transport puts a message that stayed unacked longer than the
     visibility timeout back in its queue (each consumer sweeps for them when it connects

@@ -83,9 +83,6 @@ def test_killed_worker_group_job_resumes_elsewhere_with_identical_results(cluste
     )
 
 
-@pytest.mark.postgresql_only(
-    "process behaviour; SQLite runs the SIGTERM path in test_worker_reliability"
-)
 @pytest.mark.timings(lease_seconds=2.0)
 def test_job_that_keeps_killing_its_child_fails_after_max_attempts(cluster: Cluster) -> None:
     """2. The pool child dies under the job every time (what the OOM killer does):
@@ -122,9 +119,6 @@ def test_job_that_keeps_killing_its_child_fails_after_max_attempts(cluster: Clus
     assert "succeeded" not in task_outcomes(cluster.tmp_path).get(job_id, {})
 
 
-@pytest.mark.postgresql_only(
-    "process behaviour; SQLite runs the SIGTERM path in test_worker_reliability"
-)
 @pytest.mark.timings(lease_seconds=30.0)
 def test_sigterm_hands_the_job_back_promptly_and_it_resumes(cluster: Cluster) -> None:
     """4. SIGTERM to a worker: the running job is checkpointed and handed back in

@@ -1,17 +1,20 @@
 """The whole slice on real parts: HTTP API on a socket, real Redis, a real `celery worker`
-subprocess training with PyTorch, results in SQLite and PostgreSQL."""
+subprocess training with PyTorch, results in PostgreSQL (SQLite: tests/browser)."""
 
 from __future__ import annotations
 
 import pytest
 import requests
 
-from tests.conftest import wait_for_state
+from tests.conftest import DB_PARAMS, wait_for_state
 from tests.helpers import evaluate_spec, train_spec
 
 pytestmark = pytest.mark.integration
+PG_OR_SQLITE = DB_PARAMS[-1]  # postgresql unless TRAINYARD_TEST_SKIP_PG=1
 
 
+# PostgreSQL, the production database; the browser tests run the same story on SQLite.
+@pytest.mark.parametrize("db_url", [PG_OR_SQLITE], indirect=True)
 def test_train_then_evaluate_on_a_real_worker(live_server: str, start_worker, auth_headers) -> None:  # type: ignore[no-untyped-def]
     worker = start_worker("cpu")
     http = requests.Session()
@@ -53,6 +56,7 @@ def test_train_then_evaluate_on_a_real_worker(live_server: str, start_worker, au
     assert sum(map(sum, matrix)) == digits["splits"]["test"] == 360
 
 
+@pytest.mark.parametrize("db_url", [PG_OR_SQLITE], indirect=True)
 def test_failed_job_reports_its_error(
     live_server: str, start_worker, db_url: str, auth_headers
 ) -> None:  # type: ignore[no-untyped-def]
