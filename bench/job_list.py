@@ -290,7 +290,7 @@ def _p(values: list[float], q: float) -> float:
 
 def _session_client(app: Any, url: str, username: str) -> Any:
     from server.auth import principal
-    from shared.models import User
+    from shared.orm import User
 
     client = app.test_client()
     with transaction(url) as s:
@@ -309,10 +309,10 @@ def _cases(url: str) -> list[tuple[str, str, str]]:
         mid_name = conn.execute(
             sa.text("SELECT name FROM jobs WHERE name IS NOT NULL ORDER BY id LIMIT 1 OFFSET 50000")
         ).scalar_one_or_none()
-    from server.job_query import Cursor
+    from server.job_query import PageCursor
 
     deep = f"before={low + 60}"
-    name_cursor = Cursor("name", True, 0, (mid_name or "m", 1)).encode()
+    name_cursor = PageCursor("name", True, 0, (mid_name or "m", 1)).encode()
     return [
         ("api: first page", "admin", "/api/v1/jobs"),
         ("api: first page, member", "member", "/api/v1/jobs"),

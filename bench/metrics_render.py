@@ -41,7 +41,7 @@ import sqlalchemy as sa  # noqa: E402
 from shared import accounts  # noqa: E402
 from shared.db import get_engine, transaction, utcnow  # noqa: E402
 from shared.migrate import upgrade_database  # noqa: E402
-from shared.models import Job, MetricPoint, User  # noqa: E402
+from shared.orm import Job, MetricPoint, User  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
 TARGET_MS = 100.0
@@ -107,7 +107,7 @@ def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float, Any]:
 def measure(label: str, url: str, args: argparse.Namespace, home: Path) -> None:
     from server.app import create_app
     from server.auth import principal
-    from server.job_stream import Cursor, poll_once
+    from server.job_stream import StreamCursor, poll_once
     from server.metric_series import metric_keys
 
     job_id, user_id, insert_s = seed(url, args.points)
@@ -160,7 +160,7 @@ def measure(label: str, url: str, args: argparse.Namespace, home: Path) -> None:
         keys = metric_keys(s, job_id)
     # A client one epoch and 20 steps behind: what each second of a live stream reads.
     epochs = math.ceil(args.points / STEPS_PER_EPOCH)
-    cursor = Cursor(
+    cursor = StreamCursor(
         metrics={k: (args.points - 20 if k == "step_loss" else epochs - 1) for k in keys}
     )
 

@@ -50,7 +50,7 @@ from sqlalchemy import func, select  # noqa: E402
 
 from shared.db import transaction  # noqa: E402
 from shared.local_redis import LocalRedis, free_port  # noqa: E402
-from shared.models import Job, MetricPoint  # noqa: E402
+from shared.orm import Job, MetricPoint  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 TASK_RETURN = re.compile(r"Task trainyard\.\w+\[trainyard-job-(\d+)\] succeeded in \S+: '(\w+)'")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 from shared.db import make_engine
-from shared.models import Base
+from shared.orm import Base
 from shared.settings import load_settings
 
 config = context.config

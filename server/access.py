@@ -13,7 +13,7 @@ from sqlalchemy import Select
 from server.auth import Principal, api_user
 from server.database import get_session
 from server.errors import ApiError
-from shared.models import Job, Upload
+from shared.orm import Job, Upload
 
 S = TypeVar("S", bound=Select)
 

@@ -11,14 +11,14 @@ from flask import Blueprint, current_app, jsonify, request, send_file
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import IntegrityError
 
-from server import api_models as models
+from server import api_schemas as schemas
 from server import job_query, metric_series, submission
 from server.access import visible_job
 from server.auth import api_user, authenticate_api_request
 from server.catalog import catalog_context
 from server.database import get_session
 from server.errors import ApiError
-from server.job_query import Cursor, JobFilters, JobListPage
+from server.job_query import JobFilters, JobListPage, PageCursor
 from server.openapi import operation
 from server.params import (
     JobListQuery,
@@ -33,7 +33,7 @@ from server.serialize import job_to_json
 from shared import job_files
 from shared.dataset_catalog import DATASETS
 from shared.model_catalog import MODELS
-from shared.models import Job
+from shared.orm import Job
 from shared.settings import Settings
 from shared.spec import (
     TrainSpec,
@@ -102,9 +102,9 @@ _JOB_CREATED_HEADERS = {"Location": {"$ref": "#/components/headers/Location"}}
 @bp.post("/jobs")
 @operation(
     tag="jobs",
-    json=models.JobSpecBody,
-    headers=models.IdempotencyHeaders,
-    ok={201: models.Job, 200: models.Job},
+    json=schemas.JobSpecBody,
+    headers=schemas.IdempotencyHeaders,
+    ok={201: schemas.JobResponse, 200: schemas.JobResponse},
     errors=(413, 415, 422, 429),
     validate=False,  # the body is checked by parse_spec, against the catalogs
     extra={
@@ -172,10 +172,10 @@ def list_jobs() -> ResponseReturnValue:
         )
     cursor = None
     if query.cursor is not None:
-        cursor = Cursor.decode(query.cursor, query.sort)
+        cursor = PageCursor.decode(query.cursor, query.sort)
     elif query.before is not None:
         # `before` is the newest-first cursor in its first form: the rows below an id.
-        cursor = Cursor("newest", True, 0, (query.before,))
+        cursor = PageCursor("newest", True, 0, (query.before,))
     filters = JobFilters(
         state=query.state, kind=query.kind, model=query.model, dataset=query.dataset,
         tag=query.tag, owner=query.owner, q=query.q,
@@ -193,7 +193,7 @@ def list_jobs() -> ResponseReturnValue:
 
 
 @bp.get("/jobs/<int:job_id>")
-@operation(tag="jobs", ok={200: models.Job}, errors=(404,))
+@operation(tag="jobs", ok={200: schemas.JobResponse}, errors=(404,))
 def get_job(job_id: int) -> ResponseReturnValue:
     """A job: state, progress, result, error."""
     parse_query(NoQuery)
@@ -203,7 +203,7 @@ def get_job(job_id: int) -> ResponseReturnValue:
 @bp.post("/jobs/<int:job_id>/cancel")
 @operation(
     tag="jobs",
-    ok={200: models.Job},
+    ok={200: schemas.JobResponse},
     errors={404: "", 409: "The job already succeeded or failed.", 413: ""},
 )
 def cancel_job(job_id: int) -> ResponseReturnValue:
@@ -225,7 +225,7 @@ def cancel_job(job_id: int) -> ResponseReturnValue:
 @bp.post("/jobs/<int:job_id>/retry")
 @operation(
     tag="jobs",
-    ok={201: models.Job},
+    ok={201: schemas.JobResponse},
     errors={404: "", 409: "The job has not finished yet.", 413: "", 429: ""},
     extra={"responses": {"201": {"description": "The new job", "headers": _JOB_CREATED_HEADERS}}},
 )
@@ -239,7 +239,7 @@ def retry_job(job_id: int) -> ResponseReturnValue:
 
 
 @bp.get("/jobs/<int:job_id>/metrics")
-@operation(tag="jobs", query=MetricsQuery, ok={200: models.Metrics}, errors=(404,))
+@operation(tag="jobs", query=MetricsQuery, ok={200: schemas.Metrics}, errors=(404,))
 def get_metrics(job_id: int) -> ResponseReturnValue:
     """A job's metric series, downsampled on the server."""
     query = parse_query(MetricsQuery)
@@ -250,7 +250,7 @@ def get_metrics(job_id: int) -> ResponseReturnValue:
 
 
 @bp.get("/jobs/<int:job_id>/logs")
-@operation(tag="jobs", query=LogQuery, ok={200: models.Logs}, errors=(404,))
+@operation(tag="jobs", query=LogQuery, ok={200: schemas.Logs}, errors=(404,))
 def get_logs(job_id: int) -> ResponseReturnValue:
     """The last lines of a job's log."""
     query = parse_query(LogQuery)
@@ -260,7 +260,7 @@ def get_logs(job_id: int) -> ResponseReturnValue:
 
 
 @bp.get("/jobs/<int:job_id>/artifacts")
-@operation(tag="artifacts", ok={200: models.Artifacts}, errors=(404,))
+@operation(tag="artifacts", ok={200: schemas.Artifacts}, errors=(404,))
 def list_artifacts(job_id: int) -> ResponseReturnValue:
     """A job's files: checkpoints and whatever else it wrote."""
     parse_query(NoQuery)
@@ -315,7 +315,7 @@ def download_artifact(job_id: int, name: str) -> ResponseReturnValue:
 
 
 @bp.get("/models")
-@operation(tag="registry", ok={200: models.Models})
+@operation(tag="registry", ok={200: schemas.Models})
 def list_models() -> ResponseReturnValue:
     """The model registry: each model's parameter schema, and the recipe schema."""
     parse_query(NoQuery)
@@ -329,7 +329,7 @@ def list_models() -> ResponseReturnValue:
 
 
 @bp.get("/datasets")
-@operation(tag="registry", ok={200: models.Datasets})
+@operation(tag="registry", ok={200: schemas.Datasets})
 def list_datasets() -> ResponseReturnValue:
     """The dataset registry: shapes, classes, split sizes, whether files are present."""
     parse_query(NoQuery)

@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from server.database import get_session
 from server.errors import ApiError, error_response
 from shared import accounts
-from shared.models import Job, User
+from shared.orm import Job, User
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)

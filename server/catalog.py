@@ -6,7 +6,7 @@ from flask import current_app
 
 from server.access import find_visible_upload
 from shared.dataset_catalog import CatalogContext, ColumnInfo, UploadInfo
-from shared.models import Upload
+from shared.orm import Upload
 
 
 def upload_info(upload: Upload) -> UploadInfo:

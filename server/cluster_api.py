@@ -15,7 +15,7 @@ from pydantic import Field
 from spectree import Tag
 
 from server import openapi
-from server.api_models import ResponseModel
+from server.api_schemas import ResponseModel
 from server.auth import api_user, authenticate_api_request
 from server.cluster_status import WAITING_SHOWN, queues_json, read_broker, workers_json
 from server.database import get_session

@@ -26,7 +26,7 @@ from server.auth import Principal
 from server.serialize import iso
 from shared.celery_app import QUEUES
 from shared.db import utcnow
-from shared.models import Job, User
+from shared.orm import Job, User
 from shared.reconciler import _queue_lists
 from shared.state_machine import JobState
 from shared.worker_registry import OnlineSlot, connect, online_slots

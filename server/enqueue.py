@@ -8,7 +8,7 @@ from celery import Celery
 from flask import Flask, current_app
 
 from shared.celery_app import make_celery, publish_job
-from shared.models import Job
+from shared.orm import Job
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -27,13 +27,12 @@ from sqlalchemy import ColumnElement, Select, select, text, true, tuple_
 from sqlalchemy.orm import joinedload
 
 from server.access import visible_jobs
-from server.api_models import Job as JobModel
-from server.api_models import JobPage
+from server.api_schemas import JobPage, JobResponse
 from server.auth import Principal, api_user
 from server.database import get_session
 from server.errors import ApiError
 from server.params import MAX_ID
-from shared.models import Job, JobTag, User
+from shared.orm import Job, JobTag, User
 
 SortName = Literal["newest", "oldest", "name"]
 SORTS: tuple[SortName, ...] = ("newest", "oldest", "name")
@@ -44,7 +43,7 @@ _MAX_CURSOR_NAME = 200  # Job.name's length
 class JobListPage(JobPage):
     """A page of the job list, with cursors to the pages on either side."""
 
-    jobs: list[JobModel] = Field(
+    jobs: list[JobResponse] = Field(
         description="in the requested `sort` order (newest first by default)"
     )
     next_before: int | None = Field(
@@ -156,7 +155,7 @@ def _position(sort: SortName, job: Job) -> tuple[int, tuple[Any, ...]]:
 
 
 @dataclass(frozen=True)
-class Cursor:
+class PageCursor:
     """A position in a sort order: the rows after (forward) or before the row at `key`."""
 
     sort: SortName
@@ -165,7 +164,7 @@ class Cursor:
     key: tuple[Any, ...]
 
     @classmethod
-    def at(cls, sort: SortName, job: Job, forward: bool) -> Cursor:
+    def at(cls, sort: SortName, job: Job, forward: bool) -> PageCursor:
         segment, key = _position(sort, job)
         return cls(sort, forward, segment, key)
 
@@ -175,7 +174,7 @@ class Cursor:
         return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
     @classmethod
-    def decode(cls, text: str, sort: SortName) -> Cursor:
+    def decode(cls, text: str, sort: SortName) -> PageCursor:
         """The cursor a page handed out; a 400 naming `cursor` for anything else."""
         try:
             raw = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
@@ -221,12 +220,12 @@ def _bad_cursor(why: str) -> ApiError:
 @dataclass(frozen=True)
 class JobPageResult:
     jobs: Sequence[Job]
-    next: Cursor | None
-    prev: Cursor | None
+    next: PageCursor | None
+    prev: PageCursor | None
 
 
 def _fetch(
-    base: Select[Any], sort: SortName, cursor: Cursor | None, forward: bool, want: int
+    base: Select[Any], sort: SortName, cursor: PageCursor | None, forward: bool, want: int
 ) -> list[Job]:
     """Up to `want` rows from `cursor` on, in the walk's direction (reversed for backward)."""
     segments = _segments(sort)
@@ -250,7 +249,7 @@ def _fetch(
 def list_jobs(
     filters: JobFilters,
     sort: SortName = "newest",
-    cursor: Cursor | None = None,
+    cursor: PageCursor | None = None,
     limit: int = 50,
     user: Principal | None = None,
 ) -> JobPageResult:
@@ -273,10 +272,12 @@ def list_jobs(
             # Back at the start: show the first page, full, rather than a short one.
             return list_jobs(filters, sort, None, limit, user)
         page = rows[:limit][::-1]
-        return JobPageResult(page, Cursor.at(sort, page[-1], True), Cursor.at(sort, page[0], False))
+        return JobPageResult(
+            page, PageCursor.at(sort, page[-1], True), PageCursor.at(sort, page[0], False)
+        )
     rows = _fetch(base, sort, cursor, forward=True, want=limit + 1)
     page = rows[:limit]
     more = len(rows) > limit
-    next_cursor = Cursor.at(sort, page[-1], True) if more else None
-    prev_cursor = Cursor.at(sort, page[0], False) if cursor is not None and page else None
+    next_cursor = PageCursor.at(sort, page[-1], True) if more else None
+    prev_cursor = PageCursor.at(sort, page[0], False) if cursor is not None and page else None
     return JobPageResult(page, next_cursor, prev_cursor)

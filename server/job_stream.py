@@ -40,7 +40,7 @@ from server.serialize import iso
 from server.timeline_api import event_to_json
 from shared import job_files
 from shared.db import get_engine
-from shared.models import Job, JobEvent
+from shared.orm import Job, JobEvent
 from shared.settings import Settings
 from shared.state_machine import TERMINAL
 
@@ -64,7 +64,7 @@ MetricKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Step = Annotated[int, Field(ge=-MAX_ID, le=MAX_ID)]
 
 
-class Cursor(BaseModel):
+class StreamCursor(BaseModel):
     """What the client already has: a log offset, the last timeline event id, and the
     last step of each metric series. Sent as JSON, in `?cursor=` or `Last-Event-ID`."""
 
@@ -79,7 +79,7 @@ class Cursor(BaseModel):
         return json.dumps(self.model_dump(), separators=(",", ":"), ensure_ascii=True)
 
     @classmethod
-    def parse(cls, token: str | None) -> Cursor | None:
+    def parse(cls, token: str | None) -> StreamCursor | None:
         """The cursor in `token`, or None when it is absent or not a valid cursor."""
         if not token or len(token) > 8192:
             return None
@@ -138,7 +138,7 @@ class Poll:
         return bool(self.events) + bool(self.points) + bool(self.log_lines)
 
 
-def poll_once(db_url: str, settings: Settings, job_id: int, cursor: Cursor) -> Poll:
+def poll_once(db_url: str, settings: Settings, job_id: int, cursor: StreamCursor) -> Poll:
     """Read what is new for the job past `cursor`, in one short session."""
     with Session(get_engine(db_url)) as session:
         job = session.get(Job, job_id)
@@ -172,7 +172,7 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def sse_message(event: str, data: Any, cursor: Cursor | None = None) -> str:
+def sse_message(event: str, data: Any, cursor: StreamCursor | None = None) -> str:
     lines = []
     if cursor is not None:
         lines.append(f"id: {cursor.token()}")
@@ -186,7 +186,9 @@ def _series_json(series: dict[str, Any]) -> dict[str, Any]:
     return {key: s.to_json() for key, s in series.items()}
 
 
-def messages_for(poll: Poll, cursor: Cursor, last_job: dict[str, Any] | None) -> Iterator[str]:
+def messages_for(
+    poll: Poll, cursor: StreamCursor, last_job: dict[str, Any] | None
+) -> Iterator[str]:
     """The poll's messages, advancing `cursor` as each one is written."""
     if poll.job is not None and poll.job != last_job:
         yield sse_message("job", poll.job, cursor)
@@ -212,7 +214,7 @@ def event_stream(
     db_url: str,
     settings: Settings,
     job_id: int,
-    cursor: Cursor,
+    cursor: StreamCursor,
     *,
     duration: float = STREAM_SECONDS,
     poll_seconds: float = POLL_SECONDS,

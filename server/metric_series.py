@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select, text, union_all
 from sqlalchemy.orm import Session
 
-from shared.models import MetricPoint
+from shared.orm import MetricPoint
 
 # (step, epoch, value), the columns a chart needs.
 Point = tuple[int, int | None, float]

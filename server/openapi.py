@@ -2,7 +2,7 @@
 
 Each API view is decorated with `operation(...)`: its query model (server/params.py),
 its body model, its success model and every error status it can give, all described
-by pydantic models (server/api_models.py). spectree walks the app's url_map and turns
+by pydantic models (server/api_schemas.py). spectree walks the app's url_map and turns
 that into the document served at GET /api/v1/openapi.json (public, so tools need no
 credentials); GET /api/docs renders it with a vendored Swagger UI (login required, like
 every page; try-it-out then rides on the login session with the page's CSRF token).
@@ -38,7 +38,7 @@ from pydantic import BaseModel, ValidationError
 from spectree import Response, SecurityScheme, SecuritySchemeData, SpecTree, Tag
 from spectree.models import InType, SecureType
 
-from server.api_models import ErrorBody, Health, OpenApiDocument
+from server.api_schemas import ErrorBody, Health, OpenApiDocument
 from server.params import MAX_ID, NoQuery, check_repeated_parameters, parse_query, query_error
 
 F = TypeVar("F", bound=Callable[..., Any])

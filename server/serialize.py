@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from shared.models import Job
+from shared.orm import Job
 
 
 def iso(ts: datetime | None) -> str | None:

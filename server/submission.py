@@ -20,7 +20,7 @@ from server.database import get_session
 from server.enqueue import enqueue_job
 from server.errors import ApiError
 from shared.dataset_catalog import resolve_dataset
-from shared.models import Job, JobTag
+from shared.orm import Job, JobTag
 from shared.schema_base import CatalogError
 from shared.spec import (
     EvaluateSpec,

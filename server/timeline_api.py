@@ -17,14 +17,14 @@ from pydantic import Field
 from sqlalchemy import select
 
 from server.access import visible_job
-from server.api_models import ResponseModel
+from server.api_schemas import ResponseModel
 from server.auth import authenticate_api_request
 from server.database import get_session
 from server.openapi import operation
 from server.params import MAX_ID, QueryModel, check_path_ids, parse_query
 from server.serialize import iso
 from shared.job_events import EVENT_KINDS
-from shared.models import JobEvent
+from shared.orm import JobEvent
 
 bp = Blueprint("timeline_v1", __name__, url_prefix="/api/v1")
 bp.before_request(authenticate_api_request)

@@ -8,7 +8,7 @@ from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server import api_models as models
+from server import api_schemas as schemas
 from server.auth import api_user, authenticate_api_request
 from server.database import get_session
 from server.errors import ApiError
@@ -16,7 +16,7 @@ from server.openapi import operation
 from server.params import NoQuery, TokenListQuery, check_path_ids, json_body, parse_query
 from server.serialize import iso
 from shared import accounts
-from shared.models import ApiToken, User
+from shared.orm import ApiToken, User
 
 bp = Blueprint("tokens_v1", __name__, url_prefix="/api/v1")
 bp.before_request(authenticate_api_request)
@@ -48,7 +48,7 @@ def _current_user_row() -> User:
 
 
 @bp.get("/me")
-@operation(tag="account", ok={200: models.Me})
+@operation(tag="account", ok={200: schemas.Me})
 def me() -> ResponseReturnValue:
     """Who the credentials belong to."""
     parse_query(NoQuery)
@@ -60,7 +60,7 @@ def me() -> ResponseReturnValue:
 @operation(
     tag="account",
     query=TokenListQuery,
-    ok={200: models.Tokens},
+    ok={200: schemas.Tokens},
     errors={403: "`all=true` is for admins."},
 )
 def list_tokens() -> ResponseReturnValue:
@@ -78,7 +78,7 @@ def list_tokens() -> ResponseReturnValue:
 @operation(
     tag="account",
     json=TokenCreate,
-    ok={201: models.TokenCreated},
+    ok={201: schemas.TokenCreated},
     errors=(413, 415, 422),
     validate=False,  # the body goes through json_body's checks first
 )
@@ -99,7 +99,7 @@ def create_token() -> ResponseReturnValue:
 
 
 @bp.delete("/tokens/<int:token_id>")
-@operation(tag="account", ok={200: models.Token}, errors=(404, 413))
+@operation(tag="account", ok={200: schemas.Token}, errors=(404, 413))
 def revoke_token(token_id: int) -> ResponseReturnValue:
     """Revoke a token (admins: anyone's; members: their own)."""
     parse_query(NoQuery)

@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from server import api_models as models
+from server import api_schemas as schemas
 from server.access import find_visible_upload
 from server.auth import api_user, authenticate_api_request
 from server.database import get_session
@@ -19,7 +19,7 @@ from server.openapi import operation
 from server.params import NoQuery, UploadQuery, check_path_ids, parse_query
 from server.serialize import iso
 from shared.csv_profile import CsvProblem, profile_csv
-from shared.models import Upload
+from shared.orm import Upload
 from shared.settings import Settings
 
 bp = Blueprint("uploads_v1", __name__, url_prefix="/api/v1/uploads")
@@ -88,8 +88,8 @@ _CSV_SCHEMA = {"type": "string", "format": "binary", "description": "the CSV fil
 @operation(
     tag="uploads",
     query=UploadQuery,
-    form=models.UploadForm,
-    ok={201: models.Upload},
+    form=schemas.UploadForm,
+    ok={201: schemas.UploadResponse},
     errors={
         400: "An invalid query parameter, or a multipart form without its `file` field.",
         413: "",
@@ -155,7 +155,7 @@ def create_upload() -> ResponseReturnValue:
 
 
 @bp.get("/<int:upload_id>")
-@operation(tag="uploads", ok={200: models.Upload}, errors=(404,))
+@operation(tag="uploads", ok={200: schemas.UploadResponse}, errors=(404,))
 def get_upload(upload_id: int) -> ResponseReturnValue:
     """An upload: its columns and row count."""
     parse_query(NoQuery)

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db import utcnow
-from shared.models import ApiToken, User
+from shared.orm import ApiToken, User
 
 ROLES = ("admin", "member")
 TOKEN_PREFIX = "ty_"

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db import utcnow
-from shared.models import JobEvent
+from shared.orm import JobEvent
 
 # kind -> what the web UI calls it. Anything else is shown by its kind.
 EVENT_KINDS = {

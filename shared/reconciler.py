@@ -40,7 +40,7 @@ from sqlalchemy.sql import ColumnElement
 from shared.celery_app import make_celery, publish_job, task_id_for
 from shared.db import transaction, utcnow
 from shared.job_events import add_event
-from shared.models import Job
+from shared.orm import Job
 from shared.settings import Settings
 from shared.state_machine import JobState
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from shared.db import utcnow
 from shared.job_events import add_event
-from shared.models import Job, JobMetric
+from shared.orm import Job, JobMetric
 
 
 class JobState(str, enum.Enum):
@@ -100,13 +100,13 @@ def claim_job(session: Session, job_id: int, worker: str, lease_seconds: float) 
 
 
 @dataclass(frozen=True)
-class Heartbeat:
+class LeaseRenewal:
     # False: this attempt no longer owns the job (reclaimed, finished elsewhere).
     owned: bool
     cancel_requested: bool
 
 
-def heartbeat(session: Session, job_id: int, attempt: int, lease_seconds: float) -> Heartbeat:
+def renew_lease(session: Session, job_id: int, attempt: int, lease_seconds: float) -> LeaseRenewal:
     """Extend this attempt's lease and report whether a cancel was requested."""
     now = utcnow()
     stmt = (
@@ -118,8 +118,8 @@ def heartbeat(session: Session, job_id: int, attempt: int, lease_seconds: float)
     )
     row = session.execute(stmt).first()
     if row is None:
-        return Heartbeat(owned=False, cancel_requested=False)
-    return Heartbeat(owned=True, cancel_requested=bool(row.cancel_requested))
+        return LeaseRenewal(owned=False, cancel_requested=False)
+    return LeaseRenewal(owned=True, cancel_requested=bool(row.cancel_requested))
 
 
 def update_progress(session: Session, job_id: int, attempt: int, progress: dict[str, Any]) -> bool:
@@ -260,7 +260,7 @@ def request_cancel(session: Session, job_id: int) -> str | None:
 
 def requeue_job(session: Session, job_id: int, attempt: int, reason: str) -> bool:
     """running -> queued for a job this attempt hands back (tests and tools; the
-    runner uses hand_back_job / retry_job, which also handle the attempt cap)."""
+    runner uses hand_back_job / requeue_after_failure, which also handle the attempt cap)."""
     return _requeued(session, _requeue_statement(job_id, attempt, reason), "requeued", reason)
 
 
@@ -308,7 +308,7 @@ def hand_back_job(session: Session, job_id: int, attempt: int, reason: str) -> b
     return _requeued(session, stmt, "handed_back", reason)
 
 
-def retry_job(session: Session, job_id: int, attempt: int, reason: str) -> bool:
+def requeue_after_failure(session: Session, job_id: int, attempt: int, reason: str) -> bool:
     """running -> queued after an infrastructure failure (out of memory, database or
     broker lost), if the job has attempts left. False: none left, a cancel is pending,
     or this attempt no longer holds the job; the caller then finishes it instead."""

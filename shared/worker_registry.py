@@ -174,7 +174,7 @@ def connect(url: str, timeout_s: float = 3.0) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
 
 
-class Heartbeat:
+class SlotHeartbeat:
     """A daemon thread that keeps one slot's registry entry alive.
 
     `start` writes the entry once before returning (so the slot shows up at once if

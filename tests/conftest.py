@@ -23,7 +23,7 @@ from werkzeug.serving import make_server
 
 from shared import accounts
 from shared.db import get_engine, transaction
-from shared.models import Base
+from shared.orm import Base
 from shared.settings import Settings
 
 PG_ADMIN_URL = os.environ.get(

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from shared.db import transaction
-from shared.models import Job, JobMetric, JobTag, MetricPoint
+from shared.orm import Job, JobMetric, JobTag, MetricPoint
 from shared.state_machine import final_metrics
 
 T0 = datetime(2026, 11, 1, 12, 0, 0)

@@ -32,7 +32,7 @@ from server.cli.local_mode import bootstrap_local_admin, print_login
 from shared import accounts
 from shared.db import get_engine, transaction
 from shared.migrate import upgrade_database
-from shared.models import ApiToken, User
+from shared.orm import ApiToken, User
 from shared.settings import Settings
 from tests.conftest import DB_PARAMS, PG_ADMIN_URL
 

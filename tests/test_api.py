@@ -9,7 +9,7 @@ import redis
 from sqlalchemy import insert
 
 from shared.db import transaction
-from shared.models import Job, MetricPoint
+from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from tests.helpers import evaluate_spec, train_spec
 

@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import negative_data_rejection
 from server.params import MAX_ID
 from shared import accounts, job_files
 from shared.db import transaction, utcnow
-from shared.models import Job, MetricPoint, User
+from shared.orm import Job, MetricPoint, User
 from shared.settings import Settings
 from tests.conftest import DB_PARAMS
 from tests.helpers import train_spec

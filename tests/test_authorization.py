@@ -35,7 +35,7 @@ from werkzeug.test import TestResponse
 from server.auth import principal
 from shared import accounts, job_files
 from shared.db import transaction, utcnow
-from shared.models import Job, MetricPoint, User
+from shared.orm import Job, MetricPoint, User
 from shared.settings import Settings
 from tests.conftest import as_user
 from tests.helpers import evaluate_spec, train_spec

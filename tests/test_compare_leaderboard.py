@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from server.web.compare import flatten
 from shared.db import transaction
-from shared.models import JobMetric
+from shared.orm import JobMetric
 from shared.state_machine import JobState, finish_job
 from tests.job_rows import add_jobs, job_spec
 from tests.test_authorization import session_client

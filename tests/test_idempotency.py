@@ -12,7 +12,7 @@ import requests
 from sqlalchemy import func, select
 
 from shared.db import transaction
-from shared.models import Job
+from shared.orm import Job
 from tests.helpers import train_spec
 
 KEY = "Idempotency-Key"

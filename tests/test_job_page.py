@@ -19,12 +19,12 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import insert, select
 
-from server.job_stream import Cursor, sse_message
+from server.job_stream import StreamCursor, sse_message
 from server.metric_series import load_key, points_after
 from shared import job_files
 from shared.db import transaction, utcnow
 from shared.job_events import add_event
-from shared.models import Job, MetricPoint
+from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from tests.conftest import as_user
 from tests.helpers import train_spec
@@ -135,7 +135,7 @@ def test_job_page_shows_spec_timeline_progress_results_artifacts_and_log(
             assert f'id="{element}"' in page
         assert 'id="action-cancel"' not in page  # finished: nothing to cancel
         cursor = re.search(r'data-stream-cursor="([^"]+)"', page)
-        assert cursor and Cursor.parse(cursor.group(1).replace("&#34;", '"')) is not None
+        assert cursor and StreamCursor.parse(cursor.group(1).replace("&#34;", '"')) is not None
         # Strict CSP: no inline script or style anywhere on the page.
         assert "<script>" not in page and "style=" not in page and "<style" not in page
         assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
@@ -352,7 +352,7 @@ def test_stream_sends_state_metrics_log_and_timeline_then_ends(
     assert data["log"] == {"lines": [LOG_LINES[-1]]}
     assert data["end"] == {"state": "succeeded"}
     # Every message names the cursor after it; the last one is where a reconnect resumes.
-    final = Cursor.parse(messages[-1]["id"])
+    final = StreamCursor.parse(messages[-1]["id"])
     assert final is not None and final.log == size and final.metrics["step_loss"] == 300
 
     # Resuming from that id repeats nothing: the state, and the end.
@@ -462,17 +462,19 @@ def test_timeline_api_pages_through_events(
 
 def test_sse_messages_are_strict_json() -> None:
     # A diverged loss (NaN, inf) must not make a message the browser cannot parse.
-    message = sse_message("metrics", {"value": [1.0, float("nan"), float("inf")]}, Cursor(log=3))
+    message = sse_message(
+        "metrics", {"value": [1.0, float("nan"), float("inf")]}, StreamCursor(log=3)
+    )
     lines = message.split("\n")
     assert message.endswith("\n\n") and lines[1] == "event: metrics"
-    assert Cursor.parse(lines[0].removeprefix("id: ")) == Cursor(log=3)
+    assert StreamCursor.parse(lines[0].removeprefix("id: ")) == StreamCursor(log=3)
     assert json.loads(lines[2].removeprefix("data: ")) == {"value": [1.0, None, None]}
 
 
 def test_cursor_refuses_anything_but_a_cursor() -> None:
-    assert Cursor.parse('{"log": 5, "event": 2, "metrics": {"a": 3}}') == Cursor(
+    assert StreamCursor.parse('{"log": 5, "event": 2, "metrics": {"a": 3}}') == StreamCursor(
         log=5, event=2, metrics={"a": 3}
     )
     for junk in (None, "", "[]", '{"log": -1}', '{"log": 1e3}', '{"extra": 1}', "{" * 10_000,
                  '{"metrics": {"": 1}}', f'{{"event": {2**64}}}'):  # fmt: skip
-        assert Cursor.parse(junk) is None, junk
+        assert StreamCursor.parse(junk) is None, junk

@@ -10,10 +10,10 @@ import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 
-from server.job_query import Cursor
+from server.job_query import PageCursor
 from shared.db import get_engine, transaction
 from shared.migrate import upgrade_database
-from shared.models import JobTag
+from shared.orm import JobTag
 from tests.conftest import as_user
 from tests.helpers import train_spec
 from tests.job_rows import add_jobs
@@ -198,9 +198,9 @@ def test_key_metric_progress_and_times(db_url: str, users: Any, alice_page: Flas
 def test_list_rejects_bad_cursors_and_sorts(client: FlaskClient) -> None:
     cases = [
         ("cursor=nope", "cursor"),
-        ("sort=name&cursor=" + Cursor("newest", True, 0, (5,)).encode(), "cursor"),
-        ("cursor=" + Cursor("newest", True, 0, (2**63,)).encode(), "cursor"),
-        ("cursor=" + Cursor("name", True, 0, ("a\x00", 1)).encode() + "&sort=name", "cursor"),
+        ("sort=name&cursor=" + PageCursor("newest", True, 0, (5,)).encode(), "cursor"),
+        ("cursor=" + PageCursor("newest", True, 0, (2**63,)).encode(), "cursor"),
+        ("cursor=" + PageCursor("name", True, 0, ("a\x00", 1)).encode() + "&sort=name", "cursor"),
         ("sort=name&before=5", "before"),
         ("sort=sideways", "sort"),
         ("q=" + "x" * 201, "q"),

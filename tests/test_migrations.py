@@ -13,7 +13,7 @@ from alembic.migration import MigrationContext
 
 from shared.db import make_engine
 from shared.migrate import upgrade_database
-from shared.models import Base
+from shared.orm import Base
 from tests.conftest import DB_PARAMS, PG_ADMIN_URL
 
 

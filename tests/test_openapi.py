@@ -22,7 +22,7 @@ from server.auth import principal
 from server.openapi import openapi_document
 from server.params import MAX_ID
 from shared.db import transaction
-from shared.models import User
+from shared.orm import User
 from shared.settings import Settings
 
 DOCUMENTED_OUTSIDE_API = {("GET", "/healthz")}

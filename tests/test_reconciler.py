@@ -25,10 +25,10 @@ import shared.reconciler as reconciler
 from shared.celery_app import make_celery, publish_job, task_id_for
 from shared.db import transaction, utcnow
 from shared.job_events import job_events
-from shared.models import Job
+from shared.orm import Job
 from shared.reconciler import ReconcileReport, read_broker, reconcile_once, run_forever
 from shared.settings import Settings
-from shared.state_machine import claim_job, heartbeat
+from shared.state_machine import claim_job, renew_lease
 from tests.conftest import REPO, settings_env
 from tests.helpers import train_spec
 
@@ -162,7 +162,7 @@ def test_a_lease_renewed_during_the_pass_is_not_touched(
         rows = select_rows(*args)
         # The worker was only slow: its heartbeat lands between the read and the UPDATE.
         with transaction(url) as session:
-            assert heartbeat(session, job_id, 1, settings.lease_seconds).owned
+            assert renew_lease(session, job_id, 1, settings.lease_seconds).owned
         return rows
 
     monkeypatch.setattr(reconciler, "_select_rows", select_then_heartbeat)

@@ -18,7 +18,7 @@ from shared.dataset_catalog import CatalogContext
 from shared.db import transaction
 from shared.job_events import job_events
 from shared.job_files import job_dir, log_path
-from shared.models import Job, MetricPoint
+from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from shared.spec import parse_spec, spec_to_json
 from tests.helpers import evaluate_spec, train_spec

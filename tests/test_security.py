@@ -23,7 +23,7 @@ from werkzeug.test import TestResponse
 from server.app import create_app
 from shared import accounts, job_files
 from shared.db import transaction
-from shared.models import Job, User
+from shared.orm import Job, User
 from shared.settings import Settings
 from tests.conftest import as_user
 from tests.helpers import train_spec

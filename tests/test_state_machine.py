@@ -9,13 +9,13 @@ import pytest
 from sqlalchemy import update
 
 from shared.db import transaction, utcnow
-from shared.models import Job
+from shared.orm import Job
 from shared.state_machine import (
     JobState,
     can_transition,
     claim_job,
     finish_job,
-    heartbeat,
+    renew_lease,
     request_cancel,
     requeue_job,
 )
@@ -91,9 +91,9 @@ def test_expired_lease_is_reclaimed_and_fences_the_old_attempt(db_url: str) -> N
         new = claim_job(s, job_id, "w2", 30)
     assert old and new and new.attempt == old.attempt + 1
     with transaction(db_url) as s:
-        assert not heartbeat(s, job_id, old.attempt, 30).owned
+        assert not renew_lease(s, job_id, old.attempt, 30).owned
         assert not finish_job(s, job_id, old.attempt, JobState.SUCCEEDED, result={"zombie": True})
-        assert heartbeat(s, job_id, new.attempt, 30).owned
+        assert renew_lease(s, job_id, new.attempt, 30).owned
         assert finish_job(s, job_id, new.attempt, JobState.SUCCEEDED, result={"ok": True})
     job = state_of(db_url, job_id)
     assert job.state == "succeeded" and job.result == {"ok": True}
@@ -135,7 +135,7 @@ def test_cancel_running_sets_flag_seen_by_heartbeat(db_url: str) -> None:
     with transaction(db_url) as s:
         assert request_cancel(s, job_id) == "running"
     with transaction(db_url) as s:
-        hb = heartbeat(s, job_id, claim.attempt, 30)
+        hb = renew_lease(s, job_id, claim.attempt, 30)
     assert hb.owned and hb.cancel_requested
 
 

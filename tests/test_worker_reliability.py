@@ -25,14 +25,14 @@ from sqlalchemy.engine import make_url
 
 from shared.celery_app import TRAIN_TASK, make_celery, task_id_for
 from shared.db import transaction, utcnow
-from shared.models import Job, MetricPoint
+from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from shared.spec import CPU_QUEUE
 from shared.state_machine import (
     claim_job,
     finish_job,
     hand_back_job,
-    retry_job,
+    requeue_after_failure,
     update_progress,
 )
 from tests.conftest import wait_for_state
@@ -129,7 +129,7 @@ def test_a_job_whose_heartbeats_fail_stops_itself_and_writes_nothing_final(
     import worker.lease
 
     outage = threading.Event()
-    real_heartbeat, real_train_job = worker.lease.heartbeat, runner.train_job
+    real_heartbeat, real_train_job = worker.lease.renew_lease, runner.train_job
 
     def heartbeat(*args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
         if outage.is_set():
@@ -153,7 +153,7 @@ def test_a_job_whose_heartbeats_fail_stops_itself_and_writes_nothing_final(
 
         return real_train_job(spec, device, sink, directory, step_then_check, **kw)
 
-    monkeypatch.setattr(worker.lease, "heartbeat", heartbeat)
+    monkeypatch.setattr(worker.lease, "renew_lease", heartbeat)
     monkeypatch.setattr(runner, "train_job", train_job)
     fast = settings.model_copy(update={"lease_seconds": 1.0, "heartbeat_seconds": 0.1})
     job_id = submit(client, train_spec(model=TINY_MLP, epochs=8))
@@ -453,7 +453,7 @@ def test_every_write_of_a_superseded_attempt_is_refused(settings: Settings, db_u
     with transaction(db_url) as s:
         assert not update_progress(s, job_id, 1, {"epoch": 1})
         assert not hand_back_job(s, job_id, 1, "zombie")
-        assert not retry_job(s, job_id, 1, "zombie")
+        assert not requeue_after_failure(s, job_id, 1, "zombie")
         assert not finish_job(s, job_id, 1, runner.JobState.SUCCEEDED, result={})
         assert s.scalar(select(func.count()).select_from(MetricPoint)) == 0
         assert (s.get(Job, job_id).state, s.get(Job, job_id).worker) == ("running", "new")
@@ -466,7 +466,9 @@ def test_a_hand_back_on_the_last_attempt_does_not_strand_the_job(db_url: str) ->
         s.flush()
         job_id = job.id
         assert claim_job(s, job_id, "w", lease_seconds=30).attempt == 1
-        assert not retry_job(s, job_id, 1, "out of memory")  # no attempts left to retry with
+        assert not requeue_after_failure(
+            s, job_id, 1, "out of memory"
+        )  # no attempts left to retry with
         assert hand_back_job(s, job_id, 1, "worker shutting down")  # but a shutdown is free
     with transaction(db_url) as s:
         assert claim_job(s, job_id, "w2", lease_seconds=30).attempt == 2

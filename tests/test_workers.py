@@ -18,10 +18,10 @@ from flask.testing import FlaskClient
 
 from server.cluster_status import WaitReason, wait_reason
 from shared.db import transaction, utcnow
-from shared.models import Job
+from shared.orm import Job
 from shared.worker_registry import (
     INDEX_KEY,
-    Heartbeat,
+    SlotHeartbeat,
     SlotInfo,
     connect,
     online_slots,
@@ -124,7 +124,7 @@ def test_heartbeat_age_comes_from_redis_not_the_workers_clock(rc: redis.Redis) -
 
 
 def test_heartbeat_thread_registers_refreshes_and_removes(rc: redis.Redis, redis_url: str) -> None:
-    beat = Heartbeat(redis_url, slot("h:7"), interval_s=0.05, ttl_s=0.5)
+    beat = SlotHeartbeat(redis_url, slot("h:7"), interval_s=0.05, ttl_s=0.5)
     beat.start()
     try:
         assert [s.name for s in online_slots(rc, ttl_s=0.5)] == ["h:7"]
@@ -138,7 +138,7 @@ def test_heartbeat_thread_registers_refreshes_and_removes(rc: redis.Redis, redis
 def test_heartbeat_never_raises_and_logs_a_failing_redis_once(
     caplog: pytest.LogCaptureFixture, tmp_path: Any
 ) -> None:
-    beat = Heartbeat(f"unix://{tmp_path}/no-redis.sock", slot("h:8"), interval_s=0.02)
+    beat = SlotHeartbeat(f"unix://{tmp_path}/no-redis.sock", slot("h:8"), interval_s=0.02)
     with caplog.at_level(logging.WARNING, logger="shared.worker_registry"):
         beat.start()
         time.sleep(0.15)

@@ -19,7 +19,7 @@ from celery.signals import (
 from shared.celery_app import make_celery
 from shared.db import dispose_inherited_engines
 from shared.settings import load_settings
-from shared.worker_registry import Heartbeat, SlotInfo, connect, remove_node
+from shared.worker_registry import SlotHeartbeat, SlotInfo, connect, remove_node
 from worker import shutdown
 from worker.runner import worker_name
 from worker.tasks import register_tasks
@@ -34,7 +34,7 @@ _slots = {"n": settings.worker_slots}
 # The Celery node name (-n), known in the main process and inherited by each child.
 _node = {"name": f"celery@{socket.gethostname()}"}
 # This child's registry heartbeat (shared/worker_registry.py), once started.
-_registry: dict[str, Heartbeat] = {}
+_registry: dict[str, SlotHeartbeat] = {}
 
 
 @celeryd_init.connect
@@ -102,7 +102,7 @@ def _start_registry() -> None:
             # What pick_device() picks: the current CUDA device, 0 unless changed.
             device="cuda:0" if gpus else "cpu",
         )
-        heartbeat = Heartbeat(settings.require_redis_url(), info)
+        heartbeat = SlotHeartbeat(settings.require_redis_url(), info)
         heartbeat.start()
         _registry["heartbeat"] = heartbeat
     except Exception:  # noqa: BLE001

@@ -27,7 +27,7 @@ import threading
 import time
 
 from shared.db import transaction
-from shared.state_machine import heartbeat
+from shared.state_machine import renew_lease
 from worker.shutdown import shutdown_requested
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class LeaseKeeper:
     def beat(self) -> None:
         started = time.monotonic()
         with transaction(self._url) as session:
-            hb = heartbeat(session, self._job_id, self._attempt, self._lease_seconds)
+            hb = renew_lease(session, self._job_id, self._attempt, self._lease_seconds)
         if not hb.owned:
             self.request_stop(StopReason.LOST)
             return

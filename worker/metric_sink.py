@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import insert
 
 from shared.db import transaction
-from shared.models import MetricPoint
+from shared.orm import MetricPoint
 from shared.state_machine import still_owns, update_progress
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The job runner: claim a job, run it under a lease with a metric sink, record the outcome.
 
 This is where a job is claimed (`claim_job`), trained (`train_job` / `evaluate_job`)
-and finished (`finish_job`) or handed back (`hand_back_job` / `retry_job`). Celery tasks
+and finished (`finish_job`) or handed back (`hand_back_job` / `requeue_after_failure`). Celery tasks
 call `run_job` and nothing else. What `run_job` returns:
 
 - "succeeded", "failed", "cancelled": the terminal state it recorded. A job fails at
@@ -42,7 +42,7 @@ from shared.celery_app import make_celery, publish_job
 from shared.db import transaction
 from shared.job_events import add_event
 from shared.job_files import job_dir, log_path
-from shared.models import Job
+from shared.orm import Job
 from shared.settings import Settings
 from shared.spec import EvaluateSpec, TrainSpec, load_stored_spec, spec_to_json
 from shared.state_machine import (
@@ -51,7 +51,7 @@ from shared.state_machine import (
     claim_job,
     finish_job,
     hand_back_job,
-    retry_job,
+    requeue_after_failure,
     still_owns,
 )
 from worker import shutdown
@@ -352,7 +352,7 @@ def _hand_back(session: Session, claim: Claim, reason: str) -> str:
 
 def _retry_or_fail(session: Session, claim: Claim, values: dict[str, Any]) -> str:
     reason = values["error_message"]
-    if retry_job(
+    if requeue_after_failure(
         session, claim.job_id, claim.attempt, f"{reason}; requeued after attempt {claim.attempt}"
     ):
         return REQUEUED

@@ -30,7 +30,7 @@ from server.cli.settings import cli_settings
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from shared.models import ApiToken, User
+    from shared.orm import ApiToken, User
 
 # shared.accounts.ROLES, spelled out so that defining the commands imports no SQLAlchemy;
 # tests/test_accounts_cli.py checks the two agree.
@@ -135,7 +135,7 @@ def _read_password(password_stdin: bool, command: str) -> str:
 def _other_active_admins(session: Session, user: User) -> int:
     from sqlalchemy import func, select
 
-    from shared.models import User
+    from shared.orm import User
 
     return session.scalar(
         select(func.count())
@@ -276,7 +276,7 @@ def token_revoke(token_id: int) -> None:
     """Revoke token ID (see `trainyard token list`); requests with it get 401 from now on."""
     from shared.accounts import revoke_token
     from shared.db import transaction
-    from shared.models import ApiToken, User
+    from shared.orm import ApiToken, User
 
     url = _database_url()
     with transaction(url) as session:
@@ -416,7 +416,7 @@ def user_list() -> None:
     from sqlalchemy import func, select
 
     from shared.db import transaction
-    from shared.models import ApiToken, User
+    from shared.orm import ApiToken, User
 
     url = _database_url()
     with transaction(url) as session:

@@ -36,7 +36,7 @@ from shared.supervisor import Backoff, ChildSpec, Supervisor
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from shared.models import User
+    from shared.orm import User
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def bootstrap_local_admin(settings: Settings) -> BootstrapResult:
 
     from shared.accounts import create_token, create_user, find_user
     from shared.db import transaction
-    from shared.models import User
+    from shared.orm import User
     from shared.settings import write_private_file
 
     url = settings.resolved_database_url
@@ -174,7 +174,7 @@ def _an_active_admin(session: Session) -> User | None:
     """The CLI token's owner: `admin` if it is an active admin, else the oldest one."""
     from sqlalchemy import case, select
 
-    from shared.models import User
+    from shared.orm import User
 
     return session.scalars(
         select(User)

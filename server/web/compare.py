@@ -30,7 +30,7 @@ from server.metric_series import metric_keys
 from server.params import MAX_ID
 from server.web import bp
 from server.web.job_metrics import best_index, direction, final_metrics
-from shared.models import Job
+from shared.orm import Job
 
 MAX_JOBS = 10
 # Shown first in the metric table, in this order; other metrics follow by name.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from shared.models import Job
+from shared.orm import Job
 
 # Scores where more is better; errors and losses (anything with "loss", mse, mae) are
 # better lower. Everything else (durations, counts, lr) has no better direction.

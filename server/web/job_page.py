@@ -32,14 +32,14 @@ from server import submission
 from server.access import find_visible_job
 from server.database import get_session
 from server.errors import ApiError
-from server.job_stream import POLL_SECONDS, STREAM_SECONDS, Cursor, event_stream
+from server.job_stream import POLL_SECONDS, STREAM_SECONDS, StreamCursor, event_stream
 from server.params import MAX_ID
 from server.web import bp, job_view
 from server.web.job_metrics import key_metric
 from shared import job_files
 from shared.dataset_catalog import DATASETS
 from shared.job_events import job_events
-from shared.models import Job
+from shared.orm import Job
 from shared.settings import Settings
 from shared.state_machine import JobState, request_cancel
 
@@ -122,7 +122,7 @@ def _page(
         evaluate_form = _evaluate_form(job)
     # The stream starts where this page ends: after its last event and log byte. The
     # chart cursor is filled in by the script once it has the initial series.
-    cursor = Cursor(log=log_offset, event=events[-1].id if events else 0)
+    cursor = StreamCursor(log=log_offset, event=events[-1].id if events else 0)
     context: dict[str, Any] = {
         "job": job,
         "final": job_view.is_final(job),
@@ -258,9 +258,9 @@ def job_stream(job_id: int) -> ResponseReturnValue:
     if job is None:
         return _not_found(job_id)
     # A reconnecting browser sends the id of the last message it got: resume there.
-    cursor = Cursor.parse(request.headers.get("Last-Event-ID"))
+    cursor = StreamCursor.parse(request.headers.get("Last-Event-ID"))
     if cursor is None and "cursor" in request.args:
-        cursor = Cursor.parse(request.args["cursor"])
+        cursor = StreamCursor.parse(request.args["cursor"])
         if cursor is None:
             return Response("invalid cursor\n", 400, mimetype="text/plain")
     config = current_app.config
@@ -268,7 +268,7 @@ def job_stream(job_id: int) -> ResponseReturnValue:
         current_app.config["DATABASE_URL"],
         _settings(),
         job.id,
-        cursor or Cursor(),
+        cursor or StreamCursor(),
         duration=float(config.get("JOB_STREAM_SECONDS", STREAM_SECONDS)),
         poll_seconds=float(config.get("JOB_STREAM_POLL_SECONDS", POLL_SECONDS)),
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 from server.timeline_api import event_label
 from shared.job_events import EVENT_KINDS
-from shared.models import Job, JobEvent
+from shared.orm import Job, JobEvent
 from shared.state_machine import TERMINAL
 
 FINAL_STATES = frozenset(s.value for s in TERMINAL)

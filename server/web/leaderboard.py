@@ -24,7 +24,7 @@ from server.database import get_session
 from server.web import bp
 from server.web.job_metrics import direction
 from shared.dataset_catalog import DATASETS
-from shared.models import Job, JobMetric
+from shared.orm import Job, JobMetric
 
 TOP = 20
 CLASSIFICATION_METRICS = (

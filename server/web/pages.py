@@ -20,14 +20,14 @@ from sqlalchemy import select
 from server import job_query
 from server.database import get_session
 from server.errors import ApiError
-from server.job_query import Cursor, JobFilters, SortName
+from server.job_query import JobFilters, PageCursor, SortName
 from server.params import JobListQuery
 from server.web import bp
 from server.web.filters import duration
 from server.web.job_metrics import key_metric
 from shared.dataset_catalog import DATASETS
 from shared.model_catalog import MODELS
-from shared.models import Job, User
+from shared.orm import Job, User
 from shared.state_machine import ALL_STATES
 
 PAGE_SIZE = 50
@@ -142,7 +142,7 @@ def home() -> ResponseReturnValue:
     pager: dict[str, str | None] = {"prev": None, "next": None, "first": None}
     status = 400 if errors else 200
     try:
-        cursor = Cursor.decode(query.cursor, query.sort) if query.cursor else None
+        cursor = PageCursor.decode(query.cursor, query.sort) if query.cursor else None
     except ApiError as exc:
         errors, cursor, status = {**errors, **exc.fields}, None, 400
         query = query.model_copy(update={"cursor": None})

@@ -43,7 +43,7 @@ from server.web.spec_form import (
     values_from_spec,
 )
 from shared.dataset_catalog import DATASETS
-from shared.models import Job
+from shared.orm import Job
 from shared.schema_base import CatalogError
 from shared.settings import Settings
 from shared.state_machine import JobState

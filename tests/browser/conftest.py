@@ -18,7 +18,7 @@ import pytest
 
 from shared import accounts
 from shared.db import get_engine, transaction
-from shared.models import Base
+from shared.orm import Base
 from tests.conftest import REPO
 
 CHROMIUM = os.environ.get("TRAINYARD_TEST_CHROMIUM", "/usr/bin/chromium")

@@ -44,7 +44,7 @@ from sqlalchemy import func, select
 from shared.celery_app import task_id_for
 from shared.db import transaction, utcnow
 from shared.local_redis import LocalRedis
-from shared.models import Job, MetricPoint
+from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from tests import conftest as root_conftest
 from tests.helpers import train_spec

@@ -11,7 +11,7 @@ from sqlalchemy import delete
 from shared.celery_app import make_celery, publish_job
 from shared.db import transaction, utcnow
 from shared.local_redis import LocalRedis
-from shared.models import Job, MetricPoint
+from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from tests.faults.conftest import check_invariants
 

@@ -61,7 +61,7 @@ def test_failed_job_reports_its_error(
     live_server: str, start_worker, db_url: str, auth_headers
 ) -> None:  # type: ignore[no-untyped-def]
     from shared.db import transaction
-    from shared.models import Job
+    from shared.orm import Job
 
     start_worker("cpu")
     tiny = train_spec(model={"name": "mlp", "params": {"hidden": 16, "layers": 1}}, epochs=1)

@@ -20,7 +20,7 @@ class Sink(Protocol):
         ...
 
 
-class MetricPoint(NamedTuple):
+class LoggedPoint(NamedTuple):
     key: str
     value: float
     step: int
@@ -31,11 +31,11 @@ class ListSink:
     """Keeps everything in memory, for tests and benchmarks."""
 
     def __init__(self) -> None:
-        self.points: list[MetricPoint] = []
+        self.points: list[LoggedPoint] = []
         self.progress_updates: list[dict[str, Any]] = []
 
     def log(self, key: str, value: float, step: int, epoch: int | None = None) -> None:
-        self.points.append(MetricPoint(key, value, step, epoch))
+        self.points.append(LoggedPoint(key, value, step, epoch))
 
     def progress(self, progress: dict[str, Any]) -> None:
         self.progress_updates.append(dict(progress))

@@ -1,4 +1,4 @@
-"""ORM models: users and their API tokens, a Job row per submitted job, its MetricPoint rows.
+"""The ORM tables: users and their API tokens, a Job row per submitted job, its MetricPoint rows.
 
 The schema changes only through Alembic revisions in migrations/; keep the two in step
 (tests/test_migrations.py compares them).

@@ -81,7 +81,7 @@ class JobError(ResponseModel):
     message: str | None
 
 
-class Job(ResponseModel):
+class JobResponse(ResponseModel):
     id: int
     kind: Literal["train", "evaluate"]
     name: str | None
@@ -108,7 +108,7 @@ class Job(ResponseModel):
 
 
 class JobPage(ResponseModel):
-    jobs: list[Job] = Field(description="newest first")
+    jobs: list[JobResponse] = Field(description="newest first")
     next_before: int | None = Field(
         description="pass as `before` for the next page; null on the last page"
     )
@@ -218,7 +218,7 @@ class UploadColumn(ResponseModel):
     distinct: int = Field(description="distinct non-empty values (capped)")
 
 
-class Upload(ResponseModel):
+class UploadResponse(ResponseModel):
     id: int
     filename: str
     size_bytes: int
