@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import redis
 from flask import Flask, Response, current_app, jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy import text
@@ -24,6 +23,7 @@ from server import (
 )
 from server.database import get_session
 from server.errors import register_error_handlers
+from shared import broker
 from shared.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def healthz() -> ResponseReturnValue:
         status["broker"] = "not configured"
     else:
         try:
-            redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1).ping()
+            broker.ping(redis_url, timeout_s=1)
             status["broker"] = "ok"
         except Exception as exc:  # noqa: BLE001
             ok = False

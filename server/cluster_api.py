@@ -17,7 +17,7 @@ from spectree import Tag
 from server import openapi
 from server.api_schemas import ResponseModel
 from server.auth import api_user, authenticate_api_request
-from server.cluster_status import WAITING_SHOWN, queues_json, read_broker, workers_json
+from server.cluster_status import WAITING_SHOWN, queues_json, read_cluster, workers_json
 from server.database import get_session
 from server.openapi import operation
 from server.params import NoQuery, parse_query
@@ -133,7 +133,7 @@ def list_workers() -> ResponseReturnValue:
     within 20 s if it dies). Members see a slot running another user's job as busy only.
     """
     parse_query(NoQuery)
-    return jsonify(workers_json(get_session(), read_broker(_broker_url()), api_user()))
+    return jsonify(workers_json(get_session(), read_cluster(_broker_url()), api_user()))
 
 
 @bp.get("/queues")
@@ -141,4 +141,4 @@ def list_workers() -> ResponseReturnValue:
 def list_queues() -> ResponseReturnValue:
     """Queue depths and capacity, and why each of the caller's queued jobs waits."""
     parse_query(NoQuery)
-    return jsonify(queues_json(get_session(), read_broker(_broker_url()), api_user()))
+    return jsonify(queues_json(get_session(), read_cluster(_broker_url()), api_user()))

@@ -1,8 +1,8 @@
 """What the workers and queues are doing, for GET /api/v1/workers, /queues and /workers.
 
 Three sources are joined here: the worker registry in Redis (shared/worker_registry.py:
-which slots are online and which queues they consume), the broker's queue lists (how
-many messages wait), and the jobs table (what runs where, what waits, in which order).
+which slots are online and which queues they consume), the broker's queue lists
+(shared/broker.py: how many messages wait), and the jobs table (what runs where, what waits, in which order).
 
 Members must not learn about other users' jobs: a slot running someone else's job is
 only "busy", and the waiting list holds the caller's own jobs. Counts (queue depths,
@@ -12,7 +12,7 @@ jobs ahead) are shown to everyone: they say how long a wait is, not whose work i
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -24,12 +24,12 @@ from sqlalchemy.orm import Session
 from server.access import can_see, visible_jobs
 from server.auth import Principal
 from server.serialize import iso
+from shared.broker import queue_depths, redis_client
 from shared.celery_app import QUEUES
 from shared.db import utcnow
 from shared.orm import Job, User
-from shared.reconciler import _queue_lists
 from shared.state_machine import JobState
-from shared.worker_registry import OnlineSlot, connect, online_slots
+from shared.worker_registry import OnlineSlot, online_slots
 
 log = logging.getLogger(__name__)
 
@@ -83,34 +83,23 @@ def wait_reason(queue: str, ahead: int, slots: int | None, busy: int) -> WaitRea
 
 
 @dataclass(frozen=True)
-class BrokerSnapshot:
-    """The registry and queue lengths, read once per request."""
+class ClusterSnapshot:
+    """The registry and queue lengths, read from Redis once per request."""
 
     slots: list[OnlineSlot] | None  # None: Redis could not be read
     messages: dict[str, int]  # queue -> messages waiting in Redis
     error: str | None = None
 
 
-def queue_messages(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
-    """Messages waiting per queue: kombu keeps one list per priority step."""
-    queues = list(queues)
-    pipe = client.pipeline(transaction=False)
-    for queue in queues:
-        for name in _queue_lists(queue):
-            pipe.llen(name)
-    lengths = iter(pipe.execute())
-    return {q: sum(next(lengths) for _ in _queue_lists(q)) for q in queues}
-
-
-def read_broker(url: str | None, queues: Sequence[str] = QUEUES) -> BrokerSnapshot:
+def read_cluster(url: str | None, queues: Sequence[str] = QUEUES) -> ClusterSnapshot:
     if not url:
-        return BrokerSnapshot(None, {}, "TRAINYARD_REDIS_URL is not set")
-    client = connect(url, timeout_s=REDIS_TIMEOUT_S)
+        return ClusterSnapshot(None, {}, "TRAINYARD_REDIS_URL is not set")
+    client = redis_client(url, timeout_s=REDIS_TIMEOUT_S)
     try:
-        return BrokerSnapshot(online_slots(client), queue_messages(client, queues))
+        return ClusterSnapshot(online_slots(client), queue_depths(client, queues))
     except (redis.RedisError, OSError) as exc:
         log.warning("cluster status: cannot read Redis (%s)", exc)
-        return BrokerSnapshot(None, {}, f"cannot reach Redis ({type(exc).__name__})")
+        return ClusterSnapshot(None, {}, f"cannot reach Redis ({type(exc).__name__})")
     finally:
         client.close()
 
@@ -149,9 +138,9 @@ def _progress(progress: dict[str, Any] | None) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def workers_json(session: Session, broker: BrokerSnapshot, user: Principal) -> dict[str, Any]:
+def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) -> dict[str, Any]:
     """Online slots grouped by node, each with its current job (if the user may see it)."""
-    slots = broker.slots or []
+    slots = cluster.slots or []
     running = _running_by_worker(session, [s.name for s in slots])
     nodes: dict[str, dict[str, Any]] = {}
     for slot in slots:
@@ -200,7 +189,7 @@ def workers_json(session: Session, broker: BrokerSnapshot, user: Principal) -> d
         "nodes": list(nodes.values()),
         "online_slots": len(slots),
         "busy_slots": sum(n["busy_slots"] for n in nodes.values()),
-        "broker_error": broker.error,
+        "broker_error": cluster.error,
         "checked_at": iso(utcnow()),
     }
 
@@ -265,9 +254,9 @@ def _waiting_jobs(session: Session, user: Principal) -> tuple[list[Any], int]:
     return list(rows), total
 
 
-def queues_json(session: Session, broker: BrokerSnapshot, user: Principal) -> dict[str, Any]:
+def queues_json(session: Session, cluster: ClusterSnapshot, user: Principal) -> dict[str, Any]:
     """Depth and capacity per queue, and the user's waiting jobs with why each waits."""
-    slots = broker.slots
+    slots = cluster.slots
     names = [s.name for s in slots or []]
     busy_names = _busy_slot_names(session, names)
     counts = _job_counts(session)
@@ -281,7 +270,7 @@ def queues_json(session: Session, broker: BrokerSnapshot, user: Principal) -> di
         queues.append(
             {
                 "name": queue,
-                "messages": broker.messages.get(queue),
+                "messages": cluster.messages.get(queue),
                 "queued_jobs": counts.get((queue, QUEUED), 0),
                 "running_jobs": counts.get((queue, RUNNING), 0),
                 "slots": total,
@@ -317,6 +306,6 @@ def queues_json(session: Session, broker: BrokerSnapshot, user: Principal) -> di
         "queues": queues,
         "waiting": waiting,
         "waiting_total": total_waiting,
-        "broker_error": broker.error,
+        "broker_error": cluster.error,
         "checked_at": iso(now),
     }

@@ -40,11 +40,9 @@ from server.serialize import iso
 from server.timeline_api import event_to_json
 from shared import job_files
 from shared.db import get_engine
+from shared.job_states import is_finished
 from shared.orm import Job, JobEvent
 from shared.settings import Settings
-from shared.state_machine import TERMINAL
-
-FINAL_STATES = frozenset(s.value for s in TERMINAL)
 
 STREAM_SECONDS = 30.0
 POLL_SECONDS = 1.0
@@ -91,7 +89,7 @@ class StreamCursor(BaseModel):
 
 def job_state(job: Job) -> dict[str, Any]:
     """The `job` message: what the page's header and progress bar show."""
-    final = job.state in FINAL_STATES
+    final = is_finished(job.state)
     metrics = (job.result or {}).get("metrics") or {}
     return {
         "id": job.id,

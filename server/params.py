@@ -21,7 +21,7 @@ from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.errors import ApiError
-from shared.state_machine import ALL_STATES
+from shared.job_states import ALL_STATES
 
 M = TypeVar("M", bound=BaseModel)
 

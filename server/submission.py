@@ -20,6 +20,7 @@ from server.database import get_session
 from server.enqueue import enqueue_job
 from server.errors import ApiError
 from shared.dataset_catalog import resolve_dataset
+from shared.job_states import JobState, is_finished
 from shared.orm import Job, JobTag
 from shared.schema_base import CatalogError
 from shared.spec import (
@@ -32,9 +33,6 @@ from shared.spec import (
     resolve_train_dataset,
     spec_to_json,
 )
-from shared.state_machine import TERMINAL, JobState
-
-FINISHED_STATES = frozenset(s.value for s in TERMINAL)
 
 
 def invalid(fields: dict[str, str]) -> ApiError:
@@ -131,7 +129,7 @@ def retry(original: Job, user: Principal) -> Job:
 
     The spec is parsed again: the catalogs may have changed since (a deleted upload).
     """
-    if original.state not in FINISHED_STATES:
+    if not is_finished(original.state):
         raise ApiError(
             409,
             "not_finished",

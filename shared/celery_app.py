@@ -9,6 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
+from shared.broker import celery_ssl_options
 from shared.settings import Settings
 from shared.spec import CPU_QUEUE, GPU_QUEUE
 
@@ -44,6 +45,9 @@ def make_celery(settings: Settings) -> Celery:
         # Jobs are long; without this Redis redelivers any message unacked after an
         # hour (celery#5935). Duplicates are also stopped by the claim (design.md 4.2).
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # rediss://: the TLS options come from the URL, read as every other client reads
+        # them (shared/broker.py), and certificates are verified unless it says otherwise.
+        broker_use_ssl=celery_ssl_options(broker),
         # Fail fast on a dead broker at submit time; the job row is already committed.
         broker_connection_timeout=3,
         broker_connection_retry_on_startup=True,

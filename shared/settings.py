@@ -12,8 +12,11 @@ import secrets
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.broker import BrokerUrlError
+from shared.broker import check_url as check_broker_url
 
 
 class Settings(BaseSettings):
@@ -74,6 +77,16 @@ class Settings(BaseSettings):
     # Torch intra-op threads per worker slot; 0 = cores // slots.
     torch_threads: int = Field(default=0, ge=0)
     worker_slots: int = Field(default=1, ge=1)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, url: str | None) -> str | None:
+        if url:
+            try:
+                check_broker_url(url)
+            except BrokerUrlError as exc:
+                raise ValueError(f"TRAINYARD_REDIS_URL {exc}") from None
+        return url or None
 
     @model_validator(mode="after")
     def _check_timings(self) -> Settings:

@@ -1,58 +1,124 @@
-"""The job state machine. Every transition is one conditional UPDATE (compare-and-set).
+"""The job state machine: the only code that writes a job's state, attempt and lease.
 
-    queued -> running -> succeeded | failed | cancelled
-    queued -> cancelled
-    running -> queued   (lease expired or worker handed it back; attempt + 1 on reclaim)
+    queued  -> running                      claim_job
+    running -> running                      claim_job, once the lease has expired
+    running -> succeeded | failed | cancelled
+                                            finish_job (the worker), expire_lease (the
+                                            reconciler, for a worker that is gone)
+    running -> queued                       hand_back_job, requeue_after_failure,
+                                            requeue_job, expire_lease
+    queued  -> cancelled                    request_cancel, settle_unclaimable
+    queued  -> failed                       settle_unclaimable
 
-A function here returns whether its UPDATE matched a row; zero rows means another
-process got there first (a duplicate delivery, a newer attempt, a cancel) and the
-caller must not act as if it had won. Worker-side writes carry the attempt number
-they claimed with (a fencing token), so a zombie cannot overwrite a newer attempt.
+Every move is one conditional UPDATE (compare-and-set) built by a `Transition` in
+TRANSITIONS, so the table above and the SQL cannot disagree: the UPDATE's WHERE clause
+names the transition's source states and its SET names the target. A function returns
+whether its UPDATE matched a row; zero rows means another process got there first (a
+duplicate delivery, a newer attempt, a cancel, another reconciler) and the caller must
+not act as if it had won. Worker-side writes carry the attempt number they claimed with
+(a fencing token), so a zombie cannot overwrite a newer attempt. Each transition adds
+its entry to the job's timeline in the same transaction (shared/job_events.py).
+
+Callers own the transaction (`with transaction(url) as session:`) and the policy: the
+runner decides when a job is finished or handed back, the reconciler which jobs to look
+at. Why it is built this way: docs/architecture.md, "Reliability".
 """
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Update, and_, case, insert, or_, select, update
+from sqlalchemy import ColumnElement, Update, case, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import utcnow
 from shared.job_events import add_event
+from shared.job_states import FINISHED_STATES, JobState
 from shared.orm import Job, JobMetric
 
-
-class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    def __str__(self) -> str:
-        return self.value
+QUEUED, RUNNING = JobState.QUEUED, JobState.RUNNING
+SUCCEEDED, FAILED, CANCELLED = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED
 
 
-TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-ALL_STATES = tuple(s.value for s in JobState)
+@dataclass(frozen=True)
+class Transition:
+    """A move from any of `sources` to `target`, as a compare-and-set UPDATE."""
 
-TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
-    JobState.RUNNING: frozenset(
-        {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
-    ),
-    JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
-}
+    sources: tuple[JobState, ...]
+    target: JobState
+
+    def update(self, *where: ColumnElement[bool], **values: Any) -> Update:
+        """UPDATE jobs SET state=<target>, **values WHERE state IN <sources> AND *where."""
+        in_source = (
+            Job.state == self.sources[0].value
+            if len(self.sources) == 1
+            else Job.state.in_([s.value for s in self.sources])
+        )
+        return (
+            update(Job)
+            .where(in_source, *where)
+            .values(state=self.target.value, **values)
+            .execution_options(synchronize_session=False)
+        )
+
+
+CLAIM = Transition((QUEUED, RUNNING), RUNNING)  # from running only once the lease expired
+SUCCEED = Transition((RUNNING,), SUCCEEDED)
+FAIL = Transition((RUNNING,), FAILED)
+CANCEL = Transition((RUNNING,), CANCELLED)
+REQUEUE = Transition((RUNNING,), QUEUED)
+CANCEL_QUEUED = Transition((QUEUED,), CANCELLED)
+FAIL_QUEUED = Transition((QUEUED,), FAILED)
+TRANSITIONS = (CLAIM, SUCCEED, FAIL, CANCEL, REQUEUE, CANCEL_QUEUED, FAIL_QUEUED)
+_FINISH = {SUCCEEDED: SUCCEED, FAILED: FAIL, CANCELLED: CANCEL}
 
 
 def can_transition(src: JobState | str, dst: JobState | str) -> bool:
-    return JobState(dst) in TRANSITIONS[JobState(src)]
+    """Whether any transition moves a job from `src` to `dst`."""
+    src, dst = JobState(src), JobState(dst)
+    return any(src in t.sources and t.target == dst for t in TRANSITIONS)
+
+
+def _write(*where: ColumnElement[bool], **values: Any) -> Update:
+    """A fenced UPDATE of a job that keeps its state (lease, progress, flags)."""
+    return update(Job).where(*where).values(**values).execution_options(synchronize_session=False)
+
+
+def _held_by(job_id: int, attempt: int) -> tuple[ColumnElement[bool], ...]:
+    """The running job, as long as this attempt holds it."""
+    return (Job.id == job_id, Job.attempt == attempt, Job.state == RUNNING.value)
+
+
+def _finished(now: datetime, **values: Any) -> dict[str, Any]:
+    """The columns every move into a finished state sets, plus `values`."""
+    return {"finished_at": now, "updated_at": now, "lease_expires_at": None, **values}
+
+
+def _back_in_queue(now: datetime, reason: str) -> dict[str, Any]:
+    # `attempt` stays: the next claim increments it (the fencing token only grows).
+    return {"lease_expires_at": None, "worker": None, "error_message": reason, "updated_at": now}
+
+
+def _won(
+    session: Session,
+    stmt: Update,
+    job_id: int,
+    event: str,
+    attempt: int,
+    message: str,
+    worker: str | None = None,
+) -> bool:
+    """Run a transition's UPDATE; if it matched, put `event` on the job's timeline."""
+    if session.execute(stmt).rowcount != 1:
+        return False
+    add_event(session, job_id, event, attempt=attempt, worker=worker, message=message)
+    return True
+
+
+# ----------------------------------------------------------------------------- the worker
 
 
 @dataclass(frozen=True)
@@ -70,28 +136,17 @@ def claim_job(session: Session, job_id: int, worker: str, lease_seconds: float) 
     finished, cancelled, out of attempts, or unknown. That is a duplicate delivery.
     """
     now = utcnow()
-    stmt = (
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.attempt < Job.max_attempts,
-            Job.cancel_requested.is_(False),
-            or_(
-                Job.state == JobState.QUEUED.value,
-                and_(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now),
-            ),
-        )
-        .values(
-            state=JobState.RUNNING.value,
-            attempt=Job.attempt + 1,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            worker=worker,
-            started_at=now,
-            updated_at=now,
-        )
-        .returning(Job.attempt, Job.spec, Job.kind)
-        .execution_options(synchronize_session=False)
-    )
+    stmt = CLAIM.update(
+        Job.id == job_id,
+        Job.attempt < Job.max_attempts,
+        Job.cancel_requested.is_(False),
+        or_(Job.state == QUEUED.value, Job.lease_expires_at < now),
+        attempt=Job.attempt + 1,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+        worker=worker,
+        started_at=now,
+        updated_at=now,
+    ).returning(Job.attempt, Job.spec, Job.kind)
     row = session.execute(stmt).first()
     if row is None:
         return None
@@ -109,13 +164,9 @@ class LeaseRenewal:
 def renew_lease(session: Session, job_id: int, attempt: int, lease_seconds: float) -> LeaseRenewal:
     """Extend this attempt's lease and report whether a cancel was requested."""
     now = utcnow()
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .returning(Job.cancel_requested)
-        .execution_options(synchronize_session=False)
-    )
+    stmt = _write(
+        *_held_by(job_id, attempt), lease_expires_at=now + timedelta(seconds=lease_seconds)
+    ).returning(Job.cancel_requested)
     row = session.execute(stmt).first()
     if row is None:
         return LeaseRenewal(owned=False, cancel_requested=False)
@@ -124,12 +175,7 @@ def renew_lease(session: Session, job_id: int, attempt: int, lease_seconds: floa
 
 def update_progress(session: Session, job_id: int, attempt: int, progress: dict[str, Any]) -> bool:
     """Fenced write of live progress; False if this attempt lost the job."""
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
-        .values(progress=progress, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+    stmt = _write(*_held_by(job_id, attempt), progress=progress, updated_at=utcnow())
     return session.execute(stmt).rowcount == 1
 
 
@@ -137,12 +183,7 @@ def still_owns(session: Session, job_id: int, attempt: int) -> bool:
     """Fenced no-op write: True if this attempt still holds the running job. Being an
     UPDATE, it also locks the row until the transaction ends, so writes made in the same
     transaction cannot interleave with a reclaim by another worker."""
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
-        .values(updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+    stmt = _write(*_held_by(job_id, attempt), updated_at=utcnow())
     return session.execute(stmt).rowcount == 1
 
 
@@ -180,28 +221,14 @@ def finish_job(
     error_message: str | None = None,
     checkpoint_path: str | None = None,
 ) -> bool:
-    """running -> a terminal state, only for the attempt that holds the job."""
-    if state not in TERMINAL:
-        raise ValueError(f"{state} is not a terminal state")
-    now = utcnow()
-    values: dict[str, Any] = {
-        "state": state.value,
-        "finished_at": now,
-        "updated_at": now,
-        "lease_expires_at": None,
-        "result": result,
-        "error_type": error_type,
-        "error_message": error_message,
-    }
+    """running -> a finished state, only for the attempt that holds the job."""
+    if state.value not in FINISHED_STATES:
+        raise ValueError(f"{state} is not a finished state")
+    values = _finished(utcnow(), result=result, error_type=error_type, error_message=error_message)
     if checkpoint_path is not None:
         values["checkpoint_path"] = checkpoint_path
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if state != JobState.SUCCEEDED:
+    stmt = _FINISH[state].update(Job.id == job_id, Job.attempt == attempt, **values)
+    if state != SUCCEEDED:
         if session.execute(stmt).rowcount != 1:
             return False
     else:
@@ -222,76 +249,32 @@ def finish_job(
     return True
 
 
-def request_cancel(session: Session, job_id: int) -> str | None:
-    """Cancel a job: a queued one ends at once, a running one is flagged for its worker.
-
-    Returns the state the job is in afterwards, or None if there is no such job.
-    """
-    now = utcnow()
-    cancelled_now = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
-        .values(
-            state=JobState.CANCELLED.value,
-            cancel_requested=True,
-            finished_at=now,
-            updated_at=now,
-            error_message="cancelled before it started",
-        )
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    if cancelled_now:
-        add_event(session, job_id, "cancelled", message="cancelled before it started")
-        return JobState.CANCELLED.value
-    flagged = session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.state == JobState.RUNNING.value,
-            Job.cancel_requested.is_(False),
-        )
-        .values(cancel_requested=True, updated_at=now)
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    if flagged:
-        add_event(session, job_id, "cancel_requested")
-    return session.execute(select(Job.state).where(Job.id == job_id)).scalar_one_or_none()
+def _requeue(
+    session: Session,
+    job_id: int,
+    attempt: int,
+    event: str,
+    reason: str,
+    *where: ColumnElement[bool],
+    **values: Any,
+) -> bool:
+    # A job with cancel_requested would sit in `queued` forever (claim_job skips it), so
+    # these leave it running; the worker then finishes it as cancelled.
+    stmt = REQUEUE.update(
+        Job.id == job_id,
+        Job.attempt == attempt,
+        Job.cancel_requested.is_(False),
+        *where,
+        **_back_in_queue(utcnow(), reason),
+        **values,
+    )
+    return _won(session, stmt, job_id, event, attempt, reason)
 
 
 def requeue_job(session: Session, job_id: int, attempt: int, reason: str) -> bool:
-    """running -> queued for a job this attempt hands back (tests and tools; the
-    runner uses hand_back_job / requeue_after_failure, which also handle the attempt cap)."""
-    return _requeued(session, _requeue_statement(job_id, attempt, reason), "requeued", reason)
-
-
-def _requeued(session: Session, stmt: Update, kind: str, reason: str) -> bool:
-    row = session.execute(stmt.returning(Job.id, Job.attempt)).first()
-    if row is None:
-        return False
-    add_event(session, row.id, kind, attempt=row.attempt, message=reason)
-    return True
-
-
-def _requeue_statement(job_id: int, attempt: int, reason: str) -> Update:
-    # A job with cancel_requested would sit in `queued` forever (claim_job skips it), so
-    # these leave it running; the worker then finishes it as cancelled.
-    return (
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.attempt == attempt,
-            Job.state == JobState.RUNNING.value,
-            Job.cancel_requested.is_(False),
-        )
-        .values(
-            state=JobState.QUEUED.value,
-            lease_expires_at=None,
-            worker=None,
-            error_message=reason,
-            updated_at=utcnow(),
-        )
-        .execution_options(synchronize_session=False)
-    )
+    """running -> queued for a job this attempt hands back (tests and tools; the runner
+    uses hand_back_job / requeue_after_failure, which also handle the attempt cap)."""
+    return _requeue(session, job_id, attempt, "requeued", reason)
 
 
 def hand_back_job(session: Session, job_id: int, attempt: int, reason: str) -> bool:
@@ -300,17 +283,149 @@ def hand_back_job(session: Session, job_id: int, attempt: int, reason: str) -> b
     increments `attempt` (the fencing token must only grow), so on the last attempt
     the cap moves up by one, or the job could never be claimed again.
     """
-    stmt = _requeue_statement(job_id, attempt, reason).values(
-        max_attempts=case(
-            (Job.attempt >= Job.max_attempts, Job.attempt + 1), else_=Job.max_attempts
-        )
-    )
-    return _requeued(session, stmt, "handed_back", reason)
+    cap = case((Job.attempt >= Job.max_attempts, Job.attempt + 1), else_=Job.max_attempts)
+    return _requeue(session, job_id, attempt, "handed_back", reason, max_attempts=cap)
 
 
 def requeue_after_failure(session: Session, job_id: int, attempt: int, reason: str) -> bool:
     """running -> queued after an infrastructure failure (out of memory, database or
     broker lost), if the job has attempts left. False: none left, a cancel is pending,
     or this attempt no longer holds the job; the caller then finishes it instead."""
-    stmt = _requeue_statement(job_id, attempt, reason).where(Job.attempt < Job.max_attempts)
-    return _requeued(session, stmt, "requeued", reason)
+    return _requeue(session, job_id, attempt, "requeued", reason, Job.attempt < Job.max_attempts)
+
+
+# ----------------------------------------------------------------------------- users
+
+
+def request_cancel(session: Session, job_id: int) -> str | None:
+    """Cancel a job: a queued one ends at once, a running one is flagged for its worker.
+
+    Returns the state the job is in afterwards, or None if there is no such job.
+    """
+    now = utcnow()
+    message = "cancelled before it started"
+    stmt = CANCEL_QUEUED.update(
+        Job.id == job_id, **_finished(now, cancel_requested=True, error_message=message)
+    )
+    if session.execute(stmt).rowcount:
+        add_event(session, job_id, CANCELLED.value, message=message)
+        return CANCELLED.value
+    flag = _write(
+        Job.id == job_id,
+        Job.state == RUNNING.value,
+        Job.cancel_requested.is_(False),
+        cancel_requested=True,
+        updated_at=now,
+    )
+    if session.execute(flag).rowcount:
+        add_event(session, job_id, "cancel_requested")
+    return session.execute(select(Job.state).where(Job.id == job_id)).scalar_one_or_none()
+
+
+# ----------------------------------------------------------------------------- the reconciler
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What a reconciler transition did to a job: its event and the reason recorded."""
+
+    action: str  # requeued | failed | cancelled
+    message: str
+
+
+def expire_lease(
+    session: Session,
+    job_id: int,
+    attempt: int,
+    max_attempts: int,
+    worker: str | None,
+    now: datetime,
+) -> Settled | None:
+    """A running job whose lease expired before `now`: its worker is gone.
+
+    With a cancel pending it ends cancelled (nobody is left to notice the flag); with
+    attempts left it goes back to the queue (the caller publishes it again); on its
+    last attempt it ends failed as WorkerLost, so a job that kills its worker cannot
+    loop. `attempt`, `max_attempts` and `worker` are what the caller read: the UPDATE
+    matches only that attempt, still running, lease still expired, so a heartbeat that
+    renewed the lease since, or another reconciler, makes it miss (None).
+    """
+    seen = (Job.id == job_id, Job.attempt == attempt, Job.lease_expires_at < now)
+    last_seen = worker or "an unknown worker"
+    message = f"cancelled; its worker was lost before it stopped (last seen on {last_seen})"
+    stmt = CANCEL.update(
+        *seen, Job.cancel_requested.is_(True), **_finished(now, error_message=message)
+    )
+    if _won(session, stmt, job_id, CANCELLED.value, attempt, message, worker):
+        return Settled(CANCELLED.value, message)
+
+    not_cancelled = Job.cancel_requested.is_(False)
+    message = (
+        f"lease expired on worker {last_seen}; requeued (attempt {attempt + 1} of {max_attempts})"
+    )
+    stmt = REQUEUE.update(
+        *seen, not_cancelled, Job.attempt < Job.max_attempts, **_back_in_queue(now, message)
+    )
+    if _won(session, stmt, job_id, "requeued", attempt, message, worker):
+        return Settled("requeued", message)
+
+    message = (
+        f"worker lost on attempt {attempt} of {max_attempts}, no attempts left; "
+        f"last seen on {last_seen}"
+    )
+    values = _finished(now, error_type="WorkerLost", error_message=message)
+    stmt = FAIL.update(*seen, not_cancelled, Job.attempt >= Job.max_attempts, **values)
+    if _won(session, stmt, job_id, FAILED.value, attempt, f"WorkerLost: {message}", worker):
+        return Settled(FAILED.value, message)
+    return None
+
+
+def settle_unclaimable(
+    session: Session,
+    job_id: int,
+    attempt: int,
+    max_attempts: int,
+    last_error: str | None,
+    now: datetime,
+) -> Settled | None:
+    """A queued job no claim will ever take: cancel requested (-> cancelled) or out of
+    attempts (-> failed, AttemptsExhausted). Both arise when a worker hands a job back
+    (shutdown) just as a cancel arrives or on its last attempt."""
+    seen = (Job.id == job_id, Job.attempt == attempt)
+    message = "cancelled before it could run again"
+    stmt = CANCEL_QUEUED.update(
+        *seen, Job.cancel_requested.is_(True), **_finished(now, error_message=message)
+    )
+    if _won(session, stmt, job_id, CANCELLED.value, attempt, message):
+        return Settled(CANCELLED.value, message)
+    message = (
+        f"no attempts left ({attempt} of {max_attempts} used); last: {last_error or 'interrupted'}"
+    )
+    stmt = FAIL_QUEUED.update(
+        *seen,
+        Job.attempt >= Job.max_attempts,
+        **_finished(now, error_type="AttemptsExhausted", error_message=message),
+    )
+    if _won(session, stmt, job_id, FAILED.value, attempt, f"AttemptsExhausted: {message}"):
+        return Settled(FAILED.value, message)
+    return None
+
+
+def claimable_and_stale(stale_before: datetime) -> tuple[ColumnElement[bool], ...]:
+    """Queued jobs a claim could take that have not moved since `stale_before`."""
+    return (
+        Job.state == QUEUED.value,
+        Job.cancel_requested.is_(False),
+        Job.attempt < Job.max_attempts,
+        Job.updated_at < stale_before,
+    )
+
+
+def mark_for_republish(
+    session: Session, job_id: int, stale_before: datetime, now: datetime
+) -> bool:
+    """Take a queued job, unclaimed since before `stale_before`, for publishing again:
+    touch its `updated_at`, still conditional on it being that stale. Of two reconcilers
+    only one wins, and the next pass does not see the job as stale again."""
+    stmt = _write(*claimable_and_stale(stale_before), Job.id == job_id, updated_at=now)
+    return session.execute(stmt).rowcount == 1

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import redis
 
+from shared.broker import redis_client
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "trainyard:workers:"
@@ -167,13 +169,6 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def connect(url: str, timeout_s: float = 3.0) -> redis.Redis:
-    """A client for the broker's Redis (kombu's redis+socket:// spelling understood)."""
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url.removeprefix("redis+socket://")
-    return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
-
-
 class SlotHeartbeat:
     """A daemon thread that keeps one slot's registry entry alive.
 
@@ -231,7 +226,7 @@ class SlotHeartbeat:
 
     def _redis(self) -> redis.Redis:
         if self._client is None:
-            self._client = connect(self._url)
+            self._client = redis_client(self._url)
         return self._client
 
     def _run(self) -> None:

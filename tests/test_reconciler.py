@@ -22,11 +22,12 @@ import redis
 from celery import Celery
 
 import shared.reconciler as reconciler
+from shared.broker import read_messages
 from shared.celery_app import make_celery, publish_job, task_id_for
 from shared.db import transaction, utcnow
 from shared.job_events import job_events
 from shared.orm import Job
-from shared.reconciler import ReconcileReport, read_broker, reconcile_once, run_forever
+from shared.reconciler import ReconcileReport, reconcile_once, run_forever
 from shared.settings import Settings
 from shared.state_machine import claim_job, renew_lease
 from tests.conftest import REPO, settings_env
@@ -211,7 +212,7 @@ def test_a_freshly_reserved_message_counts_but_a_stale_one_does_not(
         message = conn.default_channel.basic_get("cpu", no_ack=False)
         assert message is not None and message.headers["id"] == task_id_for(job_id)
         client = redis.Redis.from_url(settings.redis_url)
-        view = read_broker(client, ["cpu"])
+        view = read_messages(client, ["cpu"])
         client.close()
         assert task_id_for(job_id) in view.reserved and not view.waiting
         assert not messages(settings.redis_url)

@@ -17,13 +17,13 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from server.cluster_status import WaitReason, wait_reason
+from shared.broker import redis_client
 from shared.db import transaction, utcnow
 from shared.orm import Job
 from shared.worker_registry import (
     INDEX_KEY,
     SlotHeartbeat,
     SlotInfo,
-    connect,
     online_slots,
     register,
     remove_node,
@@ -80,7 +80,7 @@ def slot(
 
 @pytest.fixture
 def rc(redis_url: str) -> redis.Redis:
-    client = connect(redis_url)
+    client = redis_client(redis_url)
     yield client
     client.close()
 
@@ -138,7 +138,7 @@ def test_heartbeat_thread_registers_refreshes_and_removes(rc: redis.Redis, redis
 def test_heartbeat_never_raises_and_logs_a_failing_redis_once(
     caplog: pytest.LogCaptureFixture, tmp_path: Any
 ) -> None:
-    beat = SlotHeartbeat(f"unix://{tmp_path}/no-redis.sock", slot("h:8"), interval_s=0.02)
+    beat = SlotHeartbeat(f"redis+socket://{tmp_path}/no-redis.sock", slot("h:8"), interval_s=0.02)
     with caplog.at_level(logging.WARNING, logger="shared.worker_registry"):
         beat.start()
         time.sleep(0.15)

@@ -16,10 +16,11 @@ from celery.signals import (
     worker_shutting_down,
 )
 
+from shared.broker import redis_client
 from shared.celery_app import make_celery
 from shared.db import dispose_inherited_engines
 from shared.settings import load_settings
-from shared.worker_registry import SlotHeartbeat, SlotInfo, connect, remove_node
+from shared.worker_registry import SlotHeartbeat, SlotInfo, remove_node
 from worker import shutdown
 from worker.runner import worker_name
 from worker.tasks import register_tasks
@@ -121,7 +122,7 @@ def _forget_node(**_kw: Any) -> None:
     # In the main process, after the pool stopped: children killed before they could
     # unregister would otherwise stay listed until their entries expire.
     try:
-        client = connect(settings.require_redis_url())
+        client = redis_client(settings.require_redis_url())
         try:
             remove_node(client, _node["name"])
         finally:

@@ -15,8 +15,6 @@ import requests
 
 # Job states as the API reports them. Not taken from shared.state_machine: that pulls in
 # SQLAlchemy, which a client that only speaks HTTP has no use for.
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 # Exit codes beyond click's own (2 is also click's usage error: both mean "nothing ran").
 EXIT_API_ERROR = 1

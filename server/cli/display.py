@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from server.cli.api_client import TERMINAL_STATES
+from shared.job_states import FINISHED_STATES
 
 STATE_STYLES = {
     "queued": "yellow",
@@ -135,7 +135,7 @@ def print_job(console: Console, job: dict[str, Any]) -> None:
     grid.add_column(style="bold")
     grid.add_column()
     state = state_text(str(job.get("state")))
-    if job.get("cancel_requested") and job.get("state") not in TERMINAL_STATES:
+    if job.get("cancel_requested") and job.get("state") not in FINISHED_STATES:
         state += " (cancel requested)"
     rows: list[tuple[str, str]] = [
         ("id", str(job.get("id"))),

@@ -13,8 +13,6 @@ import click
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
 from server.cli.api_client import (
-    JOB_STATES,
-    TERMINAL_STATES,
     ApiClient,
     ApiUnreachable,
     api_command,
@@ -30,6 +28,7 @@ from server.cli.display import (
     state_text,
 )
 from server.cli.settings import cli_settings
+from shared.job_states import ALL_STATES, FINISHED_STATES
 from shared.settings import Settings
 
 
@@ -114,7 +113,7 @@ def submit(
 
 
 @click.command("jobs")
-@click.option("--state", type=click.Choice(JOB_STATES), help="Only jobs in this state.")
+@click.option("--state", type=click.Choice(ALL_STATES), help="Only jobs in this state.")
 @click.option("--kind", metavar="KIND", help="Only jobs of this kind (train, evaluate).")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--before", type=int, metavar="ID", help="Jobs older than this id (the next page).")
@@ -202,11 +201,11 @@ def _watch(
                 frac = progress_fraction(job.get("progress"))
                 if state == "succeeded":
                     frac = 1.0
-                elif frac is None and state in TERMINAL_STATES:
+                elif frac is None and state in FINISHED_STATES:
                     frac = last_frac  # a failed job drops its progress; show where it stopped
                 last_frac = frac
                 detail = progress_text(job.get("progress")) if state == "running" else ""
-                if job.get("cancel_requested") and state not in TERMINAL_STATES:
+                if job.get("cancel_requested") and state not in FINISHED_STATES:
                     detail = "cancel requested " + detail
                 # total=None makes the bar pulse: a queued job has no progress to show yet.
                 bar.update(
@@ -216,7 +215,7 @@ def _watch(
                     state=state_text(state),
                     detail=detail,
                 )
-                if state in TERMINAL_STATES:
+                if state in FINISHED_STATES:
                     break
                 time.sleep(interval)
                 try:
@@ -247,7 +246,7 @@ def cancel(job_id: int, url: str, token: str | None) -> None:
     job = ApiClient(url, token=token).post(f"/jobs/{job_id}/cancel")
     state = str(job.get("state"))
     console = make_console()
-    if state in TERMINAL_STATES:
+    if state in FINISHED_STATES:
         console.print(f"Job {job_id} is {state_text(state)}.")
     else:
         console.print(

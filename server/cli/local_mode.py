@@ -339,9 +339,11 @@ def _check_port_free(host: str, port: int) -> None:
 def _check_redis(url: str) -> None:
     import redis
 
+    from shared import broker
+
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
-    except redis.exceptions.RedisError as exc:
+        broker.ping(url)
+    except (redis.RedisError, OSError) as exc:
         raise click.ClickException(f"TRAINYARD_REDIS_URL={url} does not answer: {exc}") from None
 
 

@@ -13,10 +13,9 @@ from typing import Any
 
 from server.timeline_api import event_label
 from shared.job_events import EVENT_KINDS
+from shared.job_states import FINISHED_STATES, is_finished
 from shared.orm import Job, JobEvent
-from shared.state_machine import TERMINAL
 
-FINAL_STATES = frozenset(s.value for s in TERMINAL)
 # Larger matrices are summarised (per-class table only): a 1000 x 1000 table helps nobody.
 MAX_MATRIX_CLASSES = 50
 HEAT_LEVELS = 10
@@ -37,7 +36,7 @@ EVENT_TONES = {
 
 
 def is_final(job: Job) -> bool:
-    return job.state in FINAL_STATES
+    return is_finished(job.state)
 
 
 def file_size(n: int) -> str:
@@ -125,7 +124,7 @@ def timeline(job: Job, events: list[JobEvent]) -> list[TimelineEntry]:
                 message=e.message,
             )
         )
-    finished_kinds = {e.kind for e in events} & FINAL_STATES
+    finished_kinds = {e.kind for e in events} & FINISHED_STATES
     if is_final(job) and job.finished_at is not None and not finished_kinds:
         message = job.error_message
         if job.error_type:

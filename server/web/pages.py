@@ -26,9 +26,9 @@ from server.web import bp
 from server.web.filters import duration
 from server.web.job_metrics import key_metric
 from shared.dataset_catalog import DATASETS
+from shared.job_states import ALL_STATES
 from shared.model_catalog import MODELS
 from shared.orm import Job, User
-from shared.state_machine import ALL_STATES
 
 PAGE_SIZE = 50
 # The page's query parameters: the API's list parameters but the page size and the

@@ -12,7 +12,7 @@ from flask import current_app, g, render_template
 from flask.typing import ResponseReturnValue
 from flask_login import login_required
 
-from server.cluster_status import queues_json, read_broker, workers_json
+from server.cluster_status import queues_json, read_cluster, workers_json
 from server.database import get_session
 from server.web import bp
 from shared.db import utcnow
@@ -32,12 +32,12 @@ def seconds_since(stamp: str | None, now: datetime) -> float | None:
 @login_required
 def workers() -> ResponseReturnValue:
     session = get_session()
-    broker = read_broker(current_app.config["TRAINYARD_SETTINGS"].redis_url)
+    cluster = read_cluster(current_app.config["TRAINYARD_SETTINGS"].redis_url)
     now = utcnow()
     return render_template(
         "workers.html",
-        workers=workers_json(session, broker, g.user),
-        queues=queues_json(session, broker, g.user),
+        workers=workers_json(session, cluster, g.user),
+        queues=queues_json(session, cluster, g.user),
         is_admin=g.user.is_admin,
         refresh_s=REFRESH_S,
         since=lambda stamp: seconds_since(stamp, now),

@@ -43,6 +43,7 @@ from sqlalchemy import func, select
 
 from shared.celery_app import task_id_for
 from shared.db import transaction, utcnow
+from shared.job_states import FINISHED_STATES
 from shared.local_redis import LocalRedis
 from shared.orm import Job, MetricPoint
 from shared.settings import Settings
@@ -51,7 +52,7 @@ from tests.helpers import train_spec
 
 T = TypeVar("T")
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL = FINISHED_STATES
 
 # Short enough that a lost worker is noticed in seconds, long enough that a loaded
 # 2-core machine does not miss a lease between two heartbeats.

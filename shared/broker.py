@@ -1,0 +1,221 @@
+"""The one module that knows how Celery lays out Redis, and how to reach that Redis.
+
+Celery's Redis transport (kombu/transport/redis.py) keeps a queue's messages like this:
+
+- waiting: a list named after the queue, plus one list per priority step above 0,
+  named `<queue>\\x06\\x16<step>`; each item is the JSON message;
+- reserved by a worker but not yet acknowledged: the hash `unacked`, keyed by delivery
+  tag, each value `[message, exchange, routing_key]`, and the time each was reserved
+  in the sorted set `unacked_index`.
+
+The reconciler reads both to tell a lost message from one still coming; the queues
+page reads the list lengths. Nobody else spells these names.
+
+Every Redis client in Trainyard is built here, from any URL Celery accepts, so the
+web's health check, the worker registry, the reconciler and local mode all understand
+the same URLs as the broker connection itself:
+
+    redis://[:password@]host[:port][/db]
+    rediss://[:password@]host[:port][/db][?ssl_cert_reqs=required&ssl_ca_certs=/ca.pem]
+    redis+socket:///path/to/redis.sock[?virtual_host=db]
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    import redis
+
+# redis-py and kombu are imported where a client is built, not here: settings check a
+# URL with this module, and the CLI should not pay half a second for that.
+
+PRIORITY_SEP = "\x06\x16"
+UNACKED_HASH = "unacked"
+UNACKED_INDEX = "unacked_index"
+
+SCHEMES = ("redis", "rediss", "redis+socket")
+# TLS options a rediss:// URL may carry, read the same way for Celery and for redis-py.
+_SSL_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+_CERT_REQS = {
+    "none": ssl.CERT_NONE,
+    "optional": ssl.CERT_OPTIONAL,
+    "required": ssl.CERT_REQUIRED,
+}
+
+
+class BrokerUrlError(ValueError):
+    """A TRAINYARD_REDIS_URL that neither Celery nor redis-py could use."""
+
+
+# ----------------------------------------------------------------------------- URLs
+
+
+def check_url(url: str) -> None:
+    """Raise BrokerUrlError, saying what is wrong, for a URL this module cannot use."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise BrokerUrlError(
+            f"must start with one of {', '.join(s + '://' for s in SCHEMES)} "
+            f"(e.g. redis://127.0.0.1:6379/0): {url!r}"
+        )
+    if parts.scheme == "redis+socket" and not parts.path:
+        raise BrokerUrlError("a redis+socket:// URL needs the socket's path")
+    if parts.scheme != "redis+socket" and not parts.hostname:
+        raise BrokerUrlError("needs a host, e.g. redis://127.0.0.1:6379/0")
+    params = dict(parse_qsl(parts.query))
+    reqs = params.get("ssl_cert_reqs")
+    if reqs is not None and _cert_reqs(reqs) is None:
+        raise BrokerUrlError(
+            f"ssl_cert_reqs={reqs!r}: use one of {', '.join(_CERT_REQS)} (or CERT_REQUIRED, ...)"
+        )
+
+
+def _cert_reqs(value: str) -> ssl.VerifyMode | None:
+    return _CERT_REQS.get(value.lower().removeprefix("cert_"))
+
+
+def _ssl_options(url: str) -> dict[str, Any]:
+    params = dict(parse_qsl(urlsplit(url).query))
+    options: dict[str, Any] = {k: params[k] for k in _SSL_PARAMS if params.get(k)}
+    # Verified unless the URL says otherwise: kombu alone would fall back to no
+    # verification at all for a bare rediss:// URL.
+    options["ssl_cert_reqs"] = _cert_reqs(params.get("ssl_cert_reqs", "required"))
+    return options
+
+
+def celery_ssl_options(url: str) -> dict[str, Any] | None:
+    """Celery's `broker_use_ssl` for this URL: None for plain Redis, else the TLS options
+    from the URL's query (certificates verified unless ssl_cert_reqs says otherwise)."""
+    check_url(url)
+    return _ssl_options(url) if urlsplit(url).scheme == "rediss" else None
+
+
+def redis_client(
+    url: str, *, timeout_s: float = 3.0, read_timeout_s: float | None = None
+) -> redis.Redis:
+    """A redis-py client for any URL Celery accepts (see the module docstring).
+
+    `timeout_s` bounds connecting (and every reply, unless `read_timeout_s` is given), so
+    a dead Redis is an error within seconds, never a hang.
+    """
+    import redis
+
+    check_url(url)
+    parts = urlsplit(url)
+    params = dict(parse_qsl(parts.query))
+    kwargs: dict[str, Any] = {
+        "socket_connect_timeout": timeout_s,
+        "socket_timeout": read_timeout_s if read_timeout_s is not None else timeout_s,
+    }
+    if parts.scheme == "redis+socket":
+        # kombu's spelling; redis-py calls it unix:// and the database `db`.
+        db = params.pop("virtual_host", params.pop("db", "0")) or "0"
+        path = parts.path
+        query = urlencode({**params, "db": db})
+        return redis.Redis.from_url(urlunsplit(("unix", "", path, query, "")), **kwargs)
+    if parts.scheme == "rediss":
+        kwargs.update(_ssl_options(url))
+        query = urlencode({k: v for k, v in params.items() if k not in _SSL_PARAMS})
+        url = urlunsplit(parts._replace(query=query))
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def ping(url: str, timeout_s: float = 3.0) -> None:
+    """Raise (redis.RedisError, OSError, BrokerUrlError) unless Redis answers at `url`."""
+    client = redis_client(url, timeout_s=timeout_s)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+# ----------------------------------------------------------------------------- queues
+
+
+@cache
+def _priority_steps() -> tuple[int, ...]:
+    from kombu.transport.redis import PRIORITY_STEPS
+
+    return tuple(PRIORITY_STEPS)
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's waiting messages, one per priority step."""
+    return [queue] + [f"{queue}{PRIORITY_SEP}{step}" for step in _priority_steps() if step]
+
+
+def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
+    """Messages waiting per queue (all priority steps together). Raises RedisError."""
+    queues = list(queues)
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        for name in queue_lists(queue):
+            pipe.llen(name)
+    lengths = iter(pipe.execute())
+    return {q: sum(next(lengths) for _ in queue_lists(q)) for q in queues}
+
+
+@dataclass(frozen=True)
+class QueuedMessages:
+    """Which task messages Redis holds right now, by Celery task id."""
+
+    waiting: frozenset[str]
+    # task id -> when a worker reserved it (Unix time, the reserving host's clock)
+    reserved: dict[str, float]
+
+    def holds(self, task_id: str, reserved_since: float) -> bool:
+        """Whether a delivery of `task_id` is still coming.
+
+        A message reserved before `reserved_since` by a worker that never claimed the
+        job belongs to a worker that died between reserving and claiming: Redis would
+        only hand it out again after the visibility timeout (hours), so it does not count.
+        """
+        return task_id in self.waiting or self.reserved.get(task_id, 0.0) >= reserved_since
+
+
+def read_messages(client: redis.Redis, queues: Iterable[str]) -> QueuedMessages:
+    """One MULTI/EXEC snapshot of the queues' lists and the unacked hash.
+
+    Atomic, so a message moving from a list to `unacked` (or back, on restore) is seen
+    in one place or the other. One window stays: a worker has popped a message but not
+    yet recorded it as unacked. A publish then is a duplicate the claim absorbs.
+    """
+    lists = [name for q in sorted(set(queues)) for name in queue_lists(q)]
+    pipe = client.pipeline(transaction=True)
+    for name in lists:
+        pipe.lrange(name, 0, -1)
+    pipe.hgetall(UNACKED_HASH)
+    pipe.zrange(UNACKED_INDEX, 0, -1, withscores=True)
+    *waiting_lists, unacked, index = pipe.execute()
+    waiting = {tid for msgs in waiting_lists for raw in msgs if (tid := _task_id(raw))}
+    reserved_at = {_text(tag): score for tag, score in index}
+    reserved: dict[str, float] = {}
+    for tag, raw in unacked.items():
+        tid = _task_id(raw)
+        if tid is not None:
+            # Not in the index (yet): treat as reserved just now, i.e. still coming.
+            when = reserved_at.get(_text(tag), float("inf"))
+            reserved[tid] = max(reserved.get(tid, 0.0), when)
+    return QueuedMessages(frozenset(waiting), reserved)
+
+
+def _task_id(raw: bytes | str) -> str | None:
+    try:
+        message = json.loads(raw)
+        # An unacked entry is [message, exchange, routing_key]; a waiting one the message.
+        if isinstance(message, list):
+            message = message[0]
+        return str(message["headers"]["id"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None  # not a Celery task message; nothing of ours
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
