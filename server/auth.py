@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from server.database import get_session
 from server.errors import ApiError, error_response
 from shared import accounts
+from shared.broker import redis_client
 from shared.orm import Job, User
 from shared.settings import Settings
 
@@ -163,8 +164,14 @@ class SubmitLimits:
         self.max_queued = settings.max_queued_per_user
         self.rate: RateLimitItem = parse(settings.submit_rate_limit)
         # Redis, so the limit holds across every web process; memory only when there is
-        # no Redis at all (an app built for a test without a broker).
-        storage = storage_from_string(settings.redis_url or "memory://")
+        # no Redis at all (an app built for a test without a broker). The client comes
+        # from shared/broker.py: `limits` alone understands neither kombu's
+        # redis+socket:// nor the TLS options of a rediss:// broker URL.
+        if settings.redis_url:
+            pool = redis_client(settings.redis_url).connection_pool
+            storage = storage_from_string("redis://", connection_pool=pool)
+        else:
+            storage = storage_from_string("memory://")
         self.limiter = MovingWindowRateLimiter(storage)
 
     def hit(self, item: RateLimitItem, *identifiers: str) -> bool:
@@ -173,7 +180,8 @@ class SubmitLimits:
             return self.limiter.hit(item, *identifiers)
         except Exception:  # noqa: BLE001 - any storage failure
             # Fail open: with Redis down a job is still stored and the reconciler enqueues
-            # it later (design.md 4.1); refusing it would lose a submission.
+            # it later (docs/architecture.md, "Reliability"); refusing it would lose a
+            # submission.
             log.warning("rate limit %s not checked: Redis failed", identifiers[0], exc_info=True)
             return True
 

@@ -117,9 +117,8 @@ def redis_client(
     if parts.scheme == "redis+socket":
         # kombu's spelling; redis-py calls it unix:// and the database `db`.
         db = params.pop("virtual_host", params.pop("db", "0")) or "0"
-        path = parts.path
         query = urlencode({**params, "db": db})
-        return redis.Redis.from_url(urlunsplit(("unix", "", path, query, "")), **kwargs)
+        return redis.Redis.from_url(f"unix://{parts.path}?{query}", **kwargs)
     if parts.scheme == "rediss":
         kwargs.update(_ssl_options(url))
         query = urlencode({k: v for k, v in params.items() if k not in _SSL_PARAMS})
