@@ -1,4 +1,4 @@
-"""JSON API v1 under /api/v1 (design.md section 3)."""
+"""JSON API v1 under /api/v1: the routes for jobs and the registries (README "API v1")."""
 
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def cancel_job(job_id: int) -> ResponseReturnValue:
 def retry_job(job_id: int) -> ResponseReturnValue:
     """Retry a finished job.
 
-    A new job with the same spec (design.md 3), owned by whoever asked for it.
+    A new job with the same spec, owned by whoever asked for it.
     """
     parse_query(NoQuery)
     return _created(submission.retry(visible_job(job_id), api_user()))

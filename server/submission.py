@@ -1,7 +1,7 @@
 """Creating jobs: the one path for the API, the submit form, retry and evaluate.
 
 Checks an evaluate job's source, applies the per-user limits, stores the row (owner,
-denormalised model/dataset names), commits, and only then enqueues (design.md 4.1).
+denormalised model/dataset names), commits, and only then enqueues (docs/architecture.md, "Reliability" R1).
 Problems are ApiErrors naming the field, so the API answers them as they are and the
 web forms show them next to the field.
 """
@@ -125,7 +125,7 @@ def submit(spec: TrainSpec | EvaluateSpec, user: Principal) -> Job:
 
 
 def retry(original: Job, user: Principal) -> Job:
-    """A new job with a finished job's spec (design.md 3), owned by whoever asked.
+    """A new job with a finished job's spec, owned by whoever asked.
 
     The spec is parsed again: the catalogs may have changed since (a deleted upload).
     """

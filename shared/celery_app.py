@@ -43,7 +43,7 @@ def make_celery(settings: Settings) -> Celery:
         # One job at a time per slot: a prefetched job would wait behind a long one.
         worker_prefetch_multiplier=1,
         # Jobs are long; without this Redis redelivers any message unacked after an
-        # hour (celery#5935). Duplicates are also stopped by the claim (design.md 4.2).
+        # hour (celery#5935). Duplicates are also stopped by the claim (docs/architecture.md, "Reliability" R2).
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         # rediss://: the TLS options come from the URL, read as every other client reads
         # them (shared/broker.py), and certificates are verified unless it says otherwise.

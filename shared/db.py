@@ -26,7 +26,7 @@ def utcnow() -> datetime:
 
 
 def make_engine(url: str) -> Engine:
-    """A new engine; SQLite gets WAL, a busy timeout and foreign keys (design.md 4.9)."""
+    """A new engine; SQLite gets WAL, a busy timeout and foreign keys (docs/architecture.md, "Reliability" R9)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     # CSV uploads for the `csv` dataset.
     max_upload_bytes: int = Field(default=100_000_000, ge=1024)
-    # Reliability timings (design.md 4; README "Reliability"). A worker that dies is
+    # Reliability timings (docs/architecture.md, "Reliability"; README "Reliability"). A worker that dies is
     # noticed within lease_seconds + reconcile_seconds: its lease stops being renewed,
     # and the next reconciler pass after expiry requeues the job.
     #
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = Field(default=60.0, gt=0)
     # Redis redelivers a message not acked within this (celery#5935): must exceed the
     # longest job and lease_seconds. The lease, not this, detects lost workers; the
-    # duplicate a redelivery creates is stopped by the claim (design.md 4.2).
+    # duplicate a redelivery creates is stopped by the claim (docs/architecture.md, "Reliability" R2).
     visibility_timeout: int = Field(default=12 * 3600, ge=60)
     # Metric sink: flush after this many points or this many seconds, whichever first.
     metric_flush_points: int = Field(default=500, ge=1)

@@ -9,8 +9,10 @@ import pytest
 from sqlalchemy import update
 
 from shared.db import transaction, utcnow
+from shared.job_states import FINISHED_STATES
 from shared.orm import Job
 from shared.state_machine import (
+    TRANSITIONS,
     JobState,
     can_transition,
     claim_job,
@@ -28,8 +30,7 @@ def make_job(url: str, **values: object) -> int:
             state="queued",
             queue="cpu",
             spec={"kind": "train"},
-            max_attempts=3,
-            **values,
+            **{"max_attempts": 3, **values},
         )
         s.add(job)
         s.flush()
@@ -42,9 +43,103 @@ def state_of(url: str, job_id: int) -> Job:
 
 
 def test_transition_table() -> None:
-    assert can_transition("queued", "running")
-    assert not can_transition("succeeded", "running")
-    assert not can_transition("cancelled", "queued")
+    allowed = {
+        (src.value, dst.value) for src in JobState for dst in JobState if can_transition(src, dst)
+    }
+    assert allowed == {
+        ("queued", "running"),
+        ("running", "running"),  # a reclaim, once the lease expired
+        ("running", "succeeded"),
+        ("running", "failed"),
+        ("running", "cancelled"),
+        ("running", "queued"),
+        ("queued", "cancelled"),
+        ("queued", "failed"),
+    }
+    assert not any(can_transition(done, other) for done in FINISHED_STATES for other in JobState)
+
+
+def test_the_table_writes_the_compare_and_set() -> None:
+    """Each transition's UPDATE checks its source states and sets its target: the table
+    cannot say one thing while the SQL does another."""
+    for transition in TRANSITIONS:
+        sql = str(
+            transition.update(Job.id == 1, updated_at=utcnow()).compile(
+                compile_kwargs={"literal_binds": True}
+            )
+        )
+        where = sql.split(" WHERE ", 1)[1]
+        for src in transition.sources:
+            assert f"'{src.value}'" in where, (transition, sql)
+        assert f"state='{transition.target.value}'" in sql.replace(" ", ""), (transition, sql)
+
+
+def _expire(url: str, job_id: int) -> None:
+    with transaction(url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=5))
+        )
+
+
+def test_expire_lease_requeues_fails_or_cancels(db_url: str) -> None:
+    from shared.state_machine import expire_lease
+
+    requeued, last, cancelled, renewed = (make_job(db_url, max_attempts=2) for _ in range(4))
+    with transaction(db_url) as s:
+        for job_id in (requeued, last, cancelled, renewed):
+            assert claim_job(s, job_id, "host:1", 30)
+        s.execute(update(Job).where(Job.id == last).values(attempt=2))
+        assert request_cancel(s, cancelled) == "running"
+    for job_id in (requeued, last, cancelled, renewed):
+        _expire(db_url, job_id)
+    with transaction(db_url) as s:
+        # A heartbeat renews `renewed` between the reconciler's read and its UPDATE.
+        assert renew_lease(s, renewed, 1, 30).owned
+    now = utcnow()
+    with transaction(db_url) as s:
+        outcomes = {
+            job_id: expire_lease(s, job_id, attempt, 2, "host:1", now)
+            for job_id, attempt in ((requeued, 1), (last, 2), (cancelled, 1), (renewed, 1))
+        }
+    assert outcomes[requeued] is not None and outcomes[requeued].action == "requeued"
+    assert outcomes[last] is not None and outcomes[last].action == "failed"
+    assert outcomes[cancelled] is not None and outcomes[cancelled].action == "cancelled"
+    assert outcomes[renewed] is None
+    jobs = {job_id: state_of(db_url, job_id) for job_id in outcomes}
+    assert (jobs[requeued].state, jobs[requeued].worker, jobs[requeued].attempt) == (
+        "queued",
+        None,
+        1,
+    )
+    assert jobs[last].state == "failed" and jobs[last].error_type == "WorkerLost"
+    assert "last seen on host:1" in jobs[last].error_message
+    assert jobs[cancelled].state == "cancelled" and jobs[cancelled].finished_at is not None
+    assert jobs[renewed].state == "running"
+    with transaction(db_url) as s:  # a second reconciler acting on what it saw: no-op
+        assert expire_lease(s, requeued, 1, 2, "host:1", now) is None
+
+
+def test_settle_unclaimable_and_mark_for_republish(db_url: str) -> None:
+    from shared.state_machine import mark_for_republish, settle_unclaimable
+
+    spent = make_job(db_url, attempt=3)
+    flagged = make_job(db_url, cancel_requested=True)
+    fine = make_job(db_url)
+    now = utcnow()
+    with transaction(db_url) as s:
+        assert settle_unclaimable(s, spent, 3, 3, "lease expired", now).action == "failed"
+        assert settle_unclaimable(s, flagged, 0, 3, None, now).action == "cancelled"
+        assert settle_unclaimable(s, fine, 0, 3, None, now) is None
+    assert state_of(db_url, spent).error_type == "AttemptsExhausted"
+    later = now + timedelta(seconds=60)
+    with transaction(db_url) as s:
+        assert not mark_for_republish(s, fine, stale_before=now - timedelta(seconds=60), now=now)
+        assert mark_for_republish(s, fine, stale_before=later, now=later)
+        # Touched: a second reconciler with the same cutoff no longer sees it as stale.
+        assert not mark_for_republish(s, fine, stale_before=later, now=later)
+        assert not mark_for_republish(s, spent, stale_before=later, now=later)
 
 
 def test_claim_once(db_url: str) -> None:

@@ -1,4 +1,4 @@
-"""The worker's side of design.md section 4, on each database with a real Redis:
+"""The worker's side of docs/architecture.md "Reliability", on each database with a real Redis:
 heartbeat failures, failure classes (user error vs infrastructure, CUDA out of memory),
 the soft time limit, graceful shutdown with a real `celery worker`, duplicate
 deliveries and fencing."""

@@ -63,7 +63,7 @@ def _init_child(**_kw) -> None:  # type: ignore[no-untyped-def]
     import torch
 
     # Every prefork child would otherwise use all cores, and N children thrash
-    # (design.md 5: 4.5x slower with 2 children on 2 cores).
+    # (docs/architecture.md, "Performance targets": 4.5x slower with 2 children on 2 cores).
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // _slots["n"])
     torch.set_num_threads(threads)
     log.info("worker child %s: torch threads=%s", os.getpid(), threads)

@@ -3,7 +3,7 @@
 A job's own error (bad data, a shape mismatch, a diverged loss, a bug in its spec) fails
 the same way on every attempt, so it ends `failed` at once. A lost resource (GPU or host
 memory, the database, the broker, the disk) says nothing about the job: the runner hands
-it back for another attempt, which resumes from the last checkpoint (design.md 4.4).
+it back for another attempt, which resumes from the last checkpoint (docs/architecture.md, "Reliability" R4).
 Anything not recognised as infrastructure counts as the job's own error: retrying an
 unknown bug would only burn attempts.
 """

@@ -3,7 +3,7 @@
 The training loop only appends to a list (cheap, no I/O). A background thread writes
 every `flush_seconds` in one short transaction, fenced by the attempt number: if this
 attempt lost the job, nothing is written. A failed write keeps the points for the next
-try, so a database hiccup delays metrics instead of failing the job (design.md 4.8).
+try, so a database hiccup delays metrics instead of failing the job (docs/architecture.md, "Reliability" R8).
 """
 
 from __future__ import annotations

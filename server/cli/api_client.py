@@ -24,7 +24,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ApiError(Exception):
-    """A 4xx/5xx answer, in the API's one error shape (design.md 3)."""
+    """A 4xx/5xx answer, in the API's one error shape (server/errors.py)."""
 
     def __init__(self, status: int, code: str, message: str, fields: dict[str, str] | None = None):
         self.status = status

@@ -1,4 +1,4 @@
-"""The database goes away for a few seconds mid-job (issue 4, scenario 9; design.md 4.8)."""
+"""The database goes away for a few seconds mid-job (issue 4, scenario 9; docs/architecture.md "Reliability" R8)."""
 
 from __future__ import annotations
 
