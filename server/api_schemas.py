@@ -81,6 +81,11 @@ class JobError(ResponseModel):
     message: str | None
 
 
+class KeyMetric(ResponseModel):
+    key: str = Field(description="e.g. val_accuracy, val_loss, accuracy, mse")
+    value: float
+
+
 class JobResponse(ResponseModel):
     id: int
     kind: Literal["train", "evaluate"]
@@ -100,6 +105,11 @@ class JobResponse(ResponseModel):
     cancel_requested: bool
     progress: dict[str, Any] | None = Field(description="epoch, step, latest metrics")
     result: dict[str, Any] | None = Field(description="final metrics of a finished job")
+    key_metric: KeyMetric | None = Field(
+        description="the one number that sums the job up, as the jobs page and `trainyard "
+        "jobs` show it: a train job's val_accuracy (classification) or val_loss "
+        "(regression), an evaluation's accuracy or mse; null until the job has it"
+    )
     error: JobError | None = Field(description="why a job failed")
     created_at: datetime
     started_at: datetime | None

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from server.timeline_api import event_to_json
 from shared import job_files
 from shared.db import get_engine
 from shared.job_states import is_finished
+from shared.metric_catalog import finite_number
 from shared.orm import Job, JobEvent
 from shared.settings import Settings
 
@@ -162,7 +162,7 @@ def json_safe(value: Any) -> Any:
     """`value` with every NaN or infinity as None: JSON has neither (a diverged loss is
     NaN), and a browser's JSON.parse would refuse the whole message."""
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return finite_number(value)
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -5,12 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from shared.metric_catalog import final_metrics, key_metric
 from shared.orm import Job
 
 
 def iso(ts: datetime | None) -> str | None:
     # Stored as naive UTC (shared.db.utcnow), so the zone is added here.
     return None if ts is None else ts.isoformat(timespec="milliseconds") + "Z"
+
+
+def key_metric_json(job: Job) -> dict[str, Any] | None:
+    found = key_metric(job.kind, final_metrics(job.result))
+    return None if found is None else {"key": found[0], "value": found[1]}
 
 
 def job_to_json(job: Job) -> dict[str, Any]:
@@ -33,6 +39,7 @@ def job_to_json(job: Job) -> dict[str, Any]:
         "cancel_requested": job.cancel_requested,
         "progress": job.progress,
         "result": job.result,
+        "key_metric": key_metric_json(job),
         "error": (
             {"type": job.error_type, "message": job.error_message}
             if job.error_type or (job.state == "failed" and job.error_message)

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from shared.dataset_catalog import DATASETS, CatalogContext, DatasetInfo, resolve_dataset
+from shared.metric_catalog import direction
 from shared.model_catalog import (
     MODELS,
     CNNParams,
@@ -261,9 +262,9 @@ ScheduleSpec = Annotated[
     ConstantSchedule | StepSchedule | CosineSchedule | OneCycleSchedule, Field(discriminator="name")
 ]
 
+# What early stopping may watch: the validation series a task's jobs log.
 CLASSIFICATION_METRICS = ("val_loss", "val_accuracy", "val_f1")
 REGRESSION_METRICS = ("val_loss", "val_mse", "val_mae", "val_r2")
-HIGHER_IS_BETTER = frozenset({"val_accuracy", "val_f1", "val_r2"})
 
 
 class EarlyStoppingSpec(StrictModel):
@@ -277,7 +278,7 @@ class EarlyStoppingSpec(StrictModel):
 
     @property
     def mode(self) -> str:
-        return "max" if self.metric in HIGHER_IS_BETTER else "min"
+        return direction(self.metric) or "min"
 
 
 class RegularizationSpec(StrictModel):

@@ -26,7 +26,6 @@ at. Why it is built this way: docs/architecture.md, "Reliability".
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,6 +36,7 @@ from sqlalchemy.orm import Session
 from shared.db import utcnow
 from shared.job_events import add_event
 from shared.job_states import FINISHED_STATES, JobState
+from shared.metric_catalog import final_metrics
 from shared.orm import Job, JobMetric
 
 QUEUED, RUNNING = JobState.QUEUED, JobState.RUNNING
@@ -185,29 +185,6 @@ def still_owns(session: Session, job_id: int, attempt: int) -> bool:
     transaction cannot interleave with a reclaim by another worker."""
     stmt = _write(*_held_by(job_id, attempt), updated_at=utcnow())
     return session.execute(stmt).rowcount == 1
-
-
-def final_metrics(result: Any) -> dict[str, float]:
-    """result["metrics"]'s finite numbers (not bools), as the job_final_metrics rows keep
-    them for the leaderboard; keys longer than the column are left out."""
-    metrics = result.get("metrics") if isinstance(result, dict) else None
-    if not isinstance(metrics, dict):
-        return {}
-    return {
-        key: number
-        for key, value in metrics.items()
-        if isinstance(key, str) and 0 < len(key) <= 64 and (number := _finite(value)) is not None
-    }
-
-
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)  # an int too big for a float raises
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
 
 
 def finish_job(

@@ -22,14 +22,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from shared.metric_catalog import per_epoch_keys
 from worker.training.sink import Sink
-from worker.training.train import CLASSIFICATION_EPOCH_KEYS, REGRESSION_EPOCH_KEYS
 
 log = logging.getLogger(__name__)
 
 TRAINING_LOGGER = "worker.training"
-# Points the training loop logs once per epoch; everything else (step_loss) is per step.
-EPOCH_KEYS = frozenset(CLASSIFICATION_EPOCH_KEYS) | frozenset(REGRESSION_EPOCH_KEYS)
+# Points logged once per epoch (the catalogue's per-epoch series) make the epoch lines;
+# per-step points (step_loss) would flood the log.
+EPOCH_KEYS = per_epoch_keys()
 
 
 def timestamp() -> str:

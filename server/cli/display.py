@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from shared import metric_catalog
 from shared.job_states import FINISHED_STATES
 
 STATE_STYLES = {
@@ -24,8 +25,6 @@ STATE_STYLES = {
     "failed": "red",
     "cancelled": "magenta",
 }
-# The first of these a finished job has is its "key metric" in `trainyard jobs`.
-KEY_METRICS = ("val_accuracy", "accuracy", "f1", "val_loss", "loss", "train_loss")
 
 
 def make_console() -> Console:
@@ -76,15 +75,17 @@ def progress_fraction(progress: dict[str, Any] | None) -> float | None:
 
 
 def key_metric(job: dict[str, Any]) -> str:
+    """The `key metric` cell of `trainyard jobs`: a running job's progress, else the key
+    metric the web's jobs page shows (shared/metric_catalog.py's rule), else the error."""
     if job.get("state") == "running" and job.get("progress"):
         frac = progress_fraction(job["progress"])
         text = progress_text({k: job["progress"].get(k) for k in ("epoch", "epochs")})
         return f"{text} ({frac:.0%})" if frac is not None and text else text
-    metrics = (job.get("result") or {}).get("metrics") or {}
-    for key in KEY_METRICS:
-        value = metrics.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return f"{key} {_fmt_number(value)}"
+    result = job.get("result")
+    metrics = result.get("metrics") if isinstance(result, dict) else None
+    found = metric_catalog.key_metric(str(job.get("kind")), metrics)
+    if found is not None:
+        return f"{escape(found[0])} {_fmt_number(found[1])}"
     if job.get("error"):
         return f"[red]{escape(str(job['error'].get('type') or 'error'))}[/]"
     return ""
@@ -187,7 +188,9 @@ def _metrics_table(metrics: dict[str, Any]) -> Table:
     table = Table(show_header=True, header_style="bold", box=None, padding=(0, 2))
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in metrics.items():
+    # The order the web's job page lists them in.
+    for key in sorted(metrics, key=metric_catalog.sort_key):
+        value = metrics[key]
         if isinstance(value, list) and value and isinstance(value[0], list):
             # A confusion matrix: one row per line, aligned, rather than one long JSON line.
             width = max(len(str(x)) for row in value for x in row)

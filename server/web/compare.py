@@ -29,18 +29,16 @@ from server.database import get_session
 from server.metric_series import metric_keys
 from server.params import MAX_ID
 from server.web import bp
-from server.web.job_metrics import best_index, direction, final_metrics
+from shared.metric_catalog import (
+    KEY_METRIC_KEYS,
+    best_positions,
+    final_metrics,
+    metric_info,
+    sort_key,
+)
 from shared.orm import Job
 
 MAX_JOBS = 10
-# Shown first in the metric table, in this order; other metrics follow by name.
-METRIC_ORDER = (
-    "val_accuracy", "val_f1", "val_loss", "train_loss", "val_mse", "val_mae", "val_r2",
-    "accuracy", "precision", "recall", "f1", "mse", "mae", "r2",
-    "best_metric_value", "best_epoch", "epochs_run", "steps", "duration_s", "train_time_s",
-    "samples_per_s", "num_parameters",
-)  # fmt: skip
-DEFAULT_METRICS = ("val_accuracy", "val_loss", "accuracy", "train_loss")
 # Spec fields that are not hyperparameters: the name heads each column already.
 NOT_COMPARED = {"name"}
 _ID_SPLIT = re.compile(r"[\s,]+")
@@ -105,6 +103,7 @@ class MetricRow:
     values: list[float | None]
     best: set[int]
     direction: str | None
+    label: str
 
 
 def param_rows(jobs: list[Job]) -> tuple[list[ParamRow], list[ParamRow]]:
@@ -122,13 +121,12 @@ def param_rows(jobs: list[Job]) -> tuple[list[ParamRow], list[ParamRow]]:
 
 
 def metric_rows(jobs: list[Job]) -> list[MetricRow]:
-    finals = [final_metrics(j) for j in jobs]
-    keys = set().union(*finals)
-    order = {k: i for i, k in enumerate(METRIC_ORDER)}
+    finals = [final_metrics(j.result) for j in jobs]
     rows = []
-    for key in sorted(keys, key=lambda k: (order.get(k, len(order)), k)):
+    for key in sorted(set().union(*finals), key=sort_key):
         values: list[float | None] = [f.get(key) for f in finals]
-        rows.append(MetricRow(key, values, best_index(values, key), direction(key)))
+        info = metric_info(key)
+        rows.append(MetricRow(key, values, best_positions(key, values), info.direction, info.label))
     return rows
 
 
@@ -158,7 +156,13 @@ def _chooser_keys(jobs: list[Job]) -> list[str]:
     keys: set[str] = set()
     for job in jobs:
         keys.update(metric_keys(session, job.id))
-    return sorted(keys)
+    return sorted(keys, key=sort_key)
+
+
+def default_metric(keys: list[str]) -> str | None:
+    """The chart's metric when the URL names none: the key metric the jobs logged (a
+    train job's; evaluations log no series), else the first in display order."""
+    return next((k for k in KEY_METRIC_KEYS["train"] if k in keys), keys[0] if keys else None)
 
 
 @bp.get("/compare")
@@ -183,7 +187,7 @@ def compare() -> ResponseReturnValue:
         return _error_page(exc, [])
     keys = _chooser_keys(jobs) if jobs else []
     if metric not in keys:
-        metric = next((k for k in DEFAULT_METRICS if k in keys), keys[0] if keys else None)
+        metric = default_metric(keys)
     differ, same = param_rows(jobs) if jobs else ([], [])
     return render_template(
         "compare.html",

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 
 from flask import Flask, request
 
 from shared.db import utcnow
+from shared.metric_catalog import catalog_json, finite_number, metric_info
 
 
 def duration(seconds: float | None) -> str:
     """1.2 s, 42 s, 3 m 05 s, 2 h 14 m: short and readable at a glance."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+    if finite_number(seconds) is None or seconds < 0:
         return "—"
     if seconds < 10:
         return f"{seconds:.1f} s"
@@ -61,8 +61,8 @@ def metric(value: object) -> str:
         return str(value)
     if isinstance(value, int):
         return f"{value:,}"
-    if not math.isfinite(value):
-        return str(value)
+    if finite_number(value) is None:
+        return str(value)  # nan, inf: say what it is rather than hide it
     return f"{value:.4g}"
 
 
@@ -77,4 +77,7 @@ def init_app(app: Flask) -> None:
         duration=duration, job_duration=job_duration, ago=ago, utc=utc, iso_utc=iso_utc,
         metric=metric,
     )  # fmt: skip
-    app.jinja_env.globals.update(nav_active=nav_active)
+    # The catalogue for templates (units, hints) and, as a JSON block, for the scripts.
+    app.jinja_env.globals.update(
+        nav_active=nav_active, metric_info=metric_info, metric_catalog=catalog_json
+    )

@@ -35,10 +35,10 @@ from server.errors import ApiError
 from server.job_stream import POLL_SECONDS, STREAM_SECONDS, StreamCursor, event_stream
 from server.params import MAX_ID
 from server.web import bp, job_view
-from server.web.job_metrics import key_metric
 from shared import job_files
 from shared.dataset_catalog import DATASETS
 from shared.job_events import job_events
+from shared.metric_catalog import final_metrics, key_metric
 from shared.orm import Job
 from shared.settings import Settings
 from shared.state_machine import JobState, request_cancel
@@ -133,7 +133,7 @@ def _page(
         "artifacts": [{**a, "size": job_view.file_size(a["size_bytes"])} for a in artifacts],
         "results": job_view.results(job),
         # The number the job list shows for this job, so the two pages agree.
-        "key_metric": key_metric(job),
+        "key_metric": key_metric(job.kind, final_metrics(job.result)),
         "spec_json": job_view.spec_json(job.spec or {}),
         "spec_summary": job_view.spec_summary(job),
         "source": source,

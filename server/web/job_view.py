@@ -6,7 +6,6 @@ no request handling here, so each piece is easy to test and to reuse.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -14,6 +13,16 @@ from typing import Any
 from server.timeline_api import event_label
 from shared.job_events import EVENT_KINDS
 from shared.job_states import FINISHED_STATES, is_finished
+from shared.metric_catalog import (
+    BEST_EPOCH,
+    BEST_METRIC,
+    BEST_METRIC_VALUE,
+    METRICS,
+    finite_number,
+    key_metric,
+    metric_info,
+    sort_key,
+)
 from shared.orm import Job, JobEvent
 
 # Larger matrices are summarised (per-class table only): a 1000 x 1000 table helps nobody.
@@ -49,12 +58,6 @@ def file_size(n: int) -> str:
     return f"{n} B"  # unreachable
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 # ---------------------------------------------------------------- progress
 
 
@@ -71,7 +74,7 @@ class Progress:
 
 def progress_of(job: Job) -> Progress:
     p = job.progress or {}
-    fraction = _number(p.get("fraction"))
+    fraction = finite_number(p.get("fraction"))
     if job.state == "succeeded":
         fraction = 1.0
     elif fraction is None and job.state == "running":
@@ -84,8 +87,8 @@ def progress_of(job: Job) -> Progress:
         step=p.get("step"),
         steps_total=p.get("steps_total"),
         # Speed and ETA describe a running job; a finished one has neither.
-        samples_per_s=None if final else _number(p.get("samples_per_s")),
-        eta_s=None if final else _number(p.get("eta_s")),
+        samples_per_s=None if final else finite_number(p.get("samples_per_s")),
+        eta_s=None if final else finite_number(p.get("eta_s")),
     )
 
 
@@ -190,32 +193,30 @@ def confusion_matrix(matrix: Any, class_names: Any = None) -> ConfusionMatrix | 
     return view
 
 
-# Train results: these first, in this order; then every other scalar by name.
-TRAIN_ORDER = (
-    "val_accuracy", "val_f1", "val_loss", "train_loss", "val_mse", "val_mae", "val_r2",
-    "best_metric", "best_metric_value", "best_epoch", "stopped_early", "epochs_run", "steps",
-    "resumed_from_epoch", "resumed_from_step", "duration_s", "train_time_s", "samples_per_s",
-    "num_train_samples", "num_val_samples", "num_parameters", "lr", "seed", "device",
-    "torch_version",
-)  # fmt: skip
-EVAL_HEADLINE = ("accuracy", "precision", "recall", "f1", "mse", "mae", "r2", "loss")
-EVAL_DETAILS = ("num_samples", "split", "dataset", "checkpoint", "checkpoint_epoch", "device",
-                "duration_s")  # fmt: skip
-HINTS = {
-    "precision": "macro average",
-    "recall": "macro average",
-    "f1": "macro average",
-    "val_f1": "macro average",
-    "r2": "coefficient of determination",
-}
+# A train job's result leads with this many figures; an evaluation's shows all its scores.
+TRAIN_FIGURES = 3
 
 
-def scalar_items(metrics: dict[str, Any], order: tuple[str, ...]) -> list[tuple[str, Any]]:
-    scalars = {
-        k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float, str, bool))
-    }
-    first = [(k, scalars.pop(k)) for k in order if k in scalars]
-    return first + sorted(scalars.items())
+def scalar_items(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The scalar entries in display order (shared/metric_catalog.py)."""
+    scalars = [
+        (k, v) for k, v in metrics.items() if v is None or isinstance(v, (int, float, str, bool))
+    ]
+    return sorted(scalars, key=lambda item: sort_key(item[0]))
+
+
+def headline(kind: str, metrics: dict[str, Any]) -> list[str]:
+    """The quality metrics a result leads with: the key metric (the number the jobs
+    table shows), then the job kind's other scores and losses in display order."""
+    first = key_metric(kind, metrics)
+    keys = [
+        m.key
+        for m in METRICS.values()
+        if m.direction is not None and m.series != "step" and m.kind == kind and m.key in metrics
+    ]
+    if first is not None:
+        keys = [first[0]] + [k for k in keys if k != first[0]]
+    return keys if kind == "evaluate" else keys[:TRAIN_FIGURES]
 
 
 def class_label(index: Any, names: Any) -> str:
@@ -238,10 +239,10 @@ def results(job: Job) -> Results | None:
     metrics = (job.result or {}).get("metrics")
     if not isinstance(metrics, dict) or not metrics:
         return None
+    leading = headline(job.kind, metrics)
+    figures = [Figure(k, metrics[k], metric_info(k).hint) for k in leading]
     if job.kind == "evaluate":
-        figures = [Figure(k, metrics[k], HINTS.get(k, "")) for k in EVAL_HEADLINE if k in metrics]
-        shown = set(EVAL_HEADLINE)
-        items = [(k, v) for k, v in scalar_items(metrics, EVAL_DETAILS) if k not in shown]
+        items = [(k, v) for k, v in scalar_items(metrics) if k not in leading]
         raw_matrix = metrics.get("confusion_matrix")
         per_class = metrics.get("per_class")
         names = metrics.get("class_names")
@@ -256,17 +257,15 @@ def results(job: Job) -> Results | None:
             matrix=confusion_matrix(raw_matrix, names),
             matrix_classes=len(raw_matrix) if isinstance(raw_matrix, list) else 0,
         )
-    headline = [k for k in ("val_accuracy", "val_r2", "val_loss", "train_loss") if k in metrics]
-    figures = [Figure(k, metrics[k], HINTS.get(k, "")) for k in headline[:3]]
-    if metrics.get("best_metric") and metrics.get("best_epoch") is not None:
+    if metrics.get(BEST_METRIC) and metrics.get(BEST_EPOCH) is not None:
         figures.append(
             Figure(
-                f"best {metrics['best_metric']}",
-                metrics.get("best_metric_value"),
-                f"epoch {metrics['best_epoch']}",
+                f"best {metrics[BEST_METRIC]}",
+                metrics.get(BEST_METRIC_VALUE),
+                f"epoch {metrics[BEST_EPOCH]}",
             )
         )
-    items = scalar_items(metrics, TRAIN_ORDER)
+    items = scalar_items(metrics)
     return Results(figures=figures, items=items, per_class=[], matrix=None, matrix_classes=0)
 
 

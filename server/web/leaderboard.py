@@ -5,7 +5,8 @@ GET /leaderboard?dataset=digits&metric=val_accuracy. The ranking reads job_final
 through its (dataset_name, key, value, job_id) index: the database walks the index in
 metric order and stops at the top 20, so no job's result JSON is parsed. Training
 metrics (val_*, train_*) rank train jobs, the others (accuracy, mse, ...) evaluation
-jobs. Members rank their own jobs; admins everyone's.
+jobs, as shared/metric_catalog.py says, which also gives each metric's better direction
+and label. Members rank their own jobs; admins everyone's.
 """
 
 from __future__ import annotations
@@ -22,42 +23,29 @@ from sqlalchemy.orm import joinedload
 from server.access import visible_jobs
 from server.database import get_session
 from server.web import bp
-from server.web.job_metrics import direction
 from shared.dataset_catalog import DATASETS
+from shared.metric_catalog import direction, metric_info, ranked_metrics
 from shared.orm import Job, JobMetric
 
 TOP = 20
-CLASSIFICATION_METRICS = (
-    "val_accuracy", "val_f1", "val_loss", "train_loss", "accuracy", "precision", "recall", "f1",
-)  # fmt: skip
-REGRESSION_METRICS = (
-    "val_loss", "val_mse", "val_mae", "val_r2", "train_loss", "mse", "mae", "r2",
-)  # fmt: skip
-METRIC_LABELS = {
-    "val_accuracy": "validation accuracy", "val_f1": "validation F1 (macro)",
-    "val_loss": "validation loss", "train_loss": "training loss", "val_mse": "validation MSE",
-    "val_mae": "validation MAE", "val_r2": "validation R²", "accuracy": "test accuracy (evaluations)",
-    "precision": "precision (evaluations)", "recall": "recall (evaluations)",
-    "f1": "F1 (evaluations)", "mse": "MSE (evaluations)", "mae": "MAE (evaluations)",
-    "r2": "R² (evaluations)",
-}  # fmt: skip
 
 
 def metrics_for(dataset: str) -> tuple[str, ...]:
-    """The metrics a dataset's jobs report, by its task(s); the first is the default."""
+    """The metrics a dataset's jobs report, by its task(s); the first (the train key
+    metric) is the default."""
     entry = DATASETS.get(dataset)
     tasks = entry.tasks if entry is not None else ("classification", "regression")
-    if tasks == ("regression",):
-        return REGRESSION_METRICS
-    if "regression" in tasks:  # both (csv): every metric, classification's first
-        return CLASSIFICATION_METRICS + tuple(
-            m for m in REGRESSION_METRICS if m not in CLASSIFICATION_METRICS
-        )
-    return CLASSIFICATION_METRICS
+    return ranked_metrics(tasks)
 
 
 def kind_of(metric: str) -> str:
-    return "train" if metric.startswith(("val_", "train_")) else "evaluate"
+    """The kind of job that reports `metric`, whose job_final_metrics rows rank."""
+    return "evaluate" if metric_info(metric).kind == "evaluate" else "train"
+
+
+def metric_label(metric: str) -> str:
+    info = metric_info(metric)
+    return f"{info.label} (evaluations)" if info.kind == "evaluate" else info.label
 
 
 @dataclass(frozen=True)
@@ -161,14 +149,16 @@ def leaderboard() -> ResponseReturnValue:
     counts = _dataset_counts()
     choice = _choose(counts)
     entries = top_runs(choice.dataset, choice.metric) if choice.dataset and choice.metric else []
+    metrics = metrics_for(choice.dataset) if choice.dataset else ()
     return render_template(
         "leaderboard.html",
         counts=counts,
         dataset=choice.dataset,
         metric=choice.metric,
         notice=choice.notice,
-        metrics=metrics_for(choice.dataset) if choice.dataset else (),
-        metric_labels=METRIC_LABELS,
+        metrics=metrics,
+        metric_labels={m: metric_label(m) for m in metrics},
+        ranks_evaluations=choice.metric is not None and kind_of(choice.metric) == "evaluate",
         direction=direction(choice.metric) if choice.metric else None,
         entries=entries,
         top=TOP,

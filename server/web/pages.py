@@ -24,9 +24,9 @@ from server.job_query import JobFilters, PageCursor, SortName
 from server.params import JobListQuery
 from server.web import bp
 from server.web.filters import duration
-from server.web.job_metrics import key_metric
 from shared.dataset_catalog import DATASETS
 from shared.job_states import ALL_STATES
+from shared.metric_catalog import final_metrics, key_metric
 from shared.model_catalog import MODELS
 from shared.orm import Job, User
 
@@ -95,7 +95,7 @@ def job_row(job: Job) -> JobRow:
     return JobRow(
         job=job,
         tags=[t for t in tags if isinstance(t, str)] if isinstance(tags, list) else [],
-        metric=key_metric(job),
+        metric=key_metric(job.kind, final_metrics(job.result)),
         progress=progress_text(job),
     )
 

@@ -43,6 +43,7 @@ from server.web.spec_form import (
     values_from_spec,
 )
 from shared.dataset_catalog import DATASETS
+from shared.metric_catalog import final_metrics, key_metric
 from shared.orm import Job
 from shared.schema_base import CatalogError
 from shared.settings import Settings
@@ -204,12 +205,8 @@ def _source_jobs(values: Values, form: JobForm) -> list[tuple[str, str]]:
 
 def _job_label(job: Job) -> str:
     name = f" {job.name}" if job.name else ""
-    metrics = (job.result or {}).get("metrics") or {}
-    score = next(
-        (f", {key} {metrics[key]:.4g}" for key in ("test_accuracy", "val_accuracy", "val_loss")
-         if isinstance(metrics.get(key), (int, float))),
-        "",
-    )  # fmt: skip
+    found = key_metric(job.kind, final_metrics(job.result))
+    score = f", {found[0]} {found[1]:.4g}" if found is not None else ""
     return f"#{job.id}{name} · {job.model_name} on {job.dataset_name}{score}"
 
 

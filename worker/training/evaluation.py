@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from shared import metric_catalog as mc
 from shared.dataset_catalog import DATASETS, CatalogContext, DatasetInfo, resolve_dataset
 from shared.schema_base import CatalogError
 from shared.spec import EvaluateSpec, SpecError, TrainSpec, eval_dataset_params
@@ -98,14 +99,16 @@ def evaluate_job(
     else:
         metrics = regression_metrics(data.y, result.outputs)
     metrics.update(
-        loss=result.loss,
-        num_samples=len(data),
-        split=spec.dataset.split,
-        dataset=name,
-        checkpoint=spec.checkpoint,
-        checkpoint_epoch=int(ckpt.get("epoch", 0)),
-        device=device_name(device),
-        duration_s=round(time.perf_counter() - started, 3),
+        {
+            mc.LOSS: result.loss,
+            mc.NUM_SAMPLES: len(data),
+            mc.SPLIT: spec.dataset.split,
+            mc.DATASET: name,
+            mc.CHECKPOINT: spec.checkpoint,
+            mc.CHECKPOINT_EPOCH: int(ckpt.get("epoch", 0)),
+            mc.DEVICE: device_name(device),
+            mc.DURATION_S: round(time.perf_counter() - started, 3),
+        }
     )
     log.info("evaluated %s on %s/%s (%s)", path, name, spec.dataset.split, DATASETS[name].kind)
     return metrics

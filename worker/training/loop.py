@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.metric_catalog import STEP_LOSS
 from worker.training.datasets import Split
 from worker.training.errors import JobCancelled, UserError
 from worker.training.losses import LossFn, l1_penalty
@@ -221,7 +222,7 @@ def train_one_epoch(
             )
         if progress.samples > progress.synced_samples:
             window = (total - progress.synced_sum) / (progress.samples - progress.synced_samples)
-            tracker.sink.log("step_loss", window, step=tracker.step, epoch=tracker.epoch)
+            tracker.sink.log(STEP_LOSS, window, step=tracker.step, epoch=tracker.epoch)
         progress.synced_sum, progress.synced_samples = total, progress.samples
 
     for i in range(progress.batch, nb):

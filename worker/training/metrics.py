@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from shared.metric_catalog import ACCURACY, F1, MAE, MSE, PRECISION, R2, RECALL
+
 
 def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(num_classes, num_classes) int64 counts; rows = true class, columns = predicted."""
@@ -49,10 +51,10 @@ def scores_from_confusion(matrix: torch.Tensor) -> dict[str, Any]:
         for c, (p, r, f, s) in enumerate(zip(*rows, strict=True))
     ]
     return {
-        "accuracy": acc,
-        "precision": p_mean,
-        "recall": r_mean,
-        "f1": f_mean,
+        ACCURACY: acc,
+        PRECISION: p_mean,
+        RECALL: r_mean,
+        F1: f_mean,
         "per_class": per_class,
     }
 
@@ -87,4 +89,4 @@ def regression_metrics(y_true: torch.Tensor, y_pred: torch.Tensor) -> dict[str, 
     n = max(y.numel(), 1)
     r2 = torch.where(sst > 0, 1.0 - sse / sst.clamp(min=1e-300), torch.zeros_like(sse))
     mse, mae, r2_value = torch.stack([sse / n, err.abs().sum() / n, r2]).tolist()
-    return {"mse": mse, "mae": mae, "r2": r2_value}
+    return {MSE: mse, MAE: mae, R2: r2_value}

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared import metric_catalog as mc
 from shared.dataset_catalog import DATASETS, DatasetInfo
 from shared.spec import AugmentSpec, TrainSpec
 from worker.training.checkpoint import (
@@ -66,8 +67,10 @@ RESUME_FIELDS = (
     "batch_size", "grad_accum_steps", "seed",
 )  # fmt: skip
 
-CLASSIFICATION_EPOCH_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_f1", "lr")
-REGRESSION_EPOCH_KEYS = ("train_loss", "val_loss", "val_mse", "val_mae", "val_r2", "lr")
+# What each epoch logs, in the order its job-log line reads; shared/metric_catalog.py
+# lists them as per-epoch series of their task.
+CLASSIFICATION_EPOCH_KEYS = (mc.TRAIN_LOSS, mc.VAL_LOSS, mc.VAL_ACCURACY, mc.VAL_F1, mc.LR)
+REGRESSION_EPOCH_KEYS = (mc.TRAIN_LOSS, mc.VAL_LOSS, mc.VAL_MSE, mc.VAL_MAE, mc.VAL_R2, mc.LR)
 
 # Any constant works: it only has to give augmentation a stream of its own, apart from
 # the batch order's (seeded with the job seed itself).
@@ -100,7 +103,7 @@ class Monitor:
     def for_spec(cls, spec: TrainSpec) -> Monitor:
         es = spec.early_stopping
         if es is None:
-            return cls("val_loss", "min")
+            return cls(mc.VAL_LOSS, "min")
         return cls(es.metric, es.mode, es.min_delta, es.patience)
 
     def improved(self, value: float, best: float | None) -> bool:
@@ -378,9 +381,14 @@ def _validate(run: Run) -> dict[str, float]:
         accuracy, f1 = accuracy_and_f1(
             run.splits.val.y, result.outputs, run.splits.info.num_classes
         )
-        return {"val_loss": result.loss, "val_accuracy": accuracy, "val_f1": f1}
+        return {mc.VAL_LOSS: result.loss, mc.VAL_ACCURACY: accuracy, mc.VAL_F1: f1}
     scores = regression_metrics(run.splits.val.y, result.outputs)
-    return {"val_loss": result.loss, **{f"val_{k}": v for k, v in scores.items()}}
+    return {
+        mc.VAL_LOSS: result.loss,
+        mc.VAL_MSE: scores[mc.MSE],
+        mc.VAL_MAE: scores[mc.MAE],
+        mc.VAL_R2: scores[mc.R2],
+    }
 
 
 def _train_epochs(
@@ -422,9 +430,9 @@ def _train_epochs(
             raise
         progress = None
         metrics = {
-            "train_loss": train_loss,
+            mc.TRAIN_LOSS: train_loss,
             **_validate(run),
-            "lr": run.recipe.optimizer.param_groups[0]["lr"],
+            mc.LR: run.recipe.optimizer.param_groups[0]["lr"],
         }
         for key in epoch_keys(run.task):
             sink.log(key, metrics[key], step=epoch, epoch=epoch)
@@ -509,23 +517,23 @@ def train_job(
     samples = tracker.samples_this_run
     result: dict[str, Any] = {
         **{k: state.metrics.get(k) for k in epoch_keys(run.task)},
-        "best_metric": run.monitor.metric,
-        "best_metric_value": state.best_value,
-        "best_epoch": state.best_epoch,
-        "stopped_early": state.stopped_early,
-        "epochs_run": state.epoch,
-        "steps": state.step,
-        "resumed_from_epoch": resumed[0],
-        "resumed_from_step": resumed[1],
-        "duration_s": round(time.perf_counter() - job_start, 3),
-        "train_time_s": round(train_time, 3),
-        "samples_per_s": round(samples / train_time, 1) if samples and train_time > 0 else 0.0,
-        "num_train_samples": len(run.splits.train),
-        "num_val_samples": len(run.splits.val),
-        "num_parameters": count_parameters(run.model),
-        "device": device_name(device),
-        "torch_version": str(torch.__version__),
-        "seed": spec.seed,
+        mc.BEST_METRIC: run.monitor.metric,
+        mc.BEST_METRIC_VALUE: state.best_value,
+        mc.BEST_EPOCH: state.best_epoch,
+        mc.STOPPED_EARLY: state.stopped_early,
+        mc.EPOCHS_RUN: state.epoch,
+        mc.STEPS: state.step,
+        mc.RESUMED_FROM_EPOCH: resumed[0],
+        mc.RESUMED_FROM_STEP: resumed[1],
+        mc.DURATION_S: round(time.perf_counter() - job_start, 3),
+        mc.TRAIN_TIME_S: round(train_time, 3),
+        mc.SAMPLES_PER_S: round(samples / train_time, 1) if samples and train_time > 0 else 0.0,
+        mc.NUM_TRAIN_SAMPLES: len(run.splits.train),
+        mc.NUM_VAL_SAMPLES: len(run.splits.val),
+        mc.NUM_PARAMETERS: count_parameters(run.model),
+        mc.DEVICE: device_name(device),
+        mc.TORCH_VERSION: str(torch.__version__),
+        mc.SEED: spec.seed,
     }
     log.info("trained %s: %s", spec.model.name, result)
     return result

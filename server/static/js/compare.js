@@ -1,6 +1,7 @@
 // The compare page (templates/compare.html): one metric of every job, overlaid in a
 // uPlot chart. The series come from GET /api/v1/jobs/<id>/metrics (downsampled on the
-// server); the page's tables are server-rendered and need none of this.
+// server), each metric's label and series kind from the metric catalogue in the page
+// (shared/metric_catalog.py); the page's tables are server-rendered and need none of this.
 "use strict";
 
 (function () {
@@ -20,6 +21,14 @@
       color: swatch ? getComputedStyle(swatch).backgroundColor : "#1f4e79",
     };
   });
+  const METRICS = (() => {
+    const block = document.getElementById("metric-catalog");
+    try {
+      return new Map(JSON.parse(block.textContent).metrics.map((m) => [m.key, m]));
+    } catch (err) {
+      return new Map(); // labels fall back to the keys, the x axis to the data
+    }
+  })();
   const select = document.getElementById("compare-metric");
   const showButton = document.getElementById("compare-metric-show");
   let chart = null;
@@ -53,14 +62,17 @@
   }
 
   function draw(metric, all) {
-    // Per-epoch metrics are logged at step = epoch: call the axis what it is.
-    const perEpoch = all.every((s) => s.step.every((step, i) => step === s.epoch[i]));
+    const known = METRICS.get(metric);
+    // Per-epoch metrics are logged at step = epoch: call the axis what it is. A key the
+    // catalogue does not know says it by its points.
+    const perEpoch = known && known.series !== "final" ? known.series === "epoch"
+      : all.every((s) => s.step.every((step, i) => step === s.epoch[i]));
     const xLabel = perEpoch ? "epoch" : "step";
     const data = uPlot.join(all.map(table));
     const opts = {
       ...chartSize(),
       scales: { x: { time: false } },
-      axes: [{ label: xLabel }, { label: metric, size: 60 }],
+      axes: [{ label: xLabel }, { label: known ? known.label : metric, size: 60 }],
       legend: { live: true },
       cursor: { drag: { x: true, y: false } },
       series: [

@@ -60,16 +60,31 @@
 
   // ------------------------------------------------------------ charts
 
-  const CHARTS = [
-    { id: "chart-loss", title: "Loss", note: "per epoch", keys: ["train_loss", "val_loss"] },
-    { id: "chart-accuracy", title: "Accuracy and F1", note: "per epoch",
-      keys: ["train_accuracy", "val_accuracy", "val_f1"] },
-    { id: "chart-error", title: "Validation error", note: "per epoch", keys: ["val_mse", "val_mae"] },
-    { id: "chart-r2", title: "Validation R²", note: "per epoch", keys: ["val_r2"] },
-    { id: "chart-step-loss", title: "Training loss", note: "per step", keys: ["step_loss"], x: "step",
-      small: true },
-    { id: "chart-lr", title: "Learning rate", note: "per epoch", keys: ["lr"], small: true },
-  ];
+  // Which series share a chart, their labels and whether they run per epoch or per step
+  // come from the metric catalogue (shared/metric_catalog.py) in the page's JSON block.
+  function readCatalog() {
+    const block = byId("metric-catalog");
+    try {
+      const catalog = block ? JSON.parse(block.textContent) : null;
+      if (catalog && Array.isArray(catalog.metrics) && Array.isArray(catalog.charts)) return catalog;
+    } catch (err) {
+      // a broken block: charts still come, one per key, titled by key
+    }
+    return { metrics: [], charts: [] };
+  }
+
+  const CATALOG = readCatalog();
+  const METRICS = new Map(CATALOG.metrics.map((m) => [m.key, m]));
+  const labelOf = (key) => (METRICS.has(key) ? METRICS.get(key).label : key);
+  const SERIES_NOTES = { epoch: "per epoch", step: "per step" };
+  const CHARTS = CATALOG.charts.map((c) => ({
+    id: `chart-${c.id}`,
+    title: c.title,
+    note: SERIES_NOTES[c.series] || "",
+    keys: c.keys,
+    x: c.series === "step" ? "step" : undefined,
+    small: Boolean(c.small),
+  }));
   const KNOWN_KEYS = new Set(CHARTS.flatMap((c) => c.keys));
   // Train solid, validation dashed: the line style tells them apart, not only the colour.
   const COLORS = ["#1f5f99", "#c2530a", "#2e7d32", "#7b3fa0", "#8a6d00"];
@@ -119,8 +134,11 @@
 
   function chartSpecs() {
     const extra = [...series.keys()].filter((k) => !KNOWN_KEYS.has(k)).sort();
-    return CHARTS.concat(extra.map((k) => ({ id: `chart-${k.replace(/[^\w-]/g, "_")}`, title: k,
-      note: "", keys: [k], small: true })));
+    return CHARTS.concat(extra.map((k) => {
+      const kind = METRICS.has(k) ? METRICS.get(k).series : null;
+      return { id: `chart-${k.replace(/[^\w-]/g, "_")}`, title: labelOf(k),
+        note: SERIES_NOTES[kind] || "", keys: [k], x: kind === "step" ? "step" : undefined, small: true };
+    }));
   }
 
   function aligned(keys) {
@@ -142,7 +160,8 @@
     const parts = keys.map((k, i) => {
       let j = last;
       while (j >= 0 && data[i + 1][j] === null) j--;
-      return j < 0 ? `${k}: no value yet` : `${k} ${formatNumber(data[i + 1][j])} at ${spec.x || "epoch"} ${data[0][j]}`;
+      const name = labelOf(k);
+      return j < 0 ? `${name}: no value yet` : `${name} ${formatNumber(data[i + 1][j])} at ${spec.x || "epoch"} ${data[0][j]}`;
     });
     return `${spec.title} chart (${spec.note || "per step"}). Latest: ${parts.join("; ")}.`;
   }
@@ -180,7 +199,7 @@
       series: [
         { label: xLabel, value: (u, v) => (v === null || v === undefined ? "—" : formatNumber(v)) },
         ...keys.map((k, i) => ({
-          label: k,
+          label: labelOf(k),
           stroke: COLORS[i % COLORS.length],
           width: 2,
           dash: k.startsWith("val_") ? [6, 4] : undefined,

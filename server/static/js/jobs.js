@@ -41,9 +41,10 @@
   }
 
   // ------------------------------------------------------------ formatting
-  // These repeat server/web/filters.py (duration, metric), server/web/job_metrics.py
-  // (key_metric) and server/web/pages.py (progress_text), so a refreshed row reads
-  // exactly as a freshly rendered one.
+  // These repeat server/web/filters.py (duration, metric) and server/web/pages.py
+  // (progress_text), so a refreshed row reads exactly as a freshly rendered one. The key
+  // metric is the API's `key_metric`, picked by the same rule as the page's
+  // (shared/metric_catalog.py), so it is not worked out here.
 
   function duration(seconds) {
     if (seconds === null || seconds === undefined || !isFinite(seconds) || seconds < 0) return "—";
@@ -60,16 +61,6 @@
   function formatMetric(value) {
     if (Number.isInteger(value)) return value.toLocaleString("en-US");
     return Number(value.toPrecision(4)).toString();
-  }
-
-  function keyMetric(job) {
-    const metrics = (job.result && job.result.metrics) || {};
-    const keys = job.kind === "evaluate" ? ["accuracy", "mse"] : ["val_accuracy", "val_loss"];
-    for (const key of keys) {
-      const value = metrics[key];
-      if (typeof value === "number" && isFinite(value)) return [key, value];
-    }
-    return null;
   }
 
   function progressText(job) {
@@ -99,16 +90,16 @@
     progress.textContent = text;
     progress.hidden = !text;
 
-    const metric = keyMetric(job);
+    const metric = job.key_metric;
     const metricCell = row.querySelector(".col-metric");
     metricCell.replaceChildren();
     if (metric) {
       const value = document.createElement("span");
       value.className = "metric-value";
-      value.textContent = formatMetric(metric[1]);
+      value.textContent = formatMetric(metric.value);
       const name = document.createElement("span");
       name.className = "metric-name";
-      name.textContent = metric[0];
+      name.textContent = metric.key;
       metricCell.append(value, " ", name);
     } else {
       const none = document.createElement("span");
