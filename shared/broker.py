@@ -98,12 +98,18 @@ def celery_ssl_options(url: str) -> dict[str, Any] | None:
 
 
 def redis_client(
-    url: str, *, timeout_s: float = 3.0, read_timeout_s: float | None = None
+    url: str,
+    *,
+    timeout_s: float = 3.0,
+    read_timeout_s: float | None = None,
+    retries: int | None = None,
 ) -> redis.Redis:
     """A redis-py client for any URL Celery accepts (see the module docstring).
 
     `timeout_s` bounds connecting (and every reply, unless `read_timeout_s` is given), so
-    a dead Redis is an error within seconds, never a hang.
+    a dead Redis is an error within seconds, never a hang. `retries` (immediate, no
+    backoff) replaces redis-py's default for callers that poll in a loop of their own and
+    must see each failure at once, e.g. local mode waiting for its Redis to start.
     """
     import redis
 
@@ -114,6 +120,11 @@ def redis_client(
         "socket_connect_timeout": timeout_s,
         "socket_timeout": read_timeout_s if read_timeout_s is not None else timeout_s,
     }
+    if retries is not None:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        kwargs["retry"] = Retry(NoBackoff(), retries)
     if parts.scheme == "redis+socket":
         # kombu's spelling; redis-py calls it unix:// and the database `db`.
         db = params.pop("virtual_host", params.pop("db", "0")) or "0"

@@ -80,7 +80,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private redis-server with AOF, so tests never touch the machine's Redis data."""
-    from shared.local_redis import LocalRedis
+    from server.cli.local.embedded_redis import LocalRedis
 
     with LocalRedis(tmp_path_factory.mktemp("redis")) as server:
         yield server.url

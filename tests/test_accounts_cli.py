@@ -28,7 +28,7 @@ from sqlalchemy import delete, func, select
 
 from server.cli import account_commands, main
 from server.cli.api_client import ApiClient, ApiError
-from server.cli.local_mode import bootstrap_local_admin, print_login
+from server.cli.local.admin_bootstrap import bootstrap_local_admin, print_login
 from shared import accounts
 from shared.db import get_engine, transaction
 from shared.migrate import upgrade_database

@@ -24,7 +24,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from click.testing import CliRunner, Result
 
-from server.cli import display, local_mode, main, process_commands
+from server.cli import display, main, process_commands
+from server.cli.local.children import local_children
+from server.cli.local.run_dir import stop_leftovers
+from server.cli.local.supervision_loop import StopSignals
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -502,7 +505,7 @@ def test_db_upgrade_uses_the_settings_url(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 def test_local_children() -> None:
-    children = local_mode.local_children(host="127.0.0.1", port=8123, env={"X": "1"}, gpu=True)
+    children = local_children(host="127.0.0.1", port=8123, env={"X": "1"}, gpu=True)
     by_name = {c.name: c for c in children}
     assert set(by_name) == {"web", "worker", "reconciler"}
     assert list(by_name["reconciler"].argv)[1:] == ["-m", "server.cli", "reconcile"]
@@ -517,7 +520,7 @@ def test_local_children() -> None:
         name, command, rest = main.resolve_command(ctx, list(child.argv[3:]))
         assert command is not None
         command.make_context(name, rest)
-    cpu_only = local_mode.local_children(host="127.0.0.1", port=8123, env={}, gpu=False)
+    cpu_only = local_children(host="127.0.0.1", port=8123, env={}, gpu=False)
     worker_argv = list(cpu_only[1].argv)
     assert worker_argv[worker_argv.index("--queues") + 1] == "cpu"
 
@@ -567,7 +570,7 @@ def test_leftover_children_of_a_killed_up_are_stopped(tmp_path: Path) -> None:
         (tmp_path / "up.json").write_text(
             json.dumps({"pid": 1, "children": {"web": ours.pid, "worker": stranger.pid}})
         )
-        local_mode._stop_leftovers(tmp_path)
+        stop_leftovers(tmp_path)
         assert ours.wait(5) is not None
         assert stranger.poll() is None  # not ours: left alone
         assert not (tmp_path / "up.json").exists()
@@ -579,7 +582,7 @@ def test_leftover_children_of_a_killed_up_are_stopped(tmp_path: Path) -> None:
 
 def test_stop_signals_restores_handlers() -> None:
     before = signal.getsignal(signal.SIGTERM)
-    stop = local_mode._StopSignals()
+    stop = StopSignals()
     stop.install()
     try:
         os.kill(os.getpid(), signal.SIGTERM)

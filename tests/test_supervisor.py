@@ -1,4 +1,4 @@
-"""shared.supervisor, the supervision loop behind `trainyard up`, with real child processes."""
+"""The process supervisor behind `trainyard up`, with real child processes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from shared.local_redis import process_cmdline
-from shared.supervisor import Backoff, ChildSpec, Supervisor
+from server.cli.local.processes import process_cmdline
+from server.cli.local.supervisor import Backoff, ChildSpec, Supervisor
 
 
 def test_backoff_doubles_to_the_cap_and_resets_after_a_healthy_run() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from shared.local_redis import process_cmdline
+from server.cli.local.processes import process_cmdline
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,7 @@ Two kinds of subcommand, each in its own module:
   HTTP API only, never to the database, so they work from any machine that can reach
   the server;
 - process commands (`web`, `worker`, `reconcile`, `db upgrade`: process_commands; `up`:
-  local_mode)
-  start the parts of Trainyard;
+  local mode, the package local/) start the parts of Trainyard;
 - operator commands (`user`, `token`: account_commands) change accounts in the database
   directly, so they run where the database is reachable; they make the first token.
 
@@ -24,7 +23,7 @@ import click
 
 from server.cli.account_commands import token_group, user_group
 from server.cli.job_commands import cancel, jobs_command, show, submit, watch
-from server.cli.local_mode import up
+from server.cli.local.up_command import up
 from server.cli.process_commands import db, reconcile, web, worker
 
 __all__ = ["main"]

@@ -1,4 +1,4 @@
-"""`python -m server.cli`: how `trainyard up` starts its children (see local_mode)."""
+"""`python -m server.cli`: how `trainyard up` starts its children (server/cli/local/children.py)."""
 
 from server.cli import main
 

@@ -19,6 +19,7 @@ from typing import NoReturn
 
 import click
 
+from server.cli.install_checks import require_worker_extra
 from server.cli.settings import cli_settings
 from shared.settings import Settings
 
@@ -150,6 +151,8 @@ def worker(
     queues: str | None, concurrency: int | None, node_name: str | None, loglevel: str
 ) -> None:
     """Run a Celery worker that trains and evaluates jobs."""
+    # Before Celery starts: it would only die on its first import, with a traceback.
+    require_worker_extra()
     from shared.celery_app import QUEUES  # Celery, but no torch: fine for the CLI
 
     settings = cli_settings()

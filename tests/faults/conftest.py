@@ -41,10 +41,10 @@ import redis
 import requests
 from sqlalchemy import func, select
 
+from server.cli.local.embedded_redis import LocalRedis
 from shared.celery_app import task_id_for
 from shared.db import transaction, utcnow
 from shared.job_states import FINISHED_STATES
-from shared.local_redis import LocalRedis
 from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from tests import conftest as root_conftest

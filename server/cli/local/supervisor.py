@@ -1,4 +1,4 @@
-"""Keep a few child processes running: the supervision loop behind `trainyard up`.
+"""Keep a few child processes running: the process supervisor behind `trainyard up`.
 
 Each child runs in its own process group, so stopping it reaches everything it started
 (gunicorn's workers, Celery's pool children), and a Ctrl-C in the terminal reaches only
