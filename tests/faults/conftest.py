@@ -1,4 +1,4 @@
-"""Fixtures for the fault-injection suite (issue 4, design.md section 4).
+"""Fixtures for the fault-injection suite (issue 4, docs/architecture.md, "Reliability").
 
 Every test gets its own redis-server (AOF on, so a test can restart or flush it without
 disturbing any other), short reliability timings, real `celery worker` subprocesses
@@ -64,7 +64,8 @@ FAST_TIMINGS: dict[str, Any] = {
     "requeue_after_seconds": 2.0,
     "max_attempts": 3,
     # One torch thread per worker child: two workers training at once on 2 cores would
-    # otherwise thrash (design.md 5), and results must not depend on the thread count.
+    # otherwise thrash (docs/architecture.md, "Performance targets"), and results must
+    # not depend on the thread count.
     "torch_threads": 1,
 }
 
@@ -507,7 +508,8 @@ def cluster(
 def invariants(
     settings: Settings, db_url: str, local_redis: LocalRedis, tmp_path: Path
 ) -> Iterator[None]:
-    """After the test (and after its workers and reconciler stopped): design.md 4 holds."""
+    """After the test (and after its workers and reconciler stopped): the invariants of
+    docs/architecture.md, "Reliability", hold."""
     yield
     problems = check_invariants(db_url, local_redis, tmp_path)
     assert not problems, "invariants violated:\n  " + "\n  ".join(problems)
