@@ -127,7 +127,7 @@ class JobPage(ResponseModel):
 class Series(ResponseModel):
     step: list[int]
     epoch: list[int | None]
-    value: list[float]
+    value: list[float | None] = Field(description="null where the point was NaN or infinite")
 
 
 class Metrics(ResponseModel):

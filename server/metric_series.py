@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import select, text, union_all
 from sqlalchemy.orm import Session
 
+from shared.metric_catalog import finite_number
 from shared.orm import MetricPoint
 
 # (step, epoch, value), the columns a chart needs.
@@ -105,7 +106,10 @@ class Series:
         return len(self.step)
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "value": self.value}
+        # A diverged run stores NaN and infinity as they were; JSON has neither, so they
+        # go out as null (the live stream does the same).
+        values = [finite_number(v) for v in self.value]
+        return {"step": self.step, "epoch": self.epoch, "value": values}
 
 
 def downsample(rows: list[Point], max_points: int) -> list[Point]:

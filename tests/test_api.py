@@ -213,7 +213,34 @@ def test_metrics_series_and_downsampling(client, db_url: str) -> None:  # type: 
     assert len(series["step"]) <= 100 and series["step"][0] == 0 and series["step"][-1] == 999
     assert series["step"] == sorted(series["step"])
     assert client.get(f"/api/v1/jobs/{job['id']}/metrics?max_points=1").status_code == 400
+
     assert client.get("/api/v1/jobs/999/metrics").status_code == 404
+
+
+def test_metrics_of_a_diverged_run_are_valid_json(client, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    """A NaN point is not stored (SQLite cannot: it would fail every later batch), and a
+    stored infinity goes out as null: the series stays valid JSON."""
+    from shared.state_machine import claim_job
+    from worker.metric_sink import MetricSink
+
+    job = client.post("/api/v1/jobs", json=train_spec()).get_json()
+    with transaction(db_url) as s:
+        assert claim_job(s, job["id"], "w:1", 60)
+    sink = MetricSink(db_url, job["id"], attempt=1)
+    for step, value in enumerate([0.5, float("nan"), 2.0]):
+        sink.log("val_loss", value, step=step, epoch=step)
+    assert sink.flush() == 2
+    with transaction(db_url) as s:
+        s.execute(
+            insert(MetricPoint),
+            [{"job_id": job["id"], "attempt": 1, "key": "val_loss", "step": 3, "epoch": 3,
+              "value": float("inf"), "wall_time": 0.0}],
+        )  # fmt: skip
+    resp = client.get(f"/api/v1/jobs/{job['id']}/metrics")
+    text = resp.get_data(as_text=True)
+    assert "NaN" not in text and "Infinity" not in text
+    series = json.loads(text)["series"]["val_loss"]
+    assert (series["step"], series["value"]) == ([0, 2, 3], [0.5, 2.0, None])
 
 
 def test_registries(client) -> None:  # type: ignore[no-untyped-def]

@@ -3,7 +3,8 @@
 The training loop only appends to a list (cheap, no I/O). A background thread writes
 every `flush_seconds` in one short transaction, fenced by the attempt number: if this
 attempt lost the job, nothing is written. A failed write keeps the points for the next
-try, so a database hiccup delays metrics instead of failing the job (docs/architecture.md, "Reliability" R8).
+try, so a database hiccup delays metrics instead of failing the job (docs/architecture.md,
+"Reliability" R8).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from sqlalchemy import insert
 
 from shared.db import transaction
+from shared.metric_catalog import finite_number
 from shared.orm import MetricPoint
 from shared.state_machine import still_owns, update_progress
 
@@ -54,16 +56,29 @@ class MetricSink:
         self._thread = threading.Thread(target=self._run, name=f"metric-sink-{job_id}", daemon=True)
         self.lost = False
         self.points_written = 0
+        self._dropped_keys: set[str] = set()
 
     # -- the Sink protocol used by worker/training -------------------------------
     def log(self, key: str, value: float, step: int, epoch: int | None = None) -> None:
+        number = finite_number(value)
+        if number is None:
+            # SQLite stores NaN as NULL, which the NOT NULL column refuses: one such point
+            # would fail every later batch of the job, and JSON has no NaN either. The
+            # gap in the series is the honest record; the log says why it is there.
+            if key not in self._dropped_keys:
+                self._dropped_keys.add(key)
+                log.warning(
+                    "job %s: %s is %r at step %s; non-finite points are not stored",
+                    self._job_id, key, value, step,
+                )  # fmt: skip
+            return
         point = {
             "job_id": self._job_id,
             "attempt": self._attempt,
             "key": key,
             "step": int(step),
             "epoch": epoch,
-            "value": float(value),
+            "value": number,
             "wall_time": time.time(),
         }
         with self._lock:
