@@ -14,5 +14,6 @@ lint: install
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 
+# Every benchmark, full size, then one table; `make bench BENCH_ARGS=--smoke` for the tiny sizes.
 bench: install
-	.venv/bin/python bench/train_overhead.py
+	.venv/bin/python bench/run_all.py $(BENCH_ARGS)

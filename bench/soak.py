@@ -15,15 +15,23 @@ most `--timeout` seconds, until every job is terminal, and prints:
 `duplicated`: a job that finished more than once (more than one terminal outcome in the
 workers' and the reconciler's logs) or whose final attempt wrote a metric twice (an
 epoch's `val_loss`, or any key at one step); `lost`: a job not terminal at the end. The
-exit code is 1 if either is non-zero. Not run in CI:
+exit code is 1 if either is non-zero. Jobs are submitted with the API token of a user
+made in the soak's own database. Two result rows (`--results`): the jobs that settled
+exactly once against those submitted (target: all of them), and the wall time until
+every job was terminal against the training time the succeeded jobs needed per worker
+(what the kills, restarts, lease expiries and queueing cost; no target). The full run is
+not part of the test suite:
 
     .venv/bin/python bench/soak.py [--jobs 40] [--workers 2] [--kills 10] [--cancels 2]
         [--database-url postgresql+psycopg://postgres@127.0.0.1:5432/soak] [--seed 0]
+        [--smoke] [--results rows.jsonl]
+
+`--smoke`: 3 short jobs, one worker, one kill, one cancel: the real processes and the
+real chaos, in well under a minute (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import random
@@ -40,17 +48,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import benchlib  # before shared/: it puts the repository on sys.path
 import psutil
 import requests
+from sqlalchemy import func, select
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from shared.db import transaction
+from shared.orm import Job, MetricPoint
 
-from sqlalchemy import func, select  # noqa: E402
-
-from shared.db import transaction  # noqa: E402
-from shared.local_redis import LocalRedis, free_port  # noqa: E402
-from shared.orm import Job, MetricPoint  # noqa: E402
+REPO = benchlib.REPO
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 TASK_RETURN = re.compile(r"Task trainyard\.\w+\[trainyard-job-(\d+)\] succeeded in \S+: '(\w+)'")
@@ -66,14 +72,15 @@ TIMINGS = {
 }
 
 
-def job_spec(rng: random.Random, i: int) -> dict[str, Any]:
-    """A small job: an MLP or a CNN on digits, about 1 to 4 s on one core."""
+def job_spec(rng: random.Random, i: int, scale: float = 1.0) -> dict[str, Any]:
+    """A small job: an MLP or a CNN on digits, about 1 to 4 s on one core (times `scale`)."""
     if rng.random() < 0.6:
         model = {"name": "mlp", "params": {"hidden": 64, "layers": 1}}
         epochs = rng.randint(10, 40)
     else:
         model = {"name": "cnn", "params": {"dropout": 0.25}}
         epochs = rng.randint(4, 12)
+    epochs = max(2, round(epochs * scale))
     return {
         "kind": "train",
         "name": f"soak-{i}",
@@ -169,10 +176,18 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 
 class Chaos(threading.Thread):
-    """`kills` times, a random 0.5 to 4 s apart, SIGKILLs the worker of a running job."""
+    """`kills` times, a random `gap` (0.5 to 4 s) apart, SIGKILLs the worker of a running
+    job: its pool child alone in a `pool_share` of the kills, else its process group."""
 
     def __init__(
-        self, cluster: Cluster, db_url: str, kills: int, rng: random.Random, done: threading.Event
+        self,
+        cluster: Cluster,
+        db_url: str,
+        kills: int,
+        rng: random.Random,
+        done: threading.Event,
+        gap: tuple[float, float] = (0.5, 4.0),
+        pool_share: float = 0.3,
     ) -> None:
         super().__init__(name="chaos", daemon=True)
         self.cluster, self.db_url, self.kills, self.rng, self.done = (
@@ -182,17 +197,18 @@ class Chaos(threading.Thread):
             rng,
             done,
         )
+        self.gap, self.pool_share = gap, pool_share
         self.log: list[str] = []
 
     def run(self) -> None:
         started = time.monotonic()
-        while len(self.log) < self.kills and not self.done.wait(self.rng.uniform(0.5, 4.0)):
+        while len(self.log) < self.kills and not self.done.wait(self.rng.uniform(*self.gap)):
             target = self._busy_worker()
             if target is None:
                 continue
             victim, job_id, pid = target
             at = f"{time.monotonic() - started:6.1f}s"
-            if self.rng.random() < 0.3:
+            if self.rng.random() < self.pool_share:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 self.log.append(f"{at}  job {job_id}: SIGKILL pool child {pid} of {victim.name}")
@@ -240,6 +256,12 @@ class Report:
     lost: list[str]
     attempts: Counter[int]
     failures: Counter[str]
+    training_s: float  # what the succeeded jobs' training needed at their measured rate
+    unsettled: set[int]  # the jobs lost or duplicated
+
+    @property
+    def settled_once(self) -> int:
+        return self.submitted - len(self.unsettled)
 
     def print(self) -> None:
         print(
@@ -284,13 +306,18 @@ def build_report(db_url: str, ids: list[int], logs: Path) -> Report:
         )
     states: Counter[str] = Counter()
     duplicated, lost = [], []
+    unsettled: set[int] = set()
     attempts: Counter[int] = Counter()
     failures: Counter[str] = Counter()
+    training_s = 0.0
     for job_id in ids:
         job = jobs[job_id]
         states[job.state] += 1
+        if job.state == "succeeded":
+            training_s += _training_seconds((job.result or {}).get("metrics", {}))
         attempts[job.attempt] += 1
         if job.state not in TERMINAL:
+            unsettled.add(job_id)
             lost.append(f"job {job_id}: {job.state}, attempt {job.attempt}, worker {job.worker}")
         if job.state == "failed":
             failures[re.sub(r"\d+", "N", job.error_message or "?")[:120]] += 1
@@ -302,25 +329,47 @@ def build_report(db_url: str, ids: list[int], logs: Path) -> Report:
             e for (j, a, e), n in val_epochs.items() if j == job_id and a == job.attempt and n > 1
         ]
         if terminal > 1 or twice or (job_id, job.attempt) in repeated:
+            unsettled.add(job_id)
             duplicated.append(
                 f"job {job_id}: outcomes {dict(finished)}, epochs logged twice {twice}, "
                 f"repeated points {(job_id, job.attempt) in repeated}"
             )
-    return Report(len(ids), states, duplicated, lost, attempts, failures)
+    return Report(len(ids), states, duplicated, lost, attempts, failures, training_s, unsettled)
+
+
+def _training_seconds(metrics: dict[str, Any]) -> float:
+    """The whole job's training time at the rate its final attempt measured: a resumed
+    attempt's own train_time_s covers only the epochs it ran."""
+    rate = metrics.get("samples_per_s") or 0.0
+    if rate > 0:
+        return metrics["epochs_run"] * metrics["num_train_samples"] / rate
+    return float(metrics.get("train_time_s") or 0.0)
+
+
+# Smoke: jobs a tenth as long; kills 0.3 to 1 s apart, so that the one kill lands while a
+# job runs, and of the pool child (Celery forks another at once; a new worker process
+# would take most of the smoke run to import torch); a generous timeout, because a
+# smoke run proves that the soak still runs, not how fast.
+FULL = {"jobs": 40, "workers": 2, "kills": 10, "cancels": 2, "timeout": 600.0,
+        "web_workers": 2, "scale": 1.0, "gap": (0.5, 4.0), "pool_share": 0.3}  # fmt: skip
+SMOKE = {"jobs": 3, "workers": 1, "kills": 1, "cancels": 1, "timeout": 120.0,
+         "web_workers": 1, "scale": 0.1, "gap": (0.3, 1.0), "pool_share": 1.0}  # fmt: skip
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=40)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--cancels", type=int, default=2)
+    parser = benchlib.parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, help="default 40 (smoke: 3)")
+    parser.add_argument("--workers", type=int, help="default 2 (smoke: 1)")
+    parser.add_argument("--kills", type=int, help="default 10 (smoke: 1)")
+    parser.add_argument("--cancels", type=int, help="default 2 (smoke: 1)")
     parser.add_argument("--max-attempts", type=int, default=5)
     parser.add_argument("--database-url", help="an empty database; default: SQLite in a temp dir")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the jobs")
+    parser.add_argument("--timeout", type=float, help="seconds to wait for the jobs (600)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database)")
     args = parser.parse_args()
+    results = benchlib.start("soak", args, FULL, SMOKE)
+    LocalRedis, free_port = benchlib.local_redis()
     rng = random.Random(args.seed)
 
     base = Path(tempfile.mkdtemp(prefix="trainyard-soak-"))
@@ -328,44 +377,50 @@ def main() -> int:
     try:
         with LocalRedis(base / "redis") as redis:
             db_url = args.database_url or f"sqlite:///{base / 'trainyard.db'}"
-            env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
-            env.update(TIMINGS)
-            env.update(
+            env = benchlib.bench_env(
+                **TIMINGS,
                 TRAINYARD_HOME=str(base / "home"),
                 TRAINYARD_DATABASE_URL=db_url,
                 TRAINYARD_REDIS_URL=redis.url,
                 TRAINYARD_ARTIFACTS_DIR=str(base / "artifacts"),
                 TRAINYARD_MAX_ATTEMPTS=str(args.max_attempts),
                 TRAINYARD_TORCH_THREADS=str(max(1, (os.cpu_count() or 1) // args.workers)),
-                PYTHONUNBUFFERED="1",
             )
+            cluster = Cluster(base, env)
+            # Workers first: they take longest to boot and do not touch the database
+            # until a job arrives, so they boot while the schema is made.
+            workers = [cluster.start_worker() for _ in range(args.workers)]
             subprocess.run(
                 [sys.executable, "-m", "server.cli", "db", "upgrade"],
                 env=env, cwd=REPO, check=True, capture_output=True,
             )  # fmt: skip
-            cluster = Cluster(base, env)
+            token = benchlib.api_token(db_url, "soak")
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             cluster.spawn(
-                "web", ["web", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
-            )
+                "web",
+                ["web", "--host", "127.0.0.1", "--port", str(port),
+                 "--workers", str(args.web_workers)],
+            )  # fmt: skip
             cluster.spawn("reconciler", ["reconcile"])
-            workers = [cluster.start_worker() for _ in range(args.workers)]
             for w in workers:
                 cluster.wait_ready(w)
             wait_http(url)
 
             started = time.monotonic()
             http = requests.Session()
+            http.headers["Authorization"] = f"Bearer {token}"
             ids = []
             for i in range(args.jobs):
-                resp = http.post(f"{url}/api/v1/jobs", json=job_spec(rng, i), timeout=30)
-                resp.raise_for_status()
-                ids.append(resp.json()["id"])
+                resp = http.post(
+                    f"{url}/api/v1/jobs", json=job_spec(rng, i, args.scale), timeout=30
+                )
+                ids.append(benchlib.check(resp)["id"])
             print(f"submitted {len(ids)} jobs in {time.monotonic() - started:.1f}s; logs in {base}")
 
             done = threading.Event()
-            chaos = Chaos(cluster, db_url, args.kills, rng, done)
+            chaos = Chaos(cluster, db_url, args.kills, rng, done, args.gap, args.pool_share)
+            drained: float | None = None
             chaos.start()
             cancels_left, next_cancel = args.cancels, started + 3.0
             cancelled_log: list[str] = []
@@ -379,6 +434,7 @@ def main() -> int:
                     queued = [i for i in ids if states[i] == "queued"]
                     if running or queued:
                         victim = rng.choice(running or queued)
+                        # Unchecked: the job may have finished since it was read (a 409).
                         http.post(f"{url}/api/v1/jobs/{victim}/cancel", timeout=30)
                         cancelled_log.append(f"job {victim} ({states[victim]})")
                         cancels_left -= 1
@@ -386,17 +442,33 @@ def main() -> int:
                 if all(states[i] in TERMINAL for i in ids) and not chaos.is_alive():
                     break
                 if all(states[i] in TERMINAL for i in ids):
+                    drained = drained or time.monotonic() - started
                     done.set()
                 time.sleep(0.5)
             done.set()
             chaos.join(30)
             elapsed = time.monotonic() - started
+            drained = drained or elapsed
             cluster.stop()
             report = build_report(db_url, ids, cluster.logs)
             print("\n".join(chaos.log))
             print(f"cancel requested: {', '.join(cancelled_log) or 'none'}")
             print(f"kills: {len(chaos.log)}; wall time {elapsed:.1f}s")
             report.print()
+            ideal = report.training_s / args.workers
+            print(f"drained in {drained:.1f}s; the succeeded jobs' training needs "
+                  f"{ideal:.1f}s per worker")  # fmt: skip
+            results.add(
+                "jobs settled exactly once (none lost or duplicated)",
+                report.settled_once, "jobs", report.submitted,
+                benchlib.Target("ratio", ">=", 1.0, "ratio = 1 (all jobs)"),
+                note=f"{len(chaos.log)} kills, {len(cancelled_log)} cancels",
+            )  # fmt: skip
+            results.add(
+                "wall time to drain vs training time per worker",
+                drained, "s", ideal,
+                note=f"{args.workers} workers, {report.states['succeeded']} succeeded",
+            )  # fmt: skip
             return 1 if report.duplicated or report.lost else 0
     finally:
         if cluster is not None:

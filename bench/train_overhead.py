@@ -1,27 +1,34 @@
-"""Training overhead of a Trainyard job against a bare PyTorch loop (design.md 5).
+"""Training overhead of a Trainyard job against a bare PyTorch loop.
 
 Two cases (issue 3): the seed-style CNN on sklearn's digits, and a CIFAR-style
 ResNet-20 on synthetic 3x32x32 images. For each, every round trains the same model
 (build_model, same seed) on the same data tensors (load_dataset) with the same batch
 size, the same fused Adam kernel, per-epoch validation and the same thread count
 twice: once as a hand-written loop in this process (the floor), once as a job.
-Prints samples/s of both and their ratio (target >= 0.97).
+Prints samples/s of both and their ratio (target >= 0.97: docs/architecture.md,
+"Performance targets").
 
     .venv/bin/python bench/train_overhead.py [--case cnn-digits|resnet-synthetic|all]
-        [--rounds 3] [--in-process]
+        [--rounds 3] [--epochs N] [--in-process] [--smoke] [--results rows.jsonl]
 
-By default the job is submitted over HTTP to a real `celery worker` subprocess on a
-private Redis and SQLite, and the job figure is the worker's own `samples_per_s`
+By default the job is submitted over HTTP (with an API token of a user made in the
+bench's own database) to a real `celery worker` subprocess on a private Redis and
+SQLite, and the job figure is the worker's own `samples_per_s`
 (whole training loop, per-epoch validation, metric writes, progress and checkpoints
 included; process start-up and data loading excluded); the end-to-end figure adds
 queueing, claim and data loading. `--in-process` calls train_job directly in this
 process instead (a ListSink, checkpoints to a temp dir): the engine's own overhead,
 without the worker's database writes.
+
+`--smoke`: both cases, one round of one epoch, no warm-up, 64 synthetic images, faster
+polling: it proves the whole path still works (tests/test_benchmarks.py), its numbers
+mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import statistics
@@ -35,17 +42,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from shared.dataset_catalog import DATASETS  # noqa: E402
-from shared.spec import TrainSpec, parse_spec  # noqa: E402
-from worker.training import DataPaths, ListSink, train_job  # noqa: E402
-from worker.training.datasets import load_dataset  # noqa: E402
-from worker.training.models import build_model  # noqa: E402
+# torch, worker/ and server/ are imported where they are used: importing them takes
+# seconds, and over HTTP the worker subprocess boots meanwhile instead of after.
+import benchlib  # before shared/, server/, worker/: it puts the repository on sys.path
 
 CASES: dict[str, dict[str, Any]] = {
     "cnn-digits": {
@@ -72,12 +71,16 @@ CASES: dict[str, dict[str, Any]] = {
 }
 EVAL_BATCH = 1024  # what the job's per-epoch validation uses
 # Polling the API costs CPU on the cores the worker trains on: poll rarely. The job's
-# figure is its own samples_per_s, so the polling interval does not bias it.
+# figure is its own samples_per_s, so the polling interval does not bias it; a smoke
+# run polls often because its jobs take a second and its numbers mean nothing anyway.
 POLL_S = 2.0
-NO_FILES = DataPaths(data_dir=Path("/nonexistent/data"), uploads_dir=Path("/nonexistent/uploads"))
+SMOKE_POLL_S = 0.2
+SMOKE_SAMPLES = 64  # synthetic images in a smoke run (the case's own count otherwise)
+TARGET = benchlib.Target("ratio", ">=", 0.97, "ratio >= 0.97")
+NO_FILES = {"data_dir": Path("/nonexistent/data"), "uploads_dir": Path("/nonexistent/uploads")}
 
 
-def make_spec(case: str, epochs: int | None) -> dict[str, Any]:
+def make_spec(case: str, epochs: int | None, smoke: bool = False) -> dict[str, Any]:
     spec = {
         "kind": "train",
         "name": f"bench-{case}",
@@ -87,17 +90,29 @@ def make_spec(case: str, epochs: int | None) -> dict[str, Any]:
     }
     if epochs is not None:
         spec["epochs"] = epochs
+    params = spec["dataset"].get("params")
+    if smoke and params and "num_samples" in params:
+        spec["dataset"] = {**spec["dataset"], "params": {**params, "num_samples": SMOKE_SAMPLES}}
     return spec
 
 
 def bare_loop(spec_json: dict[str, Any]) -> float:
     """The floor: the plainest loop that does the same work (train + per-epoch val)."""
+    import torch
+    import torch.nn.functional as F
+
+    from shared.dataset_catalog import DATASETS
+    from shared.spec import TrainSpec, parse_spec
+    from worker.training import DataPaths
+    from worker.training.datasets import load_dataset
+    from worker.training.models import build_model
+
     spec = parse_spec(spec_json)
     assert isinstance(spec, TrainSpec)
     device = torch.device("cpu")
     kind = DATASETS[spec.dataset.name].kind
     data = load_dataset(spec.dataset.name, spec.dataset.params, spec.dataset.val_fraction,
-                        spec.dataset.resolved_normalize(kind), device, paths=NO_FILES)  # fmt: skip
+                        spec.dataset.resolved_normalize(kind), device, paths=DataPaths(**NO_FILES))  # fmt: skip
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, data.info).to(device)
     # Same kernel as the job's optimizer (fused where the device has one), so the
@@ -128,65 +143,90 @@ def bare_loop(spec_json: dict[str, Any]) -> float:
 
 
 def job_in_process(spec_json: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from shared.spec import TrainSpec, parse_spec
+    from worker.training import DataPaths, ListSink, train_job
+
     spec = parse_spec(spec_json)
     assert isinstance(spec, TrainSpec)
     with tempfile.TemporaryDirectory() as tmp:
-        return train_job(spec, torch.device("cpu"), ListSink(), Path(tmp), paths=NO_FILES)
+        return train_job(
+            spec, torch.device("cpu"), ListSink(), Path(tmp), paths=DataPaths(**NO_FILES)
+        )
 
 
 @contextmanager
-def job_over_http() -> Iterator[Callable[[dict[str, Any]], dict[str, Any]]]:
+def job_over_http(poll_s: float) -> Iterator[Callable[[dict[str, Any]], dict[str, Any]]]:
     """A real worker, Redis and SQLite; yields run(spec) -> the job's result metrics."""
-    import requests
-    from werkzeug.serving import make_server
-
-    from server.app import create_app
-    from shared.local_redis import LocalRedis
     from shared.migrate import upgrade_database
-    from shared.settings import Settings
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    LocalRedis, _ = benchlib.local_redis()
     with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp) / "redis") as redis:
-        settings = Settings(
-            home=Path(tmp), database_url=f"sqlite:///{tmp}/bench.db", redis_url=redis.url
-        )
-        upgrade_database(settings.resolved_database_url)
-        env = {**os.environ, "TRAINYARD_HOME": tmp, "TRAINYARD_DATABASE_URL": settings.resolved_database_url,
-               "TRAINYARD_REDIS_URL": redis.url}  # fmt: skip
-        log = open(Path(tmp) / "worker.log", "wb")  # noqa: SIM115
+        db_url = f"sqlite:///{tmp}/bench.db"
+        upgrade_database(db_url)
+        token = benchlib.api_token(db_url)
+        env = benchlib.bench_env(TRAINYARD_HOME=tmp, TRAINYARD_DATABASE_URL=db_url,
+                                 TRAINYARD_REDIS_URL=redis.url)  # fmt: skip
+        log_path = Path(tmp) / "worker.log"
+        log = open(log_path, "wb")  # noqa: SIM115
+        # Without gossip, mingle and heartbeat: a lone worker has nobody to sync with,
+        # and mingle alone would add seconds to every start.
         worker = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.celery_worker:app", "worker", "-Q", "cpu",
-             "--concurrency", "1", "--prefetch-multiplier", "1", "--loglevel", "WARNING"],
-            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+             "--concurrency", "1", "--prefetch-multiplier", "1", "--loglevel", "WARNING",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            env=env, cwd=benchlib.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_port}/api/v1"
-
-        def run(body: dict[str, Any]) -> dict[str, Any]:
-            job = requests.post(f"{url}/jobs", json=body, timeout=10).json()
-            while job["state"] not in ("succeeded", "failed", "cancelled"):
-                time.sleep(POLL_S)
-                job = requests.get(f"{url}/jobs/{job['id']}", timeout=10).json()
-            if job["state"] != "succeeded":
-                raise SystemExit(f"job {job['id']} {job['state']}: {job['error']}")
-            return job["result"]["metrics"]
-
+        server = None
         try:
+            import requests
+            from werkzeug.serving import make_server
+
+            from server.app import create_app
+            from shared.settings import Settings
+
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)
+            settings = Settings(home=Path(tmp), database_url=db_url, redis_url=redis.url)
+            server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            url = f"http://127.0.0.1:{server.server_port}/api/v1"
+            http = requests.Session()
+            http.headers["Authorization"] = f"Bearer {token}"
+
+            def run(body: dict[str, Any]) -> dict[str, Any]:
+                job = benchlib.check(http.post(f"{url}/jobs", json=body, timeout=10))
+                while job["state"] not in ("succeeded", "failed", "cancelled"):
+                    if worker.poll() is not None:
+                        tail = log_path.read_bytes()[-3000:].decode(errors="replace")
+                        raise SystemExit(f"the worker exited ({worker.returncode}):\n{tail}")
+                    time.sleep(poll_s)
+                    job = benchlib.check(http.get(f"{url}/jobs/{job['id']}", timeout=10))
+                if job["state"] != "succeeded":
+                    raise SystemExit(f"job {job['id']} {job['state']}: {job['error']}")
+                return job["result"]["metrics"]
+
             yield run
         finally:
-            server.shutdown()
+            if server is not None:
+                server.shutdown()
             worker.terminate()
             worker.wait(30)
             log.close()
 
 
 def bench_case(
-    case: str, run_job: Callable[[dict[str, Any]], dict[str, Any]], args: argparse.Namespace
+    case: str,
+    run_job: Callable[[dict[str, Any]], dict[str, Any]],
+    args: argparse.Namespace,
+    results: benchlib.Results,
 ) -> float:
-    spec = make_spec(case, args.epochs)
-    run_job({**spec, "epochs": 1})  # warm-up: imports, dataset cache, allocator
-    bare_loop({**spec, "epochs": 1})
+    import torch
+
+    spec = make_spec(case, args.epochs, args.smoke)
+    if not args.smoke:
+        run_job({**spec, "epochs": 1})  # warm-up: imports, dataset cache, allocator
+        bare_loop({**spec, "epochs": 1})
     bare, inside, end_to_end = [], [], []
     for r in range(args.rounds):
         bare.append(bare_loop(spec))
@@ -202,34 +242,39 @@ def bench_case(
     print(f"{case}: epochs={spec['epochs']} batch={spec['batch_size']} threads={torch.get_num_threads()} "
           f"rounds={args.rounds} (medians)")  # fmt: skip
     print(f"  bare PyTorch loop (floor) : {b:10.0f} samples/s")
-    print(
-        f"  trainyard job             : {j:10.0f} samples/s   ratio {j / b:.3f}  (target >= 0.97)"
-    )
+    print(f"  trainyard job             : {j:10.0f} samples/s   ratio {j / b:.3f}  ({TARGET.text})")
     print(f"  job incl. data load + ckpt: {e:10.0f} samples/s   ratio {e / b:.3f}")
+    how = "in-process" if args.in_process else "worker"
+    results.add(f"{case}: job ({how}) vs bare loop", j, "samples/s", b, TARGET)
+    results.add(f"{case}: job ({how}) incl. data load + checkpoints", e, "samples/s", b)
     return j / b
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = benchlib.parser((__doc__ or "").splitlines()[0])
     parser.add_argument("--case", default="all", choices=[*CASES, "all"])
     parser.add_argument("--epochs", type=int, default=None, help="override the case's epochs")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="default 3 (smoke: 1)")
     parser.add_argument(
         "--in-process", action="store_true", help="call train_job here, not through a worker"
     )
     args = parser.parse_args()
+    results = benchlib.start(
+        "train_overhead", args, full={"rounds": 3}, smoke={"rounds": 1, "epochs": 1}
+    )
 
-    # Same threads as a one-slot worker child (worker/celery_worker.py).
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     cases = list(CASES) if args.case == "all" else [args.case]
     ratios = {}
-    if args.in_process:
+    with contextlib.ExitStack() as stack:
+        run_job = job_in_process
+        if not args.in_process:
+            run_job = stack.enter_context(job_over_http(SMOKE_POLL_S if args.smoke else POLL_S))
+        import torch
+
+        # Same threads as a one-slot worker child (worker/celery_worker.py).
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
         for case in cases:
-            ratios[case] = bench_case(case, job_in_process, args)
-    else:
-        with job_over_http() as run_job:
-            for case in cases:
-                ratios[case] = bench_case(case, run_job, args)
+            ratios[case] = bench_case(case, run_job, args, results)
     print("\n" + "  ".join(f"{case}: ratio {r:.3f}" for case, r in ratios.items()))
 
 
