@@ -31,4 +31,16 @@ if [ "${TRAINYARD_TEST_SKIP_BROWSER:-0}" != "1" ] && [ ! -x "${TRAINYARD_TEST_CH
   fi
 fi
 
-exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
+# The suite starts hundreds of Python processes (workers, CLI, reconcilers): let them
+# cache the project's compiled modules, whatever the machine's default.
+unset PYTHONDONTWRITEBYTECODE
+
+# Tests run in TRAINYARD_TEST_PROCESSES parallel pytest-xdist processes (default 2, one per
+# core of the reference machine; 0 runs them all in this process). worksteal: the slow
+# scenarios (real workers, faults, browser) are few and long, so idle processes take
+# work from busy ones instead of waiting on a fixed split.
+processes=${TRAINYARD_TEST_PROCESSES:-2}
+if [ "$processes" = "0" ]; then
+  exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
+fi
+exec .venv/bin/python -m pytest -p no:cacheprovider -n "$processes" --dist worksteal "$@"

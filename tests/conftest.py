@@ -7,8 +7,14 @@ trust auth). Set TRAINYARD_TEST_SKIP_PG=1 to run the SQLite half only.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import queue
 import secrets
+import select
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +32,13 @@ from shared.db import get_engine, transaction
 from shared.orm import Base
 from shared.settings import Settings
 
+# Under pytest-xdist (scripts/test.sh) two test processes share the machine's cores:
+# torch's default of one intra-op thread per core in each of them (and in every worker
+# they start) oversubscribes the CPU, and OpenMP threads spinning for each other made
+# in-process training several times slower. One thread each; set before torch loads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 PG_ADMIN_URL = os.environ.get(
     "TRAINYARD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -36,21 +49,131 @@ DB_PARAMS = (
 )
 
 
+class PgDatabases:
+    """PostgreSQL databases with the schema, one to a test at a time, made ready ahead.
+
+    Each test gets a database nobody else uses while it runs. Making one per test
+    (CREATE DATABASE from a template, then DROP) cost 0.3-0.5 s of waiting on the server
+    each, hundreds of times; instead a background thread gets a returned database ready
+    for the next test while tests run: it ends every connection still open on it (a
+    thread or a worker the test left behind cannot reach the next test) and empties it,
+    identities restarted, so it reads as new. A database whose tables changed is
+    dropped, not reused.
+    """
+
+    READY = 2
+
+    def __init__(self, admin_url: str) -> None:
+        self._admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        self.template = f"trainyard_template_{secrets.token_hex(4)}"
+        with self._admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{self.template}"'))
+            # WAL_LOG (PostgreSQL 15+) copies a small template without a checkpoint.
+            wal_log = conn.dialect.server_version_info >= (15,)
+        self._strategy = " STRATEGY WAL_LOG" if wal_log else ""
+        engine = sa.create_engine(self._admin.url.set(database=self.template))
+        Base.metadata.create_all(engine)
+        engine.dispose()  # a template must have no connections while it is copied
+        self._tables = {t.name for t in Base.metadata.sorted_tables}
+        self._all: set[str] = set()
+        self._ready: queue.Queue[str | BaseException] = queue.Queue()
+        self._returned: queue.Queue[str] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pg-databases", daemon=True)
+        self._thread.start()
+
+    def take(self) -> str:
+        """The URL of a database with the schema and no rows, for this test alone."""
+        name = self._ready.get(timeout=120)
+        if isinstance(name, BaseException):
+            raise RuntimeError("could not prepare a test database") from name
+        return self._url(name)
+
+    def give_back(self, url: str) -> None:
+        self._returned.put(sa.make_url(url).database or "")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+        for name in [*self._all, self.template]:
+            self._drop(name)
+        self._admin.dispose()
+
+    def _url(self, name: str) -> str:
+        return self._admin.url.set(database=name).render_as_string(hide_password=False)
+
+    def _drop(self, name: str) -> None:
+        # FORCE: a connection a test left open (a thread, a killed worker) cannot block it.
+        with self._admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self._all.discard(name)
+
+    def _create(self) -> str:
+        name = f"trainyard_test_{secrets.token_hex(4)}"
+        with self._admin.connect() as conn:
+            conn.execute(
+                sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"{self._strategy}')
+            )
+            # Throwaway data: a commit need not wait for the WAL to reach the disk.
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" SET synchronous_commit = off'))
+        self._all.add(name)
+        return name
+
+    def _reset(self, name: str) -> bool:
+        """Empty a returned database for reuse; False if it must be dropped instead."""
+        with self._admin.connect() as conn:
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": name},
+            )
+        engine = sa.create_engine(self._admin.url.set(database=name), poolclass=sa.NullPool)
+        try:
+            with engine.begin() as conn:
+                found = {
+                    row[0]
+                    for row in conn.execute(
+                        sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+                    )
+                }
+                if found != self._tables:
+                    return False
+                tables = ", ".join(f'"{t}"' for t in sorted(self._tables))
+                conn.execute(sa.text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+            return True
+        except sa.exc.SQLAlchemyError:
+            return False
+        finally:
+            engine.dispose()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                try:
+                    name = self._returned.get_nowait()
+                except queue.Empty:
+                    name = None
+                if name is not None:
+                    if self._reset(name):
+                        self._ready.put(name)
+                    else:
+                        self._drop(name)
+                elif self._ready.qsize() < self.READY:
+                    self._ready.put(self._create())
+                else:
+                    self._stop.wait(0.01)
+            except Exception as exc:  # noqa: BLE001 - handed to the test that waits for it
+                self._ready.put(exc)
+                return
+
+
 @pytest.fixture(scope="session")
-def pg_template() -> Iterator[str]:
-    """A PostgreSQL database holding the schema, copied for each test: a template copy
-    takes ~25 ms where CREATE DATABASE plus create_all takes ~180 ms, hundreds of times."""
-    name = f"trainyard_template_{secrets.token_hex(4)}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    engine = sa.create_engine(admin.url.set(database=name))
-    Base.metadata.create_all(engine)
-    engine.dispose()  # a template must have no connections while it is copied
-    yield name
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+def pg_databases() -> Iterator[PgDatabases]:
+    databases = PgDatabases(PG_ADMIN_URL)
+    yield databases
+    databases.close()
 
 
 @pytest.fixture(params=DB_PARAMS)
@@ -62,19 +185,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
         get_engine(url).dispose()
         return
-    template = request.getfixturevalue("pg_template")
-    name = f"trainyard_test_{secrets.token_hex(4)}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        # WAL_LOG (PostgreSQL 15+) copies a small template without a checkpoint.
-        strategy = " STRATEGY WAL_LOG" if conn.dialect.server_version_info >= (15,) else ""
-        conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"{strategy}'))
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    databases: PgDatabases = request.getfixturevalue("pg_databases")
+    url = databases.take()
     yield url
     get_engine(url).dispose()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    databases.give_back(url)
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +222,8 @@ def settings(db_url: str, redis_url: str, tmp_path: Path) -> Settings:
         lease_seconds=10,
         heartbeat_seconds=1,
         metric_flush_seconds=0.5,
+        # Workers the tests start train with one thread: they run beside other tests.
+        torch_threads=1,
     )
 
 
@@ -199,13 +316,110 @@ def settings_env(settings: Settings) -> dict[str, str]:
         TRAINYARD_LEASE_SECONDS=str(settings.lease_seconds),
         TRAINYARD_HEARTBEAT_SECONDS=str(settings.heartbeat_seconds),
         TRAINYARD_METRIC_FLUSH_SECONDS=str(settings.metric_flush_seconds),
+        TRAINYARD_TORCH_THREADS=str(settings.torch_threads),
         PYTHONUNBUFFERED="1",
     )
     return env
 
 
+class ZygoteChild:
+    """A process forked by tests/worker_zygote.py, with the parts of subprocess.Popen
+    the tests use: pid, poll, wait, terminate, returncode."""
+
+    def __init__(self, conn: socket.socket, argv: list[str]) -> None:
+        self._conn = conn
+        self._argv = argv
+        self._buffer = b""
+        self.returncode: int | None = None
+        self.pid = int(self._line(timeout=30))
+
+    def _line(self, timeout: float | None) -> bytes:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self._conn], [], [], left)
+            if not ready:
+                raise subprocess.TimeoutExpired(self._argv, timeout or 0)
+            chunk = self._conn.recv(64)
+            if not chunk:  # the zygote is gone; so are its children's reports
+                self._buffer += b"-9\n"
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.returncode = int(self._line(timeout=0))
+                self._conn.close()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = int(self._line(timeout))
+            self._conn.close()
+        return self.returncode
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+
+
+class WorkerZygote:
+    """tests/worker_zygote.py for this test process, started on first use."""
+
+    def __init__(self, directory: Path) -> None:
+        self.socket_path = str(directory / "zygote.sock")
+        self._log = open(directory / "zygote.log", "wb")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.worker_zygote", self.socket_path],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log,
+        )  # fmt: skip
+        ready, _, _ = select.select([self.proc.stdout], [], [], 180)
+        if not ready or self.proc.stdout.readline().strip() != b"ready":  # type: ignore[union-attr]
+            self.stop()
+            raise RuntimeError(f"the worker zygote did not start: {directory / 'zygote.log'}")
+
+    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> ZygoteChild:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.socket_path)
+        request = {"argv": argv, "env": env, "cwd": str(REPO), "log": str(log_path)}
+        conn.sendall(json.dumps(request).encode() + b"\n")
+        return ZygoteChild(conn, argv)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self._log.close()
+
+
+_zygote: dict[str, WorkerZygote] = {}
+
+
+def worker_zygote() -> WorkerZygote | None:
+    """The zygote of this test process; None with TRAINYARD_TEST_ZYGOTE=0, which starts
+    every worker as a plain subprocess instead (same processes, ~9 s slower each)."""
+    if os.environ.get("TRAINYARD_TEST_ZYGOTE", "1") == "0":
+        return None
+    if "zygote" not in _zygote:
+        import tempfile
+
+        _zygote["zygote"] = WorkerZygote(Path(tempfile.mkdtemp(prefix="trainyard-zygote-")))
+    return _zygote["zygote"]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    zygote = _zygote.pop("zygote", None)
+    if zygote is not None:
+        zygote.stop()
+
+
 class WorkerProcess:
-    """A real `celery worker` subprocess consuming the given queues."""
+    """A real `celery worker` process consuming the given queues: forked from the worker
+    zygote (tests/worker_zygote.py) with its libraries already imported, or a plain
+    subprocess with TRAINYARD_TEST_ZYGOTE=0."""
 
     def __init__(
         self, settings: Settings, log_path: Path, queues: str = "cpu", concurrency: int = 1
@@ -218,10 +432,16 @@ class WorkerProcess:
             "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd, env=settings_env(settings), cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        zygote = worker_zygote()
+        self.proc: subprocess.Popen[bytes] | ZygoteChild
+        if zygote is not None:
+            argv = ["celery", *cmd[3:]]
+            self.proc = zygote.spawn(argv, settings_env(settings), log_path)
+        else:
+            self.proc = subprocess.Popen(
+                cmd, env=settings_env(settings), cwd=REPO, stdout=self._log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -237,13 +457,17 @@ class WorkerProcess:
         return self.log_path.read_bytes()[-n:].decode(errors="replace")
 
     def stop(self) -> None:
+        """A warm shutdown, as `docker stop` or systemd gives it: SIGTERM to the main
+        process only. (Signalling the whole group also killed the pool child, which the
+        pool then restarted mid-shutdown: 4-5 s per worker.) Whatever is left of the
+        group afterwards is killed."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, 9)
+        self.proc.wait()
         self._log.close()
 
 
@@ -272,3 +496,34 @@ def wait_for_state(get_json, job_id: int, states: set[str], timeout: float = 120
             return job
         time.sleep(0.2)
     raise TimeoutError(f"job {job_id} still {job.get('state')} after {timeout}s: {job}")
+
+
+# The longest tests, longest first (measured: tens of seconds each, most of it real
+# workers booting and training). pytest-xdist splits the collected order between its
+# processes and idle ones steal from the end: with these at the front, the run ends on
+# short tests on both processes instead of one process still running a long one alone.
+LONG_FIRST = (
+    "tests/test_api_fuzz.py",
+    "tests/faults/test_worker_loss.py",
+    "tests/test_benchmarks.py",
+    "tests/faults/test_database_outage.py",
+    "tests/faults/test_broker_loss.py",
+    "tests/browser/test_ui_flows.py",
+    "tests/test_up.py",
+    "tests/test_worker_reliability.py",
+    "tests/integration/",
+    "tests/faults/",
+    "tests/test_workers.py",
+)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.path.relative_to(REPO).as_posix()
+        return next(
+            (i for i, prefix in enumerate(LONG_FIRST) if path.startswith(prefix)),
+            len(LONG_FIRST),
+        )
+
+    items.sort(key=rank)  # stable: the rest keeps its order

@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
 from typing import Any
 
+# Building any torch optimizer imports torch._dynamo, about 3 s of CPU. Imported here, in
+# the parent before the pool forks, no child (nor a child restarted after a crash) makes
+# its first job wait for it. It starts no thread and does not initialize CUDA.
+import torch._dynamo  # noqa: F401
 from celery.signals import (
     celeryd_init,
     worker_process_init,
@@ -129,3 +134,9 @@ def _forget_node(**_kw: Any) -> None:
             client.close()
     except Exception as exc:  # noqa: BLE001 - the entries expire on their own
         log.info("worker registry: could not remove node %s (%s)", _node["name"], exc)
+
+
+# Everything imported so far (torch, sklearn, celery) lives as long as the process: out
+# of the collector's sight, forked children do not copy those pages by touching them, and
+# the interpreter does not spend seconds walking them again at exit.
+gc.freeze()

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from shared.celery_app import task_id_for
-from tests.faults.conftest import Cluster, long_spec, small_spec, task_outcomes
+from tests.faults.conftest import Cluster, long_spec, small_spec, task_outcomes, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,13 @@ def test_flushed_redis_jobs_are_republished_and_run_once(cluster: Cluster) -> No
     for job_id in ids:
         job = cluster.wait_state(job_id, {"succeeded", "failed", "cancelled"}, timeout=60)
         assert job.state == "succeeded" and job.attempt == 1, cluster.describe(job_id)
-        assert task_outcomes(cluster.tmp_path)[job_id]["succeeded"] == 1
+        # Celery logs the task's return value just after the runner committed the state.
+        logged = wait_for(
+            lambda job_id=job_id: task_outcomes(cluster.tmp_path).get(job_id, {}).get("succeeded"),
+            10,
+            "the worker to log the task's outcome",
+        )
+        assert logged == 1
 
 
 def test_job_committed_but_never_published_is_enqueued_by_the_reconciler(

@@ -41,7 +41,16 @@ def test_redelivered_copy_of_a_running_job_does_not_run_it_twice(cluster: Cluste
     assert job.state == "succeeded", cluster.describe(job_id)
     assert job.attempt == 1, "the redelivery must not start a second attempt"
     assert claims_logged(cluster.tmp_path)[job_id] == [1]
-    assert dict(task_outcomes(cluster.tmp_path)[job_id]) == {"succeeded": 1, "duplicate": 1}
+    # Celery logs the task's return value just after the runner committed the state.
+    outcomes = wait_for(
+        lambda: (
+            task_outcomes(cluster.tmp_path)[job_id].get("succeeded")
+            and dict(task_outcomes(cluster.tmp_path)[job_id])
+        ),
+        10,
+        "the holder to log the task's outcome",
+    )
+    assert outcomes == {"succeeded": 1, "duplicate": 1}
     assert cluster.epochs_logged(job_id, 1) == list(range(1, epochs + 1))
     assert cluster.point_count(job_id) == cluster.point_count(job_id, attempt=1)
     assert all(w.proc.poll() is None for w in workers)
