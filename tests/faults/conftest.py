@@ -97,35 +97,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "timings(**values): override the fault suite's short settings for one test"
     )
-    config.addinivalue_line(
-        "markers", "both_databases(why): run this scenario on SQLite too, not only PostgreSQL"
-    )
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Fault scenarios run once, on PostgreSQL (the multi-host production database),
-    except those marked both_databases, where SQLite's own behaviour is what is tested.
-
-    The suite must fit in 10 minutes on 2 cores. SQLite's part in reliability (the
-    compare-and-set transitions, the reconciler, resume, SIGTERM hand-back, local mode)
-    is tested on it in tests/test_state_machine.py, test_reconciler.py, test_runner.py,
-    test_worker_reliability.py and the browser tests. The skipped copies show up as
-    "deselected" in pytest's summary. With PostgreSQL skipped, everything runs on SQLite.
-    """
-    if "postgresql" not in root_conftest.DB_PARAMS:
-        return
-    here = Path(__file__).parent
-    keep, drop = [], []
-    for item in items:
-        # This hook sees the whole session's items, not only this folder's.
-        in_faults = here in item.path.parents
-        callspec = getattr(item, "callspec", None)
-        on_sqlite = callspec is not None and callspec.params.get("db_url") == "sqlite"
-        only_pg = in_faults and on_sqlite and not item.get_closest_marker("both_databases")
-        (drop if only_pg else keep).append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
 
 
 # ------------------------------------------------------------------ polling

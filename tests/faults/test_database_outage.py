@@ -75,7 +75,6 @@ def checkpoint_epoch(cluster: Cluster, job_id: int) -> int:
 
 
 @pytest.mark.timings(lease_seconds=10.0)
-@pytest.mark.both_databases("SQLite locking and a missing database file behave differently")
 def test_database_outage_mid_job_buffers_metrics_and_completes(
     cluster: Cluster, db_url: str
 ) -> None:
