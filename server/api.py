@@ -84,14 +84,6 @@ def _replay(job: Job, spec_json: dict[str, Any]) -> ResponseReturnValue:
             f"{IDEMPOTENCY_HEADER} was already used for a different job spec",
             {IDEMPOTENCY_HEADER: f"already used by job {job.id} with a different spec"},
         )
-    if job.owner_id != api_user().id:
-        # Keys are global; another user's key must not reveal (or return) their job.
-        raise ApiError(
-            422,
-            "idempotency_key_reused",
-            f"{IDEMPOTENCY_HEADER} was already used",
-            {IDEMPOTENCY_HEADER: "already used; choose a new key"},
-        )
     headers = {"Location": f"/api/v1/jobs/{job.id}", "Idempotent-Replayed": "true"}
     return jsonify(job_to_json(job)), 200, headers
 
@@ -134,7 +126,10 @@ def submit_job() -> ResponseReturnValue:
     key = _idempotency_key()
     spec = submission.parse_job_spec(json_body("invalid_spec", "invalid job spec"))
     spec_json = spec_to_json(spec)
-    if key is not None and (existing := submission.job_by_idempotency_key(key)) is not None:
+    if (
+        key is not None
+        and (existing := submission.job_by_idempotency_key(api_user().id, key)) is not None
+    ):
         return _replay(existing, spec_json)
     job = submission.build_job(spec, api_user(), idempotency_key=key)
     try:
@@ -143,7 +138,7 @@ def submit_job() -> ResponseReturnValue:
         # A concurrent POST with the same key committed first (the unique index decided):
         # answer with its job, and leave the enqueueing to it.
         get_session().rollback()
-        winner = submission.job_by_idempotency_key(key) if key is not None else None
+        winner = submission.job_by_idempotency_key(api_user().id, key) if key is not None else None
         if winner is None:
             raise
         return _replay(winner, spec_json)

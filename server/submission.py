@@ -139,5 +139,11 @@ def retry(original: Job, user: Principal) -> Job:
     return submit(parse_job_spec(original.spec), user)
 
 
-def job_by_idempotency_key(key: str) -> Job | None:
-    return get_session().scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+def job_by_idempotency_key(owner_id: int, key: str) -> Job | None:
+    """The owner's job created with `key`. Keys are scoped per user: nobody can find,
+    probe or squat another user's key."""
+    return (
+        get_session()
+        .scalars(select(Job).where(Job.owner_id == owner_id, Job.idempotency_key == key))
+        .one_or_none()
+    )

@@ -47,6 +47,12 @@ class User(Base):
     # A disabled account keeps its jobs but can neither log in nor use its tokens.
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Bumped to end every session of the user at once (logout, password change,
+    # disable, role change); a session carries the version it was issued under.
+    session_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # An admin's per-user overrides of the role's admission limits (shared/settings.py);
+    # None: the role's defaults.
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class ApiToken(Base):
@@ -97,8 +103,9 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # The client's Idempotency-Key header: a retried POST finds this job instead of
-    # creating a second one. Unique, so two concurrent POSTs cannot both insert.
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, index=True)
+    # creating a second one. Unique per owner, so two concurrent POSTs cannot both
+    # insert, and one user's key never finds (or blocks) another user's job.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
 
     # Live progress (epoch, step, samples/s, ETA) while running.
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -106,6 +113,8 @@ class Job(Base):
     error_type: Mapped[str | None] = mapped_column(String(200))
     error_message: Mapped[str | None] = mapped_column(Text)
     checkpoint_path: Mapped[str | None] = mapped_column(String(1000))
+    # When the owner deleted the finished job's files (checkpoints, log, exports).
+    artifacts_deleted_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -117,6 +126,7 @@ class Job(Base):
         Index("ix_jobs_kind_id", "kind", "id"),
         # A member's job list (newest first), and the per-user queued-jobs limit.
         Index("ix_jobs_owner_id", "owner_id", "id"),
+        Index("ix_jobs_owner_idempotency_key", "owner_id", "idempotency_key", unique=True),
         Index("ix_jobs_owner_state_id", "owner_id", "state", "id"),
         # The job list's model/dataset filters and name sort page through these in order.
         Index("ix_jobs_model_id", "model_name", "id"),
@@ -205,4 +215,7 @@ class Upload(Base):
     rows: Mapped[int] = mapped_column(Integer)
     # [{"name", "numeric", "distinct"}] in file order; see shared/csv_profile.py.
     columns: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    # "csv": the uploaded file itself (uploads stored before revision 0008); newer
+    # uploads are kept in a compact typed form (shared/job_files.py).
+    storage_format: Mapped[str] = mapped_column(String(32), default="csv", server_default="csv")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

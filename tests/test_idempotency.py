@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from shared.db import transaction
 from shared.orm import Job
+from tests.conftest import as_user
 from tests.helpers import train_spec
 
 KEY = "Idempotency-Key"
@@ -139,12 +140,34 @@ def test_losing_the_insert_race_returns_the_winner(  # type: ignore[no-untyped-d
     real_lookup = server.submission.job_by_idempotency_key
     calls: list[str] = []
 
-    def miss_once(key: str):  # type: ignore[no-untyped-def]
+    def miss_once(owner_id: int, key: str):  # type: ignore[no-untyped-def]
         calls.append(key)
-        return None if len(calls) == 1 else real_lookup(key)
+        return None if len(calls) == 1 else real_lookup(owner_id, key)
 
     monkeypatch.setattr(server.submission, "job_by_idempotency_key", miss_once)
     resp = client.post("/api/v1/jobs", json=train_spec(), headers={KEY: "race"})
     assert resp.status_code == 200, resp.get_json()
     assert resp.get_json()["id"] == winner["id"] and calls == ["race", "race"]
     assert job_count(db_url) == 1 and len(queued_ids(redis_url)) == 1
+
+
+def test_keys_are_per_user_another_users_key_reveals_and_blocks_nothing(  # type: ignore[no-untyped-def]
+    app, users, db_url: str
+) -> None:
+    """A global key let bob learn that alice used "nightly-1", the id of her job and
+    whether a guessed spec matched, and let him squat the key so her submission failed."""
+    alice, bob = as_user(app, users.alice), as_user(app, users.bob)
+    squatted = bob.post("/api/v1/jobs", json=train_spec(epochs=7), headers={KEY: "nightly-1"})
+    assert squatted.status_code == 201
+    mine = alice.post("/api/v1/jobs", json=train_spec(), headers={KEY: "nightly-1"})
+    assert mine.status_code == 201, mine.get_json()
+    assert mine.get_json()["id"] != squatted.get_json()["id"]
+    # Probing with alice's key and either spec only ever finds bob's own job.
+    probe = bob.post("/api/v1/jobs", json=train_spec(), headers={KEY: "nightly-1"})
+    assert probe.status_code == 422
+    assert f"job {mine.get_json()['id']}" not in json.dumps(probe.get_json())
+    same = bob.post("/api/v1/jobs", json=train_spec(epochs=7), headers={KEY: "nightly-1"})
+    assert same.status_code == 200 and same.get_json()["id"] == squatted.get_json()["id"]
+    replay = alice.post("/api/v1/jobs", json=train_spec(), headers={KEY: "nightly-1"})
+    assert replay.status_code == 200 and replay.get_json()["id"] == mine.get_json()["id"]
+    assert job_count(db_url) == 2
