@@ -175,6 +175,8 @@ class DatasetInfo(ResponseModel):
     files: list[str]
     available: bool
     unavailable_reason: str | None
+    usable: bool = Field(description="false: missing, corrupt or oversized files; see `problem`")
+    problem: str | None = Field(description="why the dataset cannot be used, else null")
     # Present only for a dataset that resolves with its default params (absent for csv,
     # which needs an upload, and for one whose files are missing).
     input_shape: list[int] = Field(

@@ -29,4 +29,8 @@ def _find_upload(upload_id: int) -> UploadInfo | None:
 
 def catalog_context() -> CatalogContext:
     settings = current_app.config["TRAINYARD_SETTINGS"]
-    return CatalogContext(data_dir=settings.resolved_data_dir, find_upload=_find_upload)
+    return CatalogContext(
+        data_dir=settings.resolved_data_dir,
+        find_upload=_find_upload,
+        max_file_bytes=settings.max_dataset_file_bytes,
+    )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,9 @@ from shared.schema_base import CatalogError, NoParams, StrictModel
 TEST_FRACTION = 0.2
 MAX_SYNTHETIC_VALUES = 200_000_000  # ~800 MB of float32 on the worker
 MAX_CSV_CLASSES = 1000
+# The most a dataset file may hold once decompressed, unless the settings say otherwise
+# (TRAINYARD_MAX_DATASET_FILE_BYTES): the official MNIST training images are 47 MB.
+DEFAULT_MAX_DATASET_FILE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ class CatalogContext:
 
     data_dir: Path
     find_upload: Callable[[int], UploadInfo | None] = lambda _id: None
+    # TRAINYARD_MAX_DATASET_FILE_BYTES: the largest decompressed dataset file accepted.
+    max_file_bytes: int = DEFAULT_MAX_DATASET_FILE_BYTES
 
 
 # ---------------------------------------------------------------- parameters
@@ -201,18 +208,96 @@ def find_idx_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def read_idx_header(path: Path) -> tuple[int, ...]:
-    """The dimensions in an IDX file's header (magic 0x0000_08_nd: unsigned bytes)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        magic = f.read(4)
-        if len(magic) != 4 or magic[:3] != b"\x00\x00\x08":
-            raise ValueError(f"{path.name} is not an IDX file of unsigned bytes")
-        ndim = magic[3]
-        raw = f.read(4 * ndim)
-        if len(raw) != 4 * ndim:
-            raise ValueError(f"{path.name}: truncated header")
-        return struct.unpack(f">{ndim}I", raw)
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def data_file_name(path: Path) -> str:
+    """How a message names a dataset file: relative to the data directory
+    (`mnist/train-images-idx3-ubyte.gz`), never the server's absolute path."""
+    return f"{path.parent.name}/{path.name}"
+
+
+@dataclass(frozen=True)
+class IdxHeader:
+    dims: tuple[int, ...]
+    header_bytes: int  # magic + dimensions
+    data_bytes: int  # the product of dims, a Python int: it cannot overflow
+
+    @property
+    def total_bytes(self) -> int:
+        return self.header_bytes + self.data_bytes
+
+
+def open_idx(path: Path) -> Any:
+    """The file's decompressed byte stream (gzip when the name ends in .gz)."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+
+
+def parse_idx_header(f: Any, path: Path, max_bytes: int) -> IdxHeader:
+    """Read and check the header at the start of stream `f` (magic 0x0000_08_nd:
+    unsigned bytes). ValueError says what is wrong: not IDX, truncated, or dimensions
+    whose data would exceed `max_bytes`, checked before any data is read."""
+    name = data_file_name(path)
+    magic = f.read(4)
+    if len(magic) != 4 or magic[:2] != b"\x00\x00":
+        raise ValueError(f"{name} is not an IDX file (bad magic number)")
+    if magic[2] != 0x08:
+        raise ValueError(f"{name}: IDX data type 0x{magic[2]:02x} is not unsigned bytes (0x08)")
+    ndim = magic[3]
+    raw = f.read(4 * ndim)
+    if ndim == 0 or len(raw) != 4 * ndim:
+        raise ValueError(f"{name}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw)
+    data_bytes = math.prod(dims)  # Python ints: 4 dims of 2**32-1 do not wrap around
+    if data_bytes > max_bytes:
+        shape = "x".join(map(str, dims))
+        raise ValueError(
+            f"{name}: header says {shape} = {data_bytes:,} bytes of data, more than the "
+            f"limit of {max_bytes:,} (TRAINYARD_MAX_DATASET_FILE_BYTES)"
+        )
+    return IdxHeader(dims, 4 + 4 * ndim, data_bytes)
+
+
+def _stored_size_matches(path: Path, header: IdxHeader) -> str | None:
+    """Why the file on disk cannot hold what its header promises (None: it can).
+
+    A plain file's size must be exact. A gzip file states its decompressed size modulo
+    2**32 in its last four bytes: reading that costs nothing, and it catches a small file
+    that would inflate far beyond its header (a gzip bomb) before anyone inflates it.
+    """
+    name = data_file_name(path)
+    with open(path, "rb") as raw:
+        size = os.fstat(raw.fileno()).st_size
+        if path.suffix != ".gz":
+            if size != header.total_bytes:
+                return (
+                    f"{name}: header says {'x'.join(map(str, header.dims))} = "
+                    f"{header.data_bytes:,} bytes of data, the file holds "
+                    f"{size - header.header_bytes:,} (truncated or corrupt)"
+                )
+            return None
+        if size < 18 or raw.read(2) != _GZIP_MAGIC:
+            return f"{name} is not a gzip file"
+        raw.seek(size - 4)
+        stated = int.from_bytes(raw.read(4), "little")
+    if stated != header.total_bytes % (1 << 32):
+        return (
+            f"{name}: inflates to {stated:,} bytes (mod 2^32), the header says "
+            f"{header.total_bytes:,} (corrupt, or not what its header claims)"
+        )
+    return None
+
+
+def read_idx_header(path: Path, max_bytes: int = DEFAULT_MAX_DATASET_FILE_BYTES) -> tuple[int, ...]:
+    """The dimensions in an IDX file's header, once the header is sane and the file's
+    size agrees with it; ValueError otherwise. Reads the header and, for gzip, the
+    four-byte trailer: never the data."""
+    with open_idx(path) as f:
+        header = parse_idx_header(f, path, max_bytes)
+    problem = _stored_size_matches(path, header)
+    if problem is not None:
+        raise ValueError(problem)
+    return header.dims
 
 
 def _idx_dataset(name: str) -> Callable[[BaseModel, CatalogContext], DatasetInfo]:
@@ -224,15 +309,22 @@ def _idx_dataset(name: str) -> Callable[[BaseModel, CatalogContext], DatasetInfo
             if path is None:
                 raise CatalogError(
                     "dataset.name",
-                    f"{name}: {directory / stem}[.gz] is missing; see the README for the files",
+                    f"{name}: TRAINYARD_DATA_DIR/{name}/{stem}[.gz] is missing; see the README "
+                    "for the files",
                 )
             try:
-                dims[key] = read_idx_header(path)
-            except (OSError, ValueError, EOFError) as exc:
-                raise CatalogError("dataset.name", f"{name}: cannot read {path}: {exc}") from None
+                dims[key] = read_idx_header(path, ctx.max_file_bytes)
+            except ValueError as exc:
+                raise CatalogError("dataset.name", f"{name}: {exc}") from None
+            except (OSError, EOFError, zlib.error) as exc:
+                # An OSError's text carries the absolute path: name the file instead.
+                reason = getattr(exc, "strerror", None) or type(exc).__name__
+                raise CatalogError(
+                    "dataset.name", f"{name}: cannot read {data_file_name(path)}: {reason}"
+                ) from None
         for part in ("train", "test"):
             images, labels = dims[f"{part}_images"], dims[f"{part}_labels"]
-            if len(images) != 3 or len(labels) != 1 or images[0] != labels[0]:
+            if len(images) != 3 or len(labels) != 1 or images[0] != labels[0] or 0 in images:
                 raise CatalogError(
                     "dataset.name",
                     f"{name}: {part} images {images} and labels {labels} do not match",
@@ -257,7 +349,17 @@ def _cifar10(_params: BaseModel, ctx: CatalogContext) -> DatasetInfo:
     directory = ctx.data_dir / CIFAR10_DIR
     missing = [f for f in CIFAR10_FILES if not (directory / f).is_file()]
     if missing:
-        raise CatalogError("dataset.name", f"cifar10: missing {', '.join(missing)} in {directory}")
+        raise CatalogError(
+            "dataset.name",
+            f"cifar10: missing {', '.join(missing)} in TRAINYARD_DATA_DIR/{CIFAR10_DIR}",
+        )
+    too_big = [f for f in CIFAR10_FILES if (directory / f).stat().st_size > ctx.max_file_bytes]
+    if too_big:
+        raise CatalogError(
+            "dataset.name",
+            f"cifar10: {', '.join(too_big)} larger than {ctx.max_file_bytes:,} bytes "
+            "(TRAINYARD_MAX_DATASET_FILE_BYTES)",
+        )
     # Sizes would need unpickling; the web process does not unpickle files.
     return DatasetInfo("cifar10", "image", "classification", (3, 32, 32), 10, None, None)
 
@@ -340,6 +442,10 @@ class DatasetEntry:
             "files": list(self.files),
             "available": True,
             "unavailable_reason": None,
+            # usable/problem: the same verdict under the names the README uses; a file
+            # that is present but corrupt or oversized makes a dataset unusable too.
+            "usable": True,
+            "problem": None,
         }
         try:
             defaults = self.params()
@@ -348,7 +454,9 @@ class DatasetEntry:
         try:
             info = self.resolve(defaults, ctx)
         except CatalogError as exc:
-            out.update(available=False, unavailable_reason=exc.message)
+            out.update(
+                available=False, unavailable_reason=exc.message, usable=False, problem=exc.message
+            )
             return out
         out.update(
             input_shape=list(info.input_shape),

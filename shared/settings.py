@@ -91,6 +91,18 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_timings(self) -> Settings:
         if self.heartbeat_seconds >= self.lease_seconds:
+    # Per-user quotas (an admin can override each for one user in users.limits, under
+    # the same name): bytes of CSV uploaded and kept, uploads kept, unrevoked API tokens;
+    # and rates (moving windows in Redis, like submit_rate_limit) of uploads and of token
+    # creation. Deleting an upload or revoking a token frees its share of the quota.
+    max_upload_bytes_per_user: int = Field(default=2_000_000_000, ge=1024)
+    max_uploads_per_user: int = Field(default=200, ge=1)
+    max_tokens_per_user: int = Field(default=20, ge=1)
+    upload_rate_limit: str = "30/hour"
+    token_rate_limit: str = "10/hour"
+    # The largest dataset file (an IDX file once decompressed, a CIFAR-10 batch) the
+    # catalogue accepts and a worker reads; checked from the header before reading.
+    max_dataset_file_bytes: int = Field(default=1 << 30, ge=1024)
             raise ValueError(
                 "TRAINYARD_HEARTBEAT_SECONDS must be smaller than TRAINYARD_LEASE_SECONDS"
             )

@@ -26,7 +26,7 @@ from shared.dataset_catalog import (  # noqa: E402
 )
 from shared.spec import AugmentSpec  # noqa: E402
 from tests.data_files import idx_bytes, py2_pickle, write_cifar10, write_csv, write_mnist  # noqa: E402
-from worker.training.data import csv_table  # noqa: E402
+from worker.training.data import csv_table, readers  # noqa: E402
 from worker.training.data.synthetic import sequence_code, synthetic_sequences  # noqa: E402
 from worker.training.datasets import (  # noqa: E402
     DataPaths,
@@ -264,8 +264,10 @@ def test_broken_idx_files_are_clear_errors(paths: DataPaths) -> None:
     images.unlink()
     gz = directory / (IDX_FILES["train_images"] + ".gz")
     gz.write_bytes(gzip.compress(good)[:-40])  # cut-off gzip stream
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(UserError, match="corrupt"):  # its trailer no longer matches
         load("mnist", paths=paths)
+    with pytest.raises(UserError, match="cannot read mnist/train-images-idx3-ubyte.gz"):
+        readers.read_idx(gz)
     gz.write_bytes(gzip.compress(good))
     files["train_labels"].write_bytes(idx_bytes(np.full(29, 3, dtype=np.uint8)))
     with pytest.raises(UserError, match="do not match"):

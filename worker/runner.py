@@ -128,7 +128,11 @@ def _execute(
     job_log: JobLog,
 ) -> tuple[dict[str, Any], str | None]:
     """Run the job body; returns (result, checkpoint directory)."""
-    paths = DataPaths(data_dir=settings.resolved_data_dir, uploads_dir=settings.uploads_dir)
+    paths = DataPaths(
+        data_dir=settings.resolved_data_dir,
+        uploads_dir=settings.uploads_dir,
+        max_file_bytes=settings.max_dataset_file_bytes,
+    )
     # torch version, device name and seed are in the metrics train_job/evaluate_job return.
     base = {"trainyard_version": shared.__version__, "spec": spec_to_json(spec)}
     if isinstance(spec, TrainSpec):

@@ -211,9 +211,10 @@ def _job_label(job: Job) -> str:
 
 
 def _dataset_problems() -> dict[str, str]:
-    """Datasets whose files are missing on this server, with the reason."""
+    """Datasets this server cannot use (files missing, corrupt or oversized), with the
+    reason: the form shows them but does not offer them."""
     ctx = catalog_context()
-    problems = {}
+    problems: dict[str, str] = {}
     for name, entry in DATASETS.items():
         try:
             defaults = entry.params()

@@ -32,6 +32,7 @@ from sklearn.model_selection import train_test_split
 from shared.dataset_catalog import (
     DATASETS,
     CatalogContext,
+    DEFAULT_MAX_DATASET_FILE_BYTES,
     CsvParams,
     DatasetInfo,
     resolve_dataset,
@@ -40,7 +41,7 @@ from shared.schema_base import CatalogError
 from worker.training.data import csv_table, readers, synthetic
 from worker.training.data.augment import augment_batch  # re-exported: the data API in one place
 from worker.training.data.preprocess import apply_stats, check_stats, compute_stats
-from worker.training.errors import UserError
+from worker.training.errors import DatasetError, UserError
 
 __all__ = ["DataPaths", "Split", "Splits", "augment_batch", "clear_cache", "load_dataset"]
 
@@ -63,6 +64,11 @@ PIXEL_MAX = {"digits": 16.0, "mnist": 255.0, "fashion_mnist": 255.0, "cifar10": 
 class DataPaths:
     data_dir: Path  # TRAINYARD_DATA_DIR: mnist/, fashion_mnist/, cifar-10-batches-py/
     uploads_dir: Path  # CSV uploads as <upload_id>.csv
+    # TRAINYARD_MAX_DATASET_FILE_BYTES: no dataset file is read past this.
+    max_file_bytes: int = DEFAULT_MAX_DATASET_FILE_BYTES
+
+    def catalog_context(self) -> CatalogContext:
+        return CatalogContext(data_dir=self.data_dir, max_file_bytes=self.max_file_bytes)
 
 
 @dataclass(frozen=True)
@@ -123,13 +129,15 @@ def _need(paths: DataPaths | None, name: str) -> DataPaths:
 
 def _idx(name: str) -> Callable[[BaseModel, DataPaths | None], Raw]:
     def load(_params: BaseModel, paths: DataPaths | None) -> Raw:
-        return readers.load_idx_dataset(_need(paths, name).data_dir / name)
+        found = _need(paths, name)
+        return readers.load_idx_dataset(found.data_dir / name, found.max_file_bytes)
 
     return load
 
 
 def _cifar10(_params: BaseModel, paths: DataPaths | None) -> Raw:
-    return readers.load_cifar10(_need(paths, "cifar10").data_dir)
+    found = _need(paths, "cifar10")
+    return readers.load_cifar10(found.data_dir, found.max_file_bytes)
 
 
 _LOADERS: dict[str, Callable[[Any, DataPaths | None], Raw]] = {
@@ -182,7 +190,8 @@ def _resolve(name: str, params: BaseModel, ctx: CatalogContext) -> DatasetInfo:
         return resolve_dataset(name, params, ctx)
     except CatalogError as exc:
         # The server checked this at submission; this worker sees other files.
-        raise UserError(f"{exc.field}: {exc.message}") from None
+        error = DatasetError if exc.field == "dataset.name" else UserError
+        raise error(f"{exc.field}: {exc.message}") from None
 
 
 # ---------------------------------------------------------------- splitting
@@ -220,8 +229,12 @@ def _numpy_splits(
         raw: Raw = (x, y)
     else:
         # Bundled and generated datasets never look at files: any directory will do.
-        data_dir = _need(paths, name).data_dir if name in FILE_DATASETS else Path()
-        info = _resolve(name, params, CatalogContext(data_dir=data_dir))
+        ctx = (
+            _need(paths, name).catalog_context()
+            if name in FILE_DATASETS
+            else CatalogContext(data_dir=Path())
+        )
+        info = _resolve(name, params, ctx)
         raw = _LOADERS[name](params, paths)
     classification = info.task == "classification"
 

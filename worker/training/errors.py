@@ -11,3 +11,9 @@ class UserError(Exception):
     The runner records the job as failed with this message and does not retry it:
     another attempt would fail the same way.
     """
+
+
+class DatasetError(UserError):
+    """A dataset file is missing, corrupt, or larger than its header or the configured
+    maximum allows. The job's own problem (the data it names), so it is not retried;
+    recorded with error_type "DatasetError"."""

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from shared import metric_catalog as mc
-from shared.dataset_catalog import DATASETS, CatalogContext, DatasetInfo, resolve_dataset
+from shared.dataset_catalog import DATASETS, DatasetInfo, resolve_dataset
 from shared.schema_base import CatalogError
 from shared.spec import EvaluateSpec, SpecError, TrainSpec, eval_dataset_params
 from worker.training.checkpoint import checkpoint_file
@@ -57,7 +57,7 @@ def evaluate_job(
         # Check before loading: the checkpoint's statistics only fit compatible data.
         # (A CSV's shape is known once the file is read; load_dataset checks the stats.)
         try:
-            info = resolve_dataset(name, params, CatalogContext(data_dir=paths.data_dir))
+            info = resolve_dataset(name, params, paths.catalog_context())
         except CatalogError as exc:
             raise UserError(f"{exc.field}: {exc.message}") from None
         _check_compatible(info, trained_on)

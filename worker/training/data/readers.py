@@ -1,85 +1,130 @@
 """Readers for the official MNIST/Fashion-MNIST IDX files and CIFAR-10 python batches.
 
 Both return raw uint8 pixels as (N, C, H, W) and int64 labels; every problem with a
-file (missing, truncated, wrong header, foreign pickle) is a UserError naming it.
+file (missing, truncated, wrong header, oversized, foreign pickle) is a DatasetError
+naming it relative to the data directory (the job's owner never sees server paths).
 """
 
 from __future__ import annotations
 
-import gzip
 import io
 import logging
+import os
 import pickle
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shared.dataset_catalog import CIFAR10_DIR, CIFAR10_FILES, IDX_FILES, find_idx_file
-from worker.training.errors import UserError
+from shared.dataset_catalog import (
+    CIFAR10_DIR,
+    CIFAR10_FILES,
+    DEFAULT_MAX_DATASET_FILE_BYTES,
+    IDX_FILES,
+    IdxHeader,
+    data_file_name,
+    find_idx_file,
+    open_idx,
+    parse_idx_header,
+)
+from worker.training.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-IDX_UBYTE = 0x08
 NUM_CLASSES = 10
+# Decompressed bytes read per call: memory stays the output array plus this, whatever
+# the file inflates to.
+READ_CHUNK = 1 << 20
 
 
 # ---------------------------------------------------------------- IDX
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file of unsigned bytes (plain or .gz) as an array of its dimensions."""
+def read_idx(path: Path, max_bytes: int = DEFAULT_MAX_DATASET_FILE_BYTES) -> np.ndarray:
+    """An IDX file of unsigned bytes (plain or .gz) as an array of its dimensions.
+
+    The header is checked before any data is read: its dimensions (multiplied as Python
+    ints, so they cannot overflow) must fit `max_bytes`, and a plain file's size must
+    match. The data is then read in chunks into an array of exactly that size, and a
+    stream that inflates to more than the header says stops one byte past it: a small
+    gzip file cannot make the worker hold more than the header promised.
+    """
+    name = data_file_name(path)
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError; EOFError: cut-off .gz
-        raise UserError(f"cannot read {path}: {exc}") from None
-    if len(raw) < 4 or raw[:2] != b"\x00\x00":
-        raise UserError(f"{path} is not an IDX file (bad magic number)")
-    if raw[2] != IDX_UBYTE:
-        raise UserError(f"{path}: IDX data type 0x{raw[2]:02x} is not unsigned bytes (0x08)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise UserError(f"{path}: truncated IDX header")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(dims, dtype=np.int64))
-    if len(raw) - header != expected:
-        raise UserError(
-            f"{path}: header says {'x'.join(map(str, dims))} = {expected:,} bytes of data, "
-            f"the file holds {len(raw) - header:,} (truncated or corrupt)"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+        with open_idx(path) as f:
+            try:
+                header = parse_idx_header(f, path, max_bytes)
+            except ValueError as exc:
+                raise DatasetError(str(exc)) from None
+            if path.suffix != ".gz":
+                size = os.fstat(f.fileno()).st_size
+                if size != header.total_bytes:
+                    raise DatasetError(_size_mismatch(name, header, size - header.header_bytes))
+            data = np.empty(header.data_bytes, dtype=np.uint8)
+            view = memoryview(data)
+            got = 0
+            while got < header.data_bytes:
+                n = f.readinto(view[got : got + READ_CHUNK])
+                if not n:
+                    break
+                got += n
+            if got < header.data_bytes:
+                raise DatasetError(_size_mismatch(name, header, got))
+            if f.read(1):
+                raise DatasetError(
+                    f"{name}: holds more data than its header's "
+                    f"{'x'.join(map(str, header.dims))} = {header.data_bytes:,} bytes "
+                    "(corrupt, or not what its header claims)"
+                )
+    except (OSError, EOFError, zlib.error) as exc:
+        # gzip.BadGzipFile is an OSError; EOFError: a cut-off .gz. The OSError's own
+        # text names the absolute path, which the job's owner must not see.
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise DatasetError(f"cannot read {name}: {reason}") from None
+    return data.reshape(header.dims)
+
+
+def _size_mismatch(name: str, header: IdxHeader, held: int) -> str:
+    return (
+        f"{name}: header says {'x'.join(map(str, header.dims))} = {header.data_bytes:,} "
+        f"bytes of data, the file holds {held:,} (truncated or corrupt)"
+    )
 
 
 def idx_files(directory: Path) -> dict[str, Path]:
-    """The four official files in `directory`; UserError names the first missing one."""
+    """The four official files in `directory`; DatasetError names the first missing one."""
     found: dict[str, Path] = {}
     for key, stem in IDX_FILES.items():
         path = find_idx_file(directory, stem)
         if path is None:
-            raise UserError(f"{directory / stem}[.gz] is missing")
+            raise DatasetError(f"{directory.name}/{stem}[.gz] is missing")
         found[key] = path
     return found
 
 
-def load_idx_dataset(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_idx_dataset(
+    directory: Path, max_bytes: int = DEFAULT_MAX_DATASET_FILE_BYTES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train_x, train_y, test_x, test_y): the official split, images as (N, 1, H, W) uint8."""
     files = idx_files(directory)
     out: list[np.ndarray] = []
     for part in ("train", "test"):
-        images = read_idx(files[f"{part}_images"])
-        labels = read_idx(files[f"{part}_labels"])
+        images = read_idx(files[f"{part}_images"], max_bytes)
+        labels = read_idx(files[f"{part}_labels"], max_bytes)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise UserError(
-                f"{directory}: {part} images {images.shape} and labels {labels.shape} do not match"
+            raise DatasetError(
+                f"{directory.name}: {part} images {images.shape} and labels {labels.shape} "
+                "do not match"
             )
         if len(labels) and int(labels.max()) >= NUM_CLASSES:
-            raise UserError(f"{files[f'{part}_labels']}: label {int(labels.max())} is not in 0..9")
+            raise DatasetError(
+                f"{data_file_name(files[f'{part}_labels'])}: label {int(labels.max())} "
+                "is not in 0..9"
+            )
         out += [images[:, None, :, :], labels.astype(np.int64)]
     if out[0].shape[1:] != out[2].shape[1:]:
-        raise UserError(f"{directory}: train and test images differ in size")
+        raise DatasetError(f"{directory.name}: train and test images differ in size")
     return out[0], out[1], out[2], out[3]
 
 
@@ -112,19 +157,29 @@ class _CifarUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
-def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_batch(
+    path: Path, max_bytes: int = DEFAULT_MAX_DATASET_FILE_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
     """One batch file: (images (N, 3, 32, 32) uint8, labels (N,) int64)."""
+    name = data_file_name(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise DatasetError(
+                    f"{name}: {size:,} bytes, more than the limit of {max_bytes:,} "
+                    "(TRAINYARD_MAX_DATASET_FILE_BYTES)"
+                )
+            raw = f.read(max_bytes + 1)
     except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
+        raise DatasetError(f"cannot read {name}: {exc.strerror or type(exc).__name__}") from None
     try:
         # encoding="bytes": the batches were pickled by Python 2; keys come back as bytes.
         batch = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as exc:  # a corrupt pickle can raise nearly anything
-        raise UserError(f"{path} is not a CIFAR-10 batch: {exc}") from None
+        raise DatasetError(f"{name} is not a CIFAR-10 batch: {exc}") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise UserError(f"{path} is not a CIFAR-10 batch: no b'data' and b'labels'")
+        raise DatasetError(f"{name} is not a CIFAR-10 batch: no b'data' and b'labels'")
     data, labels = batch[b"data"], batch[b"labels"]
     if not (
         isinstance(data, np.ndarray)
@@ -133,15 +188,15 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         and data.shape[1] == 3072
     ):
         shape = getattr(data, "shape", type(data).__name__)
-        raise UserError(f"{path}: b'data' must be an N x 3072 uint8 array, got {shape}")
+        raise DatasetError(f"{name}: b'data' must be an N x 3072 uint8 array, got {shape}")
     try:
         y = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError):
-        raise UserError(f"{path}: b'labels' is not a list of integers") from None
+        raise DatasetError(f"{name}: b'labels' is not a list of integers") from None
     if y.shape != (len(data),):
-        raise UserError(f"{path}: {len(data)} images but {y.size} labels")
+        raise DatasetError(f"{name}: {len(data)} images but {y.size} labels")
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES):
-        raise UserError(f"{path}: labels must be in 0..9")
+        raise DatasetError(f"{name}: labels must be in 0..9")
     # Each row is the red, green then blue 32x32 plane, row-major: already channels-first.
     return data.reshape(-1, 3, 32, 32), y
 
@@ -151,13 +206,15 @@ def cifar_files(data_dir: Path) -> list[Path]:
     return [directory / name for name in CIFAR10_FILES]
 
 
-def load_cifar10(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_cifar10(
+    data_dir: Path, max_bytes: int = DEFAULT_MAX_DATASET_FILE_BYTES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train_x, train_y, test_x, test_y): data_batch_1..5 and test_batch."""
     parts = []
     for path in cifar_files(data_dir):
         if not path.is_file():
-            raise UserError(f"cifar10: {path} is missing")
-        parts.append(read_cifar_batch(path))
+            raise DatasetError(f"cifar10: {data_file_name(path)} is missing")
+        parts.append(read_cifar_batch(path, max_bytes))
     train_x = np.concatenate([x for x, _ in parts[:-1]])
     train_y = np.concatenate([y for _, y in parts[:-1]])
     test_x, test_y = parts[-1]
