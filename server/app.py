@@ -8,6 +8,7 @@ from typing import Any
 from flask import Flask, Response, current_app, jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy import text
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from server import (
     api,
@@ -44,6 +45,13 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     )
     if config:
         app.config.update(config)
+    if settings.trusted_proxies:
+        # Behind N proxies, the address a proxy saw is the Nth X-Forwarded-For entry from
+        # the right; entries further left were written by the client and are ignored.
+        # Without a proxy the headers are not read at all: the login throttle and the
+        # logs see the socket's peer, which a client cannot choose.
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
 
     database.init_app(app)
     enqueue.init_app(app, settings)

@@ -10,21 +10,24 @@ detached from the database session) for the rest of the request.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from flask import Flask, current_app, g, request
+from flask import session as flask_session
 from flask.typing import ResponseReturnValue
-from flask_login import LoginManager, UserMixin, current_user
+from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from limits import RateLimitItem, parse
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy import func, select
 
+from server import login_throttle
 from server.database import get_session
 from server.errors import ApiError, error_response
 from shared import accounts
@@ -41,6 +44,10 @@ login_manager = LoginManager()
 csrf = CSRFProtect()
 
 
+# The clock sessions are dated by; a test moves it to see a session expire.
+clock: Callable[[], float] = time.time
+
+
 @dataclass(frozen=True)
 class Principal(UserMixin):
     """The authenticated user of a request, safe to use after the DB session closes."""
@@ -48,33 +55,65 @@ class Principal(UserMixin):
     id: int
     username: str
     role: str
-    # Part of the session cookie's user id: changing the password or disabling the
-    # account changes it, which logs out every existing browser session.
-    session_stamp: str
+    # users.session_version when the session began, and when (Unix seconds): both are
+    # part of the session cookie's user id, so bumping the version (logout, password,
+    # role, disable) ends every session, and a session ends `session_hours` after login.
+    session_version: int
+    issued_at: int
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
 
     def get_id(self) -> str:
-        return f"{self.id}.{self.session_stamp}"
+        return f"{self.id}.{self.session_version}.{self.issued_at}"
 
 
-def principal(user: User) -> Principal:
-    stamp = hashlib.sha256(f"{user.password_hash}:{user.is_active}".encode()).hexdigest()[:16]
-    return Principal(id=user.id, username=user.username, role=user.role, session_stamp=stamp)
+def principal(user: User, issued_at: int | None = None) -> Principal:
+    return Principal(
+        id=user.id,
+        username=user.username,
+        role=user.role,
+        session_version=user.session_version or 0,
+        issued_at=int(clock()) if issued_at is None else issued_at,
+    )
 
 
 @login_manager.user_loader
 def _load_session_user(session_id: str) -> Principal | None:
-    user_id, _, stamp = session_id.partition(".")
-    if not user_id.isdigit():
+    parts = session_id.split(".")
+    # Anything else is a session from before versions (or not ours): logged out.
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
         return None
-    user = get_session().get(User, int(user_id))
-    if user is None or not user.is_active:
+    user_id, version, issued_at = (int(p) for p in parts)
+    lifetime = current_app.config["PERMANENT_SESSION_LIFETIME"].total_seconds()
+    if clock() - issued_at > lifetime:
         return None
-    found = principal(user)
-    return found if found.session_stamp == stamp else None
+    user = get_session().get(User, user_id)
+    if user is None or not user.is_active or (user.session_version or 0) != version:
+        return None
+    return principal(user, issued_at)
+
+
+def start_session(user: User) -> None:
+    """Log `user` in: a new session (and CSRF token) replaces whatever the browser had.
+
+    Starting from an empty session means nothing chosen before login carries into it:
+    not a CSRF token an attacker read or planted on the login page (fixation), not
+    anything else.
+    """
+    flask_session.clear()
+    g.pop("csrf_token", None)  # Flask-WTF's per-request cache of the old token
+    flask_session.permanent = True  # the cookie expires with the session
+    login_user(principal(user))
+
+
+def end_session(user: User) -> None:
+    """Log out: end every session of `user` (the caller commits), then this browser's."""
+    accounts.end_sessions(user)
+    logout_user()
+    flask_session.clear()
+    g.pop("csrf_token", None)
 
 
 def _bearer_token() -> str | None:
@@ -138,7 +177,10 @@ def init_app(app: Flask, settings: Settings) -> None:
         # form through Flask-WTF), not on token requests, which carry no ambient credential.
         WTF_CSRF_CHECK_DEFAULT=False,
         WTF_CSRF_HEADERS=[CSRF_HEADER, "X-CSRF-Token"],
-        WTF_CSRF_TIME_LIMIT=None,
+        # A login's absolute lifetime is checked in the user loader (from the session's
+        # login time); this bounds the cookie's own signature and Expires too.
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=settings.session_hours),
+        WTF_CSRF_TIME_LIMIT=max(1, math.ceil(settings.csrf_hours * 3600)),
         WTF_CSRF_SSL_STRICT=settings.cookies_secure,
     )
     login_manager.login_view = "web.login"
@@ -146,13 +188,20 @@ def init_app(app: Flask, settings: Settings) -> None:
     login_manager.init_app(app)
     csrf.init_app(app)
     app.extensions["trainyard_submit_limits"] = SubmitLimits(settings)
+    login_throttle.init_app(app, settings)
 
     @app.errorhandler(CSRFError)
     def _csrf_error(exc: CSRFError) -> ResponseReturnValue:
+        message = f"CSRF check failed: {exc.description}"
+        if "expired" in exc.description:
+            message = (
+                "CSRF check failed: the page's security token expired; "
+                "reload the page and try again"
+            )
         return error_response(
             400,
             "csrf_failed",
-            f"CSRF check failed: {exc.description}",
+            message,
             {CSRF_HEADER: "send the page's CSRF token with every state-changing request"},
         )
 

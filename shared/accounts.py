@@ -4,6 +4,8 @@ Passwords are hashed with argon2id (argon2-cffi's defaults follow RFC 9106). API
 are 256 random bits, so a fast SHA-256 of the token is enough to store (nobody can
 brute-force that space) and lets a request find its token with one indexed lookup.
 Functions take the caller's session and never commit: the caller owns the transaction.
+Password, role and active changes go through set_password/set_role/set_active, which
+also end the user's browser sessions.
 """
 
 from __future__ import annotations
@@ -96,8 +98,36 @@ def create_user(
     return user
 
 
+def end_sessions(user: User) -> None:
+    """Log the user out everywhere: every browser session issued before now stops working.
+
+    Sessions carry the users.session_version they were issued under (server/auth.py);
+    each change here leaves no way back to an old version, so no later change (enabling
+    the account again) revives a session. API tokens are not sessions and are untouched.
+    """
+    user.session_version = (user.session_version or 0) + 1
+
+
 def set_password(user: User, password: str) -> None:
     user.password_hash = hash_password(password)
+    end_sessions(user)
+
+
+def set_role(user: User, role: str) -> None:
+    """Make the user `role`; a change ends their sessions (they carry the old rights)."""
+    if role not in ROLES:
+        raise AccountError("role", f"one of: {', '.join(ROLES)}")
+    if user.role != role:
+        user.role = role
+        end_sessions(user)
+
+
+def set_active(user: User, active: bool) -> None:
+    """Enable or disable the account; any change ends its sessions, so a session from
+    before `disable` stays dead after `enable`."""
+    if user.is_active != active:
+        user.is_active = active
+        end_sessions(user)
 
 
 def authenticate(session: Session, username: str, password: str) -> User | None:

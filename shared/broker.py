@@ -9,7 +9,8 @@ Celery's Redis transport (kombu/transport/redis.py) keeps a queue's messages lik
   in the sorted set `unacked_index`.
 
 The reconciler reads both to tell a lost message from one still coming; the queues
-page reads the list lengths. Nobody else spells these names.
+page reads the list lengths. Trainyard's own keys are named here too (see their
+sections below). Nobody else spells these names.
 
 Every Redis client in Trainyard is built here, from any URL Celery accepts, so the
 web's health check, the worker registry, the reconciler and local mode all understand
@@ -22,6 +23,7 @@ the same URLs as the broker connection itself:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import ssl
 from collections.abc import Iterable
@@ -144,6 +146,26 @@ def ping(url: str, timeout_s: float = 3.0) -> None:
         client.ping()
     finally:
         client.close()
+
+
+# ----------------------------------------------------------------------------- logins
+
+# Failed-login counts (server/login_throttle.py): one hash per (username, client
+# address) and one per client address, fields `count` and `until`.
+LOGIN_FAILURES_PREFIX = "trainyard:login-failures:"
+
+
+def login_failure_keys(username: str, address: str) -> tuple[str, str]:
+    """The (username, address) and the address keys. Digests, so a key's length does not
+    depend on what a client sends; usernames compare case-insensitively."""
+
+    def digest(*parts: str) -> str:
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+    return (
+        f"{LOGIN_FAILURES_PREFIX}pair:{digest(username.lower(), address)}",
+        f"{LOGIN_FAILURES_PREFIX}address:{digest(address)}",
+    )
 
 
 # ----------------------------------------------------------------------------- queues

@@ -41,6 +41,22 @@ class Settings(BaseSettings):
     secret_key: str | None = Field(default=None, min_length=16)
     # Session cookies only over HTTPS. Unset: on when `url` is https.
     secure_cookies: bool | None = None
+    # A login lasts at most this long, however busy (absolute, counted from the login):
+    # a copied cookie is useless after it even if nobody logs out.
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 31)
+    # A page's CSRF token stops working this long after the page was rendered; the form
+    # then says it expired and to reload.
+    csrf_hours: float = Field(default=8.0, gt=0, le=24 * 31)
+    # Login throttling, per (username, client address) and per client address: this many
+    # failures are free, each further one doubles a wait (1 s, 2 s, 4 s, ...) up to the
+    # cap. Only addresses that failed wait; a success clears that name's count there.
+    login_free_failures: int = Field(default=5, ge=1)
+    login_address_free_failures: int = Field(default=20, ge=1)
+    login_max_backoff_seconds: int = Field(default=900, ge=1)
+    # Reverse proxies in front of the web server (nginx in the compose file = 1). Their
+    # X-Forwarded-For/-Proto/-Host are trusted that many hops deep; with 0 those headers
+    # are ignored, since any client can write them.
+    trusted_proxies: int = Field(default=0, ge=0, le=10)
     # Per-user limits on POST /api/v1/jobs (and retries): jobs waiting in the queue, and
     # submissions per time window (Flask-Limiter syntax, counted in Redis).
     max_queued_per_user: int = Field(default=200, ge=1)
@@ -49,6 +65,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     # CSV uploads for the `csv` dataset.
     max_upload_bytes: int = Field(default=100_000_000, ge=1024)
+    # Per-user quotas (an admin can override each for one user in users.limits, under
+    # the same name): bytes of CSV uploaded and kept, uploads kept, unrevoked API tokens;
+    # and rates (moving windows in Redis, like submit_rate_limit) of uploads and of token
+    # creation. Deleting an upload or revoking a token frees its share of the quota.
+    max_upload_bytes_per_user: int = Field(default=2_000_000_000, ge=1024)
+    max_uploads_per_user: int = Field(default=200, ge=1)
+    max_tokens_per_user: int = Field(default=20, ge=1)
+    upload_rate_limit: str = "30/hour"
+    token_rate_limit: str = "10/hour"
+    # The largest dataset file (an IDX file once decompressed, a CIFAR-10 batch) the
+    # catalogue accepts and a worker reads; checked from the header before reading.
+    max_dataset_file_bytes: int = Field(default=1 << 30, ge=1024)
     # Reliability timings (docs/architecture.md, "Reliability"; README "Reliability"). A worker that dies is
     # noticed within lease_seconds + reconcile_seconds: its lease stops being renewed,
     # and the next reconciler pass after expiry requeues the job.
@@ -91,18 +119,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_timings(self) -> Settings:
         if self.heartbeat_seconds >= self.lease_seconds:
-    # Per-user quotas (an admin can override each for one user in users.limits, under
-    # the same name): bytes of CSV uploaded and kept, uploads kept, unrevoked API tokens;
-    # and rates (moving windows in Redis, like submit_rate_limit) of uploads and of token
-    # creation. Deleting an upload or revoking a token frees its share of the quota.
-    max_upload_bytes_per_user: int = Field(default=2_000_000_000, ge=1024)
-    max_uploads_per_user: int = Field(default=200, ge=1)
-    max_tokens_per_user: int = Field(default=20, ge=1)
-    upload_rate_limit: str = "30/hour"
-    token_rate_limit: str = "10/hour"
-    # The largest dataset file (an IDX file once decompressed, a CIFAR-10 batch) the
-    # catalogue accepts and a worker reads; checked from the header before reading.
-    max_dataset_file_bytes: int = Field(default=1 << 30, ge=1024)
             raise ValueError(
                 "TRAINYARD_HEARTBEAT_SECONDS must be smaller than TRAINYARD_LEASE_SECONDS"
             )

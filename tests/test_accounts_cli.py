@@ -314,6 +314,50 @@ def test_user_set_password_role_disable_enable_and_list(
     assert PASSWORD not in listed.output
 
 
+def test_account_changes_end_browser_sessions(
+    env: dict[str, str | None], db: str, tmp_path: Path
+) -> None:
+    # The attack: a session cookie copied before the owner (or an admin) acts on the
+    # account. A role change kept old sessions alive, and `enable` revived sessions from
+    # before `disable` (the session's stamp was a digest of the password and is_active).
+    from server.app import create_app
+    from tests.test_security import logged_in, login
+
+    app = create_app(Settings(database_url=db, home=tmp_path / "web-home"), {"TESTING": True})
+    run(env, "token", "create", "--user", "root", "--admin")
+    run(env, "token", "create", "--user", "bob")
+    run(env, "user", "set-password", "bob", "--password-stdin", stdin=PASSWORD + "\n")
+
+    def copied_cookie() -> Any:
+        browser = app.test_client()
+        assert login(browser, "bob", PASSWORD).status_code == 302
+        thief = app.test_client()
+        thief.set_cookie("trainyard_session", browser.get_cookie("trainyard_session").value)
+        assert logged_in(thief)
+        return thief
+
+    steps: list[tuple[str, ...]] = [
+        ("set-password", "bob", "--password-stdin"),
+        ("set-role", "bob", "admin"),
+        ("set-role", "bob", "member"),
+        ("disable", "bob"),
+    ]
+    for step in steps:
+        thief = copied_cookie()
+        before = get_user(db, "bob").session_version
+        stdin = PASSWORD + "\n" if "--password-stdin" in step else None
+        assert run(env, "user", *step, stdin=stdin).exit_code == 0, step
+        assert not logged_in(thief), step
+        assert get_user(db, "bob").session_version > before, step
+        if step[0] == "disable":
+            assert run(env, "user", "enable", "bob").exit_code == 0
+            assert not logged_in(thief), "enable revived a session from before disable"
+    # No change, no logout: setting the role bob already has ends nothing.
+    thief = copied_cookie()
+    assert run(env, "user", "set-role", "bob", "member").exit_code == 0
+    assert logged_in(thief)
+
+
 def test_the_last_active_admin_stays(env: dict[str, str | None], db: str) -> None:
     run(env, "token", "create", "--user", "root", "--admin")
 

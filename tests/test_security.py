@@ -330,8 +330,8 @@ def test_login_form_without_csrf_token_is_refused(app: Flask, users, db_url: str
 def test_password_change_or_disabling_ends_existing_sessions(
     app: Flask, users, db_url: str
 ) -> None:  # type: ignore[no-untyped-def]
-    # Principal.session_stamp (a digest of the password hash and is_active) is part of the
-    # session's user id, so every browser logged in before the change is logged out.
+    # The session holds the users.session_version it was issued under; changing the
+    # password bumps it, and a disabled user's sessions are refused outright.
     new_password = "a brand new password"
     for change in ("password", "disable"):
         set_password(db_url, users.alice.id)
@@ -354,23 +354,245 @@ def test_password_change_or_disabling_ends_existing_sessions(
             assert logged_in(fresh)
 
 
-def test_login_attempts_are_limited(app: Flask, users, db_url: str) -> None:  # type: ignore[no-untyped-def]
+def copied_session(source: FlaskClient, app: Flask) -> FlaskClient:
+    """Another browser holding a copy of `source`'s session cookie: a stolen cookie."""
+    cookie = source.get_cookie("trainyard_session")
+    assert cookie is not None
+    thief = app.test_client()
+    thief.set_cookie("trainyard_session", cookie.value)
+    return thief
+
+
+def assert_logged_out(client: FlaskClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 302 and page.headers["Location"].startswith("/login"), page.status
+    error(client.get("/api/v1/me"), 401, "unauthorized")
+
+
+def test_logout_ends_the_session_on_the_server(app: Flask, users, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    # The attack: copy the session cookie (a shared machine, a proxy log, malware), wait
+    # for the owner to log out, use the copy. A signed cookie alone stayed valid 31 days.
+    set_password(db_url, users.alice.id)
+    browser, laptop = app.test_client(), app.test_client()
+    login(browser, "alice")
+    login(laptop, "alice")
+    thief = copied_session(browser, app)
+    assert logged_in(thief) and thief.get("/api/v1/me").get_json()["username"] == "alice"
+
+    resp = browser.post("/logout", data={"csrf_token": meta_csrf(browser)})
+    assert resp.status_code == 302 and resp.headers["Location"] == "/login"
+    # Every session of alice's ends: the copy, the browser, her other machine.
+    for client in (thief, browser, laptop):
+        assert_logged_out(client)
+    # A new login works and is not ended by the old copy's existence.
+    assert login(browser, "alice").status_code == 302 and logged_in(browser)
+    assert_logged_out(thief)
+
+
+def test_sessions_expire_after_the_session_lifetime(
+    settings: Settings, users, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from server import auth
+
+    set_password(db_url, users.alice.id)
+    app = create_app(settings.model_copy(update={"session_hours": 2.0}), {"TESTING": True})
+    client = app.test_client()
+    resp = login(client, "alice")
+    # A persistent cookie that the browser drops when the session would end anyway.
+    assert any("Expires=" in c for c in set_cookies(resp)), set_cookies(resp)
+    start = auth.clock()
+    monkeypatch.setattr(auth, "clock", lambda: start + 1.9 * 3600)
+    assert logged_in(client)  # using the session does not extend it past its lifetime...
+    monkeypatch.setattr(auth, "clock", lambda: start + 2.1 * 3600)
+    assert_logged_out(client)  # ...which is absolute, counted from the login
+
+
+def test_csrf_token_is_rotated_at_login(app: Flask, users, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    # A token learned before login (a fixation: the attacker planted or read the login
+    # page's token) must not authorize anything in the logged-in session.
     set_password(db_url, users.alice.id)
     client = app.test_client()
-    for _ in range(10):
-        assert login(client, "alice", "guess").status_code == 401
-    limited = login(client, "alice", "guess")
-    assert limited.status_code == 429
-    assert "Too many attempts" in limited.get_data(as_text=True)
-    # Even the right password waits: otherwise the limit would not slow guessing.
-    assert login(client, "alice").status_code == 429 and not logged_in(client)
-    # The limit is per username and per client: another client guessing another name
-    # is not blocked by this one.
-    elsewhere = app.test_client()
-    elsewhere.environ_base["REMOTE_ADDR"] = "10.9.8.7"
-    assert login(elsewhere, "bob", "guess").status_code == 401
-    # ...but that client is blocked for alice's name.
-    assert login(elsewhere, "alice", PASSWORD).status_code == 429
+    before = form_csrf(client)
+    assert login(client, "alice").status_code == 302
+    after = meta_csrf(client)
+    assert after != before
+    refused = client.post("/api/v1/tokens", json={"name": "x"}, headers={"X-CSRFToken": before})
+    error(refused, 400, "csrf_failed")
+    client.post("/logout", data={"csrf_token": before})
+    assert logged_in(client)
+    ok = client.post("/api/v1/tokens", json={"name": "x"}, headers={"X-CSRFToken": after})
+    assert ok.status_code == 201, ok.get_json()
+
+
+def shift_signed_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Move the clock that signs and checks CSRF tokens `seconds` ahead."""
+    import itsdangerous.timed
+
+    real = itsdangerous.timed.TimestampSigner.get_timestamp
+    monkeypatch.setattr(
+        itsdangerous.timed.TimestampSigner,
+        "get_timestamp",
+        lambda self: int(real(self) + seconds),
+    )
+
+
+def test_csrf_tokens_expire_with_a_clear_message(
+    settings: Settings, users, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    set_password(db_url, users.alice.id)
+    app = create_app(settings.model_copy(update={"csrf_hours": 1.0}), {"TESTING": True})
+    client = app.test_client()
+    stale = form_csrf(client)
+    shift_signed_clock(monkeypatch, 3700)
+    # The login form left open too long: said on the page, which carries a fresh token.
+    resp = client.post(
+        "/login", data={"csrf_token": stale, "username": "alice", "password": PASSWORD}
+    )
+    assert resp.status_code == 400 and "The form expired" in resp.get_data(as_text=True)
+    fresh = PageParser(resp.get_data(as_text=True)).inputs["csrf_token"]
+    data = {"csrf_token": fresh, "username": "alice", "password": PASSWORD}
+    assert client.post("/login", data=data).status_code == 302 and logged_in(client)
+
+    # A page's token (API calls from the page, the logout button) after an hour.
+    stale = meta_csrf(client)
+    shift_signed_clock(monkeypatch, 2 * 3700)
+    err = error(client.post("/api/v1/tokens", json={}, headers={"X-CSRFToken": stale}), 400)
+    assert err["code"] == "csrf_failed" and "expired" in err["message"]
+    assert "reload" in err["message"]
+    resp = client.post("/logout", data={"csrf_token": stale}, follow_redirects=True)
+    assert "expired" in resp.get_data(as_text=True) and "reload" in resp.get_data(as_text=True)
+    assert logged_in(client)  # not logged out by a stale (possibly forged) request
+
+
+ATTACKER, OWNER = "198.51.100.7", "203.0.113.9"
+
+
+def from_address(app: Flask, address: str) -> FlaskClient:
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = address
+    return client
+
+
+@pytest.fixture
+def throttle_clock(app: Flask, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """The login throttle's clock, frozen: a test moves it by hand (no sleeping)."""
+    return frozen_throttle_clock(app, monkeypatch)
+
+
+def frozen_throttle_clock(app: Flask, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    from server.login_throttle import login_throttle
+
+    with app.app_context():
+        throttle = login_throttle()
+    now = [throttle.clock()]
+    monkeypatch.setattr(throttle, "clock", lambda: now[0])
+    return now
+
+
+def assert_throttled(resp: TestResponse) -> int:
+    assert resp.status_code == 429, resp.status_code
+    html = resp.get_data(as_text=True)
+    assert "Too many failed logins" in html and "try again in" in html, html
+    retry_after = resp.headers.get("Retry-After", "")
+    assert retry_after.isdigit() and int(retry_after) > 0, retry_after
+    return int(retry_after)
+
+
+def test_failed_logins_cannot_lock_the_owner_out(
+    app: Flask, users, db_url: str, throttle_clock
+) -> None:  # type: ignore[no-untyped-def]
+    # The attack: fail on purpose for someone else's name until the limit locks them out.
+    # It used to take 11 wrong passwords from one address to lock `alice` out for
+    # everyone, for as long as the attacker kept going.
+    set_password(db_url, users.alice.id)
+    attacker = from_address(app, ATTACKER)
+    answers = [login(attacker, "alice", "guess").status_code for _ in range(20)]
+    assert answers.count(401) == 5 and set(answers[5:]) == {429}, answers
+    # The owner, from an address that has not failed, logs in at once.
+    owner = from_address(app, OWNER)
+    assert login(owner, "alice").status_code == 302 and logged_in(owner)
+    # The attacker's address waits, even with the right password (or the wait would not
+    # slow guessing), and is told how long.
+    retry_after = assert_throttled(login(attacker, "alice"))
+    assert not logged_in(attacker)
+    # The wait expires; the next failure doubles it.
+    throttle_clock[0] += retry_after
+    assert login(attacker, "alice", "guess").status_code == 401
+    assert assert_throttled(login(attacker, "alice", "guess")) == 2 * retry_after
+    throttle_clock[0] += 2 * retry_after
+    assert login(attacker, "alice").status_code == 302 and logged_in(attacker)
+
+
+def test_backoff_is_capped_and_forgotten_after_a_success(
+    app: Flask, users, db_url: str, throttle_clock
+) -> None:  # type: ignore[no-untyped-def]
+    set_password(db_url, users.alice.id)
+    client = from_address(app, ATTACKER)
+    waits = []
+    for _ in range(31):
+        resp = login(client, "alice", "guess")
+        if resp.status_code == 429:
+            wait = assert_throttled(resp)
+            waits.append(wait)
+            throttle_clock[0] += wait
+    assert waits[:4] == [1, 2, 4, 8] and max(waits) == waits[-1] == 900, waits
+    throttle_clock[0] += 900
+    assert login(client, "alice").status_code == 302
+    client.post("/logout", data={"csrf_token": meta_csrf(client)})
+    # A success clears that name's count: the next typo is a free one again.
+    assert login(client, "alice", "typo").status_code == 401
+    assert login(client, "alice").status_code == 302
+
+
+def test_one_address_guessing_many_names_is_slowed(
+    app: Flask, users, db_url: str, throttle_clock
+) -> None:  # type: ignore[no-untyped-def]
+    set_password(db_url, users.alice.id)
+    sprayer = from_address(app, ATTACKER)
+    answers = [login(sprayer, f"user{i}", "guess").status_code for i in range(25)]
+    assert answers.count(401) == 20 and set(answers[20:]) == {429}, answers
+    # A name this address never tried: the address itself waits.
+    assert_throttled(login(sprayer, "alice"))
+    # Other addresses are not affected.
+    assert login(from_address(app, OWNER), "alice").status_code == 302
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_forwarded_for_is_ignored_without_a_trusted_proxy(
+    app: Flask, users, db_url: str, throttle_clock
+) -> None:  # type: ignore[no-untyped-def]
+    # With TRAINYARD_TRUSTED_PROXIES=0 (no proxy in front), X-Forwarded-For is whatever
+    # the client wrote: a new made-up address per attempt must not reset its count.
+    set_password(db_url, users.alice.id)
+    attacker = from_address(app, ATTACKER)
+    answers = [
+        login(attacker, "alice", "guess", headers={"X-Forwarded-For": f"10.0.{i}.1"}).status_code
+        for i in range(8)
+    ]
+    assert answers == [401] * 5 + [429] * 3, answers
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_trusted_proxy_supplies_the_client_address(
+    settings: Settings, users, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    set_password(db_url, users.alice.id)
+    app = create_app(settings.model_copy(update={"trusted_proxies": 1}), {"TESTING": True})
+    frozen_throttle_clock(app, monkeypatch)
+    proxy = "10.0.0.2"  # every request arrives from the proxy's address
+
+    def via_proxy(forwarded_for: str, password: str) -> TestResponse:
+        return login(
+            from_address(app, proxy), "alice", password,
+            headers={"X-Forwarded-For": forwarded_for},
+        )  # fmt: skip
+
+    # The proxy appends the address it saw; what the client wrote before it is not trusted.
+    for i in range(5):
+        assert via_proxy(f"10.9.{i}.9, {ATTACKER}", "guess").status_code == 401
+    assert_throttled(via_proxy(f"1.2.3.4, {ATTACKER}", "guess"))
+    # Another client behind the same proxy is another address.
+    assert via_proxy(OWNER, PASSWORD).status_code == 302
 
 
 # ---------------------------------------------------------------- submission limits

@@ -343,7 +343,8 @@ def user_create(username: str, admin: bool, password_stdin: bool) -> None:
 @_password_stdin_option
 @account_command
 def user_set_password(username: str, password_stdin: bool) -> None:
-    """Set NAME's password (prompted twice, or the first line of stdin)."""
+    """Set NAME's password (prompted twice, or the first line of stdin); logs NAME out of
+    every browser."""
     from shared.accounts import set_password
     from shared.db import transaction
 
@@ -361,7 +362,8 @@ def user_set_password(username: str, password_stdin: bool) -> None:
 @click.argument("role", type=click.Choice(ROLES))
 @account_command
 def user_set_role(username: str, role: str) -> None:
-    """Make NAME an admin or a member."""
+    """Make NAME an admin or a member (logs NAME out of every browser)."""
+    from shared.accounts import set_role
     from shared.db import transaction
 
     url = _database_url()
@@ -371,7 +373,7 @@ def user_set_role(username: str, role: str) -> None:
         if before != role:
             if role != "admin":
                 _refuse_removing_last_admin(session, user, f"made a {role}")
-            user.role = role
+            set_role(user, role)
     if before == role:
         click.echo(f"{username!r} is already {'an' if role == 'admin' else 'a'} {role}.")
     else:
@@ -395,6 +397,7 @@ def user_enable(username: str) -> None:
 
 
 def _set_active(username: str, active: bool) -> None:
+    from shared.accounts import set_active
     from shared.db import transaction
 
     url = _database_url()
@@ -404,7 +407,7 @@ def _set_active(username: str, active: bool) -> None:
         if changed:
             if not active:
                 _refuse_removing_last_admin(session, user, "disabled")
-            user.is_active = active
+            set_active(user, active)
     state = "enabled" if active else "disabled"
     click.echo(f"User {username!r} {'is now' if changed else 'was already'} {state}.")
 

@@ -1,25 +1,26 @@
-"""Log in and out with a username and password; the session cookie is Flask-Login's."""
+"""Log in and out with a username and password; the session cookie is Flask-Login's.
+
+Failed logins slow down the address that fails (server/login_throttle.py); logging out
+ends every session of the user (server/auth.py, users.session_version)."""
 
 from __future__ import annotations
 
+import math
 from urllib.parse import urlsplit
 
 from flask import flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
-from flask_login import current_user, login_user, logout_user
+from flask_login import current_user, logout_user
 from flask_wtf import FlaskForm
-from limits import parse
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length
 
-from server.auth import principal, submit_limits
+from server.auth import end_session, start_session
 from server.database import get_session
+from server.login_throttle import login_throttle
 from server.web import bp
 from shared import accounts
-
-# Slows password guessing per username and per client address without locking anyone out
-# for long (a lockout would let anyone disable an account by failing on purpose).
-LOGIN_ATTEMPTS = parse("10/minute")
+from shared.orm import User
 
 
 class LoginForm(FlaskForm):
@@ -41,12 +42,10 @@ def _safe_next(target: str | None) -> str:
     return url_for("web.home")
 
 
-def _too_many_attempts(username: str) -> bool:
-    limits = submit_limits()
-    client = request.remote_addr or "unknown"
-    by_user = limits.hit(LOGIN_ATTEMPTS, "login-user", username.lower())
-    by_client = limits.hit(LOGIN_ATTEMPTS, "login-client", client)
-    return not (by_user and by_client)
+def _wait_text(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    return f"{math.ceil(seconds / 60)} minutes"
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -55,11 +54,18 @@ def login() -> ResponseReturnValue:
         return redirect(_safe_next(request.args.get("next")))
     form = LoginForm()
     status = 200
+    headers: dict[str, str] = {}
     if form.validate_on_submit():
         username = form.username.data or ""
-        if _too_many_attempts(username):
-            form.password.errors.append("Too many attempts; wait a minute and try again.")
+        address = request.remote_addr or "unknown"
+        throttle = login_throttle()
+        wait = throttle.attempt(username, address)
+        if wait is not None:
+            form.password.errors.append(
+                f"Too many failed logins from your address; try again in {_wait_text(wait)}."
+            )
             status = 429
+            headers["Retry-After"] = str(wait)
         else:
             session = get_session()
             # A name no account can have (a NUL byte, which PostgreSQL refuses in a query
@@ -73,12 +79,13 @@ def login() -> ResponseReturnValue:
                 status = 401
             else:
                 session.commit()  # authenticate may have upgraded the hash
-                login_user(principal(user))
+                throttle.succeeded(username, address)
+                start_session(user)
                 flash(f"Logged in as {user.username}.", "info")
                 return redirect(_safe_next(request.args.get("next")))
     elif request.method == "POST":
         status = 400
-    return render_template("login.html", form=form), status
+    return render_template("login.html", form=form), status, headers
 
 
 class LogoutForm(FlaskForm):
@@ -88,7 +95,19 @@ class LogoutForm(FlaskForm):
 @bp.post("/logout")
 def logout() -> ResponseReturnValue:
     # A POST with the CSRF token: a GET logout could be triggered by any page's <img>.
-    if LogoutForm().validate_on_submit():
-        logout_user()
-        flash("Logged out.", "info")
+    if not LogoutForm().validate_on_submit():
+        if current_user.is_authenticated:
+            flash(
+                "The page had expired, so you are still logged in: reload it and log out again.",
+                "error",
+            )
+        return redirect(url_for("web.login"))
+    if current_user.is_authenticated:
+        session = get_session()
+        user = session.get(User, current_user.id)
+        if user is not None:
+            end_session(user)  # every session of the user, not only this cookie
+            session.commit()
+    logout_user()  # a session the loader already refused
+    flash("Logged out.", "info")
     return redirect(url_for("web.login"))
