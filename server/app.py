@@ -48,8 +48,8 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     if settings.trusted_proxies:
         # Behind N proxies, the address a proxy saw is the Nth X-Forwarded-For entry from
         # the right; entries further left were written by the client and are ignored.
-        # Without a proxy the headers are not read at all: the login throttle and the
-        # logs see the socket's peer, which a client cannot choose.
+        # Without a proxy the headers are not read at all: the login throttle sees the
+        # socket's peer, which a client cannot choose.
         n = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
 

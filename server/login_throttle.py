@@ -73,9 +73,9 @@ class LoginThrottle:
         )
 
     def _backoff(self, count: int, free: int) -> float:
-        if count < free:
+        if count <= free:
             return 0.0
-        return float(min(self.max_backoff, 2 ** min(count - free, 30)))
+        return float(min(self.max_backoff, 2 ** min(count - free - 1, 30)))
 
     def attempt(self, username: str, address: str) -> int | None:
         """Seconds to wait when this attempt must not be checked now; else None, and the
