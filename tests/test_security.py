@@ -459,6 +459,8 @@ def test_csrf_tokens_expire_with_a_clear_message(
     err = error(client.post("/api/v1/tokens", json={}, headers={"X-CSRFToken": stale}), 400)
     assert err["code"] == "csrf_failed" and "expired" in err["message"]
     assert "reload" in err["message"]
+    resp = client.post("/submit", data={"csrf_token": stale})
+    assert resp.status_code == 400 and "The form expired" in resp.get_data(as_text=True)
     resp = client.post("/logout", data={"csrf_token": stale}, follow_redirects=True)
     assert "expired" in resp.get_data(as_text=True) and "reload" in resp.get_data(as_text=True)
     assert logged_in(client)  # not logged out by a stale (possibly forged) request
