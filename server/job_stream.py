@@ -5,9 +5,11 @@ The stream polls: about once a second it opens a short database session, reads w
 new past the client's cursor, and closes the session before sleeping, so a watched job
 never holds a connection or a transaction (and SQLite's WAL can checkpoint). Every
 message carries the cursor after it as its SSE `id`; when a response ends (after
-`duration` seconds, so that web threads are not tied up forever) or the connection
+`duration` seconds, so that a stream's slot is taken again now and then) or the connection
 drops, the browser reconnects with `Last-Event-ID` and the stream resumes there, with
-nothing sent twice. A job in a final state gets what is left and an `end` event.
+nothing sent twice. Under gunicorn the steps of every open stream are driven by one
+thread per process (server/stream_hub.py), not by a request thread each. A job in a
+final state gets what is left and an `end` event.
 
 Messages (each `data` is JSON):
 
@@ -208,7 +210,7 @@ def messages_for(
             yield sse_message("log", {"lines": poll.log_lines}, cursor)
 
 
-def event_stream(
+def stream_steps(
     db_url: str,
     settings: Settings,
     job_id: int,
@@ -218,9 +220,12 @@ def event_stream(
     poll_seconds: float = POLL_SECONDS,
     heartbeat_seconds: float = HEARTBEAT_SECONDS,
     clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> Iterator[str]:
-    """The body of one SSE response. Holds nothing open between polls."""
+) -> Iterator[str | float]:
+    """The body of one SSE response as steps: a `str` is a message to send, a `float` the
+    seconds to wait before asking for the next step. It never sleeps itself, so one
+    thread can drive every stream of a process (server/stream_hub.py), or a server's
+    request thread one stream (server/web/job_page.py). Holds nothing open between
+    steps."""
     yield f"retry: {RETRY_MS}\n\n"
     started = last_write = clock()
     last_job: dict[str, Any] | None = None
@@ -250,4 +255,4 @@ def event_stream(
         if now - last_write >= heartbeat_seconds:
             yield ": keep-alive\n\n"
             last_write = now
-        sleep(min(poll_seconds, max(0.0, started + duration - now)))
+        yield min(poll_seconds, max(0.0, started + duration - now))

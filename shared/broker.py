@@ -251,3 +251,41 @@ def _task_id(raw: bytes | str) -> str | None:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+# ----------------------------------------------------------------------------- streams
+
+# One sorted set per user: its open job streams (server/stream_slots.py), each member a
+# random token scored with the Unix time its slot expires. A slot ends when its stream
+# does; the expiry is for a web process that died holding slots.
+STREAM_SLOTS_PREFIX = "trainyard:streams:user:"
+
+# Drop expired slots, then take one if fewer than the cap are open. Redis's own clock
+# for every process alike. KEYS[1] the user's set; ARGV: token, cap, ttl seconds.
+_TAKE_STREAM_SLOT = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1e6
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', t)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], t + tonumber(ARGV[3]), ARGV[1])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])) + 1)
+return 1
+"""
+
+
+def stream_slots_key(user_id: int) -> str:
+    return f"{STREAM_SLOTS_PREFIX}{user_id}"
+
+
+def take_stream_slot(client: redis.Redis, user_id: int, token: str, cap: int, ttl_s: float) -> bool:
+    """Open one of the user's `cap` stream slots for at most `ttl_s` seconds; False when
+    all are taken. Raises RedisError."""
+    taken = client.eval(_TAKE_STREAM_SLOT, 1, stream_slots_key(user_id), token, cap, ttl_s)
+    return bool(taken)
+
+
+def release_stream_slot(client: redis.Redis, user_id: int, token: str) -> None:
+    """Give a slot back (a no-op when it already expired). Raises RedisError."""
+    client.zrem(stream_slots_key(user_id), token)

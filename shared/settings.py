@@ -61,6 +61,32 @@ class Settings(BaseSettings):
     # submissions per time window (Flask-Limiter syntax, counted in Redis).
     max_queued_per_user: int = Field(default=200, ge=1)
     submit_rate_limit: str = "120/minute"
+    # Admission limits (shared/limits.py; README "Admission limits"): what one job may ask
+    # for, checked at submission against the spec and its estimated memory
+    # (shared/job_estimate.py). Members get the *_per_user values, admins the *_per_admin
+    # ones; an admin raises one user's in users.limits under the *_per_user name, with
+    # `trainyard user limits` or PATCH /api/v1/users/<name>/limits.
+    max_params_per_user: int = Field(default=100_000_000, ge=1)
+    max_params_per_admin: int = Field(default=2_000_000_000, ge=1)
+    max_memory_gib_per_user: float = Field(default=16.0, gt=0)
+    max_memory_gib_per_admin: float = Field(default=64.0, gt=0)
+    max_batch_size_per_user: int = Field(default=8192, ge=1)
+    max_batch_size_per_admin: int = Field(default=65_536, ge=1)
+    max_epochs_per_user: int = Field(default=1000, ge=1)
+    max_epochs_per_admin: int = Field(default=10_000, ge=1)
+    # max_runtime_s given to a job whose spec sets none, and the most a spec may set.
+    default_runtime_s_per_user: int = Field(default=6 * 3600, ge=1)
+    default_runtime_s_per_admin: int = Field(default=24 * 3600, ge=1)
+    max_runtime_s_per_user: int = Field(default=24 * 3600, ge=1)
+    max_runtime_s_per_admin: int = Field(default=30 * 24 * 3600, ge=1)
+    # Live job pages (docs/architecture.md, "Live job pages"): open streams per user,
+    # across every web process (counted in Redis), and per web process (each stream is a
+    # socket and one database poll a second in that process). Over either: 429.
+    max_streams_per_user: int = Field(default=10, ge=1)
+    max_streams_per_process: int = Field(default=200, ge=1)
+    # How long the web server waits for a request's headers (read without holding a
+    # request thread) before it closes the connection: slow clients cannot pile up.
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
 
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     # CSV uploads for the `csv` dataset.
@@ -105,6 +131,22 @@ class Settings(BaseSettings):
     # Torch intra-op threads per worker slot; 0 = cores // slots.
     torch_threads: int = Field(default=0, ge=0)
     worker_slots: int = Field(default=1, ge=1)
+    # Each job's process runs under a memory limit (worker/memory_limit.py), so a job
+    # that allocates past it fails as OutOfMemory instead of waking the host's OOM
+    # killer. The limit per slot: slot_memory_bytes, or 0 for slot_memory_fraction of
+    # the host's RAM (or of the container's limit) divided by the worker's slots.
+    enforce_memory_limit: bool = True
+    slot_memory_bytes: int = Field(default=0, ge=0)
+    slot_memory_fraction: float = Field(default=0.8, gt=0, le=1)
+    # Checked when a worker claims a job (shared/claim_limits.py): a job whose owner
+    # already has this many running jobs, or used this many GPU-hours in the last 24 h,
+    # waits in the queue and is offered again after requeue_after_seconds. Members get
+    # the *_per_user values, admins the *_per_admin ones; 0 means no limit. An admin's
+    # override for one user lives in users.limits under the *_per_user name.
+    max_running_jobs_per_user: int = Field(default=4, ge=0)
+    max_running_jobs_per_admin: int = Field(default=0, ge=0)
+    gpu_hours_per_day_per_user: float = Field(default=24.0, ge=0)
+    gpu_hours_per_day_per_admin: float = Field(default=0.0, ge=0)
 
     @field_validator("redis_url")
     @classmethod

@@ -460,8 +460,8 @@ def test_web_execs_gunicorn(exec_calls: list) -> None:
     assert argv[argv.index("-b") + 1] == "0.0.0.0:9000"
     assert argv[argv.index("--workers") + 1] == "3"
     assert argv[argv.index("--timeout") + 1] == "60"
-    # Threads, so a job page's live stream does not hold a whole worker process.
-    assert argv[argv.index("--worker-class") + 1] == "gthread"
+    # gthread underneath; job streams and header reading off the request threads.
+    assert argv[argv.index("--worker-class") + 1] == process_commands.WORKER_CLASS
     assert argv[argv.index("--threads") + 1] == str(process_commands.WEB_THREADS)
 
 

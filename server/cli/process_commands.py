@@ -31,11 +31,12 @@ def _exec(argv: Sequence[str], env: dict[str, str] | None = None) -> NoReturn:
     os.execvpe(argv[0], list(argv), env if env is not None else dict(os.environ))
 
 
-# Threads per gunicorn worker process. A job page holds its live-update stream (SSE,
-# server/job_stream.py) open for up to 30 s; with sync workers each open page would
-# take a whole process and a few viewers would stall every other request. With
-# gthread, a stream ties up one thread, which sleeps between its polls.
+# Threads per gunicorn worker process, for requests. Trainyard's worker class (gthread
+# underneath, server/gunicorn_worker.py) reads headers in its event loop and hands job
+# streams (SSE) to one hub thread per process, so neither slow clients nor open job
+# pages hold these threads (docs/architecture.md, "Live job pages").
 WEB_THREADS = 8
+WORKER_CLASS = "server.gunicorn_worker.TrainyardWorker"
 
 
 def gunicorn_argv(host: str, port: int, workers: int, timeout: int) -> list[str]:
@@ -43,7 +44,7 @@ def gunicorn_argv(host: str, port: int, workers: int, timeout: int) -> list[str]
         sys.executable, "-m", "gunicorn", "server.wsgi:app",
         "-b", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "--workers", str(workers),
-        "--worker-class", "gthread",
+        "--worker-class", WORKER_CLASS,
         "--threads", str(WEB_THREADS),
         "--timeout", str(timeout),
         # Below the 10 s that `up` and `docker stop` wait before SIGKILL.

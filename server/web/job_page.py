@@ -10,6 +10,8 @@ message on the page, the evaluate form keeping the user's choices.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from flask import (
@@ -23,7 +25,7 @@ from flask import (
     url_for,
 )
 from flask.typing import ResponseReturnValue
-from flask_login import login_required
+from flask_login import current_user, login_required
 from flask_wtf import FlaskForm
 from wtforms import SelectField
 from wtforms.fields.choices import SelectChoice
@@ -32,8 +34,10 @@ from server import submission
 from server.access import find_visible_job
 from server.database import get_session
 from server.errors import ApiError
-from server.job_stream import POLL_SECONDS, STREAM_SECONDS, StreamCursor, event_stream
+from server.job_stream import POLL_SECONDS, STREAM_SECONDS, StreamCursor, stream_steps
 from server.params import MAX_ID
+from server.stream_hub import ENVIRON_KEY, HandOff
+from server.stream_slots import Refusal, StreamSlots
 from server.web import bp, job_view
 from shared import job_files
 from shared.dataset_catalog import DATASETS
@@ -264,18 +268,52 @@ def job_stream(job_id: int) -> ResponseReturnValue:
         if cursor is None:
             return Response("invalid cursor\n", 400, mimetype="text/plain")
     config = current_app.config
-    body = event_stream(
+    stream_seconds = float(config.get("JOB_STREAM_SECONDS", STREAM_SECONDS))
+    slots = current_app.extensions.get("trainyard_stream_slots")
+    if slots is None:
+        slots = current_app.extensions["trainyard_stream_slots"] = StreamSlots(
+            _settings(), stream_seconds
+        )
+    slot = slots.acquire(int(current_user.id))
+    if isinstance(slot, Refusal):
+        # The page's script waits and tries again (the page works without live updates).
+        return Response(
+            slot.message + "\n",
+            429,
+            mimetype="text/plain",
+            headers={"Retry-After": str(slot.retry_after), "Cache-Control": "no-store"},
+        )
+    steps = stream_steps(
         current_app.config["DATABASE_URL"],
         _settings(),
         job.id,
         cursor or StreamCursor(),
-        duration=float(config.get("JOB_STREAM_SECONDS", STREAM_SECONDS)),
+        duration=stream_seconds,
         poll_seconds=float(config.get("JOB_STREAM_POLL_SECONDS", POLL_SECONDS)),
     )
+    handoff = HandOff(steps, slot.release)
+    # Under gunicorn, Trainyard's worker class takes the stream from here without a
+    # request thread (server/gunicorn_worker.py); any other server iterates the body.
+    request.environ[ENVIRON_KEY] = handoff
+
+    def body() -> Iterator[str]:
+        handoff.taken = True
+        try:
+            for step in steps:
+                if isinstance(step, str):
+                    yield step
+                else:
+                    time.sleep(step)
+        finally:
+            slot.release()
+
     # The request's own session is closed at teardown, before the body is sent: the
     # stream opens short sessions of its own.
-    return Response(
-        body,
+    response = Response(
+        body(),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+    # A body closed before it started (a client gone at once) still frees its slot.
+    response.call_on_close(lambda: None if handoff.taken else slot.release())
+    return response

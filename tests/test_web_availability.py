@@ -1,0 +1,249 @@
+"""The web server stays available under a hostile member (issue 11, "Availability of the
+web server"), tested against the real gunicorn as `trainyard web` starts it.
+
+- Open job streams do not hold request threads: 20 streams from one member, and
+  `/healthz` and another user's `/api/v1/me` still answer; the per-user cap answers 429
+  with Retry-After past it. With one request thread per stream (plain gthread, 16
+  threads), `/healthz` waited ~26 s.
+- Slow clients (slowloris): sockets that trickle one header line at a time are closed
+  once the header timeout passes, and `/healthz` answers while 40 of them are open.
+  With plain gthread they held every request thread for as long as they liked.
+
+Nothing here asserts a timing: each request must complete within a generous timeout.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from server.cli.local.embedded_redis import free_port
+from server.cli.process_commands import gunicorn_argv
+from shared import accounts
+from shared.db import transaction
+from shared.settings import Settings
+from tests.conftest import settings_env
+from tests.job_rows import add_jobs
+
+PASSWORD = "correct horse battery"
+# Generous: an answer within this is "promptly"; the attacks made requests wait 26-43 s.
+ANSWER_TIMEOUT_S = 10.0
+
+
+class Gunicorn:
+    """`trainyard web`'s gunicorn (same argv: 2 processes, its worker class and threads)."""
+
+    def __init__(self, settings: Settings, tmp_path: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = settings_env(settings)
+        full_env.update(TRAINYARD_SECRET_KEY="test-secret-key-0123456789", **env)
+        self.log = tmp_path / "gunicorn.log"
+        argv = gunicorn_argv("127.0.0.1", self.port, workers=2, timeout=60)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                argv, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"gunicorn did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def accounts_and_job(db_url: str) -> dict[str, int]:
+    with transaction(db_url) as s:
+        alice = accounts.create_user(s, "alice", "member", PASSWORD)
+        bob = accounts.create_user(s, "bob", "member", PASSWORD)
+        s.flush()
+        ids = {"alice": alice.id, "bob": bob.id}
+    # Running: its stream stays open (a finished job's stream ends at once).
+    [ids["job"]] = add_jobs(db_url, [{"owner": ids["alice"], "state": "running"}])
+    return ids
+
+
+def log_in(base: str, username: str) -> requests.Session:
+    session = requests.Session()
+    page = session.get(base + "/login", timeout=ANSWER_TIMEOUT_S).text
+    token = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page)
+    assert token, page[:500]
+    resp = session.post(
+        base + "/login",
+        data={"username": username, "password": PASSWORD, "csrf_token": token.group(1)},
+        timeout=ANSWER_TIMEOUT_S,
+        allow_redirects=False,
+    )
+    assert resp.status_code in (302, 303), resp.text[:500]
+    return session
+
+
+def open_stream(port: int, path: str, cookies: str) -> socket.socket:
+    """A raw socket that asked for `path` and is not read: an open job tab."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+        f"Cookie: {cookies}\r\n\r\n"
+    )
+    sock.sendall(request.encode())
+    return sock
+
+
+def status_of(sock: socket.socket) -> tuple[int, str]:
+    """The response's status code and head (read up to the blank line); what came after
+    the head is left in `BODY_START[sock]`."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    BODY_START[sock] = rest
+    text = head.decode("latin-1")
+    return int(text.split(" ", 2)[1]), text
+
+
+BODY_START: dict[socket.socket, bytes] = {}
+
+
+@pytest.mark.integration
+def test_open_job_streams_leave_requests_answered_and_are_capped_per_user(
+    settings: Settings, accounts_and_job: dict[str, int], tmp_path: Path
+) -> None:
+    server = Gunicorn(settings, tmp_path, TRAINYARD_MAX_STREAMS_PER_USER="20")
+    streams: list[socket.socket] = []
+    try:
+        alice = log_in(server.url, "alice")
+        bob = log_in(server.url, "bob")
+        cookies = "; ".join(f"{k}={v}" for k, v in alice.cookies.items())
+        path = f"/jobs/{accounts_and_job['job']}/stream"
+        # The attack: more open streams than the server has request threads (2 x 8).
+        streams = [open_stream(server.port, path, cookies) for _ in range(20)]
+        health = requests.get(server.url + "/healthz", timeout=ANSWER_TIMEOUT_S)
+        assert health.status_code == 200, health.text
+        me = bob.get(server.url + "/api/v1/me", timeout=ANSWER_TIMEOUT_S)
+        assert me.status_code == 200 and me.json()["username"] == "bob", me.text
+        statuses = [status_of(s) for s in streams]
+        assert [code for code, _ in statuses] == [200] * 20, statuses
+        assert all("text/event-stream" in head for _, head in statuses), statuses[0]
+        # Each is a live stream: its first bytes (the retry line, then the job) arrive.
+        body = BODY_START[streams[0]]
+        while b"event: job" not in body:
+            body += streams[0].recv(4096)
+        assert body.startswith(b"retry:"), body[:200]
+
+        # One more from the same member is over the per-user cap (across processes).
+        extra = open_stream(server.port, path, cookies)
+        streams.append(extra)
+        code, head = status_of(extra)
+        assert code == 429, head
+        assert re.search(r"(?im)^retry-after: *\d+", head), head
+        # Another member is not affected by alice's streams.
+        bob_cookies = "; ".join(f"{k}={v}" for k, v in bob.cookies.items())
+        bob_job = add_jobs(settings.resolved_database_url, [{"owner": accounts_and_job["bob"],
+                                                            "state": "running"}])[0]  # fmt: skip
+        theirs = open_stream(server.port, f"/jobs/{bob_job}/stream", bob_cookies)
+        streams.append(theirs)
+        assert status_of(theirs)[0] == 200
+
+        # Closing tabs frees their slots: the cap counts open streams, not streams ever.
+        for sock in streams[:5]:
+            sock.close()
+        again: socket.socket | None = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            again = open_stream(server.port, path, cookies)
+            code, _ = status_of(again)
+            if code == 200:
+                break
+            again.close()
+            time.sleep(0.5)
+        assert again is not None and code == 200, "a closed stream's slot never came back"
+        streams.append(again)
+    finally:
+        for sock in streams:
+            sock.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_slow_clients_are_cut_off_and_do_not_block_requests(
+    settings: Settings, db_url: str, tmp_path: Path
+) -> None:
+    server = Gunicorn(settings, tmp_path, TRAINYARD_HEADER_TIMEOUT_SECONDS="3")
+    slow: list[socket.socket] = []
+    try:
+        # Slowloris: a request line, then one header line every second, never the end.
+        for _ in range(40):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            slow.append(sock)
+        started = time.monotonic()
+        answered = 0
+        closed: set[int] = set()
+        while time.monotonic() - started < 30 and len(closed) < len(slow):
+            for i, sock in enumerate(slow):
+                if i in closed:
+                    continue
+                try:
+                    sock.sendall(f"X-Slow-{int(time.monotonic())}: 1\r\n".encode())
+                except OSError:
+                    closed.add(i)
+            # Meanwhile, ordinary requests are answered.
+            resp = requests.get(server.url + "/healthz", timeout=ANSWER_TIMEOUT_S)
+            assert resp.status_code == 200
+            answered += 1
+            time.sleep(1)
+        assert answered >= 2
+        # Every slow socket was closed by the server (the header timeout), none answered.
+        for i, sock in enumerate(slow):
+            if i in closed:
+                continue
+            sock.settimeout(10)
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                pytest.fail("a slow client's connection was never closed")
+            except OSError:
+                data = b""  # reset: closed by the server
+            assert data == b"", f"a slow client got an answer: {data[:200]!r}"
+    finally:
+        for sock in slow:
+            sock.close()
+        server.stop()
+
+
+def test_gunicorn_runs_trainyards_worker_class() -> None:
+    argv = gunicorn_argv("127.0.0.1", 8000, workers=2, timeout=60)
+    assert argv[argv.index("--worker-class") + 1] == "server.gunicorn_worker.TrainyardWorker"
+    # The web process never imports torch: neither does the worker class's module.
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, server.gunicorn_worker; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "False"
