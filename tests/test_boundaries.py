@@ -6,6 +6,8 @@
   imports the CLI;
 - job state is written only by shared/state_machine.py, and there only through its
   transition table;
+- passwords, roles and active flags are written only by shared/accounts.py, which ends
+  the user's sessions with each change;
 - nobody imports another module's private names;
 - the repository explains itself: nothing cites a design document it does not hold.
 
@@ -247,6 +249,46 @@ def test_job_state_is_written_only_by_the_state_machine() -> None:
 
 def test_the_state_machine_writes_state_only_through_its_transitions() -> None:
     assert state_machine_violations((REPO / STATE_MACHINE).read_text()) == []
+
+
+# ----------------------------------------------------------------------------- accounts
+
+ACCOUNTS = "shared/accounts.py"
+# A change to any of these must end the user's sessions (shared/accounts.py bumps
+# users.session_version): written anywhere else, old sessions would live on.
+SESSION_COLUMNS = {"password_hash", "role", "is_active", "session_version"}
+
+
+def account_write_violations(relpath: str, source: str) -> list[str]:
+    """`user.role = ...` and the like outside shared/accounts.py."""
+    if relpath == ACCOUNTS:
+        return []
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if (
+                    isinstance(target, ast.Attribute)
+                    and target.attr in SESSION_COLUMNS
+                    and getattr(target.value, "id", "") != "self"
+                ):
+                    found.append(f"{relpath}:{node.lineno}: assigns .{target.attr}")
+    return found
+
+
+def test_passwords_roles_and_disabling_go_through_accounts() -> None:
+    found = []
+    for path in python_files(*PRODUCT, "bench", "scripts"):
+        found += account_write_violations(path.relative_to(REPO).as_posix(), path.read_text())
+    assert found == []
+
+
+def test_the_account_write_rule_can_fail() -> None:
+    for source in ("user.role = 'admin'", "u.is_active = False", "user.password_hash = h"):
+        assert account_write_violations("server/x.py", source), source
+        assert not account_write_violations(ACCOUNTS, source)
+    assert not account_write_violations("server/x.py", "self.role = role\nrole = user.role")
 
 
 # ----------------------------------------------------------------------------- privates
