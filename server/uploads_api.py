@@ -19,6 +19,7 @@ from server.openapi import operation
 from server.params import NoQuery, UploadQuery, check_path_ids, parse_query
 from server.serialize import iso
 from shared.csv_profile import CsvProblem, profile_csv
+from shared.invisible_chars import strip_invisible
 from shared.orm import Upload
 from shared.settings import Settings
 
@@ -66,7 +67,9 @@ def _read_upload(query: UploadQuery) -> tuple[str, bytes]:
 
 
 def _clean_filename(filename: str) -> str:
-    name = _CONTROL_CHARS.sub("", os.path.basename(filename))
+    # Invisible formatting characters (bidi overrides, zero-width ones) would let the
+    # shown name disguise the file: the stored display name goes without them.
+    name = strip_invisible(_CONTROL_CHARS.sub("", os.path.basename(filename)))
     # Unpaired surrogates (from a percent-encoded multipart header) cannot be stored.
     name = name.encode("utf-8", "replace").decode("utf-8")
     return name[:255] or "upload.csv"

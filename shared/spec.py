@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     Field,
     TypeAdapter,
     ValidationError,
@@ -22,6 +23,7 @@ from pydantic import (
 )
 
 from shared.dataset_catalog import DATASETS, CatalogContext, DatasetInfo, resolve_dataset
+from shared.invisible_chars import first_invisible, strip_invisible
 from shared.metric_catalog import direction
 from shared.model_catalog import (
     MODELS,
@@ -293,9 +295,33 @@ class Resources(StrictModel):
     )
 
 
+# load_stored_spec validates with this context: a spec stored before names were checked
+# for invisible characters loads with them removed instead of failing.
+_STORED = "stored"
+
+
+def _visible(value: str | None, info: ValidationInfo) -> str | None:
+    """Refuse invisible formatting characters (shared/invisible_chars.py) in a name or
+    tag: they make what is shown differ from what is stored."""
+    if value is None:
+        return None
+    if info.context and info.context.get(_STORED):
+        return strip_invisible(value)
+    found = first_invisible(value)
+    if found is not None:
+        raise ValueError(
+            f"contains the invisible formatting character {found}, which can disguise "
+            "how it reads; remove it"
+        )
+    return value
+
+
+_Visible = AfterValidator(_visible)
+
+
 class _Common(StrictModel):
-    name: str | None = Field(None, max_length=200)
-    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+    name: Annotated[str | None, _Visible] = Field(None, max_length=200)
+    tags: list[Annotated[str, Field(min_length=1, max_length=64), _Visible]] = Field(
         default_factory=list, max_length=32
     )
     resources: Resources = Resources()
@@ -485,7 +511,7 @@ def spec_to_json(spec: TrainSpec | EvaluateSpec) -> dict[str, Any]:
 
 def load_stored_spec(data: dict[str, Any]) -> TrainSpec | EvaluateSpec:
     """Rebuild a spec that was validated (and completed) at submission."""
-    return _adapter.validate_python(data)
+    return _adapter.validate_python(data, context={_STORED: True})
 
 
 def eval_dataset_params(spec: EvaluateSpec, source: TrainSpec) -> tuple[str, Any]:
