@@ -77,6 +77,10 @@ def _spec_digest(spec_json: dict[str, Any]) -> str:
 
 def _replay(job: Job, spec_json: dict[str, Any]) -> ResponseReturnValue:
     """The answer to a repeated Idempotency-Key: the job it created, never a second one."""
+    if spec_json.get("max_runtime_s") is None:
+        # The stored spec got its owner's default max_runtime_s at submission; the same
+        # request sent again leaves it open just the same.
+        spec_json = {**spec_json, "max_runtime_s": job.spec.get("max_runtime_s")}
     if _spec_digest(job.spec) != _spec_digest(spec_json):
         raise ApiError(
             422,
@@ -97,7 +101,15 @@ _JOB_CREATED_HEADERS = {"Location": {"$ref": "#/components/headers/Location"}}
     json=schemas.JobSpecBody,
     headers=schemas.IdempotencyHeaders,
     ok={201: schemas.JobResponse, 200: schemas.JobResponse},
-    errors=(413, 415, 422, 429),
+    errors={
+        413: "",
+        415: "",
+        422: "The spec is invalid (`invalid_spec`), or over one of your account's limits "
+        "(`over_limit`: parameters, estimated memory, batch_size, epochs, max_runtime_s); "
+        "`error.fields` names each field. POST /api/v1/jobs/estimate says the same "
+        "without submitting.",
+        429: "",
+    },
     validate=False,  # the body is checked by parse_spec, against the catalogs
     extra={
         "responses": {
@@ -143,6 +155,27 @@ def submit_job() -> ResponseReturnValue:
             raise
         return _replay(winner, spec_json)
     return _created(job)
+
+
+@bp.post("/jobs/estimate")
+@operation(
+    tag="jobs",
+    json=schemas.JobSpecBody,
+    ok={200: schemas.JobEstimate},
+    errors=(413, 415, 422),
+    validate=False,  # the body is checked by parse_spec, against the catalogs
+)
+def estimate_job() -> ResponseReturnValue:
+    """Estimate a job and check it against your limits.
+
+    The spec's parameter count and memory (weights, gradients, optimizer state, one
+    batch's activations, the data), your limits, and `exceeded`: each field over a
+    limit with the message a submission would get (422 `over_limit`). Nothing is
+    stored. A spec that is invalid in itself is a 422 as on submission.
+    """
+    parse_query(NoQuery)
+    spec = submission.parse_job_spec(json_body("invalid_spec", "invalid job spec"))
+    return jsonify(submission.estimate(spec, api_user()).to_json(spec))
 
 
 def _created(job: Job) -> ResponseReturnValue:

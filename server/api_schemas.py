@@ -200,6 +200,54 @@ class Datasets(ResponseModel):
     datasets: list[DatasetInfo]
 
 
+class MemoryEstimate(ResponseModel):
+    """Bytes, at float32 (shared/job_estimate.py says how each part is counted)."""
+
+    weights: int
+    gradients: int = Field(description="0 for an evaluate job")
+    optimizer_state: int = Field(description="per the optimizer: adam 2 values a parameter, ...")
+    activations: int = Field(description="one batch's layer outputs")
+    data: int = Field(description="the dataset on the worker's device; 0 when unknown")
+    total: int
+
+
+class SubmissionLimits(ResponseModel):
+    """The caller's limits: the role's settings, or an admin's override for them."""
+
+    max_params: int
+    max_memory_gib: float
+    max_batch_size: int
+    max_epochs: int
+    default_runtime_s: int
+    max_runtime_s: int
+
+
+class JobEstimate(ResponseModel):
+    params: int | None = Field(description="the model's parameters (null: dataset unknown)")
+    batch: int | None = Field(description="samples in one batch (capped at the data's size)")
+    memory_bytes: MemoryEstimate | None
+    memory_gib: float | None
+    max_runtime_s: int = Field(description="as submitting would store it (default filled in)")
+    limits: SubmissionLimits
+    exceeded: dict[str, str] = Field(
+        description="each field over a limit, with the message a submission would get"
+    )
+    ok: bool = Field(description="within every limit: submitting would not be refused for them")
+
+
+class UserLimits(ResponseModel):
+    username: str
+    role: Literal["admin", "member"]
+    limits: dict[str, float] = Field(description="in force: the role's, with the overrides")
+    role_defaults: dict[str, float] = Field(description="the role's settings")
+    overrides: dict[str, float] = Field(description="this user's, set by an admin")
+
+
+class LimitsChange(RootModel[dict[str, float | None]]):
+    """Limits to change, by name (`max_params`, ...): a number, or null to go back to the
+    role's default. Limits not named keep their value."""
+
+
 class Me(ResponseModel):
     id: int
     username: str

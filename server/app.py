@@ -20,6 +20,7 @@ from server import (
     timeline_api,
     tokens_api,
     uploads_api,
+    users_api,
     web,
 )
 from server.database import get_session
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     app.register_blueprint(api.bp)
     app.register_blueprint(uploads_api.bp)
     app.register_blueprint(tokens_api.bp)
+    app.register_blueprint(users_api.bp)
     app.register_blueprint(timeline_api.bp)
     app.register_blueprint(cluster_api.bp)
     app.register_blueprint(web.bp)

@@ -1,6 +1,8 @@
 """Creating jobs: the one path for the API, the submit form, retry and evaluate.
 
-Checks an evaluate job's source, applies the per-user limits, stores the row (owner,
+Checks an evaluate job's source, holds the job to its owner's admission limits (the
+estimated size and memory, batch, epochs, runtime: shared/limits.py) and fills in the
+default max_runtime_s, applies the per-user rate limits, stores the row (owner,
 denormalised model/dataset names), commits, and only then enqueues (docs/architecture.md, "Reliability" R1).
 Problems are ApiErrors naming the field, so the API answers them as they are and the
 web forms show them next to the field.
@@ -8,6 +10,7 @@ web forms show them next to the field.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from flask import current_app
@@ -20,8 +23,10 @@ from server.database import get_session
 from server.enqueue import enqueue_job
 from server.errors import ApiError
 from shared.dataset_catalog import resolve_dataset
+from shared.job_estimate import JobEstimate, estimate_evaluate, estimate_train
 from shared.job_states import JobState, is_finished
-from shared.orm import Job, JobTag
+from shared.limits import SUBMISSION_LIMITS, apply_defaults, check_job, effective_limits
+from shared.orm import Job, JobTag, User
 from shared.schema_base import CatalogError
 from shared.spec import (
     EvaluateSpec,
@@ -79,11 +84,73 @@ def check_evaluate_source(spec: EvaluateSpec) -> Job:
     return source
 
 
+def user_limits(user: Principal) -> dict[str, int | float]:
+    """The user's limits: the role's settings with an admin's overrides on top."""
+    row = get_session().get(User, user.id)
+    settings = current_app.config["TRAINYARD_SETTINGS"]
+    return effective_limits(settings, user.role, row.limits if row is not None else None)
+
+
+def estimate_job(spec: TrainSpec | EvaluateSpec, source: Job | None) -> JobEstimate | None:
+    """The job's size and memory; None when its dataset cannot be resolved (the spec's
+    own check reports that)."""
+    ctx = catalog_context()
+    try:
+        if isinstance(spec, TrainSpec):
+            return estimate_train(spec, resolve_train_dataset(spec, ctx))
+        assert source is not None
+        source_spec = load_stored_spec(source.spec)
+        assert isinstance(source_spec, TrainSpec)
+        name, params = eval_dataset_params(spec, source_spec)
+        trained_on = resolve_train_dataset(source_spec, ctx)
+        return estimate_evaluate(spec, source_spec, trained_on, resolve_dataset(name, params, ctx))
+    except (CatalogError, SpecError):
+        return None
+
+
+@dataclass(frozen=True)
+class Admission:
+    estimate: JobEstimate | None
+    limits: dict[str, int | float]
+    over: dict[str, str]  # {field: message} for each limit exceeded
+
+    def to_json(self, spec: TrainSpec | EvaluateSpec) -> dict[str, Any]:
+        """The estimate endpoint's answer."""
+        empty = {"params": None, "batch": None, "memory_bytes": None, "memory_gib": None}
+        return {
+            **(self.estimate.to_json() if self.estimate is not None else empty),
+            "max_runtime_s": spec.max_runtime_s,
+            "limits": {name: self.limits[name] for name in SUBMISSION_LIMITS},
+            "exceeded": self.over,
+            "ok": not self.over,
+        }
+
+
+def admit(spec: TrainSpec | EvaluateSpec, user: Principal, source: Job | None) -> Admission:
+    """Fill in the defaults the user's limits decide, estimate the job, and say which
+    limits it exceeds."""
+    limits = user_limits(user)
+    apply_defaults(spec, limits)
+    estimate = estimate_job(spec, source)
+    return Admission(estimate, limits, check_job(spec, estimate, limits))
+
+
+def estimate(spec: TrainSpec | EvaluateSpec, user: Principal) -> Admission:
+    """What `build_job` would decide about a spec, without storing anything."""
+    source = check_evaluate_source(spec) if isinstance(spec, EvaluateSpec) else None
+    return admit(spec, user, source)
+
+
 def build_job(
     spec: TrainSpec | EvaluateSpec, user: Principal, idempotency_key: str | None = None
 ) -> Job:
     """The (unsaved) row for a validated spec, after the source check and the limits."""
     source = check_evaluate_source(spec) if isinstance(spec, EvaluateSpec) else None
+    admission = admit(spec, user, source)
+    if admission.over:
+        raise ApiError(
+            422, "over_limit", "the job exceeds the limits of your account", admission.over
+        )
     submit_limits().check(user)
     if isinstance(spec, TrainSpec):
         model_name, dataset_name = spec.model.name, spec.dataset.name

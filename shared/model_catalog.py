@@ -1,8 +1,12 @@
-"""The models a job can name, as metadata: parameters with ranges, and which datasets
-each can take. The PyTorch modules live in worker/training/models/."""
+"""The models a job can name, as metadata: parameters with ranges, which datasets each
+can take, and what each costs (its parameter count and the activations one sample
+keeps for the backward pass), computed from the params alone. The PyTorch modules live
+in worker/training/models/; tests/test_job_estimate.py builds them to hold the size
+formulas here to the real thing. shared/job_estimate.py turns sizes into bytes."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -113,6 +117,130 @@ def _check_transformer(p: TransformerParams, _info: DatasetInfo) -> dict[str, st
     return {}
 
 
+# ---------------------------------------------------------------- sizes
+# Each formula follows its builder in worker/training/models/ layer by layer.
+# `params` is exact. `activations` counts, per sample, the float32 values of every
+# layer's output (the input batch included), the usual upper-side estimate of what
+# autograd keeps for the backward pass; int64 indices (max-pool) count as two values.
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    params: int
+    activations: int  # float32 values per sample
+    # The param that drives the size most: what a refusal over a size limit names.
+    size_field: str
+
+
+def _mlp_size(p: MLPParams, info: DatasetInfo) -> ModelSize:
+    d, h, out = math.prod(info.input_shape), p.hidden, info.output_dim
+    params = (d * h + h) + (p.layers - 1) * (h * h + h) + (h * out + out)
+    # Per hidden layer: Linear, activation and (when on) Dropout outputs.
+    per_layer = h * (3 if p.dropout > 0 else 2)
+    return ModelSize(params, d + p.layers * per_layer + out, "model.params.hidden")
+
+
+def _cnn_size(p: CNNParams, info: DatasetInfo) -> ModelSize:
+    channels, h, w = info.input_shape
+    k, params, acts = p.kernel_size, 0, math.prod(info.input_shape)
+    for i in range(p.blocks):
+        out = p.channels * 2**i
+        params += channels * out * k * k + (2 * out if p.batch_norm else out)
+        # conv, (BatchNorm), ReLU at full size; the pool's output and its int64 indices.
+        acts += out * h * w * (3 if p.batch_norm else 2) + 3 * out * (h // 2) * (w // 2)
+        channels, h, w = out, h // 2, w // 2
+    flat = channels * h * w
+    params += flat * p.hidden + p.hidden + p.hidden * info.output_dim + info.output_dim
+    acts += 3 * p.hidden + info.output_dim  # Linear, ReLU, Dropout; the logits
+    field = "model.params.hidden" if flat * p.hidden * 2 > params else "model.params.channels"
+    return ModelSize(params, acts, field)
+
+
+def resnet_layout(depth: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(blocks per stage, stride of each stage's first block) for a ResNet depth."""
+    if depth == 18:
+        return (2, 2, 2, 2), (1, 2, 2, 2)
+    if depth == 34:
+        return (3, 4, 6, 3), (1, 2, 2, 2)
+    n = (depth - 2) // 6
+    return (n, n, n), (1, 2, 2)
+
+
+def _resnet_size(p: ResNetParams, info: DatasetInfo) -> ModelSize:
+    channels, h, w = info.input_shape
+    width = p.width
+    params = channels * width * 9 + 2 * width  # stem conv3x3 + BatchNorm
+    acts = math.prod(info.input_shape) + 2 * width * h * w  # input; stem conv, BN (ReLU in place)
+    channels = width
+    for i, (blocks, stride) in enumerate(zip(*resnet_layout(p.depth), strict=True)):
+        out = width * 2**i
+        for b in range(blocks):
+            s = stride if b == 0 else 1
+            h, w = (h - 1) // s + 1, (w - 1) // s + 1  # 3x3 pad 1 (and 1x1 pad 0) at stride s
+            params += channels * out * 9 + out * out * 9 + 4 * out  # two convs, two BNs
+            # conv1, bn1, conv2, bn2, the sum (ReLUs in place)
+            acts += 5 * out * h * w
+            if s != 1 or channels != out:
+                params += channels * out + 2 * out  # 1x1 projection + BN
+                acts += 2 * out * h * w
+            channels = out
+    params += channels * info.output_dim + info.output_dim
+    acts += 2 * channels + info.output_dim  # pooled, dropout, logits
+    return ModelSize(params, acts, "model.params.width")
+
+
+def _rnn_size(p: RNNParams, info: DatasetInfo, gates: int, step_vectors: int) -> ModelSize:
+    (seq_len,) = info.input_shape
+    vocab, h, dirs = info.vocab_size or 0, p.hidden, 2 if p.bidirectional else 1
+    params = vocab * p.embedding_dim
+    acts = seq_len * p.embedding_dim
+    in_size = p.embedding_dim
+    for _ in range(p.layers):
+        # W_ih, W_hh, b_ih, b_hh per direction
+        params += dirs * (gates * h * in_size + gates * h * h + 2 * gates * h)
+        # Per step and direction: the step's input and `step_vectors` vectors of the
+        # hidden size (gate pre-activations and activations, cell and hidden state),
+        # counted from what torch's autograd keeps for each cell's math.
+        acts += dirs * seq_len * (step_vectors * h + in_size)
+        in_size = dirs * h
+    params += dirs * h * info.output_dim + info.output_dim
+    acts += 2 * dirs * h + info.output_dim
+    return ModelSize(params, acts, "model.params.hidden")
+
+
+def _lstm_size(p: RNNParams, info: DatasetInfo) -> ModelSize:
+    return _rnn_size(p, info, 4, 18)
+
+
+def _gru_size(p: RNNParams, info: DatasetInfo) -> ModelSize:
+    return _rnn_size(p, info, 3, 7)
+
+
+def _transformer_size(p: TransformerParams, info: DatasetInfo) -> ModelSize:
+    (seq_len,) = info.input_shape
+    d, ff, vocab = p.d_model, p.ff_dim, info.vocab_size or 0
+    cls = 1 if p.pooling == "cls" else 0
+    t = seq_len + cls
+    per_layer = (
+        4 * d  # two LayerNorms
+        + 3 * d * d + 3 * d  # attention's packed q/k/v projection
+        + d * d + d  # attention's output projection
+        + d * ff + ff + ff * d + d  # feed-forward
+    )  # fmt: skip
+    params = vocab * d + t * d + cls * d + p.layers * per_layer + 2 * d
+    params += d * info.output_dim + info.output_dim
+    layer_acts = (
+        11 * t * d  # norms, q/k/v, attention output and projection, dropouts, residuals
+        + 3 * t * ff  # feed-forward hidden, ReLU, dropout
+        + 3 * p.heads * t * t  # scores, softmax, dropout (math attention)
+    )
+    acts = 2 * t * d + p.layers * layer_acts + t * d + d + info.output_dim
+    return ModelSize(params, acts, "model.params.d_model")
+
+
+SizeFn = Callable[[Any, DatasetInfo], ModelSize]
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
@@ -121,6 +249,12 @@ class ModelEntry:
     inputs: tuple[str, ...]  # dataset kinds it takes
     tasks: tuple[str, ...]
     check: Check = _no_check
+    size: SizeFn | None = None
+
+    def model_size(self, params: BaseModel, info: DatasetInfo) -> ModelSize:
+        """Parameters and per-sample activations of this model on a resolved dataset."""
+        assert self.size is not None, f"{self.name} has no size formula"
+        return self.size(params, info)
 
     def problems(self, params: BaseModel, info: DatasetInfo) -> dict[str, str]:
         """{field: message} for a model/dataset combination that cannot work."""
@@ -146,16 +280,16 @@ MODELS: dict[str, ModelEntry] = {
     e.name: e
     for e in (
         ModelEntry("mlp", "Multi-layer perceptron on the flattened input", MLPParams, ("image", "tabular"),
-                   ("classification", "regression")),
+                   ("classification", "regression"), size=_mlp_size),
         ModelEntry("cnn", "Conv-pool blocks, a dense layer and dropout", CNNParams, ("image",),
-                   ("classification", "regression"), _check_cnn),
+                   ("classification", "regression"), _check_cnn, _cnn_size),
         ModelEntry("resnet", "Residual network with basic blocks (CIFAR-style or 18/34)", ResNetParams,
-                   ("image",), ("classification", "regression"), _check_resnet),
+                   ("image",), ("classification", "regression"), _check_resnet, _resnet_size),
         ModelEntry("lstm", "LSTM sequence classifier over token embeddings", RNNParams, ("sequence",),
-                   ("classification",)),
+                   ("classification",), size=_lstm_size),
         ModelEntry("gru", "GRU sequence classifier over token embeddings", RNNParams, ("sequence",),
-                   ("classification",)),
+                   ("classification",), size=_gru_size),
         ModelEntry("transformer", "Small Transformer encoder classifier over tokens", TransformerParams,
-                   ("sequence",), ("classification",), _check_transformer),
+                   ("sequence",), ("classification",), _check_transformer, _transformer_size),
     )
 }  # fmt: skip

@@ -366,6 +366,31 @@ def check_timeline(resp: TestResponse, who: str, w: World) -> None:
     assert resp.get_json()["job_id"] == w.job
 
 
+def check_estimate(resp: TestResponse, who: str, w: World) -> None:
+    body = resp.get_json()
+    assert body["params"] == 53_002 and body["ok"] is True, body  # the CNN on digits
+
+
+def check_evaluate_estimate(resp: TestResponse, who: str, w: World) -> None:
+    if who == BOB:  # as for submitting: alice's job reads as missing
+        assert resp.get_json()["error"]["fields"] == {
+            "source_job_id": f"job {w.job} does not exist"
+        }
+    elif who != ANON:
+        assert resp.get_json()["params"] == 53_002
+
+
+def check_user_limits(resp: TestResponse, who: str, w: World) -> None:
+    assert resp.get_json()["username"] == "alice"
+
+
+def check_limits_change(resp: TestResponse, who: str, w: World) -> None:
+    # Only the admin's change is stored.
+    with transaction(w.db_url) as s:
+        limits = s.get(User, w.users.alice.id).limits
+    assert limits == ({"max_epochs_per_user": 500} if who == ADMIN else None), limits
+
+
 def check_page_cancel(resp: TestResponse, who: str, w: World) -> None:
     check_cancel(resp, who, w)
     if who in (ALICE, ADMIN):
@@ -427,6 +452,12 @@ MATRIX: tuple[Row, ...] = (
     Row("POST", "/api/v1/jobs", {ANON: 401, ALICE: 201, BOB: 422, ADMIN: 201},
         json={"kind": "evaluate", "source_job_id": "{job}", "dataset": {"split": "test"}},
         check=check_evaluate, check_all=True, note="evaluate alice's job"),
+    # The estimate (server/api.py): a spec in, nothing stored; an evaluate spec's source is
+    # checked as on submission.
+    Row("POST", "/api/v1/jobs/estimate", any_user(), json=train_spec(), check=check_estimate),
+    Row("POST", "/api/v1/jobs/estimate", {ANON: 401, ALICE: 200, BOB: 422, ADMIN: 200},
+        json={"kind": "evaluate", "source_job_id": "{job}"}, check=check_evaluate_estimate,
+        check_all=True, note="evaluate alice's job"),
     Row("POST", J + "/cancel", owned(), "/api/v1/jobs/{queued}/cancel", check=check_cancel,
         check_all=True),
     Row("POST", J + "/retry", owned(201), "/api/v1/jobs/{job}/retry",
@@ -445,6 +476,12 @@ MATRIX: tuple[Row, ...] = (
     # Admins may revoke anyone's token (a leaked one); bob cannot see alice's.
     Row("DELETE", "/api/v1/tokens/<int:token_id>", owned(), "/api/v1/tokens/{token}",
         check=check_revoke, check_all=True),
+    # users' limits (server/users_api.py): admins only, whoever the user
+    Row("GET", "/api/v1/users/<username>/limits", {ANON: 401, ALICE: 403, BOB: 403, ADMIN: 200},
+        "/api/v1/users/alice/limits", check=check_user_limits),
+    Row("PATCH", "/api/v1/users/<username>/limits",
+        {ANON: 401, ALICE: 403, BOB: 403, ADMIN: 200}, "/api/v1/users/alice/limits",
+        json={"max_epochs": 500}, check=check_limits_change, check_all=True),
     # registries and health
     Row("GET", "/api/v1/models", any_user()),
     Row("GET", "/api/v1/datasets", any_user()),
@@ -474,6 +511,8 @@ MATRIX: tuple[Row, ...] = (
         check=check_clone_page, check_all=True, page=True, note="clone alice's job"),
     Row("POST", "/submit", page(302), page=True, data=b"kind=train&name=matrix-form",
         check=check_form_job, check_all=True),
+    # The submit form's live estimate (server/web/submit.py): the form's fields in, JSON out.
+    Row("POST", "/submit/estimate", page(), page=True, data=b"kind=train", check=check_estimate),
     Row("GET", "/login", {ANON: 200, ALICE: 302, BOB: 302, ADMIN: 302}, check=check_login_page,
         check_all=True, page=True),
     Row("POST", "/login", {ANON: 401, ALICE: 302, BOB: 302, ADMIN: 302}, page=True,

@@ -257,7 +257,7 @@ def test_submitting_creates_a_job_owned_by_the_user(alice: FlaskClient, db_url: 
     assert spec["optimizer"] == {"name": "sgd", "lr": 0.01, "weight_decay": 0.0, "momentum": 0.9,
                                  "nesterov": True}  # fmt: skip
     assert spec["early_stopping"]["patience"] == 3 and spec["grad_clip_norm"] == 1.5
-    assert spec["max_runtime_s"] is None  # left empty: not set
+    assert spec["max_runtime_s"] == 6 * 3600  # left empty: a member's default (shared/limits.py)
 
 
 @SQLITE_ONLY

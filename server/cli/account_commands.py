@@ -454,3 +454,74 @@ def user_list() -> None:
             _fmt_time(user.created_at),
         )
     console.print(table)
+
+
+def _limit_options(func: F) -> F:
+    from shared.limits import LIMITS
+
+    for limit in reversed(LIMITS.values()):
+        func = click.option(
+            f"--{limit.name.replace('_', '-')}",
+            limit.name,
+            metavar="N|default",
+            help=f"{limit.description} ('default': the role's)",
+        )(func)
+    return func
+
+
+def _fmt_limit(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
+
+@user_group.command("limits")
+@click.argument("username", metavar="NAME")
+@_limit_options
+@click.option("--reset", is_flag=True, help="Drop every override: the role's limits apply.")
+@account_command
+def user_limits(username: str, reset: bool, **changes: str | None) -> None:
+    """Show NAME's limits, or raise/lower them: `trainyard user limits alice --max-params 5e9`.
+
+    Limits not named keep their value; `default` puts one back to the role's setting
+    (TRAINYARD_<LIMIT>_PER_USER for members, ..._PER_ADMIN for admins).
+    """
+    from shared.db import transaction
+    from shared.limits import (
+        LimitsError,
+        apply_changes,
+        effective_limits,
+        overrides_by_name,
+        role_limits,
+    )
+
+    wanted = {
+        name: None if value.strip().lower() == "default" else value
+        for name, value in changes.items()
+        if value is not None
+    }
+    settings = cli_settings()
+    url = _database_url()
+    with transaction(url) as session:
+        user = _require_user(session, username)
+        limits = None if reset else user.limits
+        try:
+            limits = apply_changes(limits, wanted)
+        except LimitsError as exc:
+            raise CommandError(exc.field, exc.message) from None
+        if reset or wanted:
+            user.limits = limits
+        role = user.role
+    in_force = effective_limits(settings, role, limits)
+    defaults = role_limits(settings, role)
+    overrides = overrides_by_name(limits)
+    table = Table(header_style="bold", title=f"{username} ({role})")
+    table.add_column("limit", no_wrap=True)
+    table.add_column("in force", justify="right", no_wrap=True)
+    table.add_column(f"{role} default", justify="right", no_wrap=True)
+    table.add_column("override", justify="right", no_wrap=True)
+    for name, value in in_force.items():
+        table.add_row(
+            name, _fmt_limit(value), _fmt_limit(defaults[name]), _fmt_limit(overrides.get(name))
+        )
+    make_console().print(table)

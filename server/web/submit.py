@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flask import current_app, flash, g, redirect, render_template, request
+from flask import current_app, flash, g, jsonify, redirect, render_template, request
 from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required
 from flask_wtf import FlaskForm
@@ -25,7 +25,7 @@ from server import submission, uploads_api
 from server.access import find_visible_job, find_visible_upload
 from server.catalog import catalog_context
 from server.database import get_session
-from server.errors import ApiError
+from server.errors import ApiError, error_response
 from server.params import MAX_ID
 from server.web import bp
 from server.web.spec_form import (
@@ -148,6 +148,27 @@ def submit_form() -> ResponseReturnValue:
         return _render(form, state, status=exc.status, headers=exc.headers)
     flash(f"Job {job.id} submitted.", "info")
     return redirect(f"/jobs/{job.id}")
+
+
+@bp.post("/submit/estimate")
+@login_required
+def submit_estimate() -> ResponseReturnValue:
+    """The form's live estimate (static/js/submit.js): the form's fields in, the answer
+    of POST /api/v1/jobs/estimate out, so the page needs no spec-building of its own."""
+    _use_session_user()
+    if not SubmitCsrf().validate_on_submit():
+        return error_response(
+            400, "csrf_failed", "the form expired; reload the page", {"csrf_token": "expired"}
+        )
+    form = job_form()
+    spec, errors = spec_from_values(form, values_from_form(form, request.form))
+    if errors:
+        return error_response(422, "invalid_spec", "invalid job spec", errors)
+    try:
+        parsed = submission.parse_job_spec(spec)
+        return jsonify(submission.estimate(parsed, g.user).to_json(parsed))
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.fields)
 
 
 def _store_uploaded_csv(form: JobForm, state: PageState) -> None:
