@@ -19,6 +19,7 @@ from server.cli.install_checks import require_worker_extra
 from server.cli.local.admin_bootstrap import bootstrap_local_admin
 from server.cli.local.children import local_children
 from server.cli.local.preflight import check_port_free, check_redis_answers, require_redis_server
+from server.cli.local.private_home import make_home_private
 from server.cli.local.run_dir import RUN_DIR, exclusive_home, remove_state, stop_leftovers
 from server.cli.local.supervision_loop import StopSignals, supervise
 from server.cli.local.supervisor import Supervisor
@@ -78,6 +79,10 @@ def up(host: str, port: int, startup_timeout: float) -> None:
 
     _configure_logging()
     home = settings.home.resolve()
+    # Before anything is created: the home and all in it for its owner only.
+    exposed = make_home_private(home)
+    if exposed is not None:
+        log.warning("%s", exposed)
     run_dir = home / RUN_DIR
     run_dir.mkdir(parents=True, exist_ok=True)
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
