@@ -31,6 +31,17 @@ if [ "${TRAINYARD_TEST_SKIP_BROWSER:-0}" != "1" ] && [ ! -x "${TRAINYARD_TEST_CH
   fi
 fi
 
+# One test runs deploy/nginx.conf (the compose file's reverse proxy) in front of gunicorn.
+if [ "${TRAINYARD_TEST_SKIP_NGINX:-0}" != "1" ] && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test: installing nginx for the reverse-proxy test (apt-get)"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+  else
+    echo "test: no nginx; install the 'nginx-light' package or set TRAINYARD_TEST_SKIP_NGINX=1" >&2
+    exit 1
+  fi
+fi
+
 # The suite starts hundreds of Python processes (workers, CLI, reconcilers): let them
 # cache the project's compiled modules, whatever the machine's default.
 unset PYTHONDONTWRITEBYTECODE

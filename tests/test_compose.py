@@ -20,7 +20,7 @@ from server.cli import main
 from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICES = {"redis", "postgres", "migrate", "web", "worker", "worker-gpu", "reconciler"}
+SERVICES = {"redis", "postgres", "migrate", "web", "proxy", "worker", "worker-gpu", "reconciler"}
 ONE_SHOT = {"migrate"}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
@@ -208,6 +208,37 @@ def test_app_services_share_settings_and_artifacts(compose: dict[str, Any]) -> N
         if name != "migrate":
             assert "artifacts:/data/artifacts" in services[name]["volumes"], name
     assert "artifacts" in compose["volumes"]
+
+
+def test_web_is_reached_only_through_the_proxy(services: dict[str, dict[str, Any]]) -> None:
+    """nginx in front (issue 11, slow clients): the web port is not published, the proxy's
+    is, the proxy's config is the repository's, and the web service trusts one proxy."""
+    web, proxy = services["web"], services["proxy"]
+    assert "ports" not in web, "gunicorn must not be reachable from outside the proxy"
+    assert web["environment"]["TRAINYARD_TRUSTED_PROXIES"] == "1"
+    assert proxy["image"].startswith("nginx:")
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in proxy["volumes"]
+    assert proxy["ports"] == ["8000:80"]
+    assert proxy["depends_on"]["web"]["condition"] == "service_healthy"
+
+
+def test_nginx_config_buffers_requests_and_streams_live_updates() -> None:
+    text = (REPO / "deploy" / "nginx.conf").read_text()
+    assert "server web:8000;" in text
+    # Slow clients wait in nginx: bounded header and body reads.
+    assert re.search(r"^\s*client_header_timeout \d+s;", text, re.M)
+    assert re.search(r"^\s*client_body_timeout \d+s;", text, re.M)
+    # Uploads: the app's limit plus multipart framing, so the app's own 413 answers.
+    [limit] = re.findall(r"^\s*client_max_body_size (\d+);", text, re.M)
+    assert int(limit) == Settings().max_upload_bytes + (1 << 20)
+    root = text[text.index("location / {") :]
+    root = root[: root.index("}")]
+    assert "proxy_buffering on;" in root and "proxy_request_buffering on;" in root
+    stream = text[text.index("location ~ ^/jobs/[0-9]+/stream$ {") :]
+    stream = stream[: stream.index("}")]
+    assert "proxy_buffering off;" in stream
+    # The client's X-Forwarded-For is replaced, never appended to.
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in text
 
 
 def test_dockerfile() -> None:

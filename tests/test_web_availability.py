@@ -14,7 +14,9 @@ Nothing here asserts a timing: each request must complete within a generous time
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,7 +31,7 @@ from server.cli.process_commands import gunicorn_argv
 from shared import accounts
 from shared.db import transaction
 from shared.settings import Settings
-from tests.conftest import settings_env
+from tests.conftest import REPO, settings_env
 from tests.job_rows import add_jobs
 
 PASSWORD = "correct horse battery"
@@ -247,3 +249,62 @@ def test_gunicorn_runs_trainyards_worker_class() -> None:
         check=True,
     )
     assert out.stdout.strip() == "False"
+
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_repositorys_nginx_config_in_front_of_gunicorn(
+    settings: Settings, accounts_and_job: dict[str, int], tmp_path: Path
+) -> None:
+    """deploy/nginx.conf as docker-compose.yml runs it, in front of the real gunicorn:
+    pages pass, and a job stream arrives through it as it happens."""
+    if os.environ.get("TRAINYARD_TEST_SKIP_NGINX") == "1":
+        pytest.skip("TRAINYARD_TEST_SKIP_NGINX=1")
+    if not os.access(NGINX, os.X_OK):
+        pytest.fail("no nginx: install the 'nginx-light' package (scripts/test.sh does)")
+    server = Gunicorn(settings, tmp_path, TRAINYARD_TRUSTED_PROXIES="1")
+    port = free_port()
+    config = (REPO / "deploy" / "nginx.conf").read_text()
+    config = config.replace("server web:8000;", f"server 127.0.0.1:{server.port};")
+    config = config.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    (prefix / "nginx.conf").write_text(config)
+    proxy = subprocess.Popen(
+        [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+         "-g", f"daemon off; pid {prefix / 'nginx.pid'};"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    sock: socket.socket | None = None
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(base + "/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert proxy.poll() is None, proxy.communicate()[1]
+            assert time.monotonic() < deadline, "nginx never answered"
+            time.sleep(0.2)
+        alice = log_in(base, "alice")
+        cookies = "; ".join(f"{k}={v}" for k, v in alice.cookies.items())
+        sock = open_stream(port, f"/jobs/{accounts_and_job['job']}/stream", cookies)
+        sock.settimeout(ANSWER_TIMEOUT_S)
+        code, head = status_of(sock)
+        assert code == 200 and "text/event-stream" in head, head
+        body = BODY_START[sock]
+        # The response lasts 30 s: its first messages arrive long before it ends.
+        while b"event: job" not in body:
+            chunk = sock.recv(4096)
+            assert chunk, body
+            body += chunk
+    finally:
+        if sock is not None:
+            sock.close()
+        proxy.terminate()
+        proxy.wait(10)
+        server.stop()

@@ -473,7 +473,13 @@
   cursor.metrics = cursor.metrics || {};
   let source = null;
   let ended = root.dataset.final === "true";
-  let retryDelay = 2000;
+  // A refused stream (too many live job pages open: 429; logged out; a server error) is
+  // not retried by EventSource itself. The page waits, longer each time and with jitter
+  // so that many refused tabs do not come back in step, and works without live updates.
+  const RETRY_FIRST_MS = 5000;
+  const RETRY_MAX_MS = 120000;
+  let retryDelay = RETRY_FIRST_MS;
+  let retryTimer = null;
   let slowTimer = null;
   const status = { kind: ended ? "off" : "connecting", text: ended ? "" : "Connecting…" };
 
@@ -493,13 +499,14 @@
           cursor = JSON.parse(ev.lastEventId);
         } catch (e) { /* keep the last good one */ }
       }
-      retryDelay = 2000;
+      retryDelay = RETRY_FIRST_MS;
       fn(JSON.parse(ev.data));
     });
   }
 
   function connect() {
     if (source || ended) return;
+    clearTimeout(retryTimer);
     const url = `${root.dataset.streamUrl}?cursor=${encodeURIComponent(JSON.stringify(cursor))}`;
     source = new EventSource(url);
     source.addEventListener("open", () => {
@@ -509,11 +516,14 @@
     source.addEventListener("error", () => {
       if (!source) return;
       if (source.readyState === EventSource.CLOSED) {
-        // Refused (logged out, a server error): try again later, more slowly each time.
+        source.close();
         source = null;
-        setStatus("error", "Live updates paused; retrying…");
-        setTimeout(connect, retryDelay);
-        retryDelay = Math.min(retryDelay * 2, 60000);
+        clearTimeout(slowTimer);
+        const wait = Math.round(retryDelay * (0.5 + Math.random()));
+        setStatus("error", `Live updates paused; retrying in ${Math.ceil(wait / 1000)} s`);
+        clearTimeout(retryTimer);
+        retryTimer = setTimeout(connect, wait);
+        retryDelay = Math.min(retryDelay * 2, RETRY_MAX_MS);
         return;
       }
       // Each response ends after ~30 s and the browser reconnects at once; only a
