@@ -203,6 +203,9 @@ def _rnn_size(p: RNNParams, info: DatasetInfo, gates: int, step_vectors: int) ->
         # counted from what torch's autograd keeps for each cell's math.
         acts += dirs * seq_len * (step_vectors * h + in_size)
         in_size = dirs * h
+    if p.dropout > 0:
+        # torch's dropout between layers: its output and mask of every layer but the top
+        acts += (p.layers - 1) * 2 * seq_len * dirs * h
     params += dirs * h * info.output_dim + info.output_dim
     acts += 2 * dirs * h + info.output_dim
     return ModelSize(params, acts, "model.params.hidden")

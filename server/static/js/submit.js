@@ -253,6 +253,97 @@
     if (idInput) idInput.dataset.uploadIdFor = input.id;
   }
 
+  // ---------------------------------------------------------------- live estimate
+
+  // The job's size and memory as the user types, and the account limits it would
+  // exceed. The server works it out from the fields a submit would send
+  // (POST /submit/estimate), so the page builds no spec of its own.
+  const estimateBox = document.getElementById("job-estimate");
+  const estimateFigures = document.getElementById("estimate-figures");
+  const estimateOver = document.getElementById("estimate-over");
+  let estimateTimer = null;
+  let estimateSeq = 0;
+
+  function formatBytes(bytes) {
+    const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let n = bytes;
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) {
+      n /= 1024;
+      i += 1;
+    }
+    return `${i === 0 || n >= 100 ? Math.round(n) : n.toPrecision(3)} ${units[i]}`;
+  }
+
+  // The label of the active input a spec path names ("model.params.hidden").
+  function labelFor(path) {
+    const control = form.querySelector(`[name="${CSS.escape(path)}"]:not([disabled])`);
+    const box = control ? control.closest(".field") : null;
+    const label = box ? box.querySelector("label, legend") : null;
+    return label ? label.textContent.trim() : path;
+  }
+
+  function showEstimate(data) {
+    const memory = data.memory_bytes;
+    if (data.params === null || !memory) {
+      estimateBox.hidden = true;
+      return;
+    }
+    const parts = [
+      ["weights", memory.weights],
+      ["gradients", memory.gradients],
+      ["optimizer state", memory.optimizer_state],
+      [`activations of a ${data.batch.toLocaleString()}-sample batch`, memory.activations],
+      ["data", memory.data],
+    ].filter(([, bytes]) => bytes > 0);
+    estimateFigures.textContent =
+      `Estimate: ${data.params.toLocaleString()} parameters, about ` +
+      `${formatBytes(memory.total)} of memory ` +
+      `(${parts.map(([name, bytes]) => `${name} ${formatBytes(bytes)}`).join(", ")}).`;
+    const over = Object.entries(data.exceeded);
+    estimateOver.replaceChildren(
+      ...over.map(([path, message]) => {
+        const item = document.createElement("li");
+        item.textContent = `Over your limits: ${labelFor(path)}: ${message}`;
+        return item;
+      }),
+    );
+    estimateOver.hidden = over.length === 0;
+    estimateBox.classList.toggle("over", over.length > 0);
+    estimateBox.hidden = false;
+  }
+
+  async function refreshEstimate() {
+    const seq = ++estimateSeq;
+    const body = new FormData(form);
+    body.delete("file"); // a chosen CSV is uploaded on its own, not estimated
+    let data;
+    try {
+      const response = await fetch("/submit/estimate", {
+        method: "POST",
+        body,
+        headers: { "X-CSRFToken": csrf, Accept: "application/json" },
+        credentials: "same-origin",
+      });
+      // Half-typed input is not a job yet: its problems show on submit.
+      data = response.ok ? await response.json() : null;
+    } catch {
+      data = null;
+    }
+    if (seq !== estimateSeq) return; // a newer answer is on its way
+    if (data) showEstimate(data);
+    else estimateBox.hidden = true;
+  }
+
+  function scheduleEstimate() {
+    if (!estimateBox) return;
+    clearTimeout(estimateTimer);
+    estimateTimer = setTimeout(refreshEstimate, 300);
+  }
+
+  form.addEventListener("input", scheduleEstimate);
+  form.addEventListener("change", scheduleEstimate);
+
   // ---------------------------------------------------------------- errors and submit
 
   // Links in the error summary open a collapsed section and focus the input.
@@ -296,6 +387,7 @@
 
   fitModels(false);
   update();
+  scheduleEstimate();
   const message = summary || document.getElementById("form-message");
   if (message) message.focus();
 })();
