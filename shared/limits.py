@@ -166,17 +166,21 @@ def apply_defaults(spec: TrainSpec | EvaluateSpec, limits: Mapping[str, int | fl
         spec.max_runtime_s = int(min(limits["default_runtime_s"], limits["max_runtime_s"]))
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:.3g} GiB"
+def size_text(n: int) -> str:
+    """Bytes for people: 3 significant digits in the largest unit that fits."""
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
 
 
 def memory_text(estimate: JobEstimate) -> str:
     parts = [
-        f"weights {_gib(estimate.weights)}",
-        f"gradients {_gib(estimate.gradients)}" if estimate.gradients else "",
-        f"optimizer state {_gib(estimate.optimizer_state)}" if estimate.optimizer_state else "",
-        f"activations of a {estimate.batch:,}-sample batch {_gib(estimate.activations)}",
-        f"data {_gib(estimate.data)}" if estimate.data else "",
+        f"weights {size_text(estimate.weights)}",
+        f"gradients {size_text(estimate.gradients)}" if estimate.gradients else "",
+        f"optimizer state {size_text(estimate.optimizer_state)}" if estimate.optimizer_state else "",
+        f"activations of a {estimate.batch:,}-sample batch {size_text(estimate.activations)}",
+        f"data {size_text(estimate.data)}" if estimate.data else "",
     ]
     return ", ".join(p for p in parts if p)
 
@@ -215,7 +219,7 @@ def check_job(
             )
             add(
                 field,
-                f"the job would need about {_gib(estimate.total_bytes)} of memory "
+                f"the job would need about {size_text(estimate.total_bytes)} of memory "
                 f"({memory_text(estimate)}); the limit is {limits['max_memory_gib']:g} GiB",
             )
     if spec.batch_size > limits["max_batch_size"]:

@@ -9,6 +9,9 @@ limits (API and CLI), and the estimate endpoint the submit form calls.
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -310,6 +313,41 @@ def test_the_form_refuses_a_job_over_the_limits(app: Flask, users: TestUsers, db
     data = MultiDict([(name, value) for name, value, _ in fields if name != "csrf_token"])
     assert alice.post("/submit/estimate", data=data).status_code == 400
     assert job_count(db_url) == 0
+
+
+# ---------------------------------------------------------------- the README
+
+
+def _readme_section() -> str:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Admission limits") :]
+    return section[: section.index("\n### ", 1)]
+
+
+def _commented_json(block: str, start: str) -> str:
+    """The `# ...` lines of an example answer, joined (from `start` to the block's end)."""
+    begin = block.index(start) + len(start)
+    answer = block[begin : block.index("```", begin)]
+    return " ".join(line.strip().removeprefix("#").strip() for line in answer.splitlines())
+
+
+@SQLITE_ONLY
+def test_the_readme_examples_match_the_server(client: FlaskClient) -> None:
+    section = _readme_section()
+    refused, estimated = section.split("/api/v1/jobs/estimate -H", 1)
+    body = json.loads(re.search(r"-d '(\{.*?\})'", refused, re.S).group(1))  # type: ignore[union-attr]
+    resp = client.post("/api/v1/jobs", json=body)
+    assert resp.status_code == 422
+    assert resp.get_json() == json.loads(_commented_json(refused, "# 422 "))
+
+    body = json.loads(re.search(r"-d '(\{.*?\})'", estimated, re.S).group(1))  # type: ignore[union-attr]
+    answer = client.post("/api/v1/jobs/estimate", json=body).get_json()
+    shown = _commented_json(estimated, "# 200 ")
+    memory = json.loads(re.search(r'"memory_bytes": (\{[^}]*\})', shown).group(1))  # type: ignore[union-attr]
+    assert answer["memory_bytes"] == memory
+    for key in ("params", "batch", "memory_gib", "max_runtime_s", "exceeded", "ok"):
+        assert f'"{key}": {json.dumps(answer[key])}' in shown, key
+    assert f'"max_params": {answer["limits"]["max_params"]}' in shown
 
 
 # ---------------------------------------------------------------- shared/limits.py
