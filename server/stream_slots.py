@@ -55,10 +55,15 @@ class Refusal:
 
 
 class StreamSlots:
-    def __init__(self, settings: Settings, stream_seconds: float = STREAM_SECONDS) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        stream_seconds: float = STREAM_SECONDS,
+        grace_seconds: float = SLOT_GRACE_SECONDS,
+    ) -> None:
         self.per_user = settings.max_streams_per_user
         self.per_process = settings.max_streams_per_process
-        self.ttl_s = stream_seconds + SLOT_GRACE_SECONDS
+        self.ttl_s = stream_seconds + grace_seconds
         # A stream's response ends within stream_seconds; a slot is free by then.
         self.retry_after = max(1, round(stream_seconds))
         self.lock = threading.Lock()

@@ -28,6 +28,7 @@ import requests
 
 from server.cli.local.embedded_redis import free_port
 from server.cli.process_commands import gunicorn_argv
+from server.stream_slots import Refusal, StreamSlot, StreamSlots
 from shared import accounts
 from shared.db import transaction
 from shared.settings import Settings
@@ -308,3 +309,52 @@ def test_the_repositorys_nginx_config_in_front_of_gunicorn(
         proxy.terminate()
         proxy.wait(10)
         server.stop()
+
+
+# ---------------------------------------------------------------- the caps themselves
+
+
+def test_stream_slots_are_shared_by_processes_and_freed_on_release(redis_url: str) -> None:
+    settings = Settings(redis_url=redis_url, max_streams_per_user=2)
+    first, second = StreamSlots(settings), StreamSlots(settings)  # two web processes
+    a, b = first.acquire(1), second.acquire(1)
+    assert isinstance(a, StreamSlot) and isinstance(b, StreamSlot)
+    refused = first.acquire(1)
+    assert isinstance(refused, Refusal) and refused.retry_after > 0
+    assert "at most 2 per user" in refused.message
+    assert isinstance(second.acquire(2), StreamSlot), "another user has slots of their own"
+    b.release()
+    b.release()  # idempotent: the slot is not given back twice
+    assert isinstance(first.acquire(1), StreamSlot)
+    assert first.open == 2 and second.open == 1
+
+
+def test_a_dead_processs_stream_slots_expire(redis_url: str) -> None:
+    settings = Settings(redis_url=redis_url, max_streams_per_user=1)
+    crashed = StreamSlots(settings, stream_seconds=0.5, grace_seconds=0.5)
+    assert isinstance(crashed.acquire(7), StreamSlot)  # never released: the process died
+    survivor = StreamSlots(settings, stream_seconds=0.5, grace_seconds=0.5)
+    assert isinstance(survivor.acquire(7), Refusal)
+    deadline = time.monotonic() + 20
+    while isinstance(slot := survivor.acquire(7), Refusal):
+        assert time.monotonic() < deadline, "the dead process's slot never expired"
+        time.sleep(0.2)
+    slot.release()
+
+
+def test_stream_slots_per_process_cap_and_redis_down(redis_url: str) -> None:
+    slots = StreamSlots(Settings(redis_url=redis_url, max_streams_per_process=2))
+    taken = [slots.acquire(user) for user in (1, 2)]
+    refused = slots.acquire(3)
+    assert isinstance(refused, Refusal) and "this server" in refused.message
+    for slot in taken:
+        assert isinstance(slot, StreamSlot)
+        slot.release()
+    assert isinstance(slots.acquire(3), StreamSlot)
+    # Redis unreachable: streams are not refused for it (the per-process cap still holds).
+    down = StreamSlots(
+        Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", max_streams_per_user=1)
+    )
+    first, second = down.acquire(1), down.acquire(1)
+    assert isinstance(first, StreamSlot) and isinstance(second, StreamSlot)
+    first.release()
