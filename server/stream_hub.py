@@ -12,7 +12,8 @@ that went away by its socket becoming readable with EOF. See docs/architecture.m
 "Live job pages".
 
 What the hub costs per stream is a socket, a small buffer and one short poll of the
-database per `POLL_SECONDS`, made in this thread: the polls of all streams of a process
+database per `POLL_SECONDS` (less often while a stream's polls find nothing new: a
+queued job, a long epoch), made in this thread: the polls of all streams of a process
 are serialised here, so their work competes with requests for the interpreter only as
 much as one thread can. A client that stops reading (its buffer past `MAX_BUFFER_BYTES`)
 or a stream whose step fails is closed; the browser reconnects with its cursor.
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 MAX_BUFFER_BYTES = 1 << 20
 # The loop wakes at least this often, to run streams that are due.
 MAX_WAIT_SECONDS = 1.0
+# A stream whose polls keep finding nothing new (a queued job, a long epoch) is polled
+# less often: its wait grows by one poll interval per this many empty polls, up to
+# QUIET_MAX_FACTOR times the interval. Anything new brings it back to every interval.
+QUIET_POLLS_PER_STEP = 5
+QUIET_MAX_FACTOR = 3
 
 
 # Where a stream view leaves its `HandOff` in the WSGI environ for the worker class.
@@ -62,6 +68,7 @@ class _Stream:
     due: float = 0.0
     finished: bool = False
     writing: bool = False
+    quiet: int = 0  # polls in a row that sent nothing but keep-alives
 
 
 class StreamHub:
@@ -182,6 +189,7 @@ class StreamHub:
 
     def _advance(self, stream: _Stream) -> None:
         """Run the stream's steps up to its next wait, then send what they produced."""
+        news = False
         while True:
             try:
                 step = next(stream.steps)
@@ -194,8 +202,11 @@ class StreamHub:
                 break
             if isinstance(step, str):
                 stream.out += step.encode()
+                news = news or not step.startswith(":")
                 continue
-            stream.due = self._clock() + step
+            stream.quiet = 0 if news else stream.quiet + 1
+            slower = min(QUIET_MAX_FACTOR, 1 + stream.quiet // QUIET_POLLS_PER_STEP)
+            stream.due = self._clock() + step * slower
             break
         if len(stream.out) > MAX_BUFFER_BYTES:
             self._close(stream)

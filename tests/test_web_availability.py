@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ import requests
 
 from server.cli.local.embedded_redis import free_port
 from server.cli.process_commands import gunicorn_argv
+from server.stream_hub import StreamHub
 from server.stream_slots import Refusal, StreamSlot, StreamSlots
 from shared import accounts
 from shared.db import transaction
@@ -358,3 +360,70 @@ def test_stream_slots_per_process_cap_and_redis_down(redis_url: str) -> None:
     first, second = down.acquire(1), down.acquire(1)
     assert isinstance(first, StreamSlot) and isinstance(second, StreamSlot)
     first.release()
+
+
+# ---------------------------------------------------------------- the stream hub
+
+
+def _hub_stream(hub: StreamHub, steps: Iterator[str | float]) -> tuple[socket.socket, list[str]]:
+    """A connected pair: the server end given to `hub`, the client end returned."""
+    server_end, client_end = socket.socketpair()
+    closed: list[str] = []
+    hub.add(server_end, b"HTTP/1.1 200 OK\r\n\r\n", steps, lambda: closed.append("closed"))
+    client_end.settimeout(ANSWER_TIMEOUT_S)
+    return client_end, closed
+
+
+def _wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + ANSWER_TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_stream_hub_sends_steps_then_closes_and_releases() -> None:
+    hub = StreamHub()
+    hub.start()
+    try:
+        client, closed = _hub_stream(hub, iter(["retry: 1\n\n", 0.05, "event: a\n\n"]))
+        data = b""
+        while chunk := client.recv(4096):
+            data += chunk
+        assert data == b"HTTP/1.1 200 OK\r\n\r\nretry: 1\n\nevent: a\n\n"
+        _wait_for(lambda: closed == ["closed"])
+
+        def forever() -> Iterator[str | float]:
+            while True:
+                yield "event: tick\n\n"
+                yield 0.05
+
+        # A client that leaves: its stream is closed and its slot released.
+        gone, gone_closed = _hub_stream(hub, forever())
+        assert gone.recv(4096).startswith(b"HTTP/1.1 200")
+        gone.close()
+        _wait_for(lambda: gone_closed == ["closed"])
+
+        # A client that never reads: dropped once its backlog passes the buffer limit.
+        def flood() -> Iterator[str | float]:
+            while True:
+                yield "data: " + "x" * 65536 + "\n\n"
+                yield 0.0
+
+        stuck, stuck_closed = _hub_stream(hub, flood())
+        _wait_for(lambda: stuck_closed == ["closed"])
+        stuck.close()
+
+        # Steps that fail: that stream ends, the hub goes on.
+        def broken() -> Iterator[str | float]:
+            yield "retry: 1\n\n"
+            raise RuntimeError("bug")
+
+        bad, bad_closed = _hub_stream(hub, broken())
+        _wait_for(lambda: bad_closed == ["closed"])
+        bad.close()
+        again, _ = _hub_stream(hub, iter(["event: b\n\n"]))
+        assert again.recv(4096).endswith(b"event: b\n\n")
+        assert hub._thread.is_alive()
+    finally:
+        hub.stop()
+    assert not hub._thread.is_alive()
