@@ -157,6 +157,11 @@ class TrainyardWorker(ThreadWorker):
             handoff.taken = True
             if hasattr(body, "close"):
                 body.close()  # never iterated: the hub drives the steps
+            if environ.get("REQUEST_METHOD") != "GET":
+                # HEAD: the head alone, from gunicorn as usual; nothing to stream.
+                handoff.on_close()
+                start_response(status, headers)
+                return []
             sock = environ["gunicorn.socket"]
             # gunicorn's response object sends nothing more: its head is "sent" (by the
             # hub) and the connection ends with the stream, which frames the body.

@@ -427,3 +427,21 @@ def test_stream_hub_sends_steps_then_closes_and_releases() -> None:
     finally:
         hub.stop()
     assert not hub._thread.is_alive()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_head_of_a_stream_holds_nothing(
+    settings: Settings, accounts_and_job: dict[str, int], tmp_path: Path
+) -> None:
+    """HEAD gets the stream's head at once and gives its slot back (a body iterated in a
+    request thread for HEAD would hold that thread for the stream's 30 s)."""
+    server = Gunicorn(settings, tmp_path, TRAINYARD_MAX_STREAMS_PER_USER="1")
+    try:
+        alice = log_in(server.url, "alice")
+        url = f"{server.url}/jobs/{accounts_and_job['job']}/stream"
+        for _ in range(3):  # one slot: each HEAD must have given it back
+            resp = alice.head(url, timeout=ANSWER_TIMEOUT_S)
+            assert resp.status_code == 200 and resp.content == b""
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+    finally:
+        server.stop()
