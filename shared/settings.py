@@ -79,24 +79,6 @@ class Settings(BaseSettings):
     default_runtime_s_per_admin: int = Field(default=24 * 3600, ge=1)
     max_runtime_s_per_user: int = Field(default=24 * 3600, ge=1)
     max_runtime_s_per_admin: int = Field(default=30 * 24 * 3600, ge=1)
-    # Admission limits (shared/limits.py; README "Admission limits"): what one job may ask
-    # for, checked at submission against the spec and its estimated memory
-    # (shared/job_estimate.py). Members get the *_per_user values, admins the *_per_admin
-    # ones; an admin raises one user's in users.limits under the *_per_user name, with
-    # `trainyard user limits` or PATCH /api/v1/users/<name>/limits.
-    max_params_per_user: int = Field(default=100_000_000, ge=1)
-    max_params_per_admin: int = Field(default=2_000_000_000, ge=1)
-    max_memory_gib_per_user: float = Field(default=16.0, gt=0)
-    max_memory_gib_per_admin: float = Field(default=64.0, gt=0)
-    max_batch_size_per_user: int = Field(default=8192, ge=1)
-    max_batch_size_per_admin: int = Field(default=65_536, ge=1)
-    max_epochs_per_user: int = Field(default=1000, ge=1)
-    max_epochs_per_admin: int = Field(default=10_000, ge=1)
-    # max_runtime_s given to a job whose spec sets none, and the most a spec may set.
-    default_runtime_s_per_user: int = Field(default=6 * 3600, ge=1)
-    default_runtime_s_per_admin: int = Field(default=24 * 3600, ge=1)
-    max_runtime_s_per_user: int = Field(default=24 * 3600, ge=1)
-    max_runtime_s_per_admin: int = Field(default=30 * 24 * 3600, ge=1)
     # Live job pages (docs/architecture.md, "Live job pages"): open streams per user,
     # across every web process (counted in Redis), and per web process (each stream is a
     # socket and one database poll a second in that process). Over either: 429.
