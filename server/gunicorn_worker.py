@@ -33,16 +33,21 @@ from typing import Any
 
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-# Headers larger than this go to a request thread as they are, where gunicorn's parser
-# refuses them with its own limits (limit_request_line, limit_request_field_size).
+# A header block larger than this is refused (431) without a request thread: no real
+# browser or client sends one (nginx's default allows 32 KiB), and handing a partial
+# block to a thread would let a client trickle the rest while holding it.
 MAX_HEADER_BYTES = 64 * 1024
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
+    b"Connection: close\r\n\r\n"
+)
 _DETACHED = object()
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 def _headers_complete(buf: bytearray) -> bool:
-    return b"\r\n\r\n" in buf or b"\n\n" in buf or len(buf) > MAX_HEADER_BYTES
+    return b"\r\n\r\n" in buf or b"\n\n" in buf
 
 
 class TrainyardWorker(ThreadWorker):
@@ -113,12 +118,22 @@ class TrainyardWorker(ThreadWorker):
         buf: bytearray = conn.header_buf  # type: ignore[attr-defined]
         buf += data
         if not _headers_complete(buf):
+            if len(buf) > MAX_HEADER_BYTES:
+                with contextlib.suppress(OSError):
+                    conn.sock.send(_TOO_LARGE)
+                self._drop_reading(conn)
             return
         self.poller.unregister(conn.sock)
         self.reading.remove(conn)
-        conn.sock.setblocking(True)
-        conn.init()  # plain HTTP/1.x here: creates the parser, reads nothing
-        conn.parser.unreader.unread(bytes(buf))
+        try:
+            conn.sock.setblocking(True)
+            conn.init()  # plain HTTP/1.x here: creates the parser, reads nothing
+            conn.parser.unreader.unread(bytes(buf))
+        except Exception:  # noqa: BLE001 - one bad connection, not the worker's loop
+            self.log.debug("dropping a connection that could not start", exc_info=True)
+            self.nr_conns -= 1
+            conn.close()
+            return
         conn.data_ready = True
         self.enqueue_req(conn)
 
@@ -132,7 +147,8 @@ class TrainyardWorker(ThreadWorker):
     def murder_pending(self) -> None:
         super().murder_pending()
         now = time.monotonic()
-        while self.reading and self.reading[0].timeout <= now:
+        # A stopping worker serves no new request: it does not wait for headers either.
+        while self.reading and (self.reading[0].timeout <= now or not self.alive):
             self._drop_reading(self.reading[0])
 
     # ------------------------------------------------------------------ streams

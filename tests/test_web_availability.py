@@ -14,6 +14,7 @@ Nothing here asserts a timing: each request must complete within a generous time
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -443,5 +444,29 @@ def test_head_of_a_stream_holds_nothing(
             resp = alice.head(url, timeout=ANSWER_TIMEOUT_S)
             assert resp.status_code == 200 and resp.content == b""
             assert resp.headers["Content-Type"].startswith("text/event-stream")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_oversized_header_blocks_are_refused_without_a_thread(
+    settings: Settings, tmp_path: Path
+) -> None:
+    server = Gunicorn(settings, tmp_path)
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=ANSWER_TIMEOUT_S)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        # 80 KiB of headers and never the blank line (then it would trickle the rest).
+        for i in range(10):
+            sock.sendall(f"X-Big-{i}: {'a' * 8000}\r\n".encode())
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(4096):
+                answer += chunk
+        # A 431, or a reset when the close lands before the answer is read (the unread
+        # headers make the kernel reset the connection): closed either way.
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 431"), answer[:200]
+        sock.close()
+        assert requests.get(server.url + "/healthz", timeout=ANSWER_TIMEOUT_S).status_code == 200
     finally:
         server.stop()
