@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from shared.db import get_engine
 from shared.orm import User
@@ -29,18 +31,11 @@ def settings(db_url: str, redis_url: str, tmp_path: Path) -> Settings:
 
 
 def test_a_refused_stream_pauses_live_updates_and_retries_slowly(ui: Ui, db_url: str) -> None:
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
-
     with Session(get_engine(db_url)) as s:
         owner = s.scalar(select(User.id).where(User.username == ui.username))
     [job_id] = add_jobs(db_url, [{"owner": owner, "state": "running", "name": "watched"}])
     ui.goto(f"/jobs/{job_id}")
-    status = ui.page.locator("#live-status")  # type: ignore[attr-defined]
-    status.wait_for()
-    ui.page.wait_for_function(  # type: ignore[attr-defined]
-        "document.getElementById('live-status').dataset.status === 'live'", polling=200
-    )
+    ui.page.locator('#live-status[data-status="live"]').wait_for()  # type: ignore[attr-defined]
 
     # A second tab of the same user: its stream gets 429.
     second = ui.page.context.new_page()  # type: ignore[attr-defined]
@@ -52,11 +47,7 @@ def test_a_refused_stream_pauses_live_updates_and_retries_slowly(ui: Ui, db_url:
             f"/jobs/{job_id}/stream") else None,
     )  # fmt: skip
     second.goto(ui.base + f"/jobs/{job_id}")
-    # Polled: a page in the background draws no animation frames to wait on.
-    second.wait_for_function(
-        "document.getElementById('live-status').textContent.startsWith('Live updates paused')",
-        polling=200,
-    )
+    second.locator("#live-status", has_text="Live updates paused").wait_for()
     # The page still works without live updates: its job, timeline and actions are there.
     assert second.locator("#job-page").get_attribute("data-state") == "running"
     assert second.get_by_role("button", name="Cancel").count() == 1
