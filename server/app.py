@@ -17,6 +17,7 @@ from server import (
     database,
     enqueue,
     openapi,
+    quotas,
     timeline_api,
     tokens_api,
     uploads_api,
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     database.init_app(app)
     enqueue.init_app(app, settings)
     auth.init_app(app, settings)
+    quotas.check_rate_settings(settings)
     register_error_handlers(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(uploads_api.bp)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from server import api_schemas as schemas
+from server import quotas
 from server.access import find_visible_upload
 from server.auth import api_user, authenticate_api_request
 from server.database import get_session
@@ -18,7 +20,8 @@ from server.errors import ApiError
 from server.openapi import operation
 from server.params import NoQuery, UploadQuery, check_path_ids, parse_query
 from server.serialize import iso
-from shared.csv_profile import CsvProblem, profile_csv
+from shared import job_files
+from shared.csv_profile import CsvProblem, CsvProfile, profile_lines
 from shared.invisible_chars import strip_invisible
 from shared.orm import Upload
 from shared.settings import Settings
@@ -45,8 +48,12 @@ def upload_to_json(upload: Upload) -> dict[str, Any]:
     }
 
 
-def _read_upload(query: UploadQuery) -> tuple[str, bytes]:
-    """(filename, bytes) from a multipart `file` field or a raw text/csv body."""
+def _upload_stream(query: UploadQuery) -> tuple[str, BinaryIO]:
+    """(filename, a stream of the file) from a multipart `file` field or a raw text/csv body.
+
+    Neither is read into memory here: werkzeug spools a multipart file to disk, and a
+    raw body is read from the socket as it is copied.
+    """
     if request.mimetype == "multipart/form-data":
         file = request.files.get("file")
         if file is None:
@@ -56,9 +63,9 @@ def _read_upload(query: UploadQuery) -> tuple[str, bytes]:
                 "no file in the request",
                 {"file": "send the CSV as the form field 'file'"},
             )
-        return file.filename or "upload.csv", file.read()
+        return file.filename or "upload.csv", file.stream
     if request.mimetype in CSV_BODY_TYPES:
-        return query.filename or "upload.csv", request.get_data()
+        return query.filename or "upload.csv", request.stream
     raise ApiError(
         415, "unsupported_media_type", "send multipart/form-data with a 'file' field, or a text/csv body",
         {"Content-Type": f"unsupported content type {request.mimetype or 'none'!r}; "
@@ -75,15 +82,6 @@ def _clean_filename(filename: str) -> str:
     return name[:255] or "upload.csv"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 _CSV_SCHEMA = {"type": "string", "format": "binary", "description": "the CSV file (UTF-8)"}
 
 
@@ -95,9 +93,12 @@ _CSV_SCHEMA = {"type": "string", "format": "binary", "description": "the CSV fil
     ok={201: schemas.UploadResponse},
     errors={
         400: "An invalid query parameter, or a multipart form without its `file` field.",
-        413: "",
+        409: "The caller already keeps TRAINYARD_MAX_UPLOADS_PER_USER uploads.",
+        413: "Larger than TRAINYARD_MAX_UPLOAD_BYTES, or past the caller's "
+        "TRAINYARD_MAX_UPLOAD_BYTES_PER_USER quota.",
         415: "",
         422: "The file is not a usable UTF-8 CSV.",
+        429: "More uploads than TRAINYARD_UPLOAD_RATE_LIMIT allows.",
     },
     validate=False,  # multipart or a raw body: read by the view
     extra={
@@ -114,47 +115,63 @@ def create_upload() -> ResponseReturnValue:
     """Upload a CSV for the `csv` dataset.
 
     As the multipart form field `file`, or as a raw `text/csv` body (with `filename`).
-    The size limit is TRAINYARD_MAX_UPLOAD_BYTES.
+    The size limit is TRAINYARD_MAX_UPLOAD_BYTES; the file is parsed as it streams in
+    and kept in a compact typed form (shared/column_store.py), not as text.
     """
     query = parse_query(UploadQuery)
     settings: Settings = current_app.config["TRAINYARD_SETTINGS"]
+    user = api_user()
+    raw_body = request.mimetype in CSV_BODY_TYPES
+    quotas.check_upload_allowed(user, request.content_length if raw_body else None)
     request.max_content_length = settings.max_upload_bytes
-    filename, data = _read_upload(query)
+    filename, stream = _upload_stream(query)
+    uploads_dir = settings.uploads_dir
     try:
-        text = data.decode("utf-8-sig")
+        incoming, size = job_files.receive_upload(stream, uploads_dir, settings.max_upload_bytes)
+    except job_files.UploadTooLarge:
+        raise RequestEntityTooLarge() from None
+    try:
+        quotas.check_upload_bytes(user, size)
+        profile = _profile(incoming)
+        session = get_session()
+        upload = Upload(
+            owner_id=user.id,
+            filename=_clean_filename(filename),
+            size_bytes=size,
+            rows=profile.rows,
+            columns=[
+                {"name": c.name, "numeric": c.numeric, "distinct": c.distinct}
+                for c in profile.columns
+            ],
+            storage_format="columns",
+        )
+        session.add(upload)
+        session.flush()  # the id names the file
+        try:
+            job_files.store_upload_columns(uploads_dir, upload.id, incoming, profile)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            job_files.delete_upload_files(uploads_dir, upload.id)
+            raise
+    finally:
+        incoming.unlink(missing_ok=True)
+    return jsonify(upload_to_json(upload)), 201, {"Location": f"/api/v1/uploads/{upload.id}"}
+
+
+def _profile(path: Path) -> CsvProfile:
+    """The CSV rules applied to the received file, streaming; 422 naming `file` when it fails."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return profile_lines(f)
     except UnicodeDecodeError:
         raise ApiError(
             422, "invalid_csv", "the file is not UTF-8 text", {"file": "must be UTF-8 encoded CSV"}
         ) from None
-    try:
-        profile = profile_csv(text)
     except CsvProblem as exc:
         raise ApiError(
             422, "invalid_csv", f"not a usable CSV file: {exc}", {"file": str(exc)}
         ) from None
-
-    session = get_session()
-    upload = Upload(
-        owner_id=api_user().id,
-        filename=_clean_filename(filename),
-        size_bytes=len(data),
-        rows=profile.rows,
-        columns=[
-            {"name": c.name, "numeric": c.numeric, "distinct": c.distinct} for c in profile.columns
-        ],
-    )
-    session.add(upload)
-    session.flush()  # the id names the file
-    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
-    path = settings.uploads_dir / f"{upload.id}.csv"
-    try:
-        _write_atomically(path, data)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        path.unlink(missing_ok=True)
-        raise
-    return jsonify(upload_to_json(upload)), 201, {"Location": f"/api/v1/uploads/{upload.id}"}
 
 
 @bp.get("/<int:upload_id>")

@@ -80,28 +80,58 @@ def read_records(lines: Iterable[str]) -> tuple[list[str], Iterator[tuple[int, l
 class CsvProfile:
     rows: int
     columns: tuple[ColumnInfo, ...]
+    # Per column: the sorted distinct values when there are at most MAX_CSV_CLASSES
+    # (a classification target's labels), else None.
+    labels: tuple[tuple[str, ...] | None, ...] = ()
+    # Per column: the 0-based data row of its first empty cell, or None.
+    first_missing: tuple[int | None, ...] = ()
 
 
-def profile_csv(text: str) -> CsvProfile:
-    """Scan a file once, keeping only per-column counters (uploads can be large)."""
-    header, records = read_records(io.StringIO(text, newline=""))
-    numeric = [True] * len(header)
-    missing = [0] * len(header)
-    distinct: list[set[str]] = [set() for _ in header]
+def profile_records(header: list[str], records: Iterable[tuple[int, list[str]]]) -> CsvProfile:
+    """Scan the records once, keeping only per-column counters (uploads can be large).
+
+    Memory does not grow with the number of rows: at most MAX_CSV_CLASSES + 1 distinct
+    values are kept per column, and a column's set is dropped once it has more.
+    """
+    width = len(header)
+    numeric = [True] * width
+    missing = [0] * width
+    first_missing: list[int | None] = [None] * width
+    distinct: list[set[str] | None] = [set() for _ in header]
+    overflowed = [False] * width
     rows = 0
     for _line, values in records:
-        rows += 1
         for i, value in enumerate(values):
             if not value:
+                if first_missing[i] is None:
+                    first_missing[i] = rows
                 missing[i] += 1
                 continue
             if numeric[i] and not parses_as_number(value):
                 numeric[i] = False
-            if len(distinct[i]) <= MAX_CSV_CLASSES:
-                distinct[i].add(value)
+            seen = distinct[i]
+            if seen is not None:
+                seen.add(value)
+                if len(seen) > MAX_CSV_CLASSES:
+                    distinct[i] = None
+                    overflowed[i] = True
+        rows += 1
     if rows == 0:
         raise CsvProblem("the file has a header but no rows")
+    counts = [MAX_CSV_CLASSES + 1 if overflowed[i] else len(distinct[i] or ()) for i in range(width)]
     columns = tuple(
-        ColumnInfo(name, numeric[i], len(distinct[i]), missing[i]) for i, name in enumerate(header)
+        ColumnInfo(name, numeric[i], counts[i], missing[i]) for i, name in enumerate(header)
     )
-    return CsvProfile(rows=rows, columns=columns)
+    labels = tuple(None if seen is None else tuple(sorted(seen)) for seen in distinct)
+    return CsvProfile(rows, columns, labels, tuple(first_missing))
+
+
+def profile_lines(lines: Iterable[str]) -> CsvProfile:
+    """Profile a CSV read line by line (a text file opened with newline="")."""
+    header, records = read_records(lines)
+    return profile_records(header, records)
+
+
+def profile_csv(text: str) -> CsvProfile:
+    """Profile a CSV held in memory (small files; uploads stream through profile_lines)."""
+    return profile_lines(io.StringIO(text, newline=""))

@@ -4,17 +4,24 @@ The worker writes under `job_dir` (checkpoints in `attempt-<n>/`, the job log in
 `job.log`); the web lists, tails and serves them. Everything here takes paths or names
 that may come straight from an HTTP request, so nothing may read outside the job's
 directory or block on a huge file. Pure stdlib: the web imports this without torch.
+
+Uploads live here too (`upload_file`): the web receives and stores them, the worker
+reads them, and deleting an upload or a finished job's files goes through here.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
+import shutil
 import stat
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from shared.column_store import write_column_file
+from shared.csv_profile import CsvProfile
 from shared.settings import Settings
 
 LOG_NAME = "job.log"
@@ -192,3 +199,103 @@ def _plain_relative_name(name: object) -> bool:
     if any(part in ("", ".", "..") for part in parts):
         return False
     return not name.endswith(TMP_SUFFIX)
+
+
+# ---------------------------------------------------------------- uploads
+
+# An upload's file name by storage format (uploads.storage_format): "csv" is the raw
+# file as older versions kept it; "columns" is shared/column_store.py's compact form.
+UPLOAD_SUFFIXES = {"csv": ".csv", "columns": ".cols"}
+COPY_CHUNK = 1 << 20
+
+
+def upload_file(uploads_dir: Path, upload_id: int, storage_format: str) -> Path:
+    """Where an upload stored in `storage_format` lives."""
+    return Path(uploads_dir) / f"{upload_id}{UPLOAD_SUFFIXES[storage_format]}"
+
+
+def find_upload_file(uploads_dir: Path, upload_id: int) -> tuple[Path, str] | None:
+    """The upload's file and its format, the compact form first; None when neither exists.
+
+    The worker has no database: it asks the directory which form an upload is in.
+    """
+    for storage_format in ("columns", "csv"):
+        path = upload_file(uploads_dir, upload_id, storage_format)
+        if path.is_file():
+            return path, storage_format
+    return None
+
+
+def _private_tmp(directory: Path, stem: str) -> tuple[int, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f".{stem}.{os.getpid()}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), path
+
+
+def receive_upload(stream: BinaryIO, uploads_dir: Path, max_bytes: int) -> tuple[Path, int]:
+    """Copy a request body to a private temporary file in chunks: (its path, its size).
+
+    Memory stays at one chunk whatever the size. More than `max_bytes` raises
+    UploadTooLarge (the file is removed); the caller removes the file when done.
+    """
+    fd, path = _private_tmp(Path(uploads_dir), "incoming")
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := stream.read(COPY_CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise UploadTooLarge(max_bytes)
+                out.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, size
+
+
+class UploadTooLarge(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"larger than {limit} bytes")
+        self.limit = limit
+
+
+def store_upload_columns(
+    uploads_dir: Path, upload_id: int, csv_path: Path, profile: CsvProfile
+) -> Path:
+    """Write the compact form of a profiled CSV as the upload's file (atomically, 0600)."""
+    final = upload_file(uploads_dir, upload_id, "columns")
+    fd, tmp = _private_tmp(Path(uploads_dir), str(upload_id))
+    try:
+        with os.fdopen(fd, "wb") as out, open(csv_path, encoding="utf-8-sig", newline="") as f:
+            write_column_file(f, profile, out)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def delete_upload_files(uploads_dir: Path, upload_id: int) -> int:
+    """Remove every stored form of an upload; the bytes freed."""
+    freed = 0
+    for storage_format in UPLOAD_SUFFIXES:
+        path = upload_file(uploads_dir, upload_id, storage_format)
+        freed += _size(path)
+        path.unlink(missing_ok=True)
+    return freed
+
+
+def delete_job_files(settings: Settings, job_id: int) -> int:
+    """Remove a job's directory (checkpoints, exports, its log); the bytes freed.
+
+    Symlinks inside are unlinked, never followed, so nothing outside the directory goes.
+    """
+    root = job_dir(settings, job_id)
+    if root.is_symlink():
+        root.unlink()
+        return 0
+    if not root.is_dir():
+        return 0
+    freed = sum(item["size_bytes"] for item in list_artifacts(root))
+    shutil.rmtree(root, ignore_errors=True)
+    return freed

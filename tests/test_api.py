@@ -8,6 +8,7 @@ import pytest
 import redis
 from sqlalchemy import insert
 
+from shared.column_store import read_column_file
 from shared.db import transaction
 from shared.orm import Job, MetricPoint
 from shared.settings import Settings
@@ -318,7 +319,10 @@ def test_csv_upload_then_train_spec(client, settings: Settings) -> None:  # type
     assert [(c["name"], c["numeric"]) for c in upload["columns"]] == [
         ("area", True), ("rooms", True), ("city", False), ("price", True)
     ]  # fmt: skip
-    assert (settings.uploads_dir / f"{upload['id']}.csv").read_text() == CSV
+    # Kept in the compact typed form (shared/column_store.py), not as text.
+    assert not (settings.uploads_dir / f"{upload['id']}.csv").exists()
+    stored = read_column_file(settings.uploads_dir / f"{upload['id']}.cols")
+    assert stored.rows == 40 and stored.column("city").labels == ("a", "b")
     assert client.get(f"/api/v1/uploads/{upload['id']}").get_json() == upload
 
     regression = train_spec(

@@ -353,8 +353,8 @@ def test_csv_classification(paths: DataPaths) -> None:
     raw = load("csv", params, normalize="none", paths=paths)
     assert torch.equal(raw.train.y, (raw.train.x[:, 0] / 3).round().long())
     # The server computes the same info from its upload scan.
-    table = csv_table.read_csv_table(paths.uploads_dir / "7.csv")
-    upload = csv_table.upload_info(7, "7.csv", table)
+    with csv_table.open_upload(paths.uploads_dir, 7) as table:
+        upload = csv_table.upload_info(7, table)
     ctx = CatalogContext(data_dir=paths.data_dir, find_upload=lambda _id: upload)
     assert resolve_dataset("csv", params, ctx) == splits.info
     only = load("csv", CsvParams(upload_id=7, target="species", features=["width"]), paths=paths)
@@ -367,8 +367,8 @@ def test_csv_regression_and_column_rules(paths: DataPaths) -> None:
     assert splits.info.task == "regression" and splits.info.num_classes == 0
     assert splits.info.input_shape == (2,)  # height, width
     check_shapes(splits)
-    table = csv_table.read_csv_table(paths.uploads_dir / "8.csv")
-    info = {c.name: c for c in csv_table.upload_info(8, "8.csv", table).columns}
+    with csv_table.open_upload(paths.uploads_dir, 8) as table:
+        info = {c.name: c for c in csv_table.upload_info(8, table).columns}
     assert info["width"].numeric  # names and values are stripped; empty values do not count
     assert not info["name"].numeric and not info["species"].numeric
     assert info["species"].distinct == 3 and table.rows == 40
@@ -510,3 +510,56 @@ def test_rotation_is_a_rotation_on_non_square_images() -> None:
     var_x, var_y, cov = _moments(augment_batch(bar, AugmentSpec(rotation_degrees=45), gen), yy, xx)
     angle = torch.rad2deg(0.5 * torch.atan2(2 * cov, var_x - var_y))
     assert angle.abs().max() <= 46 and angle.max() > 25 and angle.min() < -25
+
+
+def _store_columns(paths: DataPaths, upload_id: int, rows: list[list[object]]) -> None:
+    """Store an upload as the server does now: the compact form, no CSV kept."""
+    from shared.csv_profile import profile_lines
+    from shared.job_files import store_upload_columns
+
+    source = write_csv(paths.uploads_dir / f"source-{upload_id}.txt", rows)
+    with source.open(newline="", encoding="utf-8") as f:
+        profile = profile_lines(f)
+    store_upload_columns(paths.uploads_dir, upload_id, source, profile)
+    source.unlink()
+
+
+@pytest.mark.parametrize(
+    ("target", "task"), [("species", "classification"), ("price", "regression")]
+)
+def test_stored_columns_train_exactly_like_the_old_csv_form(
+    paths: DataPaths, target: str, task: str
+) -> None:
+    rows = _csv_rows(60)
+    rows[7][0] = "1e39"  # beyond float32: infinity, then filled like any non-finite feature
+    write_csv(paths.uploads_dir / "20.csv", rows)  # an upload stored before revision 0008
+    _store_columns(paths, 21, rows)
+    assert not (paths.uploads_dir / "21.csv").exists()
+    old = load("csv", CsvParams(upload_id=20, target=target, task=task), paths=paths)
+    new = load("csv", CsvParams(upload_id=21, target=target, task=task), paths=paths)
+    assert old.info == new.info
+    for name in ("train", "val", "test"):
+        assert torch.equal(getattr(old, name).x, getattr(new, name).x)
+        assert torch.equal(getattr(old, name).y, getattr(new, name).y)
+
+
+def test_stored_columns_keep_the_csv_rules(paths: DataPaths) -> None:
+    rows = _csv_rows()
+    rows[3][3] = ""  # an empty target cell: reported by data row, as from the CSV
+    _store_columns(paths, 30, rows)
+    with pytest.raises(UserError, match="1 empty cells"):
+        load("csv", CsvParams(upload_id=30, target="species"), paths=paths)
+    rows = _csv_rows()
+    rows[4][4] = "inf"
+    _store_columns(paths, 31, rows)
+    with pytest.raises(UserError, match="not a finite number in data row 4"):
+        load("csv", CsvParams(upload_id=31, target="price", task="regression"), paths=paths)
+    with csv_table.open_upload(paths.uploads_dir, 31) as table:
+        by_name = {c.name: c for c in table.columns}
+    # Text with few values keeps its labels (a possible target); numbers keep float32.
+    assert by_name["species"].labels == ("setosa", "versicolor", "virginica")
+    assert by_name["species"].values_offset is None and by_name["price"].values_offset
+    assert by_name["name"].labels is not None and by_name["width"].missing == 1
+    (paths.uploads_dir / "32.cols").write_bytes(b"TYCOLS01" + b"\xff" * 8)
+    with pytest.raises(UserError, match="cannot read upload 32"):
+        load("csv", CsvParams(upload_id=32, target="price"), paths=paths)

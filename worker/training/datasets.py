@@ -9,9 +9,10 @@ exactly the size the catalog reports at submission.
 Loading and splitting happen once per process (per dataset, params and val_fraction):
 the raw arrays are cached, later jobs only copy them to the device and normalize.
 Files: MNIST-like IDX and CIFAR-10 batches under DataPaths.data_dir, uploaded CSV files
-under DataPaths.uploads_dir. A CSV column is numeric when every non-empty value
-(whitespace stripped) parses with Python's float(); the server's upload scan uses the
-same rule; data/csv_table.py states all of them.
+under DataPaths.uploads_dir (the compact column form of shared/column_store.py, or a raw
+CSV stored before it). A CSV column is numeric when every non-empty value (whitespace
+stripped) parses with Python's float(); the server's upload scan uses the same rule;
+shared/csv_profile.py states all of them.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from sklearn.model_selection import train_test_split
 
 from shared.dataset_catalog import (
     DATASETS,
-    CatalogContext,
     DEFAULT_MAX_DATASET_FILE_BYTES,
+    CatalogContext,
     CsvParams,
     DatasetInfo,
     resolve_dataset,
 )
+from shared.job_files import find_upload_file
 from shared.schema_base import CatalogError
 from worker.training.data import csv_table, readers, synthetic
 from worker.training.data.augment import augment_batch  # re-exported: the data API in one place
@@ -63,7 +65,7 @@ PIXEL_MAX = {"digits": 16.0, "mnist": 255.0, "fashion_mnist": 255.0, "cifar10": 
 @dataclass(frozen=True)
 class DataPaths:
     data_dir: Path  # TRAINYARD_DATA_DIR: mnist/, fashion_mnist/, cifar-10-batches-py/
-    uploads_dir: Path  # CSV uploads as <upload_id>.csv
+    uploads_dir: Path  # uploads as <upload_id>.cols (or .csv when stored before 0008)
     # TRAINYARD_MAX_DATASET_FILE_BYTES: no dataset file is read past this.
     max_file_bytes: int = DEFAULT_MAX_DATASET_FILE_BYTES
 
@@ -156,7 +158,8 @@ _LOADERS: dict[str, Callable[[Any, DataPaths | None], Raw]] = {
 
 
 def _upload_path(params: CsvParams, paths: DataPaths) -> Path:
-    return paths.uploads_dir / f"{params.upload_id}.csv"
+    found = find_upload_file(paths.uploads_dir, params.upload_id)
+    return found[0] if found else paths.uploads_dir / f"{params.upload_id}.csv"
 
 
 def _files(name: str, params: BaseModel, paths: DataPaths | None) -> list[Path]:
@@ -281,16 +284,15 @@ def _numpy_splits(
 
 
 def _load_csv(params: CsvParams, paths: DataPaths) -> tuple[DatasetInfo, np.ndarray, np.ndarray]:
-    path = _upload_path(params, paths)
-    table = csv_table.read_csv_table(path)
-    upload = csv_table.upload_info(params.upload_id, path.name, table)
-    ctx = CatalogContext(data_dir=paths.data_dir, find_upload=lambda _id: upload)
-    info = _resolve("csv", params, ctx)  # the server's checks, against the file as it is
-    names = params.features or [
-        c.name for c in upload.columns if c.numeric and c.name != params.target
-    ]
-    x = csv_table.feature_matrix(table, names)
-    y = csv_table.target_vector(table, params.target, params.task)
+    with csv_table.open_upload(paths.uploads_dir, params.upload_id) as table:
+        upload = csv_table.upload_info(params.upload_id, table)
+        ctx = CatalogContext(data_dir=paths.data_dir, find_upload=lambda _id: upload)
+        info = _resolve("csv", params, ctx)  # the server's checks, against the file as it is
+        names = params.features or [
+            c.name for c in upload.columns if c.numeric and c.name != params.target
+        ]
+        x = csv_table.feature_matrix(table, names)
+        y = csv_table.target_vector(table, params.target, params.task)
     return info, x, y
 
 

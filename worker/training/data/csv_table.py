@@ -1,81 +1,94 @@
-"""Reading an uploaded CSV file for training, by the rules in shared/csv_profile.py
-(the same rules the server applied when the file was uploaded)."""
+"""Reading an upload for training: its stored columns, by the rules in
+shared/csv_profile.py (the same rules the server applied when the file was uploaded).
+
+Uploads are stored in the compact form of shared/column_store.py, so only the feature
+and target columns are read, straight into float32/int arrays: memory is those arrays,
+not the text. An upload stored before that form existed (storage_format "csv") is
+converted to it first, streaming, into a temporary file: the same code path, the same
+bounded memory.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from shared.csv_profile import CsvProblem, parses_as_number, read_records
-from shared.dataset_catalog import MAX_CSV_CLASSES, ColumnInfo, UploadInfo
+from shared.column_store import ColumnFile, ColumnFileError, read_column_file
+from shared.csv_profile import CsvProblem, profile_lines
+from shared.dataset_catalog import ColumnInfo, UploadInfo
+from shared.job_files import find_upload_file, store_upload_columns
 from worker.training.errors import UserError
 
 
-@dataclass(frozen=True)
-class CsvTable:
-    header: tuple[str, ...]
-    columns: tuple[tuple[str, ...], ...]  # column-major: columns[j][i] is row i, column j
+@contextmanager
+def open_upload(uploads_dir: Path, upload_id: int) -> Iterator[ColumnFile]:
+    """The upload's stored columns, whichever form it was stored in."""
+    found = find_upload_file(uploads_dir, upload_id)
+    if found is None:
+        raise UserError(f"upload {upload_id} is missing: no stored file (deleted?)")
+    path, storage_format = found
+    if storage_format == "columns":
+        try:
+            yield read_column_file(path)
+        except (OSError, ColumnFileError) as exc:
+            raise UserError(f"cannot read upload {upload_id}: {exc}") from None
+        return
+    with tempfile.TemporaryDirectory(prefix="trainyard-upload-") as tmp:
+        yield convert_csv(path, Path(tmp), upload_id)
 
-    @property
-    def rows(self) -> int:
-        return len(self.columns[0]) if self.columns else 0
 
-    def index(self, name: str) -> int:
-        return self.header.index(name)  # the first column of that name, like UploadInfo.column
-
-
-def read_csv_table(path: Path) -> CsvTable:
+def convert_csv(path: Path, directory: Path, upload_id: int) -> ColumnFile:
+    """Store a raw CSV upload in the compact form under `directory` (streaming, twice)."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            header, records = read_records(f)
-            rows = [values for _line, values in records]
+            profile = profile_lines(f)
+        return read_column_file(store_upload_columns(directory, upload_id, path, profile))
     except FileNotFoundError:
-        raise UserError(f"the uploaded file {path} is missing") from None
-    except (OSError, UnicodeDecodeError, CsvProblem) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    columns = (
-        tuple(tuple(col) for col in zip(*rows, strict=True)) if rows else tuple(() for _ in header)
-    )
-    return CsvTable(tuple(header), columns)
+        raise UserError(f"upload {upload_id} is missing: no stored file") from None
+    except (OSError, UnicodeDecodeError, CsvProblem, ColumnFileError) as exc:
+        raise UserError(f"cannot read upload {upload_id}: {exc}") from None
 
 
-def upload_info(upload_id: int, filename: str, table: CsvTable) -> UploadInfo:
-    """What the server stored for an upload (shared.csv_profile), recomputed from the file."""
-    columns = []
-    for name, values in zip(table.header, table.columns, strict=True):
-        present = [v for v in values if v]
-        distinct: set[str] = set()
-        for v in present:
-            distinct.add(v)
-            if len(distinct) > MAX_CSV_CLASSES:
-                break
-        numeric = all(parses_as_number(v) for v in present)
-        columns.append(ColumnInfo(name, numeric, len(distinct), len(values) - len(present)))
-    return UploadInfo(upload_id, filename, table.rows, tuple(columns))
+def upload_info(upload_id: int, table: ColumnFile) -> UploadInfo:
+    """What the server stored for an upload (shared.csv_profile), from the file's header."""
+    columns = tuple(ColumnInfo(c.name, c.numeric, c.distinct, c.missing) for c in table.columns)
+    return UploadInfo(upload_id, table.path.name, table.rows, columns)
 
 
-def feature_matrix(table: CsvTable, names: list[str]) -> np.ndarray:
+def _read(table: ColumnFile, offset: int, dtype: str) -> np.ndarray:
+    data = np.fromfile(table.path, dtype=dtype, count=table.rows, offset=offset)
+    if data.shape[0] != table.rows:
+        raise UserError(f"upload file {table.path.name} is truncated")
+    return data
+
+
+def feature_matrix(table: ColumnFile, names: list[str]) -> np.ndarray:
     """(rows, features) float32; missing and non-finite values are NaN (filled later)."""
     out = np.empty((table.rows, len(names)), dtype=np.float32)
     for j, name in enumerate(names):
-        values = [float(v) if v else math.nan for v in table.columns[table.index(name)]]
-        out[:, j] = values
+        column = table.column(name)
+        if column.values_offset is None:
+            raise UserError(f"feature column {name!r} is not numeric")
+        out[:, j] = _read(table, column.values_offset, "<f4")
     out[~np.isfinite(out)] = np.nan
     return out
 
 
-def target_vector(table: CsvTable, name: str, task: str) -> np.ndarray:
-    values = table.columns[table.index(name)]
-    empty = next((i for i, v in enumerate(values) if not v), None)
-    if empty is not None:
-        raise UserError(f"target column {name!r} is empty in data row {empty + 1}")
+def target_vector(table: ColumnFile, name: str, task: str) -> np.ndarray:
+    column = table.column(name)
+    if column.first_missing_row is not None:
+        raise UserError(f"target column {name!r} is empty in data row {column.first_missing_row + 1}")
     if task == "classification":
-        classes = {label: i for i, label in enumerate(sorted(set(values)))}
-        return np.array([classes[v] for v in values], dtype=np.int64)
-    y = np.array([float(v) for v in values], dtype=np.float32)
+        if column.codes_offset is None:
+            raise UserError(f"target column {name!r} has too many distinct values to classify")
+        return _read(table, column.codes_offset, "<u2").astype(np.int64)
+    if column.values_offset is None:
+        raise UserError(f"target column {name!r} is not numeric")
+    y = _read(table, column.values_offset, "<f4").astype(np.float32)
     bad = np.flatnonzero(~np.isfinite(y))
     if bad.size:
         raise UserError(f"target column {name!r} is not a finite number in data row {bad[0] + 1}")
