@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from html import unescape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from tests.conftest import as_user
 from tests.helpers import train_spec
 from tests.test_accounts_cli import db, env, migrated_db  # noqa: F401 - fixtures
 from tests.test_accounts_cli import run as cli_run
-from tests.test_authorization import session_client
+from tests.test_authorization import page_csrf_token, session_client
 from tests.test_submit_page import errors_text, page, post, set_name, set_value
 
 if TYPE_CHECKING:
@@ -226,6 +227,17 @@ def test_retry_is_held_to_the_limits_of_whoever_retries(
     resp = alice.post(f"/api/v1/jobs/{job_id}/retry")
     assert resp.status_code == 422
     assert resp.get_json()["error"]["fields"] == {"epochs": "50 is over the limit of 10"}
+    # From the job page: the refusal, field by field, on the page it was asked from.
+    page_client = session_client(app, db_url, users.alice)
+    token = page_csrf_token(page_client)
+    resp = page_client.post(f"/jobs/{job_id}/retry", data={"csrf_token": token})
+    assert resp.status_code == 303 and resp.headers["Location"] == f"/jobs/{job_id}"
+    # (The flash shows on whichever page comes next.)
+    shown = unescape(page_client.get("/submit").get_data(as_text=True))
+    assert (
+        "the job exceeds the limits of your account. epochs: 50 is over the limit of 10." in shown
+    )
+    assert job_count(db_url) == 1
     # An admin's retry is held to the admin's limits.
     assert as_user(app, users.admin).post(f"/api/v1/jobs/{job_id}/retry").status_code == 201
 

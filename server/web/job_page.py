@@ -206,8 +206,10 @@ def job_retry(job_id: int) -> ResponseReturnValue:
     try:
         new = submission.retry(job, g.user)
     except ApiError as exc:
-        # 409 (still running) or 429 (limits): said on the page it was asked from.
-        flash(f"Could not retry job #{job.id}: {exc.message}.", "error")
+        # 409 (still running), 429 (rate limits) or 422 (over the account's limits, each
+        # field said): on the page it was asked from.
+        detail = "".join(f" {field}: {text}." for field, text in exc.fields.items())
+        flash(f"Could not retry job #{job.id}: {exc.message}.{detail}", "error")
         return _back(job)
     flash(f"Retry of job #{job.id} queued as job #{new.id}.", "info")
     return redirect(url_for("web.job_detail", job_id=new.id), 303)
