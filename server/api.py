@@ -12,12 +12,13 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import IntegrityError
 
 from server import api_schemas as schemas
-from server import job_query, metric_series, submission
+from server import job_errors, job_query, metric_series, submission
 from server.access import visible_job
 from server.auth import api_user, authenticate_api_request
 from server.catalog import catalog_context
 from server.database import get_session
 from server.errors import ApiError
+from server.job_errors import viewer_is_admin
 from server.job_query import JobFilters, JobListPage, PageCursor
 from server.openapi import operation
 from server.params import (
@@ -284,6 +285,8 @@ def get_logs(job_id: int) -> ResponseReturnValue:
     query = parse_query(LogQuery)
     job = visible_job(job_id)
     lines, size = job_files.read_log_tail(job_files.log_path(_settings(), job.id), query.tail)
+    # A member gets no tracebacks or server paths; an admin every line (server/job_errors.py).
+    lines = job_errors.log_lines(lines, viewer_is_admin(), _settings())
     return jsonify({"job_id": job.id, "lines": lines, "size_bytes": size})
 
 

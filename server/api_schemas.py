@@ -78,7 +78,11 @@ class ErrorBody(ResponseModel):
 
 class JobError(ResponseModel):
     type: str | None = Field(description="e.g. UserError, WorkerLost, OutOfMemoryError")
-    message: str | None
+    message: str | None = Field(description="what went wrong, without server paths")
+    detail: str | None = Field(
+        default=None,
+        description="admins only: the full message and a code error's traceback",
+    )
 
 
 class KeyMetric(ResponseModel):

@@ -35,6 +35,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from server.job_errors import error_json
+from server.job_errors import log_lines as job_log_lines
 from server.metric_series import MAX_KEYS, NewPoints, points_after
 from server.params import MAX_ID
 from server.serialize import iso
@@ -89,8 +91,9 @@ class StreamCursor(BaseModel):
             return None
 
 
-def job_state(job: Job) -> dict[str, Any]:
-    """The `job` message: what the page's header and progress bar show."""
+def job_state(job: Job, admin: bool = False, settings: Settings | None = None) -> dict[str, Any]:
+    """The `job` message: what the page's header and progress bar show. A member's
+    error message has no server paths (server/job_errors.py)."""
     final = is_finished(job.state)
     metrics = (job.result or {}).get("metrics") or {}
     return {
@@ -102,11 +105,7 @@ def job_state(job: Job) -> dict[str, Any]:
         "worker": job.worker,
         "cancel_requested": job.cancel_requested,
         "progress": job.progress,
-        "error": (
-            {"type": job.error_type, "message": job.error_message}
-            if job.error_type or (job.state == "failed" and job.error_message)
-            else None
-        ),
+        "error": error_json(job, admin, settings),
         # Scalars only: an evaluate job's confusion matrix can be large, and the page
         # fetches itself again for the full result when the job ends.
         "result": (
@@ -138,25 +137,29 @@ class Poll:
         return bool(self.events) + bool(self.points) + bool(self.log_lines)
 
 
-def poll_once(db_url: str, settings: Settings, job_id: int, cursor: StreamCursor) -> Poll:
-    """Read what is new for the job past `cursor`, in one short session."""
+def poll_once(
+    db_url: str, settings: Settings, job_id: int, cursor: StreamCursor, admin: bool = False
+) -> Poll:
+    """Read what is new for the job past `cursor`, in one short session, as the viewer
+    may see it (`admin`: everything; a member: no tracebacks or server paths)."""
     with Session(get_engine(db_url)) as session:
         job = session.get(Job, job_id)
         if job is None:
             return Poll(job=None, log_offset=cursor.log)
-        state = job_state(job)
+        state = job_state(job, admin, settings)
         rows = session.scalars(
             select(JobEvent)
             .where(JobEvent.job_id == job_id, JobEvent.id > cursor.event)
             .order_by(JobEvent.id)
             .limit(MAX_EVENTS_PER_MESSAGE)
         ).all()
-        events = [event_to_json(e) for e in rows]
+        events = [event_to_json(e, admin, settings) for e in rows]
         points = points_after(session, job_id, cursor.metrics, limit=MAX_POINTS_PER_KEY)
     # The file is read after the session is closed: no connection waits on the disk.
     lines, offset = job_files.read_log_from(
         job_files.log_path(settings, job_id), cursor.log, LOG_BYTES_PER_POLL
     )
+    lines = job_log_lines(lines, admin, settings)
     return Poll(job=state, events=events, points=points, log_lines=lines, log_offset=offset)
 
 
@@ -220,6 +223,7 @@ def stream_steps(
     poll_seconds: float = POLL_SECONDS,
     heartbeat_seconds: float = HEARTBEAT_SECONDS,
     clock: Callable[[], float] = time.monotonic,
+    admin: bool = False,
 ) -> Iterator[str | float]:
     """The body of one SSE response as steps: a `str` is a message to send, a `float` the
     seconds to wait before asking for the next step. It never sleeps itself, so one
@@ -232,7 +236,7 @@ def stream_steps(
     drain_polls = 0
     while True:
         try:
-            poll = poll_once(db_url, settings, job_id, cursor)
+            poll = poll_once(db_url, settings, job_id, cursor, admin)
         except SQLAlchemyError:
             # The browser reconnects in RETRY_MS; a database that stays down shows as a
             # stream that keeps reconnecting, not as a thread stuck here.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from server.job_errors import error_json, public_result, viewer_is_admin
 from shared.metric_catalog import final_metrics, key_metric
 from shared.orm import Job
 
@@ -19,7 +20,11 @@ def key_metric_json(job: Job) -> dict[str, Any] | None:
     return None if found is None else {"key": found[0], "value": found[1]}
 
 
-def job_to_json(job: Job) -> dict[str, Any]:
+def job_to_json(job: Job, admin: bool | None = None) -> dict[str, Any]:
+    """`admin`: whether the viewer sees an error's detail and server paths (default:
+    the request's user; server/job_errors.py)."""
+    if admin is None:
+        admin = viewer_is_admin()
     return {
         "id": job.id,
         "kind": job.kind,
@@ -38,13 +43,9 @@ def job_to_json(job: Job) -> dict[str, Any]:
         "worker": job.worker,
         "cancel_requested": job.cancel_requested,
         "progress": job.progress,
-        "result": job.result,
+        "result": public_result(job.result),
         "key_metric": key_metric_json(job),
-        "error": (
-            {"type": job.error_type, "message": job.error_message}
-            if job.error_type or (job.state == "failed" and job.error_message)
-            else None
-        ),
+        "error": error_json(job, admin),
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),

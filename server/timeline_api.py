@@ -20,11 +20,13 @@ from server.access import visible_job
 from server.api_schemas import ResponseModel
 from server.auth import authenticate_api_request
 from server.database import get_session
+from server.job_errors import shown_message, viewer_is_admin
 from server.openapi import operation
 from server.params import MAX_ID, QueryModel, check_path_ids, parse_query
 from server.serialize import iso
 from shared.job_events import EVENT_KINDS
 from shared.orm import JobEvent
+from shared.settings import Settings
 
 bp = Blueprint("timeline_v1", __name__, url_prefix="/api/v1")
 bp.before_request(authenticate_api_request)
@@ -63,7 +65,13 @@ def event_label(kind: str) -> str:
     return EVENT_KINDS.get(kind, kind.replace("_", " "))
 
 
-def event_to_json(event: JobEvent) -> dict[str, Any]:
+def event_to_json(
+    event: JobEvent, admin: bool | None = None, settings: Settings | None = None
+) -> dict[str, Any]:
+    """`admin`: whether the viewer sees messages with server paths (default: the
+    request's user; server/job_errors.py). `settings` outside a request (the stream)."""
+    if admin is None:
+        admin = viewer_is_admin()
     return {
         "id": event.id,
         "at": iso(event.at),
@@ -71,7 +79,7 @@ def event_to_json(event: JobEvent) -> dict[str, Any]:
         "label": event_label(event.kind),
         "attempt": event.attempt,
         "worker": event.worker,
-        "message": event.message,
+        "message": event.message if admin else shown_message(event.message, settings),
     }
 
 

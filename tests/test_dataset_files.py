@@ -33,7 +33,7 @@ from tests.helpers import train_spec
 from tests.test_authorization import session_client
 from worker.runner import run_job
 from worker.training.data.readers import read_idx
-from worker.training.datasets import DataPaths, clear_cache
+from worker.training.datasets import clear_cache
 from worker.training.errors import DatasetError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,6 +21,7 @@ from shared.job_files import job_dir, log_path
 from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from shared.spec import parse_spec, spec_to_json
+from tests.conftest import as_user
 from tests.helpers import evaluate_spec, train_spec
 from worker import runner
 from worker.job_log import EpochLogSink, JobLog
@@ -81,7 +82,7 @@ def test_concurrent_deliveries_run_once(client, settings: Settings) -> None:  # 
 
 
 def test_a_job_that_raises_is_failed_with_the_error(
-    client, settings: Settings, db_url: str
+    app, client, settings: Settings, db_url: str, users
 ) -> None:  # type: ignore[no-untyped-def]
     source = submit(client, TINY)
     assert run_job(source, settings) == "succeeded"
@@ -92,7 +93,12 @@ def test_a_job_that_raises_is_failed_with_the_error(
     job = client.get(f"/api/v1/jobs/{evaluation}").get_json()
     assert job["state"] == "failed" and job["finished_at"]
     assert job["error"]["type"] == "UserError"
-    assert "/nonexistent/ckpt" in job["error"]["message"]
+    # The owner (a member) is told what failed, without the server's path; an admin
+    # sees the path in the detail.
+    assert job["error"]["message"].endswith("not found: <path>/best.pt")
+    assert "/nonexistent" not in str(job)
+    admin_view = as_user(app, users.admin).get(f"/api/v1/jobs/{evaluation}").get_json()
+    assert "/nonexistent/ckpt/best.pt" in admin_view["error"]["detail"]
 
 
 def test_cancel_a_running_job(client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -244,8 +250,9 @@ def test_job_log_of_a_code_error_has_the_traceback(
     assert run_job(job_id, settings) == "failed"
     events = log_events(settings, job_id)
     failed = events.index("failed: ValueError: shapes do not match")
-    assert events[failed + 1] == "Traceback (most recent call last):"
-    assert events[-1] == "ValueError: shapes do not match"
+    # Detail lines (shared/redaction.py): kept in the log, shown to admins only.
+    assert events[failed + 1] == "| Traceback (most recent call last):"
+    assert events[-1] == "| ValueError: shapes do not match"
 
 
 def test_job_log_of_an_infrastructure_failure(

@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from shared.metric_catalog import per_epoch_keys
+from shared.redaction import DETAIL_MARK
 from worker.training.sink import Sink
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,11 @@ class JobLog:
                     self.job_id, self.attempt, self.path, exc,
                 )  # fmt: skip
 
+    def detail(self, text: str) -> None:
+        """Write `text` (a traceback) as detail lines: the log keeps them, and only
+        admins are shown them (shared/redaction.py)."""
+        self.event("\n".join(DETAIL_MARK + line for line in text.rstrip("\n").split("\n")))
+
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
@@ -128,14 +135,21 @@ class _TrainingLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread != self._thread:
             return
+        # The message is an event; an exception's traceback goes in as detail lines.
+        exc_info, exc_text = record.exc_info, record.exc_text
+        record.exc_info = record.exc_text = None
         try:
             message = self.format(record)
         except Exception:  # noqa: BLE001 - a bad format string must not reach the job
             self.handleError(record)
             return
+        finally:
+            record.exc_info, record.exc_text = exc_info, exc_text
         if record.levelno >= logging.WARNING:
             message = f"{record.levelname.lower()}: {message}"
         self._job_log.event(message)
+        if exc_info and exc_info[1] is not None:
+            self._job_log.detail("".join(traceback.format_exception(exc_info[1])))
 
 
 class EpochLogSink:

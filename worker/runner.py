@@ -28,7 +28,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from shared.db import transaction
 from shared.job_events import add_event
 from shared.job_files import job_dir, log_path
 from shared.orm import Job
+from shared.redaction import DETAIL_MARK, ERROR_DETAIL, Redactor, redactor_for
 from shared.settings import Settings
 from shared.spec import EvaluateSpec, TrainSpec, load_stored_spec, spec_to_json
 from shared.state_machine import (
@@ -194,7 +195,9 @@ def run_job(job_id: int, settings: Settings, celery: Celery | None = None) -> st
         if outcome is None:
             job_log.event("lost the job (lease ran out or reclaimed); recorded nothing")
             return LOST
-        result = _record(claim, outcome, settings.resolved_database_url)
+        # The row gets what members may see; the log below keeps the full text.
+        shown = as_shown(outcome, redactor_for(settings))
+        result = _record(claim, shown, settings.resolved_database_url)
         # Written after the database agrees, so the log never claims an end it did not get.
         job_log.event(_final_event(result, outcome))
     if result == REQUEUED:
@@ -288,6 +291,21 @@ def _failed(exc: Exception, claim: Claim, device: torch.device) -> Outcome:
     return Outcome(JobState.FAILED, values, detail=detail)
 
 
+def as_shown(outcome: Outcome, redactor: Redactor) -> Outcome:
+    """The outcome as the job row records it, which the job's owner sees: the message
+    without server paths. The full message, with a code error's traceback, goes into
+    result["error_detail"], which only admins are shown (shared/redaction.py)."""
+    message = outcome.values.get("error_message")
+    if not message or outcome.state is JobState.SUCCEEDED:
+        return outcome
+    shown = redactor.text(message)
+    if shown == message and not outcome.detail:
+        return outcome
+    detail = f"{message}\n{outcome.detail}" if outcome.detail else message
+    values = {**outcome.values, "error_message": shown, "result": {ERROR_DETAIL: detail}}
+    return replace(outcome, values=values)
+
+
 def _final_event(result: str, outcome: Outcome) -> str:
     """The job log's line for how the attempt was recorded (which may differ from the
     outcome: a cancel can overtake a hand-back, another attempt can own the job)."""
@@ -297,7 +315,11 @@ def _final_event(result: str, outcome: Outcome) -> str:
         return f"succeeded: {format_metrics(values['result'].get('metrics', {}))}"
     if result == JobState.FAILED.value:
         final = f"failed: {error}" + (" (no attempts left)" if outcome.retry else "")
-        return f"{final}\n{outcome.detail}" if outcome.detail else final
+        # Detail lines: kept in the log, shown to admins only (shared/redaction.py).
+        detail = "".join(
+            f"\n{DETAIL_MARK}{line}" for line in outcome.detail.rstrip("\n").split("\n")
+        )
+        return f"{final}{detail}" if outcome.detail else final
     if result == REQUEUED and outcome.retry:
         return f"requeued after an infrastructure failure: {error}"
     if result == REQUEUED:
