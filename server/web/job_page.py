@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from flask import (
@@ -30,10 +31,11 @@ from flask_wtf import FlaskForm
 from wtforms import SelectField
 from wtforms.fields.choices import SelectChoice
 
-from server import submission
+from server import job_errors, submission
 from server.access import find_visible_job
 from server.database import get_session
 from server.errors import ApiError
+from server.job_errors import viewer_is_admin
 from server.job_stream import POLL_SECONDS, STREAM_SECONDS, StreamCursor, stream_steps
 from server.params import MAX_ID
 from server.stream_hub import ENVIRON_KEY, HandOff
@@ -117,6 +119,15 @@ def _page(
     log_lines, log_offset = job_files.read_log_tail(
         job_files.log_path(settings, job.id), LOG_TAIL_LINES
     )
+    # A member sees no tracebacks or server paths; an admin all (server/job_errors.py).
+    admin = viewer_is_admin()
+    log_lines = job_errors.log_lines(log_lines, admin, settings)
+    timeline = job_view.timeline(job, events)
+    if not admin:
+        timeline = [
+            replace(e, message=job_errors.shown_message(e.message, settings)) for e in timeline
+        ]
+    error = job_errors.error_json(job, admin, settings)
     artifacts = job_files.list_artifacts(job_files.job_dir(settings, job.id))
     source = find_visible_job(job.source_job_id) if job.source_job_id else None
     can_evaluate = (
@@ -131,7 +142,8 @@ def _page(
         "job": job,
         "final": job_view.is_final(job),
         "progress": job_view.progress_of(job),
-        "timeline": job_view.timeline(job, events),
+        "timeline": timeline,
+        "error": error,
         "log_lines": log_lines,
         "log_name": job_files.LOG_NAME,
         "artifacts": [{**a, "size": job_view.file_size(a["size_bytes"])} for a in artifacts],
@@ -292,6 +304,7 @@ def job_stream(job_id: int) -> ResponseReturnValue:
         cursor or StreamCursor(),
         duration=stream_seconds,
         poll_seconds=float(config.get("JOB_STREAM_POLL_SECONDS", POLL_SECONDS)),
+        admin=viewer_is_admin(),
     )
     handoff = HandOff(steps, slot.release)
     # Under gunicorn, Trainyard's worker class takes the stream from here without a
