@@ -142,3 +142,11 @@ def test_the_cli_shows_a_member_the_redacted_error(
         assert done.returncode in (0, 1), done.stderr  # watch: 1 for a failed job
         assert_clean(done.stdout + done.stderr, secrets)
         assert "shape mismatch loading" in done.stdout + done.stderr, done.stdout
+    # An admin's `show` adds the detail: the traceback and the real paths.
+    env["TRAINYARD_TOKEN"] = users.admin.token
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "show", str(job_id)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" in done.stdout and "token.txt" in done.stdout

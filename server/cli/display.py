@@ -168,6 +168,8 @@ def print_job(console: Console, job: dict[str, Any]) -> None:
     error = job.get("error")
     if error:
         rows.append(("error", _error_text(error)))
+        if error.get("detail"):  # admins only: the full message and the traceback
+            rows.append(("detail", escape(str(error["detail"]))))
     for key, value in rows:
         grid.add_row(key, value)
     console.print(grid)
