@@ -30,7 +30,7 @@ from server.params import (
     json_body,
     parse_query,
 )
-from server.serialize import job_to_json
+from server.serialize import iso, job_to_json
 from shared import job_files
 from shared.dataset_catalog import DATASETS
 from shared.model_catalog import MODELS
@@ -287,7 +287,10 @@ def get_logs(job_id: int) -> ResponseReturnValue:
     lines, size = job_files.read_log_tail(job_files.log_path(_settings(), job.id), query.tail)
     # A member gets no tracebacks or server paths; an admin every line (server/job_errors.py).
     lines = job_errors.log_lines(lines, viewer_is_admin(), _settings())
-    return jsonify({"job_id": job.id, "lines": lines, "size_bytes": size})
+    deleted = iso(job.artifacts_deleted_at)
+    return jsonify(
+        {"job_id": job.id, "lines": lines, "size_bytes": size, "artifacts_deleted_at": deleted}
+    )
 
 
 @bp.get("/jobs/<int:job_id>/artifacts")
@@ -297,14 +300,15 @@ def list_artifacts(job_id: int) -> ResponseReturnValue:
     parse_query(NoQuery)
     job = visible_job(job_id)
     files = job_files.list_artifacts(job_files.job_dir(_settings(), job.id))
-    return jsonify({"job_id": job.id, "artifacts": files})
+    deleted = iso(job.artifacts_deleted_at)
+    return jsonify({"job_id": job.id, "artifacts": files, "artifacts_deleted_at": deleted})
 
 
 @bp.get("/jobs/<int:job_id>/artifacts/<path:name>")
 @operation(
     tag="artifacts",
     ok={200: None},
-    errors=(404,),
+    errors={404: "", 410: "The job's files were deleted (DELETE /api/v1/jobs/{id}/artifacts)."},
     validate=False,  # a file streams; spectree would read it whole into memory
     extra={
         "responses": {
@@ -329,6 +333,13 @@ def download_artifact(job_id: int, name: str) -> ResponseReturnValue:
     job = visible_job(job_id)
     # resolve_artifact refuses anything that is not a plain file inside the job's folder
     # ("..", absolute paths, symlinks out), so a name cannot reach another job's files.
+    if job.artifacts_deleted_at is not None:
+        raise ApiError(
+            410,
+            "artifacts_deleted",
+            f"job {job_id}'s files were deleted at {iso(job.artifacts_deleted_at)}",
+            {"name": "the job's files were deleted"},
+        )
     path = job_files.resolve_artifact(job_files.job_dir(_settings(), job.id), name)
     if path is None:
         raise ApiError(

@@ -119,6 +119,9 @@ class JobResponse(ResponseModel):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    artifacts_deleted_at: datetime | None = Field(
+        None, description="when the job's files (checkpoints, exports, log) were deleted"
+    )
 
 
 class JobPage(ResponseModel):
@@ -143,6 +146,9 @@ class Logs(ResponseModel):
     job_id: int
     lines: list[str]
     size_bytes: int = Field(description="the log's size: where the returned lines end")
+    artifacts_deleted_at: datetime | None = Field(
+        None, description="set when the job's files, the log among them, were deleted"
+    )
 
 
 class Artifact(ResponseModel):
@@ -154,6 +160,25 @@ class Artifact(ResponseModel):
 class Artifacts(ResponseModel):
     job_id: int
     artifacts: list[Artifact]
+    artifacts_deleted_at: datetime | None = Field(
+        None, description="set when the files were deleted (the list is empty then)"
+    )
+
+
+class ArtifactsDeleted(ResponseModel):
+    job_id: int
+    artifacts_deleted_at: datetime
+    freed_bytes: int = Field(description="bytes the deleted files took")
+
+
+class UploadDeleted(ResponseModel):
+    id: int
+    deleted: bool
+    freed_bytes: int = Field(description="bytes the stored file took")
+
+
+class Uploads(ResponseModel):
+    uploads: list[UploadResponse]
 
 
 class ModelInfo(ResponseModel):

@@ -12,6 +12,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from server import (
     api,
+    artifacts_api,
     auth,
     cluster_api,
     database,
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     register_error_handlers(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(uploads_api.bp)
+    app.register_blueprint(artifacts_api.bp)
     app.register_blueprint(tokens_api.bp)
     app.register_blueprint(users_api.bp)
     app.register_blueprint(timeline_api.bp)

@@ -101,6 +101,11 @@ class TokenListQuery(QueryModel):
     all: bool = Field(default=False, description="every user's tokens (admins only)")
 
 
+class UploadListQuery(QueryModel):
+    all: bool = Field(default=False, description="every user's uploads (admins only)")
+    limit: int = Field(default=200, ge=1, le=1000, description="at most this many, newest first")
+
+
 class UploadQuery(QueryModel):
     filename: QueryText | None = Field(
         default=None,

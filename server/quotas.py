@@ -33,8 +33,7 @@ def check_rate_settings(settings: Settings) -> None:
             parse(getattr(settings, name))
         except ValueError:
             raise ValueError(
-                f"TRAINYARD_{name.upper()}={getattr(settings, name)!r} is not a rate "
-                "like '30/hour'"
+                f"TRAINYARD_{name.upper()}={getattr(settings, name)!r} is not a rate like '30/hour'"
             ) from None
 
 
@@ -69,11 +68,15 @@ def _rate(user: Principal, action: str, setting: str, what: str) -> None:
 
 def upload_usage(user_id: int) -> tuple[int, int]:
     """(uploads kept, their bytes) for a user."""
-    count, total = get_session().execute(
-        select(func.count(), func.coalesce(func.sum(Upload.size_bytes), 0)).where(
-            Upload.owner_id == user_id
+    count, total = (
+        get_session()
+        .execute(
+            select(func.count(), func.coalesce(func.sum(Upload.size_bytes), 0)).where(
+                Upload.owner_id == user_id
+            )
         )
-    ).one()
+        .one()
+    )
     return int(count), int(total)
 
 

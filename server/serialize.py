@@ -50,4 +50,5 @@ def job_to_json(job: Job, admin: bool | None = None) -> dict[str, Any]:
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
         "updated_at": iso(job.updated_at),
+        "artifacts_deleted_at": iso(job.artifacts_deleted_at),
     }

@@ -61,6 +61,8 @@ def check_evaluate_source(spec: EvaluateSpec) -> Job:
         raise invalid({field: f"job {spec.source_job_id} does not exist"})
     if source.kind != "train":
         raise invalid({field: f"job {source.id} is an {source.kind} job, not a train job"})
+    if source.artifacts_deleted_at is not None:
+        raise invalid({field: f"job {source.id}'s files, its checkpoint among them, were deleted"})
     if source.state != JobState.SUCCEEDED.value or not source.checkpoint_path:
         raise invalid(
             {

@@ -9,6 +9,7 @@ from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server import api_schemas as schemas
+from server import quotas
 from server.auth import api_user, authenticate_api_request
 from server.database import get_session
 from server.errors import ApiError
@@ -79,7 +80,13 @@ def list_tokens() -> ResponseReturnValue:
     tag="account",
     json=TokenCreate,
     ok={201: schemas.TokenCreated},
-    errors=(413, 415, 422),
+    errors={
+        409: "The caller already has TRAINYARD_MAX_TOKENS_PER_USER unrevoked tokens.",
+        413: "",
+        415: "",
+        422: "",
+        429: "More token creations than TRAINYARD_TOKEN_RATE_LIMIT allows.",
+    },
     validate=False,  # the body goes through json_body's checks first
 )
 def create_token() -> ResponseReturnValue:
@@ -90,6 +97,7 @@ def create_token() -> ResponseReturnValue:
     except ValidationError as exc:
         fields = {".".join(str(p) for p in e["loc"]) or "body": e["msg"] for e in exc.errors()}
         raise ApiError(422, "invalid_body", "invalid token request", fields) from None
+    quotas.check_token_allowed(api_user())
     session = get_session()
     user = _current_user_row()
     new = accounts.create_token(session, user, body.name)

@@ -9,16 +9,23 @@ from typing import Any, BinaryIO
 
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
+from sqlalchemy import select
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from server import api_schemas as schemas
-from server import quotas
+from server import deletion, quotas
 from server.access import find_visible_upload
 from server.auth import api_user, authenticate_api_request
 from server.database import get_session
 from server.errors import ApiError
 from server.openapi import operation
-from server.params import NoQuery, UploadQuery, check_path_ids, parse_query
+from server.params import (
+    NoQuery,
+    UploadListQuery,
+    UploadQuery,
+    check_path_ids,
+    parse_query,
+)
 from server.serialize import iso
 from shared import job_files
 from shared.csv_profile import CsvProblem, CsvProfile, profile_lines
@@ -185,3 +192,42 @@ def get_upload(upload_id: int) -> ResponseReturnValue:
             404, "not_found", f"upload {upload_id} does not exist", {"upload_id": "no such upload"}
         )
     return jsonify(upload_to_json(upload))
+
+
+@bp.get("")
+@operation(
+    tag="uploads",
+    query=UploadListQuery,
+    ok={200: schemas.Uploads},
+    errors={403: "`all=true` is for admins."},
+)
+def list_uploads() -> ResponseReturnValue:
+    """The caller's uploads, newest first (every user's with `all=true`, admins only)."""
+    query = parse_query(UploadListQuery)
+    user = api_user()
+    if query.all and not user.is_admin:
+        raise ApiError(
+            403, "forbidden", "only admins can list every user's uploads", {"all": "admins only"}
+        )
+    stmt = select(Upload).order_by(Upload.id.desc())
+    if not query.all:
+        stmt = stmt.where(Upload.owner_id == user.id)
+    uploads = get_session().scalars(stmt.limit(query.limit)).all()
+    return jsonify({"uploads": [upload_to_json(u) for u in uploads]})
+
+
+@bp.delete("/<int:upload_id>")
+@operation(
+    tag="uploads",
+    ok={200: schemas.UploadDeleted},
+    errors={404: "", 409: "A queued or running job uses the upload.", 413: ""},
+)
+def delete_upload(upload_id: int) -> ResponseReturnValue:
+    """Delete an upload: its row and its stored file (admins: anyone's).
+
+    Refused (409) while a queued or running job trains or evaluates on it; finished
+    jobs keep their results, and retrying one then fails at submission.
+    """
+    parse_query(NoQuery)
+    freed = deletion.delete_upload(upload_id)
+    return jsonify({"id": upload_id, "deleted": True, "freed_bytes": freed})

@@ -23,6 +23,7 @@ EVENT_KINDS = {
     "succeeded": "succeeded",
     "failed": "failed",
     "cancelled": "cancelled",
+    "artifacts_deleted": "files deleted (checkpoints, exports, log)",
 }
 
 

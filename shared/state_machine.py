@@ -299,6 +299,29 @@ def request_cancel(session: Session, job_id: int) -> str | None:
     return session.execute(select(Job.state).where(Job.id == job_id)).scalar_one_or_none()
 
 
+def mark_artifacts_deleted(session: Session, job_id: int) -> bool:
+    """Record that a finished job's files (checkpoints, exports, log) were deleted.
+
+    Only a finished job: a queued or running one may still write them. The state does
+    not change; the checkpoint path is cleared, so nothing tries to load it (an evaluate
+    job naming this one is refused at submission). False when the job is not finished
+    or was already marked.
+    """
+    now = utcnow()
+    stmt = _write(
+        Job.id == job_id,
+        Job.state.in_(sorted(FINISHED_STATES)),
+        Job.artifacts_deleted_at.is_(None),
+        artifacts_deleted_at=now,
+        checkpoint_path=None,
+        updated_at=now,
+    )
+    if not session.execute(stmt).rowcount:
+        return False
+    add_event(session, job_id, "artifacts_deleted")
+    return True
+
+
 # ----------------------------------------------------------------------------- the reconciler
 
 

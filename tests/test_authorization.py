@@ -35,7 +35,7 @@ from werkzeug.test import TestResponse
 from server.auth import principal
 from shared import accounts, job_files
 from shared.db import transaction, utcnow
-from shared.orm import Job, MetricPoint, User
+from shared.orm import Job, MetricPoint, Upload, User
 from shared.settings import Settings
 from tests.conftest import as_user
 from tests.helpers import evaluate_spec, train_spec
@@ -90,6 +90,8 @@ class World:
     spare_secret: str
     clients: dict[str, FlaskClient] = field(default_factory=dict)
     sessions: dict[str, FlaskClient] = field(default_factory=dict)
+    spare_upload: int = 0  # a second upload of alice's (the one the page deletes)
+    done: int = 0  # alice's finished job whose files the delete rows remove
 
     def user(self, identity: str) -> Any:
         return {ALICE: self.users.alice, BOB: self.users.bob, ADMIN: self.users.admin}[identity]
@@ -100,6 +102,8 @@ class World:
             "queued": self.queued,
             "bob_job": self.bob_job,
             "upload": self.upload,
+            "spare_upload": self.spare_upload,
+            "done": self.done,
             "token": self.spare_token,
             "artifact": ARTIFACT,
         }
@@ -158,6 +162,17 @@ def make_world(app: Flask, settings: Settings, db_url: str, users: Any) -> World
     world = World(
         app, settings, db_url, users, job, queued, bob_job, upload, spare_id, spare_secret
     )
+    resp = alice.post("/api/v1/uploads?filename=b.csv", data=CSV, content_type="text/csv")
+    assert resp.status_code == 201, resp.get_json()
+    world.spare_upload = resp.get_json()["id"]
+    # Not alice's main job: evaluate jobs queued by the rows above use its checkpoint.
+    world.done = submit(alice, "alice-done")
+    with transaction(db_url) as s:
+        row = s.get(Job, world.done)
+        row.state, row.attempt, row.finished_at = "succeeded", 1, utcnow()
+    done_file = job_files.job_dir(settings, world.done) / ARTIFACT
+    done_file.parent.mkdir(parents=True)
+    done_file.write_bytes(ARTIFACT_BYTES)
     world.clients = {ANON: as_user(app, None)} | {
         i: as_user(app, world.user(i)) for i in IDENTITIES[1:]
     }
@@ -188,7 +203,8 @@ def check_job_list(resp: TestResponse, who: str, w: World) -> None:
 
 def check_owner_filter(resp: TestResponse, who: str, w: World) -> None:
     # ?owner=alice: a member sees only their own jobs whatever the filter says.
-    expected = {BOB: set(), ALICE: {w.job, w.queued}, ADMIN: {w.job, w.queued}}[who]
+    mine = {w.job, w.queued, w.done}
+    expected = {BOB: set(), ALICE: mine, ADMIN: mine}[who]
     assert listed_ids(resp) == expected
 
 
@@ -241,6 +257,44 @@ def check_upload(resp: TestResponse, who: str, w: World) -> None:
 
 def check_new_upload(resp: TestResponse, who: str, w: World) -> None:
     assert resp.get_json()["rows"] == 4
+
+
+def check_upload_list(resp: TestResponse, who: str, w: World) -> None:
+    ids = {u["id"] for u in resp.get_json()["uploads"]}
+    assert ({w.upload, w.spare_upload} <= ids) == (who == ALICE), ids
+
+
+def check_all_uploads(resp: TestResponse, who: str, w: World) -> None:
+    assert {w.upload, w.spare_upload} <= {u["id"] for u in resp.get_json()["uploads"]}
+
+
+def _upload_exists(w: World, upload_id: int) -> bool:
+    with transaction(w.db_url) as s:
+        return s.get(Upload, upload_id) is not None
+
+
+def check_upload_deleted(resp: TestResponse, who: str, w: World) -> None:
+    # Refused callers leave it in place; the owner's and the admin's delete it.
+    assert _upload_exists(w, w.upload) == (who in (ANON, BOB))
+
+
+def check_page_upload_deleted(resp: TestResponse, who: str, w: World) -> None:
+    assert _upload_exists(w, w.spare_upload) == (who in (ANON, BOB))
+    if who in (ALICE, ADMIN):
+        assert resp.headers["Location"] == "/uploads"
+
+
+def check_artifacts_deleted(resp: TestResponse, who: str, w: World) -> None:
+    gone = not (job_files.job_dir(w.settings, w.done) / ARTIFACT).exists()
+    assert gone == (who in (ALICE, ADMIN))
+    if who in (ALICE, ADMIN) and not resp.headers.get("Location"):
+        assert resp.get_json()["artifacts_deleted_at"]
+
+
+def check_uploads_page(resp: TestResponse, who: str, w: World) -> None:
+    html = resp.get_data(as_text=True)
+    assert 'id="uploads-page"' in html
+    assert (f'id="upload-{w.spare_upload}"' in html) == (who in (ALICE, ADMIN))
 
 
 def check_own_tokens(resp: TestResponse, who: str, w: World) -> None:
@@ -467,6 +521,9 @@ MATRIX: tuple[Row, ...] = (
         check=check_new_upload),
     Row("GET", "/api/v1/uploads/<int:upload_id>", owned(), "/api/v1/uploads/{upload}",
         check=check_upload),
+    Row("GET", "/api/v1/uploads", any_user(), check=check_upload_list),
+    Row("GET", "/api/v1/uploads", {ANON: 401, ALICE: 403, BOB: 403, ADMIN: 200},
+        "/api/v1/uploads?all=true", check=check_all_uploads),
     # account and tokens
     Row("GET", "/api/v1/me", any_user(), check=check_me),
     Row("GET", "/api/v1/tokens", any_user(), check=check_own_tokens),
@@ -523,6 +580,19 @@ MATRIX: tuple[Row, ...] = (
     # is public (it describes the API, no data); the Swagger UI page needs a login.
     Row("GET", "/api/v1/openapi.json", PUBLIC, optional=True),
     Row("GET", "/api/docs", page(), page=True, optional=True),
+    # Deleting (server/deletion.py): alice's objects are hers and the admin's to delete;
+    # bob's attempt is a 404 and leaves them. Late: the rows above read them.
+    Row("GET", "/uploads", page(), check=check_uploads_page, page=True),
+    Row("POST", "/uploads/<int:upload_id>/delete", owned_page(303),
+        "/uploads/{spare_upload}/delete", check=check_page_upload_deleted, check_all=True,
+        page=True),
+    Row("DELETE", "/api/v1/uploads/<int:upload_id>", owned(), "/api/v1/uploads/{upload}",
+        check=check_upload_deleted, check_all=True),
+    Row("POST", "/jobs/<int:job_id>/artifacts/delete", owned_page(303),
+        "/jobs/{done}/artifacts/delete", check=check_artifacts_deleted, check_all=True,
+        page=True),
+    Row("DELETE", J + "/artifacts", owned(), "/api/v1/jobs/{done}/artifacts",
+        check=check_artifacts_deleted, check_all=True),
     # Last: it ends the session the page rows above use.
     Row("POST", "/logout", {i: 302 for i in IDENTITIES}, page=True, check=check_logged_out,
         check_all=True),
@@ -647,10 +717,12 @@ def test_another_users_object_reads_exactly_like_a_missing_one(
         ("GET", "/api/v1/jobs/{}/artifacts/" + ARTIFACT),
         ("POST", "/api/v1/jobs/{}/cancel"),
         ("POST", "/api/v1/jobs/{}/retry"),
+        ("DELETE", "/api/v1/jobs/{}/artifacts"),
     ]
     cases = [(m, p, w.job) for m, p in probes]
     cases += [
         ("GET", "/api/v1/uploads/{}", w.upload),
+        ("DELETE", "/api/v1/uploads/{}", w.upload),
         ("DELETE", "/api/v1/tokens/{}", w.spare_token),
     ]
     for method, template, alices in cases:

@@ -7,4 +7,14 @@ from flask import Blueprint
 bp = Blueprint("web", __name__)
 
 # Route modules register on `bp` when imported; app.py imports this package.
-from server.web import compare, filters, job_page, leaderboard, login, pages, submit, workers  # noqa: E402,F401
+from server.web import (  # noqa: E402,F401
+    compare,
+    filters,
+    job_page,
+    leaderboard,
+    login,
+    pages,
+    submit,
+    uploads_page,
+    workers,
+)
