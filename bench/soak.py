@@ -7,7 +7,8 @@ it (`python -m server.cli web|worker|reconcile`). Submits `--jobs` small trainin
 over HTTP, cancels `--cancels` of them on the way (running ones when there are), and
 meanwhile SIGKILLs the worker of a running job `--kills` times at random moments: mostly
 the whole process group (a lost host; a new worker is started in its place), sometimes
-only the pool child (what the OOM killer does; Celery forks a new one). Then waits, at
+only the pool child (what the OOM killer does; Celery forks a new one, and the job ends
+failed as KilledBySignal, docs/architecture.md, "Reliability" R10). Then waits, at
 most `--timeout` seconds, until every job is terminal, and prints:
 
     submitted / succeeded / failed / cancelled / duplicated / lost

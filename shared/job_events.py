@@ -19,6 +19,7 @@ EVENT_KINDS = {
     "requeued": "requeued",
     "handed_back": "handed back (worker shutting down)",
     "republished": "message re-sent to the broker",
+    "deferred": "waiting: its owner is at a limit",
     "cancel_requested": "cancel requested",
     "succeeded": "succeeded",
     "failed": "failed",

@@ -7,8 +7,11 @@
                                             reconciler, for a worker that is gone)
     running -> queued                       hand_back_job, requeue_after_failure,
                                             requeue_job, expire_lease
+    running -> failed | cancelled           fail_killed_attempt (the worker's main
+                                            process, for a pool child killed by SIGKILL)
     queued  -> cancelled                    request_cancel, settle_unclaimable
     queued  -> failed                       settle_unclaimable
+    queued  -> queued                       defer_claim (the owner is at a claim limit)
 
 Every move is one conditional UPDATE (compare-and-set) built by a `Transition` in
 TRANSITIONS, so the table above and the SQL cannot disagree: the UPDATE's WHERE clause
@@ -30,14 +33,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Update, case, insert, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Update, case, func, insert, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from shared.db import utcnow
 from shared.job_events import add_event
 from shared.job_states import FINISHED_STATES, JobState
 from shared.metric_catalog import final_metrics
-from shared.orm import Job, JobMetric
+from shared.orm import Job, JobEvent, JobMetric
 
 QUEUED, RUNNING = JobState.QUEUED, JobState.RUNNING
 SUCCEEDED, FAILED, CANCELLED = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED
@@ -129,18 +132,45 @@ class Claim:
     kind: str
 
 
-def claim_job(session: Session, job_id: int, worker: str, lease_seconds: float) -> Claim | None:
+def running_jobs_of_owner() -> ColumnElement[int]:
+    """How many other jobs of the same owner are running, as a subquery correlated with
+    the job being written."""
+    other = aliased(Job)
+    return (
+        select(func.count())
+        .select_from(other)
+        .where(other.owner_id == Job.owner_id, other.state == RUNNING.value, other.id != Job.id)
+        .scalar_subquery()
+    )
+
+
+def claim_job(
+    session: Session,
+    job_id: int,
+    worker: str,
+    lease_seconds: float,
+    *,
+    device: str | None = None,
+    max_running: int | None = None,
+) -> Claim | None:
     """Take the job for this worker: queued (or running with an expired lease) -> running.
 
     Returns None when the job is not claimable: already running under a live lease,
     finished, cancelled, out of attempts, or unknown. That is a duplicate delivery.
+    `device` ("cuda:0 (NVIDIA H200)", "cpu") goes on the timeline's claim entry, which is
+    what GPU-hours are counted from (shared/claim_limits.py). With `max_running`, the
+    claim also needs fewer than that many other jobs of the owner running: checked in
+    the same UPDATE, so on SQLite (one writer at a time) two claims cannot both pass;
+    on PostgreSQL the caller locks the owner's row first (shared/claim_limits.py).
     """
     now = utcnow()
+    limits = () if not max_running else (running_jobs_of_owner() < max_running,)
     stmt = CLAIM.update(
         Job.id == job_id,
         Job.attempt < Job.max_attempts,
         Job.cancel_requested.is_(False),
         or_(Job.state == QUEUED.value, Job.lease_expires_at < now),
+        *limits,
         attempt=Job.attempt + 1,
         lease_expires_at=now + timedelta(seconds=lease_seconds),
         worker=worker,
@@ -150,7 +180,8 @@ def claim_job(session: Session, job_id: int, worker: str, lease_seconds: float) 
     row = session.execute(stmt).first()
     if row is None:
         return None
-    add_event(session, job_id, "claimed", attempt=row.attempt, worker=worker)
+    message = f"on {device}" if device else None
+    add_event(session, job_id, "claimed", attempt=row.attempt, worker=worker, message=message)
     return Claim(job_id=job_id, attempt=row.attempt, spec=row.spec, kind=row.kind)
 
 
@@ -265,10 +296,68 @@ def hand_back_job(session: Session, job_id: int, attempt: int, reason: str) -> b
 
 
 def requeue_after_failure(session: Session, job_id: int, attempt: int, reason: str) -> bool:
-    """running -> queued after an infrastructure failure (out of memory, database or
-    broker lost), if the job has attempts left. False: none left, a cancel is pending,
+    """running -> queued after an infrastructure failure (database, broker or disk
+    lost), if the job has attempts left. False: none left, a cancel is pending,
     or this attempt no longer holds the job; the caller then finishes it instead."""
     return _requeue(session, job_id, attempt, "requeued", reason, Job.attempt < Job.max_attempts)
+
+
+def defer_claim(session: Session, job_id: int, reason: str) -> bool:
+    """queued -> queued: a worker took the job's message but may not run it now (its
+    owner is at a claim limit, shared/claim_limits.py). Touching `updated_at` makes the
+    reconciler offer it again after TRAINYARD_REQUEUE_AFTER_SECONDS, at the back of the
+    queue. The timeline says why, once per reason rather than once per offer."""
+    stmt = _write(Job.id == job_id, Job.state == QUEUED.value, updated_at=utcnow())
+    if session.execute(stmt).rowcount != 1:
+        return False
+    last = session.execute(
+        select(JobEvent.kind, JobEvent.message)
+        .where(JobEvent.job_id == job_id)
+        .order_by(JobEvent.id.desc())
+        .limit(1)
+    ).first()
+    if last is None or (last.kind, last.message) != ("deferred", reason):
+        add_event(session, job_id, "deferred", message=reason)
+    return True
+
+
+KILLED = "KilledBySignal"
+
+
+def fail_killed_attempt(session: Session, job_id: int, worker: str, reason: str) -> Settled | None:
+    """running -> failed (cancelled if a cancel is pending) for the attempt that `worker`
+    (host:pid of a pool child) holds, when the worker's main process saw that child
+    killed by SIGKILL mid-job: the kernel's OOM killer, or an operator. Not requeued:
+    the same job on the same kind of slot would most likely be killed again, and each
+    try takes the host to the brink (docs/architecture.md, "Reliability" R10). None if
+    that child no longer held the job (it finished, or the lease ran out and another
+    worker reclaimed it)."""
+    now = utcnow()
+    held = (Job.id == job_id, Job.worker == worker)
+    cancelled = "cancelled; its process was killed before it stopped"
+    for stmt, action, message in (
+        (
+            CANCEL.update(
+                *held, Job.cancel_requested.is_(True), **_finished(now, error_message=cancelled)
+            ),
+            CANCELLED.value,
+            cancelled,
+        ),
+        (
+            FAIL.update(
+                *held,
+                Job.cancel_requested.is_(False),
+                **_finished(now, error_type=KILLED, error_message=reason),
+            ),
+            FAILED.value,
+            f"{KILLED}: {reason}",
+        ),
+    ):
+        row = session.execute(stmt.returning(Job.attempt)).first()
+        if row is not None:
+            add_event(session, job_id, action, attempt=row.attempt, worker=worker, message=message)
+            return Settled(action, message)
+    return None
 
 
 # ----------------------------------------------------------------------------- users

@@ -319,6 +319,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
         TRAINYARD_TORCH_THREADS=str(settings.torch_threads),
         PYTHONUNBUFFERED="1",
     )
+    # Whatever else a test set (a memory limit, claim limits) reaches its workers too.
+    for name in sorted(settings.model_fields_set):
+        value = getattr(settings, name)
+        if value is not None:
+            env.setdefault(f"TRAINYARD_{name.upper()}", str(value))
     return env
 
 

@@ -1,5 +1,6 @@
 """The worker's side of docs/architecture.md "Reliability", on each database with a real Redis:
-heartbeat failures, failure classes (user error vs infrastructure, CUDA out of memory),
+heartbeat failures, failure classes (the job's own errors, out of memory included, vs
+infrastructure),
 the soft time limit, graceful shutdown with a real `celery worker`, duplicate
 deliveries and fencing."""
 
@@ -192,10 +193,11 @@ def test_a_job_whose_heartbeats_fail_stops_itself_and_writes_nothing_final(
         (IndexError("index 10 is out of bounds"), False, "IndexError"),
         (RuntimeError("mat1 and mat2 shapes cannot be multiplied (16x64 and 32x10)"), False, "RuntimeError"),
         (FileNotFoundError(errno.ENOENT, "no such file"), False, "FileNotFoundError"),
-        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True, CUDA_OOM),
-        (RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"), True, CUDA_OOM),
-        (MemoryError(), True, HOST_OOM),
-        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), True, HOST_OOM),
+        # Out of memory is the job's own: its slot's limit does not grow on a retry.
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False, CUDA_OOM),
+        (RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"), False, CUDA_OOM),
+        (MemoryError(), False, HOST_OOM),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), False, HOST_OOM),
         (sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("gone")), True, INFRASTRUCTURE),
         (sqlalchemy.exc.InterfaceError("SELECT 1", {}, Exception("closed")), True, INFRASTRUCTURE),
         (sqlalchemy.exc.DisconnectionError("dropped"), True, INFRASTRUCTURE),
@@ -227,8 +229,9 @@ def test_a_user_error_fails_at_once_without_a_retry(
     assert queued_task_ids(settings.require_redis_url()) == []  # not sent again
 
 
-def oom_on_first_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Attempt 1 runs out of CUDA memory right after its first checkpoint."""
+def disk_error_on_first_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attempt 1 hits an I/O error (the infrastructure's fault) right after its first
+    checkpoint."""
     real_train_job = runner.train_job
 
     def train_job(spec, device, sink, directory: Path, should_stop, **kw):  # type: ignore[no-untyped-def]
@@ -237,10 +240,7 @@ def oom_on_first_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
 
         def stop_or_oom() -> bool:
             if (directory / "last.pt").is_file():
-                raise torch.cuda.OutOfMemoryError(
-                    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
-                    "capacity of 79.10 GiB of which 1.06 GiB is free."
-                )
+                raise OSError(errno.EIO, "Input/output error")
             return should_stop()
 
         return real_train_job(spec, device, sink, directory, stop_or_oom, **kw)
@@ -248,17 +248,17 @@ def oom_on_first_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner, "train_job", train_job)
 
 
-def test_cuda_oom_is_requeued_and_resumes_from_the_checkpoint(
+def test_an_infrastructure_failure_is_requeued_and_resumes_from_the_checkpoint(
     client, settings: Settings, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
-    oom_on_first_attempt(monkeypatch)
+    disk_error_on_first_attempt(monkeypatch)
     job_id = submit(client, train_spec(model=TINY_MLP, epochs=3))
     redis.Redis.from_url(settings.require_redis_url()).delete(CPU_QUEUE)
 
     assert run_job(job_id, settings) == "requeued"
     job = job_row(db_url, job_id)
     assert (job.state, job.attempt, job.worker, job.lease_expires_at) == ("queued", 1, None, None)
-    assert job.error_message.startswith("CUDA out of memory on cpu: Tried to allocate 2.00 GiB")
+    assert job.error_message.startswith("I/O error: OSError: [Errno 5] Input/output error")
     assert job.error_message.endswith("; requeued after attempt 1")
     assert queued_task_ids(settings.require_redis_url()) == [task_id_for(job_id)]
 
@@ -278,13 +278,29 @@ def test_cuda_oom_is_requeued_and_resumes_from_the_checkpoint(
     )  # fmt: skip
 
 
-def test_cuda_oom_on_the_last_attempt_fails_with_the_reason(
+def test_cuda_oom_fails_at_once_without_a_retry(
     client, settings: Settings, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     def out_of_memory(*_a: Any, **_k: Any) -> dict[str, Any]:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
     monkeypatch.setattr(runner, "train_job", out_of_memory)
+    job_id = submit(client, train_spec(model=TINY_MLP))
+    redis.Redis.from_url(settings.require_redis_url()).delete(CPU_QUEUE)
+    assert run_job(job_id, settings) == "failed"
+    job = job_row(db_url, job_id)
+    assert (job.state, job.attempt, job.error_type) == ("failed", 1, "CudaOutOfMemory")
+    assert job.error_message == "CUDA out of memory on cpu: Tried to allocate 80.00 GiB"
+    assert queued_task_ids(settings.require_redis_url()) == []  # not sent again
+
+
+def test_an_infrastructure_failure_on_the_last_attempt_fails_with_the_reason(
+    client, settings: Settings, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    def disk_gone(*_a: Any, **_k: Any) -> dict[str, Any]:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(runner, "train_job", disk_gone)
     job_id = submit(client, train_spec(model=TINY_MLP))
     with transaction(db_url) as s:
         s.get(Job, job_id).max_attempts = 2
@@ -293,9 +309,9 @@ def test_cuda_oom_on_the_last_attempt_fails_with_the_reason(
     assert run_job(job_id, settings) == "requeued"
     assert run_job(job_id, settings) == "failed"
     job = job_row(db_url, job_id)
-    assert (job.state, job.attempt, job.error_type) == ("failed", 2, "CudaOutOfMemory")
+    assert (job.state, job.attempt, job.error_type) == ("failed", 2, INFRASTRUCTURE)
     assert job.error_message == (
-        "CUDA out of memory on cpu: Tried to allocate 80.00 GiB (attempt 2 of 2; no attempts left)"
+        "I/O error: OSError: [Errno 5] Input/output error (attempt 2 of 2; no attempts left)"
     )
     assert queued_task_ids(settings.require_redis_url()) == [task_id_for(job_id)]  # once, not twice
     assert run_job(job_id, settings) == "duplicate"

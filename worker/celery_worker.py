@@ -26,7 +26,7 @@ from shared.celery_app import make_celery
 from shared.db import dispose_inherited_engines
 from shared.settings import load_settings
 from shared.worker_registry import SlotHeartbeat, SlotInfo, remove_node
-from worker import shutdown
+from worker import memory_limit, shutdown
 from worker.runner import worker_name
 from worker.tasks import register_tasks
 
@@ -71,7 +71,12 @@ def _init_child(**_kw) -> None:  # type: ignore[no-untyped-def]
     # (docs/architecture.md, "Performance targets": 4.5x slower with 2 children on 2 cores).
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // _slots["n"])
     torch.set_num_threads(threads)
-    log.info("worker child %s: torch threads=%s", os.getpid(), threads)
+    budget = memory_limit.configure(settings, _slots["n"])
+    limit = "none" if budget.limit_bytes is None else memory_limit.format_bytes(budget.limit_bytes)
+    log.info(
+        "worker child %s: torch threads=%s, memory limit per job=%s (%s)",
+        os.getpid(), threads, limit, budget.source,
+    )  # fmt: skip
     _start_registry()
 
 

@@ -1,9 +1,13 @@
 """Which failures are the job's fault and which are the infrastructure's.
 
 A job's own error (bad data, a shape mismatch, a diverged loss, a bug in its spec) fails
-the same way on every attempt, so it ends `failed` at once. A lost resource (GPU or host
-memory, the database, the broker, the disk) says nothing about the job: the runner hands
-it back for another attempt, which resumes from the last checkpoint (docs/architecture.md, "Reliability" R4).
+the same way on every attempt, so it ends `failed` at once. Running out of memory is
+the job's own too: host memory is capped per slot (worker/memory_limit.py) and GPU
+memory by the device, so a job that needs more than its slot fails again on every
+attempt, and retrying it only takes a worker away from everyone else for longer. A lost
+resource (the database, the broker, the disk) says nothing about the job: the runner
+hands it back for another attempt, which resumes from the last checkpoint
+(docs/architecture.md, "Reliability" R4 and R10).
 Anything not recognised as infrastructure counts as the job's own error: retrying an
 unknown bug would only burn attempts.
 """
@@ -19,7 +23,8 @@ import redis.exceptions
 import sqlalchemy.exc
 import torch
 
-# Error types recorded on the job row (error_type) for infrastructure failures.
+# Error types recorded on the job row (error_type): the job ran out of memory (its own
+# error), or an infrastructure failure.
 CUDA_OOM = "CudaOutOfMemory"
 HOST_OOM = "OutOfMemory"
 INFRASTRUCTURE = "InfrastructureError"
@@ -41,6 +46,8 @@ _DISK_ERRNOS = {
 }
 
 _CUDA_OOM_PREFIX = re.compile(r"^CUDA out of memory\.?\s*")
+# torch's CPU allocator prefixes its message with the C++ assertion that failed.
+_CPU_ALLOC_PREFIX = re.compile(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?")
 # How much of the original message to keep in the one-line reason.
 _DETAIL_CHARS = 300
 
@@ -57,9 +64,9 @@ def classify(exc: BaseException, device: str = "cpu") -> Failure:
     ("cuda:0 (NVIDIA H200)"), for the out-of-memory message."""
     if _is_cuda_oom(exc):
         detail = _CUDA_OOM_PREFIX.sub("", _detail(exc))  # said once is enough
-        return Failure(True, CUDA_OOM, f"CUDA out of memory on {device}: {detail}".rstrip(": "))
+        return Failure(False, CUDA_OOM, f"CUDA out of memory on {device}: {detail}".rstrip(": "))
     if isinstance(exc, MemoryError) or _is_cpu_alloc_failure(exc):
-        return Failure(True, HOST_OOM, f"out of host memory: {_detail(exc)}")
+        return Failure(False, HOST_OOM, f"out of host memory: {_cpu_detail(exc)}")
     if isinstance(exc, _DATABASE_ERRORS):
         return Failure(True, INFRASTRUCTURE, f"database unavailable: {_named(exc)}")
     if isinstance(exc, _BROKER_ERRORS):
@@ -87,6 +94,10 @@ def _detail(exc: BaseException) -> str:
     """The first line of the message: torch's OOM text goes on about allocator settings."""
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:_DETAIL_CHARS]
+
+
+def _cpu_detail(exc: BaseException) -> str:
+    return _CPU_ALLOC_PREFIX.sub("", _detail(exc))
 
 
 def _named(exc: BaseException) -> str:

@@ -8,10 +8,12 @@ call `run_job` and nothing else. What `run_job` returns:
   once for its own errors (worker/failures.py), for exceeding its `max_runtime_s`, and
   for an infrastructure failure on its last attempt.
 - "requeued": handed back to the queue and published again, because the worker is
-  shutting down (this does not use up an attempt) or an infrastructure failure (out of
-  memory, database or broker lost) left attempts to spare. The next attempt resumes
+  shutting down (this does not use up an attempt) or an infrastructure failure
+  (database, broker or disk lost) left attempts to spare. The next attempt resumes
   from the last checkpoint this one wrote.
 - "duplicate": not claimable (another delivery owns it, or it already ended).
+- "deferred": claimable, but its owner is at a claim limit (running jobs, GPU-hours;
+  shared/claim_limits.py): left queued for the reconciler to offer again later.
 - "lost": this attempt lost the job mid-run (reclaimed after its lease ran out, or its
   heartbeats failed for longer than the lease) and wrote nothing final.
 
@@ -39,6 +41,7 @@ from sqlalchemy.orm import Session
 
 import shared
 from shared.celery_app import make_celery, publish_job
+from shared.claim_limits import Deferred, claim_within_limits
 from shared.db import transaction
 from shared.job_events import add_event
 from shared.job_files import job_dir, log_path
@@ -49,16 +52,16 @@ from shared.spec import EvaluateSpec, TrainSpec, load_stored_spec, spec_to_json
 from shared.state_machine import (
     Claim,
     JobState,
-    claim_job,
     finish_job,
     hand_back_job,
     requeue_after_failure,
     still_owns,
 )
 from worker import shutdown
-from worker.failures import classify
+from worker.failures import HOST_OOM, classify
 from worker.job_log import EpochLogSink, JobLog, format_metrics
 from worker.lease import LeaseKeeper, StopReason
+from worker.memory_limit import AppliedLimit, current_budget, format_bytes, job_memory_limit
 from worker.metric_sink import MetricSink
 from worker.training import JobCancelled, Sink, UserError, evaluate_job, pick_device, train_job
 from worker.training.datasets import DataPaths
@@ -67,12 +70,13 @@ from worker.training.device import device_name
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 4000
-REQUEUED, DUPLICATE, LOST = "requeued", "duplicate", "lost"
+REQUEUED, DUPLICATE, LOST, DEFERRED = "requeued", "duplicate", "lost", "deferred"
 TIME_LIMIT_ERROR = "TimeLimitExceeded"
 
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_name(pid: int | None = None) -> str:
+    """host:pid of the pool child that runs a job (this process unless `pid` is given)."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -180,8 +184,14 @@ def run_job(job_id: int, settings: Settings, celery: Celery | None = None) -> st
     """
     # Taken before the claim: the lease it sets cannot run out before this + lease_seconds.
     claimed_at = time.monotonic()
+    device = pick_device()
     with transaction(settings.resolved_database_url) as session:
-        claim = claim_job(session, job_id, worker_name(), settings.lease_seconds)
+        claim = claim_within_limits(
+            session, settings, job_id, worker_name(), describe_device(device)
+        )
+    if isinstance(claim, Deferred):
+        log.info("job %s: not run now: %s", job_id, claim.reason)
+        return DEFERRED
     if claim is None:
         log.info(
             "job %s: not claimable (duplicate delivery, running elsewhere, finished or "
@@ -191,7 +201,7 @@ def run_job(job_id: int, settings: Settings, celery: Celery | None = None) -> st
         return DUPLICATE
     log.info("job %s: claimed, attempt %s", job_id, claim.attempt)
     with JobLog(log_path(settings, job_id), job_id, claim.attempt) as job_log:
-        outcome = _attempt(claim, settings, claimed_at, job_log)
+        outcome = _attempt(claim, settings, claimed_at, job_log, device)
         if outcome is None:
             job_log.event("lost the job (lease ran out or reclaimed); recorded nothing")
             return LOST
@@ -207,7 +217,7 @@ def run_job(job_id: int, settings: Settings, celery: Celery | None = None) -> st
 
 
 def _attempt(
-    claim: Claim, settings: Settings, claimed_at: float, job_log: JobLog
+    claim: Claim, settings: Settings, claimed_at: float, job_log: JobLog, device: torch.device
 ) -> Outcome | None:
     """Run the claimed job under its lease; None if this attempt lost the job meanwhile."""
     url = settings.resolved_database_url
@@ -220,12 +230,13 @@ def _attempt(
         url, claim.job_id, claim.attempt, settings.metric_flush_seconds,
         settings.metric_flush_points, give_up=lambda: lease.lost,
     )  # fmt: skip
-    device = pick_device()
     job_log.event(f"claimed by {worker_name()} on {describe_device(device)}")
+    memory = AppliedLimit(None)
     with lease:
         try:
             spec = load_stored_spec(claim.spec)
-            with sink:
+            with sink, job_memory_limit(current_budget(), device) as memory:
+                job_log.event(memory.describe())
                 result, checkpoint = _execute(
                     spec, settings, claim, device, EpochLogSink(sink, job_log),
                     lease.should_stop, job_log,
@@ -236,7 +247,7 @@ def _attempt(
             directory = checkpoint_dir(settings, claim.job_id, claim.attempt)
             outcome = _stopped(lease.stop_reason, max_runtime_s, directory)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded outcome
-            outcome = _failed(exc, claim, device)
+            outcome = _failed(exc, claim, device, memory)
     if device.type == "cuda":
         # The failed attempt's tensors are garbage now; give the memory back for the next job.
         torch.cuda.empty_cache()
@@ -276,9 +287,15 @@ def _stopped(reason: StopReason | None, max_runtime_s: int | None, directory: Pa
     )
 
 
-def _failed(exc: Exception, claim: Claim, device: torch.device) -> Outcome:
+def _failed(exc: Exception, claim: Claim, device: torch.device, memory: AppliedLimit) -> Outcome:
     failure = classify(exc, describe_device(device))
-    values = {"error_type": failure.error_type, "error_message": failure.reason[:MAX_ERROR_CHARS]}
+    reason = failure.reason
+    if failure.error_type == HOST_OOM and memory.limit_bytes is not None:
+        reason = (
+            f"{reason}; the job needs more than this worker slot's memory limit of "
+            f"{format_bytes(memory.limit_bytes)} (TRAINYARD_SLOT_MEMORY_BYTES)"
+        )
+    values = {"error_type": failure.error_type, "error_message": reason[:MAX_ERROR_CHARS]}
     if failure.retriable:
         log.warning(
             "job %s attempt %s: infrastructure failure: %s",

@@ -1,17 +1,47 @@
-"""Celery task entry points. Each is a few lines: the runner does the work."""
+"""Celery task entry points. Each is a few lines: the runner does the work.
+
+`JobRequest` runs in the worker's main process and handles the one outcome the runner
+cannot record itself: its pool child killed mid-job (worker/child_death.py).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from billiard.exceptions import WorkerLostError
 from celery import Celery
 from celery.exceptions import Reject
+from celery.worker.request import Request
 
 from shared.celery_app import EVALUATE_TASK, TRAIN_TASK
 from shared.settings import Settings
+from worker.child_death import record_killed_child
 from worker.runner import run_job
 from worker.shutdown import shutdown_requested, sigterm_hands_back_job
 
 
+def job_request_class(settings: Settings) -> type[Request]:
+    class JobRequest(Request):
+        def on_failure(
+            self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+        ) -> None:
+            exc = getattr(exc_info, "exception", None)
+            exc = getattr(exc, "exc", exc)  # billiard wraps it in an ExceptionWithTraceback
+            if isinstance(exc, WorkerLostError) and record_killed_child(
+                settings, self.args, self.worker_pid, str(exc)
+            ):
+                # Recorded as failed: acknowledged, so Celery's reject-on-worker-lost
+                # does not put the message back for a delivery that would only find the
+                # job finished.
+                self.acknowledge()
+            super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    return JobRequest
+
+
 def register_tasks(app: Celery, settings: Settings) -> None:
+    request_class = job_request_class(settings)
+
     def run(job_id: int) -> str:
         if shutdown_requested():
             # This worker is going away: put the message back untouched for another one
@@ -20,10 +50,10 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         with sigterm_hands_back_job():
             return run_job(int(job_id), settings, celery=app)
 
-    @app.task(name=TRAIN_TASK, ignore_result=True, shared=False)
+    @app.task(name=TRAIN_TASK, ignore_result=True, shared=False, Request=request_class)
     def train(job_id: int) -> str:
         return run(job_id)
 
-    @app.task(name=EVALUATE_TASK, ignore_result=True, shared=False)
+    @app.task(name=EVALUATE_TASK, ignore_result=True, shared=False, Request=request_class)
     def evaluate(job_id: int) -> str:
         return run(job_id)
