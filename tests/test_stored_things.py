@@ -21,6 +21,7 @@ from shared.settings import Settings
 from tests.conftest import TestUsers, as_user
 from tests.helpers import evaluate_spec, train_spec
 
+
 def error_fields(resp: Any) -> dict[str, str]:
     return resp.get_json()["error"]["fields"]
 
@@ -250,3 +251,39 @@ def test_pages_delete_with_csrf_and_show_the_result(
     bob_upload = upload(as_user(app, users.bob)).get_json()["id"]
     resp = page.post(f"/uploads/{bob_upload}/delete", data={"csrf_token": _csrf(page, "/uploads")})
     assert resp.status_code == 404 and "Upload" in resp.get_data(as_text=True)
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_cli_uploads_lists_and_deletes(
+    app: Flask, live_server: str, settings: Settings, users: TestUsers, db_url: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from server.cli import main
+
+    env = {"TRAINYARD_URL": live_server, "TRAINYARD_TOKEN": users.alice.token, "COLUMNS": "200"}
+
+    def run(*args: str, stdin: str | None = None):  # type: ignore[no-untyped-def]
+        return CliRunner().invoke(main, list(args), env=env, input=stdin)
+
+    path = tmp_path / "houses.csv"
+    path.write_bytes(CSV)
+    added = run("upload", "add", str(path), "-q")
+    assert added.exit_code == 0, added.output
+    upload_id = int(added.output.strip())
+    listed = run("upload", "list")
+    assert listed.exit_code == 0 and "houses.csv" in listed.output and "4 rows" in listed.output
+    declined = run("upload", "delete", str(upload_id), stdin="n\n")
+    assert declined.exit_code == 1 and "Aborted" in declined.output
+    deleted = run("upload", "delete", str(upload_id), "--yes")
+    assert deleted.exit_code == 0 and f"Deleted upload {upload_id}" in deleted.output
+    missing = run("upload", "delete", str(upload_id), "--yes")
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+
+    job_id = finished_job_with_files(as_user(app, users.alice), settings, db_url)
+    confirmed = run("artifacts", "delete", str(job_id), stdin="y\n")
+    assert confirmed.exit_code == 0, confirmed.output
+    assert f"Deleted the files of job {job_id}" in confirmed.output
+    assert not job_files.job_dir(settings, job_id).exists()

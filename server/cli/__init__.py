@@ -25,6 +25,7 @@ from server.cli.account_commands import token_group, user_group
 from server.cli.job_commands import cancel, jobs_command, show, submit, watch
 from server.cli.local.up_command import up
 from server.cli.process_commands import db, reconcile, web, worker
+from server.cli.storage_commands import artifacts_group, upload_group
 
 __all__ = ["main"]
 
@@ -52,5 +53,7 @@ for _command in (
     up,
     user_group,
     token_group,
+    upload_group,
+    artifacts_group,
 ):
     main.add_command(_command)

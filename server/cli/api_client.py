@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 import requests
@@ -82,10 +82,25 @@ class ApiClient:
     def post(self, path: str, body: Any = None) -> Any:
         return self._request("POST", path, json=body)
 
+    def delete(self, path: str) -> Any:
+        return self._request("DELETE", path)
+
+    def post_file(self, path: str, file: IO[bytes], filename: str) -> Any:
+        """POST a file as a raw text/csv body, streamed (never read into memory here)."""
+        return self._request(
+            "POST",
+            path,
+            params={"filename": filename},
+            data=file,
+            headers={"Content-Type": "text/csv"},
+            timeout=(self.timeout[0], 600.0),
+        )
+
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         url = f"{self.base_url}/api/v1{path}"
+        kwargs.setdefault("timeout", self.timeout)
         try:
-            resp = self._session.request(method, url, timeout=self.timeout, **kwargs)
+            resp = self._session.request(method, url, **kwargs)
         except requests.ConnectionError as exc:
             reason = "connection refused" if "refused" in str(exc).lower() else "cannot connect"
             raise ApiUnreachable(

@@ -82,6 +82,10 @@ _token_option = click.option(
 )
 
 
+# For the other client command modules (server/cli/storage_commands.py).
+url_option, token_option = _url_option, _token_option
+
+
 @click.command()
 @click.argument("spec_file", type=click.File("r", encoding="utf-8"), metavar="SPEC_FILE")
 @click.option("--watch", "-w", "then_watch", is_flag=True, help="Follow the job until it finishes.")
