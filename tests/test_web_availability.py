@@ -135,7 +135,6 @@ def status_of(sock: socket.socket) -> tuple[int, str]:
 BODY_START: dict[socket.socket, bytes] = {}
 
 
-@pytest.mark.integration
 def test_open_job_streams_leave_requests_answered_and_are_capped_per_user(
     settings: Settings, accounts_and_job: dict[str, int], tmp_path: Path
 ) -> None:
