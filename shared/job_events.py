@@ -49,6 +49,17 @@ def add_event(
     )
 
 
+def last_event(
+    session: Session, job_id: int, ignoring: tuple[str, ...] = ()
+) -> tuple[str, str | None] | None:
+    """(kind, message) of the job's newest event whose kind is not in `ignoring`."""
+    stmt = select(JobEvent.kind, JobEvent.message).where(JobEvent.job_id == job_id)
+    if ignoring:
+        stmt = stmt.where(JobEvent.kind.not_in(ignoring))
+    row = session.execute(stmt.order_by(JobEvent.id.desc()).limit(1)).first()
+    return None if row is None else (row.kind, row.message)
+
+
 def job_events(session: Session, job_id: int, limit: int = 500) -> list[JobEvent]:
     """The job's events, oldest first (the newest `limit` of them)."""
     stmt = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())

@@ -41,7 +41,7 @@ from sqlalchemy.sql import ColumnElement
 from shared.broker import QueuedMessages, read_messages, redis_client
 from shared.celery_app import make_celery, publish_job, task_id_for
 from shared.db import transaction, utcnow
-from shared.job_events import add_event
+from shared.job_events import add_event, last_event
 from shared.orm import Job
 from shared.settings import Settings
 from shared.state_machine import (
@@ -248,7 +248,11 @@ def _republish_lost_messages(
             message = "its message was not in the broker"
             _log_action(Settled("republished", message), row.id, report)
             with transaction(url) as session:
-                add_event(session, row.id, "republished", message=message)
+                # A job a worker left queued at its owner's limit is offered again on
+                # purpose, every pass it waits: its "deferred" entry already says so.
+                last = last_event(session, row.id)
+                if last is None or last[0] != "deferred":
+                    add_event(session, row.id, "republished", message=message)
 
 
 def _log_action(settled: Settled, job_id: int, report: ReconcileReport) -> None:

@@ -37,10 +37,10 @@ from sqlalchemy import ColumnElement, Update, case, func, insert, or_, select, u
 from sqlalchemy.orm import Session, aliased
 
 from shared.db import utcnow
-from shared.job_events import add_event
+from shared.job_events import add_event, last_event
 from shared.job_states import FINISHED_STATES, JobState
 from shared.metric_catalog import final_metrics
-from shared.orm import Job, JobEvent, JobMetric
+from shared.orm import Job, JobMetric
 
 QUEUED, RUNNING = JobState.QUEUED, JobState.RUNNING
 SUCCEEDED, FAILED, CANCELLED = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED
@@ -310,13 +310,8 @@ def defer_claim(session: Session, job_id: int, reason: str) -> bool:
     stmt = _write(Job.id == job_id, Job.state == QUEUED.value, updated_at=utcnow())
     if session.execute(stmt).rowcount != 1:
         return False
-    last = session.execute(
-        select(JobEvent.kind, JobEvent.message)
-        .where(JobEvent.job_id == job_id)
-        .order_by(JobEvent.id.desc())
-        .limit(1)
-    ).first()
-    if last is None or (last.kind, last.message) != ("deferred", reason):
+    # The reconciler's republish in between says nothing new (and adds no event).
+    if last_event(session, job_id, ignoring=("republished",)) != ("deferred", reason):
         add_event(session, job_id, "deferred", message=reason)
     return True
 

@@ -117,6 +117,8 @@ def test_an_admins_override_raises_one_users_limit(limited: Settings, users: Any
 
 
 def test_a_deferred_job_is_offered_again_by_the_reconciler(limited: Settings, users: Any) -> None:
+    # The first job's lease outlasts the reconcile passes "later" (a minute on).
+    limited = limited.model_copy(update={"lease_seconds": 3600})
     url = limited.resolved_database_url
     first, second = add_job(url, users.alice.id), add_job(url, users.alice.id)
     assert isinstance(claim(limited, first), Claim)
@@ -130,6 +132,10 @@ def test_a_deferred_job_is_offered_again_by_the_reconciler(limited: Settings, us
         assert report.job_ids.get("republished") == [second]
     finally:
         celery.close()
+    # Offered again while alice is still at her limit: waiting, and the timeline stays
+    # one entry long however many rounds that takes.
+    assert isinstance(claim(limited, second), Deferred)
+    assert [kind for kind, _ in events(url, second)] == ["deferred"]
     client = redis.Redis.from_url(limited.require_redis_url())
     try:
         assert any(task_id_for(second).encode() in m for m in client.lrange(CPU_QUEUE, 0, -1))
