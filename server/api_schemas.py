@@ -181,6 +181,15 @@ class Uploads(ResponseModel):
     uploads: list[UploadResponse]
 
 
+class UploadColumns(ResponseModel):
+    upload_id: int
+    total: int = Field(description="how many columns match (more than returned past `limit`)")
+    columns: list[UploadColumn] = Field(
+        description="matches: the exact name first, then names starting with `q`, then the "
+        "rest, each in file order"
+    )
+
+
 class ModelInfo(ResponseModel):
     name: str
     description: str

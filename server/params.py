@@ -106,6 +106,13 @@ class UploadListQuery(QueryModel):
     limit: int = Field(default=200, ge=1, le=1000, description="at most this many, newest first")
 
 
+class UploadColumnsQuery(QueryModel):
+    q: QueryText = Field(
+        default="", max_length=255, description="part of a column name (case-insensitive)"
+    )
+    limit: int = Field(default=50, ge=1, le=500, description="at most this many columns")
+
+
 class UploadQuery(QueryModel):
     filename: QueryText | None = Field(
         default=None,

@@ -21,6 +21,7 @@ from server.errors import ApiError
 from server.openapi import operation
 from server.params import (
     NoQuery,
+    UploadColumnsQuery,
     UploadListQuery,
     UploadQuery,
     check_path_ids,
@@ -231,3 +232,37 @@ def delete_upload(upload_id: int) -> ResponseReturnValue:
     parse_query(NoQuery)
     freed = deletion.delete_upload(upload_id)
     return jsonify({"id": upload_id, "deleted": True, "freed_bytes": freed})
+
+
+def search_columns(
+    columns: list[dict[str, Any]], q: str, limit: int
+) -> tuple[int, list[dict[str, Any]]]:
+    """(how many match, the first `limit`): exact name, then prefix, then substring."""
+    needle = q.casefold()
+    ranked = []
+    for index, column in enumerate(columns):
+        name = str(column["name"]).casefold()
+        if needle not in name:
+            continue
+        rank = 0 if name == needle else 1 if name.startswith(needle) else 2
+        ranked.append((rank, index, column))
+    ranked.sort(key=lambda item: item[:2])
+    return len(ranked), [column for _rank, _index, column in ranked[:limit]]
+
+
+@bp.get("/<int:upload_id>/columns")
+@operation(tag="uploads", query=UploadColumnsQuery, ok={200: schemas.UploadColumns}, errors=(404,))
+def search_upload_columns(upload_id: int) -> ResponseReturnValue:
+    """Search an upload's columns by name (the submit form's search-as-you-type).
+
+    An upload may have 10,000 columns: pages show a few and look the rest up here.
+    """
+    query = parse_query(UploadColumnsQuery)
+    upload = find_visible_upload(upload_id)
+    if upload is None:
+        raise ApiError(
+            404, "not_found", f"upload {upload_id} does not exist", {"upload_id": "no such upload"}
+        )
+    total, found = search_columns(list(upload.columns), query.q, query.limit)
+    columns = [{k: c[k] for k in ("name", "numeric", "distinct")} for c in found]
+    return jsonify({"upload_id": upload.id, "total": total, "columns": columns})

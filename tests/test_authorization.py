@@ -259,6 +259,10 @@ def check_new_upload(resp: TestResponse, who: str, w: World) -> None:
     assert resp.get_json()["rows"] == 4
 
 
+def check_column_search(resp: TestResponse, who: str, w: World) -> None:
+    assert resp.get_json()["columns"] == [{"name": "x2", "numeric": True, "distinct": 4}]
+
+
 def check_upload_list(resp: TestResponse, who: str, w: World) -> None:
     ids = {u["id"] for u in resp.get_json()["uploads"]}
     assert ({w.upload, w.spare_upload} <= ids) == (who == ALICE), ids
@@ -521,6 +525,8 @@ MATRIX: tuple[Row, ...] = (
         check=check_new_upload),
     Row("GET", "/api/v1/uploads/<int:upload_id>", owned(), "/api/v1/uploads/{upload}",
         check=check_upload),
+    Row("GET", "/api/v1/uploads/<int:upload_id>/columns", owned(),
+        "/api/v1/uploads/{upload}/columns?q=X2", check=check_column_search),
     Row("GET", "/api/v1/uploads", any_user(), check=check_upload_list),
     Row("GET", "/api/v1/uploads", {ANON: 401, ALICE: 403, BOB: 403, ADMIN: 200},
         "/api/v1/uploads?all=true", check=check_all_uploads),

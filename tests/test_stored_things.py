@@ -287,3 +287,20 @@ def test_cli_uploads_lists_and_deletes(
     assert confirmed.exit_code == 0, confirmed.output
     assert f"Deleted the files of job {job_id}" in confirmed.output
     assert not job_files.job_dir(settings, job_id).exists()
+
+
+# ---------------------------------------------------------------- column search
+
+
+def test_column_search_ranks_exact_then_prefix_then_substring(app: Flask, users: TestUsers) -> None:
+    alice = as_user(app, users.alice)
+    header = b"xa,ax,x,bxb,y\n1,2,3,4,5\n"
+    upload_id = upload(alice, header).get_json()["id"]
+    found = alice.get(f"/api/v1/uploads/{upload_id}/columns?q=X").get_json()
+    assert found["total"] == 4
+    assert [c["name"] for c in found["columns"]] == ["x", "xa", "ax", "bxb"]
+    first = alice.get(f"/api/v1/uploads/{upload_id}/columns?q=x&limit=1").get_json()
+    assert first["total"] == 4 and [c["name"] for c in first["columns"]] == ["x"]
+    bad = alice.get(f"/api/v1/uploads/{upload_id}/columns?limit=0")
+    assert bad.status_code == 400 and "limit" in error_fields(bad)
+    assert as_user(app, users.bob).get(f"/api/v1/uploads/{upload_id}/columns").status_code == 404

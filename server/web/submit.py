@@ -57,6 +57,11 @@ class SubmitCsrf(FlaskForm):
     """Only the CSRF token: the inputs come from the schema, not from WTForms fields."""
 
 
+# A target column select lists at most this many columns; a wider upload gets a search
+# box instead (10,000 columns rendered as options made a 40 MB page).
+COLUMN_OPTIONS_LIMIT = 200
+
+
 @dataclass(frozen=True)
 class UploadView:
     """What the page shows about an upload next to its id: the file and its columns."""
@@ -294,6 +299,7 @@ def _render(
         source_jobs=_source_jobs(state.values, form),
         dataset_problems=_dataset_problems(),
         uploads=_uploads(form, state.values),
+        column_options_limit=COLUMN_OPTIONS_LIMIT,
         uploaded=state.uploaded or {},
         open_sections=open_sections,
         is_active=is_active,

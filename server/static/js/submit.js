@@ -175,7 +175,7 @@
     // The file is stored now: the form sends its id, not the file again.
     input.value = "";
     status.textContent = `${describeUpload(data)} Check the target column below.`;
-    fillColumns(input.dataset.uploadField, data.columns, true);
+    fillColumns(input.dataset.uploadField, data.columns, true, data.id);
   }
 
   // An upload id typed in by hand: look the upload up to offer its columns.
@@ -200,12 +200,109 @@
     if (!response.ok) return;
     const data = await response.json();
     if (fileInput) statusFor(fileInput).textContent = describeUpload(data);
-    fillColumns(idInput.id, data.columns, false);
+    fillColumns(idInput.id, data.columns, false, data.id);
   }
 
-  function fillColumns(uploadFieldId, columns, preselect) {
+  // More columns than this get a searched text input, not a select (the page would
+  // carry every column otherwise): the server renders the same.
+  const columnLimit = Number(form.dataset.columnLimit || 200);
+
+  function columnNote(column) {
+    const kind = column.numeric ? "numeric" : "text";
+    return `${kind}, ${column.distinct}${column.distinct > 1000 ? "+" : ""} values`;
+  }
+
+  function fillColumnSearch(current, uploadFieldId, columns, uploadId) {
+    const input = document.createElement("input");
+    input.type = "text";
+    for (const name of ["id", "name"]) {
+      const value = current.getAttribute(name);
+      if (value !== null) input.setAttribute(name, value);
+    }
+    const names = new Set(columns.map((c) => c.name));
+    input.value = names.has(current.value) ? current.value : "";
+    input.dataset.columnsFor = uploadFieldId;
+    input.dataset.columnSearch = String(uploadId);
+    input.autocomplete = "off";
+    input.placeholder = `Type to search ${columns.length.toLocaleString("en")} columns`;
+    const list = document.createElement("datalist");
+    list.id = `${input.id}-columns`;
+    input.setAttribute("list", list.id);
+    setColumnOptions(list, columns.slice(0, columnLimit));
+    const note = document.createElement("p");
+    note.className = "field-note";
+    note.id = `${input.id}-columns-note`;
+    note.setAttribute("aria-live", "polite");
+    note.textContent = `Upload ${uploadId} has ${columns.length.toLocaleString("en")} columns: type part of a name to search them all.`;
+    const described = current.getAttribute("aria-describedby") || "";
+    input.setAttribute("aria-describedby", `${note.id} ${described}`.trim());
+    for (const old of [`${input.id}-columns`, `${input.id}-columns-note`]) {
+      const stale = document.getElementById(old);
+      if (stale) stale.remove();
+    }
+    input.disabled = current.disabled;
+    current.replaceWith(input);
+    input.after(list, note);
+  }
+
+  function setColumnOptions(list, columns) {
+    list.replaceChildren(
+      ...columns.map((column) => {
+        const option = document.createElement("option");
+        option.value = column.name;
+        option.textContent = columnNote(column);
+        return option;
+      }),
+    );
+  }
+
+  // Search-as-you-type over every column of a wide upload.
+  let columnSearchTimer = null;
+  let columnSearchSeq = 0;
+  form.addEventListener("input", (event) => {
+    const input = event.target;
+    if (!input.matches("input[data-column-search]")) return;
+    clearTimeout(columnSearchTimer);
+    columnSearchTimer = setTimeout(() => searchColumns(input), 150);
+  });
+
+  async function searchColumns(input) {
+    const seq = ++columnSearchSeq;
+    const id = input.dataset.columnSearch;
+    const q = encodeURIComponent(input.value.trim());
+    let data;
+    try {
+      const response = await fetch(`/api/v1/uploads/${id}/columns?q=${q}&limit=50`, {
+        headers: { Accept: "application/json" },
+        credentials: "same-origin",
+      });
+      if (!response.ok) return;
+      data = await response.json();
+    } catch {
+      return; // the server checks the name on submit anyway
+    }
+    if (seq !== columnSearchSeq) return; // a later keystroke's answer wins
+    const list = document.getElementById(input.getAttribute("list"));
+    if (list) setColumnOptions(list, data.columns);
+    const note = document.getElementById(`${input.id}-columns-note`);
+    if (note) {
+      note.textContent = input.value.trim()
+        ? `${data.total.toLocaleString("en")} column${data.total === 1 ? "" : "s"} match "${input.value.trim()}"${data.total > data.columns.length ? `; the first ${data.columns.length} are listed` : ""}.`
+        : note.textContent;
+    }
+  }
+
+  function fillColumns(uploadFieldId, columns, preselect, uploadId) {
     const current = form.querySelector(`[data-columns-for="${CSS.escape(uploadFieldId)}"]`);
     if (!current) return;
+    if (columns.length > columnLimit) {
+      fillColumnSearch(current, uploadFieldId, columns, uploadId);
+      return;
+    }
+    for (const old of [`${current.id}-columns`, `${current.id}-columns-note`]) {
+      const stale = document.getElementById(old);
+      if (stale) stale.remove();
+    }
     const previous = current.value;
     const select = document.createElement("select");
     for (const name of ["id", "name", "aria-describedby"]) {
