@@ -5,7 +5,8 @@ Quotas count what a user keeps: deleting an upload or revoking a token gives its
 back. Rates are moving windows in Redis through the submission limiter's storage
 (server/auth.py SubmitLimits), so they hold across every web process. Each limit is a
 setting (shared/settings.py); an admin may override one for a single user by putting
-the setting's name in users.limits (e.g. {"max_uploads_per_user": 1000}).
+the setting's name in users.limits (e.g. {"max_uploads_per_user": 1000}), which
+shared/limits.py writes for `PATCH /api/v1/users/{name}/limits` (`max_uploads`).
 """
 
 from __future__ import annotations
