@@ -1,23 +1,29 @@
 """A job runs under its worker slot's memory limit (worker/memory_limit.py): past it, the
-job fails once as OutOfMemory, and the worker lives on to run the next job
-(docs/architecture.md, "Reliability" R10)."""
+job fails once as OutOfMemory, and the worker lives on to run the next job; a job whose
+pool child is killed by SIGKILL ends failed as KilledBySignal (worker/child_death.py;
+the real-worker scenario is in tests/faults/test_worker_loss.py). docs/architecture.md,
+"Reliability" R10."""
 
 from __future__ import annotations
 
 import resource
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
 
-from shared.db import transaction
+from shared.db import transaction, utcnow
+from shared.job_events import job_events
 from shared.orm import Job
 from shared.settings import Settings
+from shared.state_machine import KILLED, fail_killed_attempt
 from tests.conftest import as_user, wait_for_state
 from tests.helpers import train_spec
+from worker import shutdown
+from worker.child_death import kill_reason, killed_by_sigkill, record_killed_child
 from worker.failures import CUDA_OOM, HOST_OOM, classify
-from worker.memory_limit import MemoryBudget, job_memory_limit, slot_budget
+from worker.memory_limit import MemoryBudget, data_bytes, job_memory_limit, slot_budget
 
 GIB = 1 << 30
 # About 200 M parameters: 0.8 GB of weights, 3.2 GB with gradients and Adam's state.
@@ -26,17 +32,9 @@ SMALL_MLP = {"name": "mlp", "params": {"hidden": 16, "layers": 1}}
 SLOT_LIMIT = int(1.5 * GIB)
 
 
-def vm_data() -> int:
-    """This process's private writable memory, what RLIMIT_DATA bounds."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmData:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmData in /proc/self/status")
-
-
 def test_the_limit_fails_an_allocation_inside_the_job_and_is_restored_after() -> None:
     before = resource.getrlimit(resource.RLIMIT_DATA)
-    budget = MemoryBudget(vm_data() + 256 * (1 << 20), "test")
+    budget = MemoryBudget(data_bytes() + 256 * (1 << 20), "test")
     with job_memory_limit(budget, torch.device("cpu")) as applied:
         assert applied.limit_bytes == budget.limit_bytes
         assert resource.getrlimit(resource.RLIMIT_DATA)[0] == budget.limit_bytes
@@ -141,3 +139,64 @@ def test_a_job_past_its_memory_limit_fails_once_and_the_worker_runs_the_next(
         assert "memory limit per job=1.5 GiB" in worker.log_tail(200_000)
     finally:
         worker.stop()
+
+
+# -- a pool child killed by SIGKILL (worker/child_death.py) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "sigkill"),
+    [
+        ("Worker exited prematurely: signal 9 (SIGKILL) Job: 0.", True),
+        ("Worker exited prematurely: signal 11 (SIGSEGV) Job: 3.", False),
+        ("Worker exited prematurely: signal 15 (SIGTERM) Job: 1.", False),
+        ("Worker exited prematurely: exitcode 1 Job: 0.", False),
+    ],
+)
+def test_only_a_sigkill_counts_as_killed(message: str, sigkill: bool) -> None:
+    assert killed_by_sigkill(message) is sigkill
+
+
+def running_job(url: str, worker: str, **values: Any) -> int:
+    with transaction(url) as s:
+        job = Job(
+            kind="train", queue="cpu", spec=train_spec(), state="running", attempt=2,
+            max_attempts=3, worker=worker, lease_expires_at=utcnow() + timedelta(minutes=1),
+            **values,
+        )  # fmt: skip
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def test_the_killed_childs_attempt_fails_and_no_other(db_url: str) -> None:
+    killed = running_job(db_url, "host:101")
+    elsewhere = running_job(db_url, "host:202")
+    cancelling = running_job(db_url, "host:303", cancel_requested=True)
+    with transaction(db_url) as s:
+        assert fail_killed_attempt(s, elsewhere, "host:101", kill_reason()) is None
+        settled = fail_killed_attempt(s, killed, "host:101", kill_reason())
+        assert settled is not None and settled.action == "failed"
+        assert fail_killed_attempt(s, killed, "host:101", kill_reason()) is None  # once
+        cancelled = fail_killed_attempt(s, cancelling, "host:303", kill_reason())
+        assert cancelled is not None and cancelled.action == "cancelled"
+    with transaction(db_url) as s:
+        job = s.get(Job, killed)
+        assert (job.state, job.attempt, job.error_type) == ("failed", 2, KILLED)
+        assert job.error_message.startswith("the job's process was killed by signal 9")
+        assert job.finished_at is not None and job.lease_expires_at is None
+        [event] = job_events(s, killed)
+        assert (event.kind, event.attempt, event.worker) == ("failed", 2, "host:101")
+        assert s.get(Job, elsewhere).state == "running"
+        assert s.get(Job, cancelling).state == "cancelled"
+
+
+def test_a_worker_shutting_down_or_an_unknown_pid_records_nothing(settings: Settings) -> None:
+    message = "Worker exited prematurely: signal 9 (SIGKILL) Job: 0."
+    assert not record_killed_child(settings, [1], None, message)
+    assert not record_killed_child(settings, ["x"], 123, message)
+    shutdown.request_shutdown()
+    try:
+        assert not record_killed_child(settings, [1], 123, message)
+    finally:
+        shutdown.reset_for_tests()

@@ -105,7 +105,26 @@ def configure(settings: Settings, slots: int) -> MemoryBudget:
     it (tests running jobs in threads of the test process) run jobs without a limit."""
     budget = slot_budget(settings, slots)
     _budget["slot"] = budget
+    in_use = data_bytes()
+    if budget.limit_bytes is not None and in_use and budget.limit_bytes < 2 * in_use:
+        # Torch, Celery and the interpreter alone take this much: jobs get what is left.
+        log.warning(
+            "the memory limit per job (%s, %s) leaves little beyond the %s this worker "
+            "process uses before any job; raise TRAINYARD_SLOT_MEMORY_BYTES or run fewer slots",
+            format_bytes(budget.limit_bytes), budget.source, format_bytes(in_use),
+        )  # fmt: skip
     return budget
+
+
+def data_bytes() -> int:
+    """This process's private writable memory (VmData), what RLIMIT_DATA bounds."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def current_budget() -> MemoryBudget:
