@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from shared.db import utcnow
@@ -98,10 +98,10 @@ def _on_gpu(device: str | None) -> bool:
 
 
 def running_jobs(session: Session, owner_id: int, besides: int) -> int:
-    stmt = select(Job.id).where(
+    stmt = select(func.count()).where(
         Job.owner_id == owner_id, Job.state == JobState.RUNNING.value, Job.id != besides
     )
-    return len(session.execute(stmt).all())
+    return int(session.execute(stmt).scalar_one())
 
 
 def gpu_seconds(
