@@ -112,8 +112,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=60.0, gt=0)
     # How often the worker renews the lease (and sees a cancel request).
     heartbeat_seconds: float = Field(default=10.0, gt=0)
-    # Claims per job, the first included; a job that keeps killing its worker (OOM)
-    # ends `failed` after this many instead of looping.
+    # Claims per job, the first included; a job whose whole worker keeps dying ends
+    # `failed` after this many instead of looping. (A job whose own process is killed,
+    # by the OOM killer say, fails at once: docs/architecture.md, "Reliability" R10.)
     max_attempts: int = Field(default=3, ge=1, le=100)
     # How often the reconciler looks for expired leases and lost messages.
     reconcile_seconds: float = Field(default=15.0, gt=0)
