@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import csv
 import io
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -76,13 +78,49 @@ def read_records(lines: Iterable[str]) -> tuple[list[str], Iterator[tuple[int, l
     return header, records()
 
 
+class DistinctValues:
+    """One column's distinct strings, up to MAX_CSV_CLASSES + 1, kept as 64-bit hashes.
+
+    A sorted array of hashes (8 bytes each) and the code of each (2 bytes: the order the
+    values were first seen) instead of a set of strings: a wide file with few rows has
+    almost every cell distinct, and a set of the strings held many times the file. Two
+    distinct strings sharing a 64-bit hash (odds about 1 in 10^13 for a full column)
+    would count as one. Hashes are per process (str hashing is salted): a profile and
+    the file written from it must come from the same process.
+    """
+
+    __slots__ = ("codes", "hashes", "overflowed")
+
+    def __init__(self) -> None:
+        self.hashes = array("q")
+        self.codes = array("H")
+        self.overflowed = False
+
+    def __len__(self) -> int:
+        return MAX_CSV_CLASSES + 1 if self.overflowed else len(self.hashes)
+
+    def code(self, value: str) -> tuple[int, bool]:
+        """(the value's code, whether it is new); (-1, False) once past the cap."""
+        if self.overflowed:
+            return -1, False
+        h = hash(value)
+        i = bisect_left(self.hashes, h)
+        if i < len(self.hashes) and self.hashes[i] == h:
+            return self.codes[i], False
+        code = len(self.hashes)
+        if code >= MAX_CSV_CLASSES + 1:
+            self.overflowed = True
+            self.hashes, self.codes = array("q"), array("H")  # give the memory back
+            return -1, False
+        self.hashes.insert(i, h)
+        self.codes.insert(i, code)
+        return code, True
+
+
 @dataclass(frozen=True)
 class CsvProfile:
     rows: int
     columns: tuple[ColumnInfo, ...]
-    # Per column: the sorted distinct values when there are at most MAX_CSV_CLASSES
-    # (a classification target's labels), else None.
-    labels: tuple[tuple[str, ...] | None, ...] = ()
     # Per column: the 0-based data row of its first empty cell, or None.
     first_missing: tuple[int | None, ...] = ()
 
@@ -90,15 +128,14 @@ class CsvProfile:
 def profile_records(header: list[str], records: Iterable[tuple[int, list[str]]]) -> CsvProfile:
     """Scan the records once, keeping only per-column counters (uploads can be large).
 
-    Memory does not grow with the number of rows: at most MAX_CSV_CLASSES + 1 distinct
-    values are kept per column, and a column's set is dropped once it has more.
+    Memory does not grow with the number of rows, nor with the length of the values:
+    per column a few counters and at most MAX_CSV_CLASSES + 1 hashes (DistinctValues).
     """
     width = len(header)
     numeric = [True] * width
     missing = [0] * width
     first_missing: list[int | None] = [None] * width
-    distinct: list[set[str] | None] = [set() for _ in header]
-    overflowed = [False] * width
+    distinct = [DistinctValues() for _ in header]
     rows = 0
     for _line, values in records:
         for i, value in enumerate(values):
@@ -109,21 +146,14 @@ def profile_records(header: list[str], records: Iterable[tuple[int, list[str]]])
                 continue
             if numeric[i] and not parses_as_number(value):
                 numeric[i] = False
-            seen = distinct[i]
-            if seen is not None:
-                seen.add(value)
-                if len(seen) > MAX_CSV_CLASSES:
-                    distinct[i] = None
-                    overflowed[i] = True
+            distinct[i].code(value)
         rows += 1
     if rows == 0:
         raise CsvProblem("the file has a header but no rows")
-    counts = [MAX_CSV_CLASSES + 1 if overflowed[i] else len(distinct[i] or ()) for i in range(width)]
     columns = tuple(
-        ColumnInfo(name, numeric[i], counts[i], missing[i]) for i, name in enumerate(header)
+        ColumnInfo(name, numeric[i], len(distinct[i]), missing[i]) for i, name in enumerate(header)
     )
-    labels = tuple(None if seen is None else tuple(sorted(seen)) for seen in distinct)
-    return CsvProfile(rows, columns, labels, tuple(first_missing))
+    return CsvProfile(rows, columns, tuple(first_missing))
 
 
 def profile_lines(lines: Iterable[str]) -> CsvProfile:

@@ -85,7 +85,17 @@ def target_vector(table: ColumnFile, name: str, task: str) -> np.ndarray:
     if task == "classification":
         if column.codes_offset is None:
             raise UserError(f"target column {name!r} has too many distinct values to classify")
-        return _read(table, column.codes_offset, "<u2").astype(np.int64)
+        try:
+            labels = table.labels(name)
+        except ColumnFileError as exc:
+            raise UserError(f"cannot read upload file {table.path.name}: {exc}") from None
+        # Codes count in the order values were first seen; classes are the sorted values.
+        rank = np.empty(len(labels), dtype=np.int64)
+        rank[sorted(range(len(labels)), key=labels.__getitem__)] = np.arange(len(labels))
+        codes = _read(table, column.codes_offset, "<u2").astype(np.int64)
+        if codes.size and codes.max() >= len(labels):
+            raise UserError(f"upload file {table.path.name} is corrupt (column {name!r})")
+        return rank[codes]
     if column.values_offset is None:
         raise UserError(f"target column {name!r} is not numeric")
     y = _read(table, column.values_offset, "<f4").astype(np.float32)
