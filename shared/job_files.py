@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -232,12 +233,31 @@ def _private_tmp(directory: Path, stem: str) -> tuple[int, Path]:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), path
 
 
+# A temporary upload file older than this was left by a process that died mid-upload.
+STALE_TMP_SECONDS = 24 * 3600
+
+
+def remove_stale_upload_tmp(uploads_dir: Path, now: float | None = None) -> int:
+    """Remove temporary files a killed web process left in the uploads folder; how many."""
+    cutoff = (time.time() if now is None else now) - STALE_TMP_SECONDS
+    removed = 0
+    for path in Path(uploads_dir).glob(f".*{TMP_SUFFIX}"):
+        try:
+            if path.lstat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
 def receive_upload(stream: BinaryIO, uploads_dir: Path, max_bytes: int) -> tuple[Path, int]:
     """Copy a request body to a private temporary file in chunks: (its path, its size).
 
     Memory stays at one chunk whatever the size. More than `max_bytes` raises
     UploadTooLarge (the file is removed); the caller removes the file when done.
     """
+    remove_stale_upload_tmp(uploads_dir)
     fd, path = _private_tmp(Path(uploads_dir), "incoming")
     size = 0
     try:

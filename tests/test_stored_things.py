@@ -304,3 +304,18 @@ def test_column_search_ranks_exact_then_prefix_then_substring(app: Flask, users:
     bad = alice.get(f"/api/v1/uploads/{upload_id}/columns?limit=0")
     assert bad.status_code == 400 and "limit" in error_fields(bad)
     assert as_user(app, users.bob).get(f"/api/v1/uploads/{upload_id}/columns").status_code == 404
+
+
+def test_temporary_files_of_a_dead_upload_are_swept(
+    app: Flask, settings: Settings, users: TestUsers
+) -> None:
+    import os
+
+    settings.uploads_dir.mkdir(parents=True)
+    stale = settings.uploads_dir / ".incoming.123.abc.tmp"  # a web process killed mid-upload
+    fresh = settings.uploads_dir / ".incoming.456.def.tmp"  # one still being received
+    stale.write_bytes(b"x" * 100)
+    fresh.write_bytes(b"y")
+    os.utime(stale, (1, 1))
+    assert upload(as_user(app, users.alice)).status_code == 201
+    assert not stale.exists() and fresh.exists()
