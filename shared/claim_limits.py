@@ -15,8 +15,8 @@ acknowledges its message; the reconciler offers it again after
 TRAINYARD_REQUEUE_AFTER_SECONDS, behind what was queued meanwhile, so the other users'
 jobs go first and nobody spins on it. Its timeline says why.
 
-Race-safe: on PostgreSQL the owner's row is locked (SELECT ... FOR UPDATE) before the
-count, so two workers claiming two jobs of the same user at once take turns, and the
+Race-safe: on PostgreSQL the owner's row is locked (SELECT ... FOR NO KEY UPDATE) before
+the count, so two workers claiming two jobs of the same user at once take turns, and the
 second counts the first's claim. On SQLite, writers take turns anyway, and the running
 count is a condition of the claim's own UPDATE (shared/state_machine.py, `claim_job`).
 
@@ -140,10 +140,12 @@ def gpu_seconds(
 
 
 def _lock_owner(session: Session, owner_id: int) -> User | None:
-    # FOR UPDATE serialises claims of one user's jobs on PostgreSQL (SQLite ignores it and
-    # serialises writers itself); the lock ends with the claim's transaction.
+    # FOR NO KEY UPDATE serialises claims of one user's jobs on PostgreSQL (SQLite ignores
+    # it and serialises writers itself) until the claim's transaction ends. Not FOR
+    # UPDATE: that would also hold up the user's submissions and token uses meanwhile
+    # (their foreign keys to users take KEY SHARE locks, which FOR NO KEY UPDATE allows).
     return session.execute(
-        select(User).where(User.id == owner_id).with_for_update()
+        select(User).where(User.id == owner_id).with_for_update(key_share=True)
     ).scalar_one_or_none()
 
 

@@ -151,11 +151,19 @@ def test_two_claims_of_one_users_jobs_at_once_cannot_both_pass(
     url = limited.resolved_database_url
     first, second = add_job(url, users.alice.id), add_job(url, users.alice.id)
     outcome: list[Any] = []
+    submitted: list[int] = []
     with transaction(url) as s:
         assert isinstance(claim_within_limits(s, limited, first, "host:1", "cpu"), Claim)
         other = threading.Thread(target=lambda: outcome.append(claim(limited, second)))
         other.start()
         other.join(2)  # blocked on the first's lock (or, unlocked, done and wrong)
+        if url.startswith("postgresql"):
+            # The lock holds up claims only, not alice's submissions (SQLite has one
+            # writer at a time anyway).
+            insert = threading.Thread(target=lambda: submitted.append(add_job(url, users.alice.id)))
+            insert.start()
+            insert.join(30)
+            assert submitted, "a submission waited for a claim's lock on its owner"
     other.join(60)
     assert len(outcome) == 1 and isinstance(outcome[0], Deferred), outcome
     with transaction(url) as s:
