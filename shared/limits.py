@@ -178,7 +178,9 @@ def memory_text(estimate: JobEstimate) -> str:
     parts = [
         f"weights {size_text(estimate.weights)}",
         f"gradients {size_text(estimate.gradients)}" if estimate.gradients else "",
-        f"optimizer state {size_text(estimate.optimizer_state)}" if estimate.optimizer_state else "",
+        f"optimizer state {size_text(estimate.optimizer_state)}"
+        if estimate.optimizer_state
+        else "",
         f"activations of a {estimate.batch:,}-sample batch {size_text(estimate.activations)}",
         f"data {size_text(estimate.data)}" if estimate.data else "",
     ]

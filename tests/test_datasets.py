@@ -557,7 +557,7 @@ def test_stored_columns_keep_the_csv_rules(paths: DataPaths) -> None:
         load("csv", CsvParams(upload_id=31, target="price", task="regression"), paths=paths)
     with csv_table.open_upload(paths.uploads_dir, 31) as table:
         by_name = {c.name: c for c in table.columns}
-    # Text with few values keeps its labels (a possible target); numbers keep float32.
+        # Text with few values keeps its labels (a possible target); numbers keep float32.
         species = table.labels("species")
     assert sorted(species) == ["setosa", "versicolor", "virginica"]
     assert by_name["species"].values_offset is None and by_name["price"].values_offset

@@ -81,7 +81,9 @@ def feature_matrix(table: ColumnFile, names: list[str]) -> np.ndarray:
 def target_vector(table: ColumnFile, name: str, task: str) -> np.ndarray:
     column = table.column(name)
     if column.first_missing_row is not None:
-        raise UserError(f"target column {name!r} is empty in data row {column.first_missing_row + 1}")
+        raise UserError(
+            f"target column {name!r} is empty in data row {column.first_missing_row + 1}"
+        )
     if task == "classification":
         if column.codes_offset is None:
             raise UserError(f"target column {name!r} has too many distinct values to classify")
