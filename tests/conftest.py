@@ -238,6 +238,8 @@ def app(settings: Settings):  # type: ignore[no-untyped-def]
 
 @dataclass(frozen=True)
 class TestUser:
+    __test__ = False  # a fixture's value, not a test class
+
     id: int
     username: str
     role: str
@@ -251,6 +253,8 @@ class TestUser:
 @dataclass(frozen=True)
 class TestUsers:
     """Two members and an admin, each with an API token (no passwords: hashing is slow)."""
+
+    __test__ = False
 
     alice: TestUser
     bob: TestUser
