@@ -80,16 +80,11 @@ class LimitsError(ValueError):
         self.message = message
 
 
-def _available(settings: Settings) -> dict[str, Limit]:
-    # A limit whose settings do not exist (yet) in this build is not offered.
-    return {n: lim for n, lim in LIMITS.items() if hasattr(settings, lim.user_setting)}
-
-
 def role_limits(settings: Settings, role: str) -> dict[str, int | float]:
     """Every limit's value for a role, from the settings."""
     return {
         name: getattr(settings, limit.admin_setting if role == "admin" else limit.user_setting)
-        for name, limit in _available(settings).items()
+        for name, limit in LIMITS.items()
     }
 
 

@@ -327,6 +327,15 @@ def test_the_form_refuses_a_job_over_the_limits(app: Flask, users: TestUsers, db
     assert job_count(db_url) == 0
 
 
+def test_the_form_shows_the_runtime_an_empty_field_gets(
+    app: Flask, users: TestUsers, db_url: str
+) -> None:
+    for user, default in ((users.alice, 6 * 3600), (users.admin, 24 * 3600)):
+        html = session_client(app, db_url, user).get("/submit").get_data(as_text=True)
+        field = re.search(r'<input[^>]*name="max_runtime_s"[^>]*>', html)
+        assert field is not None and f'placeholder="default: {default:,}"' in field.group(0)
+
+
 # ---------------------------------------------------------------- the README
 
 

@@ -305,5 +305,7 @@ def _render(
         is_active=is_active,
         image_dataset=lambda selector: _image_dataset(state.values, selector),
         max_upload_bytes=_settings().max_upload_bytes,
+        # What an empty max_runtime_s becomes at submission (shared/limits.py).
+        default_runtime_s=int(submission.user_limits(g.user)["default_runtime_s"]),
     )
     return html, status, headers or {}
