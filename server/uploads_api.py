@@ -30,7 +30,7 @@ from server.params import (
 from server.serialize import iso
 from shared import job_files
 from shared.csv_profile import CsvProblem, CsvProfile, profile_lines
-from shared.invisible_chars import strip_invisible
+from shared.invisible_chars import first_invisible, strip_invisible
 from shared.orm import Upload
 from shared.settings import Settings
 
@@ -171,7 +171,7 @@ def _profile(path: Path) -> CsvProfile:
     """The CSV rules applied to the received file, streaming; 422 naming `file` when it fails."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            return profile_lines(f)
+            profile = profile_lines(f)
     except UnicodeDecodeError:
         raise ApiError(
             422, "invalid_csv", "the file is not UTF-8 text", {"file": "must be UTF-8 encoded CSV"}
@@ -180,6 +180,15 @@ def _profile(path: Path) -> CsvProfile:
         raise ApiError(
             422, "invalid_csv", f"not a usable CSV file: {exc}", {"file": str(exc)}
         ) from None
+    # Column names end up in specs, the form and the job page: refused like job names
+    # and tags (shared/spec.py), not silently renamed under a spec that names them.
+    for number, column in enumerate(profile.columns, start=1):
+        if (char := first_invisible(column.name)) is not None:
+            problem = f"column {number}'s name contains the invisible character {char}"
+            raise ApiError(
+                422, "invalid_csv", f"not a usable CSV file: {problem}", {"file": problem}
+            )
+    return profile
 
 
 @bp.get("/<int:upload_id>")

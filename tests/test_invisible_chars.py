@@ -116,3 +116,20 @@ def test_a_spec_stored_before_the_check_still_loads_cleaned() -> None:
     stored["name"], stored["tags"] = "old\u202ename", ["t\u200bag"]
     spec = load_stored_spec(stored)
     assert (spec.name, spec.tags) == ("oldname", ["tag"])
+
+
+def test_csv_column_names_with_invisible_characters_are_refused(client) -> None:  # type: ignore[no-untyped-def]
+    """A header cell is a name a spec refers to and pages show: refused like job names."""
+    spoofed = "x1,x\u202e2,label\n0.1,0.2,a\n0.3,0.4,b\n"
+    resp = client.post(
+        "/api/v1/uploads",
+        data={"file": (io.BytesIO(spoofed.encode()), "cols.csv")},
+        content_type="multipart/form-data",
+    )
+    assert resp.status_code == 422
+    message = resp.get_json()["error"]["fields"]["file"]
+    assert (
+        message
+        == "column 2's name contains the invisible character U+202E (RIGHT-TO-LEFT OVERRIDE)"
+    )
+    assert client.get("/api/v1/uploads").get_json()["uploads"] == []
