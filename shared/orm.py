@@ -101,6 +101,9 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     worker: Mapped[str | None] = mapped_column(String(200))
+    # Where the current (or last) attempt runs: {"host", "slot", "gpus": [{"index",
+    # "uuid", "name", "memory_total_bytes"}]}; written with the claim (shared/state_machine.py).
+    placement: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # The client's Idempotency-Key header: a retried POST finds this job instead of
     # creating a second one. Unique per owner, so two concurrent POSTs cannot both
