@@ -102,6 +102,10 @@ class WaitingJob(ResponseModel):
     queued_since: datetime = Field(description="when it last entered the queue")
     waiting_s: float
     ahead: int = Field(description="queued jobs of its queue that workers take first")
+    position: int = Field(description="1: the next job a free slot of its queue runs")
+    effective_priority: float = Field(
+        description="priority plus aging (TRAINYARD_AGING_POINTS_PER_HOUR per hour waited)"
+    )
     reason_code: Literal["no_worker", "slots_busy", "jobs_ahead", "next_in_line", "unknown"]
     reason: str = Field(description='why it waits, e.g. "all 2 gpu slots are busy"')
 
@@ -141,4 +145,9 @@ def list_workers() -> ResponseReturnValue:
 def list_queues() -> ResponseReturnValue:
     """Queue depths and capacity, and why each of the caller's queued jobs waits."""
     parse_query(NoQuery)
-    return jsonify(queues_json(get_session(), read_cluster(_broker_url()), api_user()))
+    settings = current_app.config["TRAINYARD_SETTINGS"]
+    return jsonify(
+        queues_json(
+            get_session(), read_cluster(_broker_url()), api_user(), settings.aging_points_per_hour
+        )
+    )

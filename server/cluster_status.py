@@ -28,6 +28,7 @@ from shared.broker import queue_depths, redis_client
 from shared.celery_app import QUEUES
 from shared.db import utcnow
 from shared.orm import Job, User
+from shared.scheduling import Ranked, queue_order
 from shared.state_machine import JobState
 from shared.worker_registry import OnlineSlot, online_slots
 
@@ -213,48 +214,47 @@ def _busy_slot_names(session: Session, names: list[str]) -> set[str]:
     return {w for (w,) in session.execute(stmt)}
 
 
-def _waiting_jobs(session: Session, user: Principal) -> tuple[list[Any], int]:
-    """The user's queued jobs (an admin's: everyone's) in the order workers take them,
-    each with how many queued jobs of its queue come first, and how many there are."""
-    # Workers take a queue's messages in the order they were published: the broker is
-    # given no priority (shared/celery_app.publish_job), so `priority` does not reorder
-    # them. A job is (re)published when it is created, handed back or requeued, and each
-    # of those sets updated_at, which nothing else changes while a job is queued.
-    ahead = func.row_number().over(partition_by=Job.queue, order_by=(Job.updated_at, Job.id)) - 1
-    ranked = (
-        select(
-            Job.id,
-            Job.name,
-            Job.kind,
-            Job.queue,
-            Job.priority,
-            Job.model_name,
-            Job.dataset_name,
-            Job.attempt,
-            Job.updated_at,
-            Job.owner_id,
-            ahead.label("ahead"),
-        )
-        .where(Job.state == QUEUED)
-        .subquery()
-    )
-    stmt = (
-        select(ranked, User.username)
-        .outerjoin(User, User.id == ranked.c.owner_id)
-        .order_by(ranked.c.ahead, ranked.c.updated_at, ranked.c.id)
-        .limit(WAITING_SHOWN)
-    )
+def _waiting_jobs(
+    session: Session, user: Principal, aging_points_per_hour: float
+) -> tuple[list[Any], int]:
+    """The user's queued jobs (an admin's: everyone's) in the order workers take them
+    (shared/scheduling.py: effective priority, then owners' turns), each with its
+    position in its queue, and how many there are."""
+    now = utcnow()
+    ranked: list[Ranked] = []
+    for queue in QUEUES:
+        ranked.extend(queue_order(session, aging_points_per_hour, queue, now))
+    by_id = {r.job_id: r for r in ranked}
+    visible = [r.job_id for r in ranked]
     if not user.is_admin:
-        # visible_jobs' rule, applied outside the ranking: other users' jobs still count
-        # as ahead of this user's, they are only not listed.
-        stmt = stmt.where(ranked.c.owner_id == user.id)
-    rows = session.execute(stmt).all()
+        # Other users' jobs still count as ahead of this user's, they are only not listed.
+        mine = set(session.scalars(
+            select(Job.id).where(Job.state == QUEUED, Job.owner_id == user.id)
+        ))  # fmt: skip
+        visible = [i for i in visible if i in mine]
+    visible.sort(key=lambda i: (by_id[i].position, i))
+    shown = visible[:WAITING_SHOWN]
+    rows = session.execute(
+        select(
+            Job.id, Job.name, Job.kind, Job.queue, Job.priority, Job.model_name,
+            Job.dataset_name, Job.attempt, Job.updated_at, Job.owner_id, User.username,
+        )
+        .outerjoin(User, User.id == Job.owner_id)
+        .where(Job.id.in_(shown))
+    ).all()  # fmt: skip
+    order = {job_id: i for i, job_id in enumerate(shown)}
+    rows.sort(key=lambda r: order[r.id])
     total_stmt = select(func.count()).select_from(Job).where(Job.state == QUEUED)
     total = session.scalar(visible_jobs(total_stmt, user)) or 0
-    return list(rows), total
+    return [(row, by_id[row.id]) for row in rows], total
 
 
-def queues_json(session: Session, cluster: ClusterSnapshot, user: Principal) -> dict[str, Any]:
+def queues_json(
+    session: Session,
+    cluster: ClusterSnapshot,
+    user: Principal,
+    aging_points_per_hour: float = 1.0,
+) -> dict[str, Any]:
     """Depth and capacity per queue, and the user's waiting jobs with why each waits."""
     slots = cluster.slots
     names = [s.name for s in slots or []]
@@ -278,12 +278,13 @@ def queues_json(session: Session, cluster: ClusterSnapshot, user: Principal) -> 
                 "nodes": len({s.info.node for s in consuming}),
             }
         )
-    rows, total_waiting = _waiting_jobs(session, user)
+    rows, total_waiting = _waiting_jobs(session, user, aging_points_per_hour)
     now = utcnow()
     waiting = []
-    for row in rows:
+    for row, rank in rows:
         total_slots, busy = capacity.get(row.queue, (0, 0) if slots is not None else (None, 0))
-        reason = wait_reason(row.queue, row.ahead, total_slots, busy)
+        ahead = rank.position - 1
+        reason = wait_reason(row.queue, ahead, total_slots, busy)
         waiting.append(
             {
                 "id": row.id,
@@ -297,7 +298,9 @@ def queues_json(session: Session, cluster: ClusterSnapshot, user: Principal) -> 
                 "attempt": row.attempt,
                 "queued_since": iso(row.updated_at),
                 "waiting_s": round(max((now - row.updated_at).total_seconds(), 0.0), 1),
-                "ahead": row.ahead,
+                "ahead": ahead,
+                "position": rank.position,
+                "effective_priority": rank.effective_priority,
                 "reason_code": reason.code,
                 "reason": reason.text,
             }

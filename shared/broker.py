@@ -253,6 +253,23 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# ----------------------------------------------------------------------------- scheduler
+
+# Held (SET NX with an expiry) by the one reconciler whose pass decides preemptions
+# (shared/scheduling.py), so two reconcilers never stop two jobs for one waiting job.
+SCHEDULER_LOCK_KEY = "trainyard:scheduler:lock"
+
+
+def take_scheduler_lock(client: redis.Redis, token: str, ttl_s: float) -> bool:
+    """True if this caller now holds the lock (or already did: it is renewed)."""
+    if client.set(SCHEDULER_LOCK_KEY, token, nx=True, px=int(ttl_s * 1000)):
+        return True
+    if _text(client.get(SCHEDULER_LOCK_KEY) or b"") == token:
+        client.pexpire(SCHEDULER_LOCK_KEY, int(ttl_s * 1000))
+        return True
+    return False
+
+
 # ----------------------------------------------------------------------------- streams
 
 # One sorted set per user: its open job streams (server/stream_slots.py), each member a

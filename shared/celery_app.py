@@ -24,6 +24,12 @@ def task_id_for(job_id: int) -> str:
     return f"trainyard-job-{job_id}"
 
 
+def job_id_from_task_id(task_id: str) -> int | None:
+    """The job a task id of `task_id_for` names; None for anything else."""
+    prefix, _, number = task_id.rpartition("-")
+    return int(number) if prefix == "trainyard-job" and number.isdigit() else None
+
+
 def make_celery(settings: Settings) -> Celery:
     broker = settings.require_redis_url()
     app = Celery("trainyard", broker=broker, set_as_current=False)

@@ -18,6 +18,8 @@ EVENT_KINDS = {
     "resumed": "resumed from a checkpoint",
     "requeued": "requeued",
     "handed_back": "handed back (worker shutting down)",
+    "preempt_requested": "asked to make room for a higher-priority job",
+    "preempted": "preempted (handed back; resumes from its checkpoint)",
     "republished": "message re-sent to the broker",
     "deferred": "waiting: its owner is at a limit",
     "cancel_requested": "cancel requested",

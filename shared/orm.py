@@ -105,6 +105,12 @@ class Job(Base):
     # "uuid", "name", "memory_total_bytes"}]}; written with the claim (shared/state_machine.py).
     placement: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Set by the scheduler (shared/scheduling.py): the id of the queued job this running
+    # one must make room for; its lease heartbeat sees it and hands the job back.
+    preempt_requested_by: Mapped[int | None] = mapped_column(BigInteger)
+    # When the job was last handed back for a preemptor: not preempted again within
+    # TRAINYARD_PREEMPT_GUARD_SECONDS of it.
+    preempted_at: Mapped[datetime | None] = mapped_column(DateTime)
     # The client's Idempotency-Key header: a retried POST finds this job instead of
     # creating a second one. Unique per owner, so two concurrent POSTs cannot both
     # insert, and one user's key never finds (or blocks) another user's job.

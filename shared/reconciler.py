@@ -27,6 +27,8 @@ No Flask, no torch: `trainyard reconcile` runs this in its own small process.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,11 +40,12 @@ from celery import Celery
 from sqlalchemy import or_, select
 from sqlalchemy.sql import ColumnElement
 
-from shared.broker import QueuedMessages, read_messages, redis_client
-from shared.celery_app import make_celery, publish_job, task_id_for
+from shared.broker import QueuedMessages, read_messages, redis_client, take_scheduler_lock
+from shared.celery_app import job_id_from_task_id, make_celery, publish_job, task_id_for
 from shared.db import transaction, utcnow
 from shared.job_events import add_event, last_event
 from shared.orm import Job
+from shared.scheduling import Preemption, preempt_once
 from shared.settings import Settings
 from shared.state_machine import (
     JobState,
@@ -238,8 +241,14 @@ def _republish_lost_messages(
     view = publisher.view(r.queue for r in rows)
     if view is None:
         return
+    spare = _spare_messages(url, view)
     for row in rows:
         if view.holds(row.task_id, reserved_since=_epoch(cutoff)):
+            continue
+        if spare.get(row.queue, 0) > 0:
+            # A waiting message whose own job another message ran stands in for this
+            # job (shared/scheduling.py): a slot taking it runs the best waiting job.
+            spare[row.queue] -= 1
             continue
         with transaction(url) as session:
             if not mark_for_republish(session, row.id, cutoff, now):
@@ -253,6 +262,23 @@ def _republish_lost_messages(
                 last = last_event(session, row.id)
                 if last is None or last[0] != "deferred":
                     add_event(session, row.id, "republished", message=message)
+
+
+def _spare_messages(url: str, view: QueuedMessages) -> dict[str, int]:
+    """Waiting messages, per queue, whose own job no longer waits: each still runs one
+    waiting job of its queue when a slot takes it (shared/scheduling.py)."""
+    ids = [i for t in view.waiting if (i := job_id_from_task_id(t)) is not None]
+    spare: dict[str, int] = {}
+    for start in range(0, len(ids), BATCH):
+        with transaction(url) as session:
+            rows = session.execute(
+                select(Job.queue).where(
+                    Job.id.in_(ids[start : start + BATCH]), Job.state != JobState.QUEUED.value
+                )
+            ).all()
+        for (queue,) in rows:
+            spare[queue] = spare.get(queue, 0) + 1
+    return spare
 
 
 def _log_action(settled: Settled, job_id: int, report: ReconcileReport) -> None:
@@ -299,15 +325,33 @@ def run_forever(
         settings.requeue_after_seconds,
         settings.max_attempts,
     )
+    token = f"{socket.gethostname()}:{os.getpid()}"
     while not stop_event.is_set():
         try:
             reconcile_once(settings, celery)
         except Exception:  # noqa: BLE001 - survive and retry on the next pass
             log.exception("reconcile pass failed; retrying in %.0f s", settings.reconcile_seconds)
+        try:
+            preempt_pass(settings, token)
+        except Exception:  # noqa: BLE001 - preemption waits for the next pass
+            log.warning("preemption pass failed", exc_info=True)
         if alive_file is not None:
             _touch(alive_file)
         stop_event.wait(settings.reconcile_seconds)
     log.info("reconciler stopped")
+
+
+def preempt_pass(settings: Settings, token: str) -> list[Preemption]:
+    """Decide preemptions (shared/scheduling.py), if this reconciler holds the scheduler
+    lock: one at a time, so two never stop two jobs for one waiting job."""
+    client = redis_client(settings.require_redis_url(), read_timeout_s=10)
+    try:
+        # Held across passes, and lost to another reconciler only if this one stops.
+        if not take_scheduler_lock(client, token, 3 * settings.reconcile_seconds):
+            return []
+        return preempt_once(settings, client)
+    finally:
+        client.close()
 
 
 def _touch(path: Path) -> None:

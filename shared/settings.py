@@ -148,6 +148,19 @@ class Settings(BaseSettings):
     max_running_jobs_per_admin: int = Field(default=0, ge=0)
     gpu_hours_per_day_per_user: float = Field(default=24.0, ge=0)
     gpu_hours_per_day_per_admin: float = Field(default=0.0, ge=0)
+    # Scheduling (shared/scheduling.py; README "Scheduling"). A waiting job's effective
+    # priority is its priority plus this many points per hour it has waited, so a
+    # priority-0 job overtakes fresh priority-9 jobs after 9 hours at the default:
+    # delayed, never starved.
+    aging_points_per_hour: float = Field(default=1.0, ge=0)
+    # Preemption: a waiting job may stop a running preemptible job of strictly lower
+    # priority in its queue when no slot is free, once the victim has run this long...
+    preempt_min_runtime_seconds: float = Field(default=300.0, ge=0)
+    # ...and was not preempted within this long (the guard against preemption loops).
+    preempt_guard_seconds: float = Field(default=1800.0, ge=0)
+    # Queues whose jobs are preemptible unless their spec says `preemptible: false`
+    # (comma-separated; empty: only jobs whose spec says `preemptible: true`).
+    preemptible_queues: str = ""
 
     @field_validator("redis_url")
     @classmethod

@@ -326,6 +326,9 @@ class _Common(StrictModel):
     )
     resources: Resources = Resources()
     priority: int = Field(5, ge=0, le=9)
+    # May a waiting job of higher priority stop this one (it resumes from its last
+    # checkpoint later)? None: the queue's default (TRAINYARD_PREEMPTIBLE_QUEUES).
+    preemptible: bool | None = None
     max_runtime_s: int | None = Field(None, ge=1, le=30 * 24 * 3600)
 
     @property

@@ -5,8 +5,11 @@
     running -> succeeded | failed | cancelled
                                             finish_job (the worker), expire_lease (the
                                             reconciler, for a worker that is gone)
-    running -> queued                       hand_back_job, requeue_after_failure,
-                                            requeue_job, expire_lease
+    running -> queued                       hand_back_job, hand_back_preempted,
+                                            requeue_after_failure, requeue_job,
+                                            expire_lease
+    running -> running                      request_preemption, clear_preemption (the
+                                            scheduler flags a victim; its heartbeat sees it)
     running -> failed | cancelled           fail_killed_attempt (the worker's main
                                             process, for a pool child killed by SIGKILL)
     queued  -> cancelled                    request_cancel, settle_unclaimable
@@ -102,7 +105,13 @@ def _finished(now: datetime, **values: Any) -> dict[str, Any]:
 
 def _back_in_queue(now: datetime, reason: str) -> dict[str, Any]:
     # `attempt` stays: the next claim increments it (the fencing token only grows).
-    return {"lease_expires_at": None, "worker": None, "error_message": reason, "updated_at": now}
+    return {
+        "lease_expires_at": None,
+        "worker": None,
+        "error_message": reason,
+        "updated_at": now,
+        "preempt_requested_by": None,
+    }
 
 
 def _won(
@@ -176,6 +185,7 @@ def claim_job(
         worker=worker,
         started_at=now,
         updated_at=now,
+        preempt_requested_by=None,
     ).returning(Job.attempt, Job.spec, Job.kind)
     row = session.execute(stmt).first()
     if row is None:
@@ -190,18 +200,62 @@ class LeaseRenewal:
     # False: this attempt no longer owns the job (reclaimed, finished elsewhere).
     owned: bool
     cancel_requested: bool
+    # The waiting job this one must make room for (shared/scheduling.py), if any.
+    preempted_by: int | None = None
 
 
 def renew_lease(session: Session, job_id: int, attempt: int, lease_seconds: float) -> LeaseRenewal:
-    """Extend this attempt's lease and report whether a cancel was requested."""
+    """Extend this attempt's lease and report whether a cancel or a preemption was
+    requested. A preemption whose preemptor no longer waits (it started elsewhere, or
+    was cancelled) is withdrawn here: the victim stops only for a job still waiting."""
     now = utcnow()
     stmt = _write(
         *_held_by(job_id, attempt), lease_expires_at=now + timedelta(seconds=lease_seconds)
-    ).returning(Job.cancel_requested)
+    ).returning(Job.cancel_requested, Job.preempt_requested_by)
     row = session.execute(stmt).first()
     if row is None:
         return LeaseRenewal(owned=False, cancel_requested=False)
-    return LeaseRenewal(owned=True, cancel_requested=bool(row.cancel_requested))
+    preempted_by = row.preempt_requested_by
+    if preempted_by is not None:
+        waiting = session.execute(
+            select(Job.id).where(Job.id == preempted_by, Job.state == QUEUED.value)
+        ).first()
+        if waiting is None:
+            clear_preemption(session, job_id, attempt)
+            preempted_by = None
+    return LeaseRenewal(
+        owned=True, cancel_requested=bool(row.cancel_requested), preempted_by=preempted_by
+    )
+
+
+def request_preemption(session: Session, job_id: int, attempt: int, preemptor_id: int) -> bool:
+    """running -> running, flagged: the scheduler asks this attempt to hand its job back
+    for the waiting job `preemptor_id`. Only once per attempt (a flag already set, or a
+    cancel pending, makes it miss); the heartbeat delivers it (worker/lease.py)."""
+    stmt = _write(
+        *_held_by(job_id, attempt),
+        Job.preempt_requested_by.is_(None),
+        Job.cancel_requested.is_(False),
+        preempt_requested_by=preemptor_id,
+        updated_at=utcnow(),
+    )
+    if session.execute(stmt).rowcount != 1:
+        return False
+    add_event(
+        session, job_id, "preempt_requested", attempt=attempt,
+        message=f"to make room for job {preemptor_id}",
+    )  # fmt: skip
+    return True
+
+
+def clear_preemption(session: Session, job_id: int, attempt: int) -> bool:
+    """Withdraw a preemption request whose preemptor no longer waits."""
+    stmt = _write(
+        *_held_by(job_id, attempt),
+        Job.preempt_requested_by.is_not(None),
+        preempt_requested_by=None,
+    )
+    return session.execute(stmt).rowcount == 1
 
 
 def update_progress(session: Session, job_id: int, attempt: int, progress: dict[str, Any]) -> bool:
@@ -293,6 +347,18 @@ def hand_back_job(session: Session, job_id: int, attempt: int, reason: str) -> b
     """
     cap = case((Job.attempt >= Job.max_attempts, Job.attempt + 1), else_=Job.max_attempts)
     return _requeue(session, job_id, attempt, "handed_back", reason, max_attempts=cap)
+
+
+def hand_back_preempted(session: Session, job_id: int, attempt: int, preemptor_id: int) -> bool:
+    """running -> queued for a job that stopped, after a checkpoint, to make room for
+    the waiting job `preemptor_id`. Like hand_back_job it uses up no attempt; it also
+    records when, so the scheduler does not preempt the job again within
+    TRAINYARD_PREEMPT_GUARD_SECONDS (shared/scheduling.py)."""
+    reason = f"preempted by job {preemptor_id}"
+    cap = case((Job.attempt >= Job.max_attempts, Job.attempt + 1), else_=Job.max_attempts)
+    return _requeue(
+        session, job_id, attempt, "preempted", reason, max_attempts=cap, preempted_at=utcnow()
+    )
 
 
 def requeue_after_failure(session: Session, job_id: int, attempt: int, reason: str) -> bool:

@@ -227,6 +227,27 @@ def test_a_freshly_reserved_message_counts_but_a_stale_one_does_not(
         assert messages(settings.redis_url) == {task_id_for(job_id): 1}
 
 
+def test_a_message_whose_job_another_message_ran_stands_in_for_that_one(
+    settings: Settings, celery: Celery
+) -> None:
+    """A slot took x's message and ran y, the better-ranked job (shared/scheduling.py):
+    y's message still waits and will run x, so x is not republished (R11). Once y's
+    message is gone too, x is."""
+    url = settings.resolved_database_url
+    x, y = add_job(url), add_job(url)
+    publish_job(celery, y, "train", "cpu")  # x's message was taken and acknowledged
+    with transaction(url) as session:
+        assert claim_job(session, y, WORKER, 30) is not None
+    report = reconcile_once(settings, celery, now=later(settings))
+    assert report.republished == 0 and report.broker_error is None
+    assert messages(settings.redis_url) == {task_id_for(y): 1}
+
+    redis.Redis.from_url(settings.redis_url).delete("cpu")
+    report = reconcile_once(settings, celery, now=later(settings))
+    assert report.job_ids == {"republished": [x]}
+    assert messages(settings.redis_url) == {task_id_for(x): 1}
+
+
 def test_after_flushall_each_job_is_republished_exactly_once(
     settings: Settings, celery: Celery
 ) -> None:

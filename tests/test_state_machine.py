@@ -6,19 +6,21 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from shared.db import transaction, utcnow
 from shared.job_states import FINISHED_STATES
-from shared.orm import Job
+from shared.orm import Job, JobEvent
 from shared.state_machine import (
     TRANSITIONS,
     JobState,
     can_transition,
     claim_job,
     finish_job,
+    hand_back_preempted,
     renew_lease,
     request_cancel,
+    request_preemption,
     requeue_job,
 )
 
@@ -232,6 +234,53 @@ def test_cancel_running_sets_flag_seen_by_heartbeat(db_url: str) -> None:
     with transaction(db_url) as s:
         hb = renew_lease(s, job_id, claim.attempt, 30)
     assert hb.owned and hb.cancel_requested
+
+
+def test_preemption_is_flagged_once_seen_by_heartbeat_and_hands_back(db_url: str) -> None:
+    victim, preemptor = make_job(db_url, max_attempts=1), make_job(db_url)
+    with transaction(db_url) as s:
+        claim = claim_job(s, victim, "w1", 30)
+    with transaction(db_url) as s:
+        assert request_preemption(s, victim, claim.attempt, preemptor)
+        # Once per attempt: a second request (another reconciler) misses.
+        assert not request_preemption(s, victim, claim.attempt, preemptor + 1)
+    with transaction(db_url) as s:
+        hb = renew_lease(s, victim, claim.attempt, 30)
+    assert hb.owned and hb.preempted_by == preemptor and not hb.cancel_requested
+    with transaction(db_url) as s:
+        assert hand_back_preempted(s, victim, claim.attempt, preemptor)
+    job = state_of(db_url, victim)
+    assert job.state == "queued" and job.preempt_requested_by is None
+    assert job.preempted_at is not None and job.error_message == f"preempted by job {preemptor}"
+    # No attempt used up, even on the last one: it can be claimed again.
+    with transaction(db_url) as s:
+        again = claim_job(s, victim, "w2", 30)
+    assert again is not None and again.attempt == 2
+    with transaction(db_url) as s:
+        events = s.execute(
+            select(JobEvent.kind, JobEvent.message)
+            .where(JobEvent.job_id == victim)
+            .order_by(JobEvent.id)
+        ).all()
+    assert [tuple(e) for e in events] == [
+        ("claimed", None),
+        ("preempt_requested", f"to make room for job {preemptor}"),
+        ("preempted", f"preempted by job {preemptor}"),
+        ("claimed", None),
+    ]
+
+
+def test_a_preemption_whose_preemptor_no_longer_waits_is_withdrawn(db_url: str) -> None:
+    victim, preemptor = make_job(db_url), make_job(db_url)
+    with transaction(db_url) as s:
+        claim = claim_job(s, victim, "w1", 30)
+        assert request_preemption(s, victim, claim.attempt, preemptor)
+    with transaction(db_url) as s:
+        claim_job(s, preemptor, "w2", 30)  # it started elsewhere meanwhile
+    with transaction(db_url) as s:
+        hb = renew_lease(s, victim, claim.attempt, 30)
+    assert hb.owned and hb.preempted_by is None
+    assert state_of(db_url, victim).preempt_requested_by is None
 
 
 def test_requeue_hands_job_back(db_url: str) -> None:

@@ -184,7 +184,9 @@ def test_queues_counts_and_reasons(
     register(rc, slot("w1:2", queues=("cpu",)))
     add_job(db_url, bob, "bob-running", "running", worker="w1:1", age_s=50,
             progress={"fraction": 0.25})  # fmt: skip
-    add_job(db_url, bob, "bob-first", age_s=40)
+    # A higher priority: ahead of alice's job although bob already runs one (within one
+    # priority level, owners would take turns: shared/scheduling.py).
+    add_job(db_url, bob, "bob-first", age_s=40, priority=6)
     mine_cpu = add_job(db_url, alice, "alice-cpu", age_s=30)
     add_job(db_url, bob, "bob-later", age_s=20)
     mine_gpu = add_job(db_url, alice, "alice-gpu", queue="gpu", age_s=10)
@@ -223,18 +225,19 @@ def test_queues_counts_and_reasons(
     assert get(as_user(app, users.bob), "/api/v1/queues")["waiting_total"] == 1
 
 
-def test_a_handed_back_job_waits_behind_jobs_published_before_it(
+def test_a_handed_back_job_keeps_its_place_by_submission(
     app: Flask, users: Users, db_url: str, rc: redis.Redis
 ) -> None:
-    # Created first, but handed back (re-published) last: the broker has it at the end.
+    # Created first, handed back (re-published) last: workers rank waiting jobs from the
+    # database (shared/scheduling.py), not by the broker's order, so it stays first.
     old = add_job(db_url, users.alice.id, "handed-back", age_s=5, attempt=1)
     with transaction(db_url) as s:
         s.get(Job, old).created_at = utcnow() - timedelta(hours=1)
     add_job(db_url, users.alice.id, "newer", age_s=30)
     register(rc, slot("w:1"))
     waiting = get(as_user(app, users.alice), "/api/v1/queues")["waiting"]
-    assert [(j["name"], j["ahead"]) for j in waiting] == [("newer", 0), ("handed-back", 1)]
-    assert waiting[1]["attempt"] == 1
+    assert [(j["name"], j["ahead"]) for j in waiting] == [("handed-back", 0), ("newer", 1)]
+    assert waiting[0]["attempt"] == 1
 
 
 def test_a_busy_slot_shows_its_job_only_to_the_owner_and_admins(

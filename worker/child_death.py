@@ -28,9 +28,11 @@ import threading
 from typing import Any
 
 from celery.worker import state as worker_state
+from sqlalchemy import select
 
 from shared.db import transaction
 from shared.job_files import log_path
+from shared.job_states import JobState
 from shared.orm import Job
 from shared.settings import Settings
 from shared.state_machine import fail_killed_attempt
@@ -89,6 +91,13 @@ def _record(settings: Settings, job_id: int, worker: str) -> bool:
     reason = kill_reason()
     try:
         with transaction(settings.resolved_database_url) as session:
+            # The message's job is not always the one its child ran: a message runs the
+            # best-ranked waiting job of its queue (shared/scheduling.py). The job the
+            # child held is the running one carrying its host:pid.
+            held = session.execute(
+                select(Job.id).where(Job.worker == worker, Job.state == JobState.RUNNING.value)
+            ).scalar()
+            job_id = held if held is not None else job_id
             settled = fail_killed_attempt(session, job_id, worker, reason)
             attempt = session.get(Job, job_id).attempt if settled is not None else 0
     except Exception:  # noqa: BLE001 - the lease and the reconciler take over

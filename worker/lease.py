@@ -9,6 +9,9 @@ and a clock read), so every reason to stop reaches it within a step or two:
   writes nothing final;
 - time_limit: the spec's `max_runtime_s` has passed since the claim;
 - shutdown: the worker is shutting down (worker/shutdown.py); the job is handed back.
+- preempted: the scheduler asked this job to make room for a waiting job of higher
+  priority (shared/scheduling.py); the heartbeat reads the flag from the job row, and
+  the job checkpoints and is handed back like on shutdown.
 
 Heartbeat failures: each beat that fails is counted (`failed_beats`, reset by a good
 one). The lease runs out `lease_seconds` after the last beat that succeeded; from then
@@ -38,6 +41,7 @@ class StopReason(str, enum.Enum):
     LOST = "lost"
     TIME_LIMIT = "time_limit"
     SHUTDOWN = "shutdown"
+    PREEMPTED = "preempted"
 
 
 class LeaseKeeper:
@@ -66,6 +70,7 @@ class LeaseKeeper:
         self.stop = threading.Event()
         self.stop_reason: StopReason | None = None
         self.failed_beats = 0  # in a row
+        self.preempted_by: int | None = None  # the job this one makes room for
         self._reason_lock = threading.Lock()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
@@ -126,6 +131,9 @@ class LeaseKeeper:
         self.failed_beats = 0
         if hb.cancel_requested:
             self.request_stop(StopReason.CANCELLED)
+        elif hb.preempted_by is not None and self.stop_reason is None:
+            self.preempted_by = hb.preempted_by
+            self.request_stop(StopReason.PREEMPTED)
 
     def _run(self) -> None:
         while not self._done.wait(self._wait_seconds()):

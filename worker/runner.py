@@ -8,7 +8,7 @@ call `run_job` and nothing else. What `run_job` returns:
   once for its own errors (worker/failures.py), for exceeding its `max_runtime_s`, and
   for an infrastructure failure on its last attempt.
 - "requeued": handed back to the queue and published again, because the worker is
-  shutting down (this does not use up an attempt) or an infrastructure failure
+  shutting down or the job was preempted (neither uses up an attempt) or an infrastructure failure
   (database, broker or disk lost) left attempts to spare. The next attempt resumes
   from the last checkpoint this one wrote.
 - "duplicate": not claimable (another delivery owns it, or it already ended).
@@ -47,6 +47,7 @@ from shared.job_events import add_event
 from shared.job_files import job_dir, log_path
 from shared.orm import Job
 from shared.redaction import DETAIL_MARK, ERROR_DETAIL, Redactor, redactor_for
+from shared.scheduling import candidates_for
 from shared.settings import Settings
 from shared.spec import EvaluateSpec, TrainSpec, load_stored_spec, spec_to_json
 from shared.state_machine import (
@@ -54,6 +55,7 @@ from shared.state_machine import (
     JobState,
     finish_job,
     hand_back_job,
+    hand_back_preempted,
     requeue_after_failure,
     still_owns,
 )
@@ -93,6 +95,7 @@ class Outcome:
     values: dict[str, Any] = field(default_factory=dict)  # finish_job's keyword arguments
     retry: bool = False  # QUEUED after an infrastructure failure: uses up this attempt
     detail: str = ""  # for the job log only: a code error's traceback
+    preempted_by: int | None = None  # QUEUED to make room for this job
 
 
 def _load_source(database_url: str, job_id: int) -> SourceCheckpoint:
@@ -176,19 +179,25 @@ def _timeline_resumed(url: str, claim: Claim, checkpoint: Path) -> None:
         log.warning("job %s: could not record the resume event", claim.job_id, exc_info=True)
 
 
-def run_job(job_id: int, settings: Settings, celery: Celery | None = None) -> str:
+# Claims tried per message before giving up on the better-ranked jobs (each lost to
+# another slot meanwhile) and trying the message's own job.
+MAX_CLAIM_TRIES = 8
+
+
+def run_job(
+    job_id: int, settings: Settings, celery: Celery | None = None, *, schedule: bool = False
+) -> str:
     """Claim and run one job; returns what happened (see the module docstring).
 
     `celery` publishes the job again when it is handed back; without it (tests, scripts)
-    an app is built from `settings` for that one message.
+    an app is built from `settings` for that one message. With `schedule` (the Celery
+    tasks), the message is a token for its queue: the best-ranked waiting job runs,
+    which may be another than `job_id` (shared/scheduling.py).
     """
     # Taken before the claim: the lease it sets cannot run out before this + lease_seconds.
     claimed_at = time.monotonic()
     device = pick_device()
-    with transaction(settings.resolved_database_url) as session:
-        claim = claim_within_limits(
-            session, settings, job_id, worker_name(), describe_device(device)
-        )
+    claim = _claim(job_id, settings, describe_device(device), schedule)
     if isinstance(claim, Deferred):
         log.info("job %s: not run now: %s", job_id, claim.reason)
         return DEFERRED
@@ -214,6 +223,28 @@ def run_job(job_id: int, settings: Settings, celery: Celery | None = None) -> st
         _publish(claim, settings, celery)
     log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
     return result
+
+
+def _claim(job_id: int, settings: Settings, device: str, schedule: bool) -> Claim | Deferred | None:
+    url = settings.resolved_database_url
+    order = [job_id]
+    if schedule:
+        with transaction(url) as session:
+            order = candidates_for(session, settings, job_id)
+        if not order:
+            return None  # nothing waits in its queue: a duplicate delivery
+        order = order[:MAX_CLAIM_TRIES] + ([job_id] if job_id in order[MAX_CLAIM_TRIES:] else [])
+    own: Claim | Deferred | None = None
+    for candidate in order:
+        with transaction(url) as session:
+            claim = claim_within_limits(session, settings, candidate, worker_name(), device)
+        if isinstance(claim, Claim):
+            if candidate != job_id:
+                log.info("job %s: message of job %s runs it (ranked first)", candidate, job_id)
+            return claim
+        if candidate == job_id:
+            own = claim
+    return own
 
 
 def _attempt(
@@ -245,7 +276,7 @@ def _attempt(
         except JobCancelled:
             job_log.event(f"stopped: {_STOP_EVENTS.get(lease.stop_reason, 'on request')}")
             directory = checkpoint_dir(settings, claim.job_id, claim.attempt)
-            outcome = _stopped(lease.stop_reason, max_runtime_s, directory)
+            outcome = _stopped(lease.stop_reason, max_runtime_s, directory, lease.preempted_by)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded outcome
             outcome = _failed(exc, claim, device, memory)
     if device.type == "cuda":
@@ -263,16 +294,28 @@ def _attempt(
 _STOP_EVENTS = {
     StopReason.CANCELLED: "cancel requested",
     StopReason.SHUTDOWN: shutdown.REASON,
+    StopReason.PREEMPTED: "preempted by a higher-priority job",
     StopReason.TIME_LIMIT: "time limit reached",
     StopReason.LOST: "lease lost",
 }
 
 
-def _stopped(reason: StopReason | None, max_runtime_s: int | None, directory: Path) -> Outcome:
+def _stopped(
+    reason: StopReason | None,
+    max_runtime_s: int | None,
+    directory: Path,
+    preempted_by: int | None = None,
+) -> Outcome:
     """The training loop stopped on request and wrote last.pt where it stopped."""
     checkpoint = str(directory) if (directory / "last.pt").is_file() else None
     if reason is StopReason.SHUTDOWN:
         return Outcome(JobState.QUEUED, {"error_message": f"{shutdown.REASON}; requeued"})
+    if reason is StopReason.PREEMPTED and preempted_by is not None:
+        return Outcome(
+            JobState.QUEUED,
+            {"error_message": f"preempted by job {preempted_by}; requeued"},
+            preempted_by=preempted_by,
+        )
     if reason is StopReason.TIME_LIMIT:
         return Outcome(
             JobState.FAILED,
@@ -339,6 +382,11 @@ def _final_event(result: str, outcome: Outcome) -> str:
         return f"{final}{detail}" if outcome.detail else final
     if result == REQUEUED and outcome.retry:
         return f"requeued after an infrastructure failure: {error}"
+    if result == REQUEUED and outcome.preempted_by is not None:
+        return (
+            f"handed back to the queue (preempted by job {outcome.preempted_by}); "
+            "the next attempt resumes"
+        )
     if result == REQUEUED:
         return f"handed back to the queue ({shutdown.REASON}); the next attempt resumes"
     if result == JobState.CANCELLED.value:
@@ -356,6 +404,9 @@ def _record(claim: Claim, outcome: Outcome, database_url: str) -> str:
         )
     if outcome.retry:
         return _with_retries(database_url, lambda s: _retry_or_fail(s, claim, outcome.values))
+    if outcome.preempted_by is not None:
+        preemptor = outcome.preempted_by
+        return _with_retries(database_url, lambda s: _hand_back_preempted(s, claim, preemptor))
     return _with_retries(
         database_url, lambda s: _hand_back(s, claim, outcome.values["error_message"])
     )
@@ -390,6 +441,12 @@ def _hand_back(session: Session, claim: Claim, reason: str) -> str:
     if hand_back_job(session, claim.job_id, claim.attempt, reason):
         return REQUEUED
     # Not handed back: a cancel arrived meanwhile (or the job is no longer ours).
+    return _finish(session, claim, JobState.CANCELLED, {"error_message": "cancelled by request"})
+
+
+def _hand_back_preempted(session: Session, claim: Claim, preemptor: int) -> str:
+    if hand_back_preempted(session, claim.job_id, claim.attempt, preemptor):
+        return REQUEUED
     return _finish(session, claim, JobState.CANCELLED, {"error_message": "cancelled by request"})
 
 

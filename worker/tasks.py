@@ -48,7 +48,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             # rather than claim the job only to hand it back.
             raise Reject("worker shutting down", requeue=True)
         with sigterm_hands_back_job():
-            return run_job(int(job_id), settings, celery=app)
+            return run_job(int(job_id), settings, celery=app, schedule=True)
 
     @app.task(name=TRAIN_TASK, ignore_result=True, shared=False, Request=request_class)
     def train(job_id: int) -> str:

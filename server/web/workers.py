@@ -32,12 +32,13 @@ def seconds_since(stamp: str | None, now: datetime) -> float | None:
 @login_required
 def workers() -> ResponseReturnValue:
     session = get_session()
-    cluster = read_cluster(current_app.config["TRAINYARD_SETTINGS"].redis_url)
+    settings = current_app.config["TRAINYARD_SETTINGS"]
+    cluster = read_cluster(settings.redis_url)
     now = utcnow()
     return render_template(
         "workers.html",
         workers=workers_json(session, cluster, g.user),
-        queues=queues_json(session, cluster, g.user),
+        queues=queues_json(session, cluster, g.user, settings.aging_points_per_hour),
         is_admin=g.user.is_admin,
         refresh_s=REFRESH_S,
         since=lambda stamp: seconds_since(stamp, now),

@@ -111,7 +111,13 @@
       h("td", { "data-label": "Queue" }, queueChip(job.queue)),
       isAdmin ? h("td", { "data-label": "Owner", text: job.owner || "—" }) : null,
       h("td", { "data-label": "Waiting", text: duration(job.waiting_s) }),
-      h("td", { "data-label": "Ahead", className: "num", text: String(job.ahead) }),
+      h("td", { "data-label": "Position", className: "num", text: String(job.position) }),
+      h("td", {
+        "data-label": "Priority",
+        className: "num",
+        title: `priority ${job.priority} plus aging`,
+        text: job.effective_priority.toFixed(2),
+      }),
       h(
         "td",
         { "data-label": "Why it waits" },

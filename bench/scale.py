@@ -1,0 +1,220 @@
+"""Scaling across worker slots, and what the scheduler costs per job.
+
+A batch of small CPU jobs (a tiny MLP on digits) runs twice through a real `celery
+worker` on a private Redis and SQLite: once with 1 slot, once with 2 (one torch thread
+each, TRAINYARD_TORCH_THREADS=1). Prints both wall times (first submit to last job
+finished) and the speed-up (target >= 1.8x on 2 cores: docs/architecture.md,
+"Performance targets").
+
+The scheduler's dispatch overhead per job is the work a slot does before it claims,
+beyond a plain claim: ranking the queue's waiting jobs (shared/scheduling.py
+`candidates_for`), measured here against the same database with the whole batch
+waiting. Its floor, measured in the same run against the same worker, is a raw Celery
+round trip: a broadcast `ping` to the worker and its reply through Redis.
+
+    .venv/bin/python bench/scale.py [--jobs 16] [--epochs 3] [--smoke] [--results rows.jsonl]
+
+`--smoke`: 4 jobs of one epoch; proves the path still works (tests/test_benchmarks.py),
+its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import benchlib
+
+TARGET = benchlib.Target("ratio", ">=", 1.8, "speed-up >= 1.8x")
+POLL_S = 0.1
+
+
+def job_spec(epochs: int) -> dict[str, Any]:
+    return {
+        "kind": "train",
+        "name": "scale",
+        "dataset": {"name": "digits"},
+        "model": {"name": "mlp", "params": {"hidden": 64, "layers": 1}},
+        "optimizer": {"name": "adam", "lr": 0.003},
+        "epochs": epochs,
+        "batch_size": 32,
+        "seed": 0,
+    }
+
+
+@contextmanager
+def cluster(slots: int) -> Iterator[tuple[Any, str, Any, str]]:
+    """A private Redis, SQLite, web app and a worker with `slots` slots; yields
+    (requests session, API base URL, Settings, the worker's Celery node name)."""
+    import requests
+    from werkzeug.serving import make_server
+
+    from server.app import create_app
+    from shared.migrate import upgrade_database
+    from shared.settings import Settings
+
+    LocalRedis, _ = benchlib.local_redis()
+    with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp) / "redis") as redis:
+        db_url = f"sqlite:///{tmp}/bench.db"
+        upgrade_database(db_url)
+        token = benchlib.api_token(db_url, role="admin")  # no running-jobs cap in the way
+        env = benchlib.bench_env(
+            TRAINYARD_HOME=tmp, TRAINYARD_DATABASE_URL=db_url, TRAINYARD_REDIS_URL=redis.url,
+            TRAINYARD_TORCH_THREADS="1",
+        )  # fmt: skip
+        node = f"scale{slots}@bench"
+        log_path = Path(tmp) / "worker.log"
+        log = open(log_path, "wb")  # noqa: SIM115
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_worker:app", "worker", "-Q", "cpu",
+             "--concurrency", str(slots), "--prefetch-multiplier", "1", "--loglevel", "WARNING",
+             "-n", node, "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            env=env, cwd=benchlib.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        server = None
+        try:
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)
+            settings = Settings(home=Path(tmp), database_url=db_url, redis_url=redis.url)
+            server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            http = requests.Session()
+            http.headers["Authorization"] = f"Bearer {token}"
+            yield http, f"http://127.0.0.1:{server.server_port}/api/v1", settings, node
+        finally:
+            if server is not None:
+                server.shutdown()
+            worker.terminate()
+            worker.wait(30)
+            log.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(POLL_S)
+
+
+def run_batch(http: Any, url: str, jobs: int, epochs: int) -> float:
+    """Seconds from the first submit until every job of the batch succeeded."""
+    # One job first: the slots' imports, dataset cache and first connection are paid
+    # before the clock starts, in both runs alike.
+    warm = benchlib.check(http.post(f"{url}/jobs", json=job_spec(1), timeout=10))["id"]
+    wait_for(lambda: state(http, url, warm) == "succeeded", 300, "the warm-up job")
+    start = time.perf_counter()
+    ids = [
+        benchlib.check(http.post(f"{url}/jobs", json=job_spec(epochs), timeout=10))["id"]
+        for _ in range(jobs)
+    ]
+    pending = set(ids)
+
+    def done() -> bool:
+        for job_id in list(pending):
+            s = state(http, url, job_id)
+            if s in ("failed", "cancelled"):
+                raise SystemExit(f"job {job_id} {s}")
+            if s == "succeeded":
+                pending.discard(job_id)
+        return not pending
+
+    wait_for(done, 1800, "the batch")
+    return time.perf_counter() - start
+
+
+def state(http: Any, url: str, job_id: int) -> str:
+    return str(benchlib.check(http.get(f"{url}/jobs/{job_id}", timeout=10))["state"])
+
+
+def dispatch_ms(settings: Any, http: Any, url: str, jobs: int, rounds: int) -> list[float]:
+    """Milliseconds of one dispatch decision (`candidates_for`) with `jobs` jobs waiting;
+    the caller holds every slot busy so that they stay waiting. Cancelled afterwards."""
+    from shared.db import transaction
+    from shared.scheduling import candidates_for
+
+    ids = [
+        benchlib.check(http.post(f"{url}/jobs", json=job_spec(1), timeout=10))["id"]
+        for _ in range(jobs)
+    ]
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        with transaction(settings.resolved_database_url) as session:
+            candidates_for(session, settings, ids[-1])
+        times.append((time.perf_counter() - t0) * 1000)
+    for job_id in ids:
+        http.post(f"{url}/jobs/{job_id}/cancel", timeout=10)
+    return times
+
+
+def celery_round_trip_ms(settings: Any, node: str, rounds: int) -> list[float]:
+    """A raw Celery round trip: a broadcast ping to the worker and its reply."""
+    from shared.celery_app import make_celery
+
+    app = make_celery(settings)
+    try:
+        times = []
+        for _ in range(rounds + 1):
+            t0 = time.perf_counter()
+            replies = app.control.ping(destination=[node], timeout=5.0, limit=1)
+            elapsed = (time.perf_counter() - t0) * 1000
+            if not replies:
+                raise SystemExit(f"no ping reply from {node}")
+            times.append(elapsed)
+        return times[1:]  # the first pays for the connection
+    finally:
+        app.close()
+
+
+def main() -> None:
+    parser = benchlib.parser((__doc__ or "").splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=None, help="jobs per batch (default 16)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per job (default 3)")
+    args = parser.parse_args()
+    results = benchlib.start(
+        "scale", args, full={"jobs": 16, "epochs": 3}, smoke={"jobs": 4, "epochs": 1}
+    )
+    walls: dict[int, float] = {}
+    for slots in (1, 2):
+        with cluster(slots) as (http, url, settings, node):
+            walls[slots] = run_batch(http, url, args.jobs, args.epochs)
+            print(f"{slots} slot(s): {args.jobs} jobs x {args.epochs} epochs in "
+                  f"{walls[slots]:.2f} s", flush=True)  # fmt: skip
+            if slots == 2:
+                rounds = 5 if args.smoke else 50
+                ping = statistics.median(celery_round_trip_ms(settings, node, rounds))
+                # The slots are idle now, so hold both with long jobs while measuring.
+                hold = [
+                    benchlib.check(http.post(f"{url}/jobs", json=job_spec(10_000), timeout=10))
+                    for _ in range(2)
+                ]
+                wait_for(
+                    lambda held=hold: all(state(http, url, h["id"]) == "running" for h in held),
+                    120, "the slots to be held",
+                )  # fmt: skip
+                ranked = statistics.median(dispatch_ms(settings, http, url, args.jobs, rounds))
+                for h in hold:
+                    http.post(f"{url}/jobs/{h['id']}/cancel", timeout=10)
+    speedup = walls[1] / walls[2]
+    print(f"speed-up with 2 slots: {speedup:.2f}x ({TARGET.text})")
+    print(f"scheduler dispatch (rank {args.jobs} waiting jobs): {ranked:.2f} ms per job; "
+          f"raw Celery round trip (ping): {ping:.2f} ms; ratio {ranked / ping:.2f}")  # fmt: skip
+    # figure / floor: the 1-slot wall time over the 2-slot one is the speed-up.
+    results.add(f"{args.jobs} jobs: wall time, 1 slot vs 2 slots", walls[1], "s", walls[2], TARGET)
+    results.add(
+        f"scheduler dispatch per job ({args.jobs} waiting) vs raw Celery round trip",
+        ranked, "ms", ping,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
