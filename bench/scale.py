@@ -12,7 +12,7 @@ beyond a plain claim: ranking the queue's waiting jobs (shared/scheduling.py
 waiting. Its floor, measured in the same run against the same worker, is a raw Celery
 round trip: a broadcast `ping` to the worker and its reply through Redis.
 
-    .venv/bin/python bench/scale.py [--jobs 16] [--epochs 3] [--smoke] [--results rows.jsonl]
+    .venv/bin/python bench/scale.py [--jobs 16] [--epochs 20] [--smoke] [--results rows.jsonl]
 
 `--smoke`: 4 jobs of one epoch; proves the path still works (tests/test_benchmarks.py),
 its numbers mean nothing.
@@ -43,7 +43,7 @@ def job_spec(epochs: int) -> dict[str, Any]:
         "kind": "train",
         "name": "scale",
         "dataset": {"name": "digits"},
-        "model": {"name": "mlp", "params": {"hidden": 64, "layers": 1}},
+        "model": {"name": "mlp", "params": {"hidden": 256, "layers": 2}},
         "optimizer": {"name": "adam", "lr": 0.003},
         "epochs": epochs,
         "batch_size": 32,
@@ -178,10 +178,10 @@ def celery_round_trip_ms(settings: Any, node: str, rounds: int) -> list[float]:
 def main() -> None:
     parser = benchlib.parser((__doc__ or "").splitlines()[0])
     parser.add_argument("--jobs", type=int, default=None, help="jobs per batch (default 16)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per job (default 3)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per job (default 20)")
     args = parser.parse_args()
     results = benchlib.start(
-        "scale", args, full={"jobs": 16, "epochs": 3}, smoke={"jobs": 4, "epochs": 1}
+        "scale", args, full={"jobs": 16, "epochs": 20}, smoke={"jobs": 4, "epochs": 1}
     )
     walls: dict[int, float] = {}
     for slots in (1, 2):

@@ -12,6 +12,12 @@ repairs both:
   commit and enqueue. It is published again. A job whose message is
   still waiting behind busy workers is left alone, so messages never pile up.
 
+A waiting job's message may stand in for another's (docs/architecture.md, R11): a
+queued job whose own message is gone is covered by a waiting message whose job no
+longer waits, and is republished only when no such spare message is left in its queue.
+After each pass `run_forever` also decides preemptions (shared/scheduling.py), if this
+reconciler holds the scheduler lock.
+
 This module is the policy: which jobs to look at, when, and what to publish. What
 happens to a job is a transition of shared/state_machine.py (`expire_lease`,
 `settle_unclaimable`, `mark_for_republish`), each one compare-and-set UPDATE in its own

@@ -26,7 +26,7 @@ BENCH = REPO / "bench"
 # A hang guard only: a smoke run takes seconds (the soak, the slowest, under a minute).
 TIMEOUT_S = 300
 # Those that start real `celery worker` subprocesses and a private Redis.
-WITH_WORKERS = {"soak", "train_overhead"}
+WITH_WORKERS = {"scale", "soak", "train_overhead"}
 
 
 def _load(name: str) -> Any:
@@ -56,7 +56,7 @@ def _failure(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_every_benchmark_is_smoke_tested() -> None:
-    expected = {"job_list", "metrics_render", "soak", "stream_load", "train_overhead"}
+    expected = {"job_list", "metrics_render", "scale", "soak", "stream_load", "train_overhead"}
     assert expected <= set(BENCHMARKS)
 
 

@@ -237,7 +237,7 @@ def test_a_message_whose_job_another_message_ran_stands_in_for_that_one(
     x, y = add_job(url), add_job(url)
     publish_job(celery, y, "train", "cpu")  # x's message was taken and acknowledged
     with transaction(url) as session:
-        assert claim_job(session, y, WORKER, 30) is not None
+        assert claim_job(session, y, WORKER, 3600) is not None
     report = reconcile_once(settings, celery, now=later(settings))
     assert report.republished == 0 and report.broker_error is None
     assert messages(settings.redis_url) == {task_id_for(y): 1}

@@ -201,7 +201,9 @@ def reconcile(once: bool, alive_file: Path | None, loglevel: str) -> None:
     """Requeue jobs whose worker was lost and re-publish queued jobs the broker lost.
 
     Runs every $TRAINYARD_RECONCILE_SECONDS until stopped (SIGTERM/Ctrl-C). Several
-    reconcilers may run at once: each change is a compare-and-set on the job row.
+    reconcilers may run at once: each change is a compare-and-set on the job row. The
+    running loop also decides preemptions (README, "Scheduling"); one reconciler at a
+    time does that, under a Redis lock.
     """
     # Celery and redis, no torch: the reconciler is a small process of its own.
     from shared.celery_app import make_celery
