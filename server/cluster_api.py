@@ -45,10 +45,24 @@ class SlotJob(ResponseModel):
     progress: float | None = Field(description="fraction of its steps done, 0 to 1")
 
 
+class SlotGpu(ResponseModel):
+    index: int | None = Field(description="the GPU's index on its host, as nvidia-smi numbers it")
+    uuid: str | None
+    name: str | None
+    memory_total_bytes: int | None = Field(
+        description="what routing by resources.gpu_memory_gb compares against"
+    )
+
+
 class WorkerSlot(ResponseModel):
     name: str = Field(description="host:pid, as a job's `worker` names it")
     pid: int
     device: str = Field(description='the torch device its jobs run on: "cpu", "cuda:0"')
+    slot: int | None = Field(description="the worker slot this pool child owns")
+    gpus: list[SlotGpu] = Field(
+        description="the GPUs the slot owns (its jobs see them as cuda:0, cuda:1, ...); "
+        "empty on a CPU slot"
+    )
     started_at: datetime | None
     last_heartbeat: datetime | None = Field(description="by the worker's clock")
     heartbeat_age_s: float = Field(description="seconds since its last heartbeat")

@@ -138,6 +138,11 @@ def _progress(progress: dict[str, Any] | None) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _slot_gpu(gpu: dict[str, Any]) -> dict[str, Any]:
+    # Registry entries are written by workers of any version: keep the known fields only.
+    return {k: gpu.get(k) for k in ("index", "uuid", "name", "memory_total_bytes")}
+
+
 def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) -> dict[str, Any]:
     """Online slots grouped by node, each with its current job (if the user may see it)."""
     slots = cluster.slots or []
@@ -154,11 +159,18 @@ def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) ->
                 "slots": info.node_slots,
                 "online_slots": 0,
                 "busy_slots": 0,
-                "gpus": info.gpu_count,
-                "gpu_names": list(info.gpu_names),
+                "gpus": 0,
+                "gpu_names": [],
+                "_gpus": {},
                 "workers": [],
             },
         )
+        if info.gpus:
+            for gpu in info.gpus:
+                if isinstance(gpu.get("index"), int):
+                    node["_gpus"][gpu["index"]] = gpu.get("name") or f"GPU {gpu['index']}"
+        elif len(info.gpu_names) > len(node["gpu_names"]):
+            node["gpu_names"] = list(info.gpu_names)
         node["queues"] = sorted(set(node["queues"]) | set(info.queues))
         row = running.get(slot.name)
         job = None
@@ -178,6 +190,8 @@ def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) ->
                 "name": slot.name,
                 "pid": info.pid,
                 "device": info.device,
+                "slot": info.slot,
+                "gpus": [_slot_gpu(g) for g in info.gpus],
                 "started_at": _unix_iso(info.started_at),
                 "last_heartbeat": _unix_iso(slot.last_heartbeat),
                 "heartbeat_age_s": slot.heartbeat_age_s,
@@ -185,6 +199,13 @@ def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) ->
                 "job": job,
             }
         )
+    for node in nodes.values():
+        # A pinned slot lists only its own GPUs (worker/slots.py): the node has them all.
+        # A slot from before pinning lists names only; the node then has the most it saw.
+        by_index = node.pop("_gpus")
+        if by_index:
+            node["gpu_names"] = [by_index[i] for i in sorted(by_index)]
+        node["gpus"] = len(node["gpu_names"])
     return {
         "nodes": list(nodes.values()),
         "online_slots": len(slots),

@@ -131,7 +131,14 @@ class Settings(BaseSettings):
     metric_flush_seconds: float = Field(default=2.0, gt=0)
     # Torch intra-op threads per worker slot; 0 = cores // slots.
     torch_threads: int = Field(default=0, ge=0)
+    # Jobs a CPU worker runs at once (`trainyard worker -c` overrides it). A GPU worker
+    # runs one job per GPU slot instead (worker/slots.py).
     worker_slots: int = Field(default=1, ge=1)
+    # Which GPUs a worker uses (`trainyard worker --gpus`): "all" (every GPU NVML lists;
+    # none on a CPU host), "none" (train on CPU), or NVML indices "0,1,3". Each slot owns
+    # gpus_per_slot of them (`--gpus-per-slot`); the worker runs one job per slot.
+    worker_gpus: str = "all"
+    gpus_per_slot: int = Field(default=1, ge=1)
     # Each job's process runs under a memory limit (worker/memory_limit.py), so a job
     # that allocates past it fails as OutOfMemory instead of waking the host's OOM
     # killer. The limit per slot: slot_memory_bytes, or 0 for slot_memory_fraction of
@@ -148,6 +155,12 @@ class Settings(BaseSettings):
     max_running_jobs_per_admin: int = Field(default=0, ge=0)
     gpu_hours_per_day_per_user: float = Field(default=24.0, ge=0)
     gpu_hours_per_day_per_admin: float = Field(default=0.0, ge=0)
+
+    @field_validator("worker_gpus")
+    @classmethod
+    def _check_worker_gpus(cls, value: str) -> str:
+        parsed = parse_gpu_selection(value)
+        return parsed if isinstance(parsed, str) else ",".join(map(str, parsed))
 
     @field_validator("redis_url")
     @classmethod
@@ -218,6 +231,21 @@ class Settings(BaseSettings):
                 "`trainyard up` sets it for the processes it starts"
             )
         return self.redis_url
+
+
+def parse_gpu_selection(text: str) -> str | tuple[int, ...]:
+    """`--gpus` / TRAINYARD_WORKER_GPUS: "all", "none", or distinct GPU indices "0,1,3"
+    (kept in the order given: slots take them in that order). Raises ValueError."""
+    value = text.strip().lower()
+    if value in ("all", "none"):
+        return value
+    parts = [p.strip() for p in value.split(",")]
+    if not value or not all(p.isdigit() for p in parts):
+        raise ValueError(f"GPUs must be all, none or indices like 0,1,3, not {text!r}")
+    indices = tuple(int(p) for p in parts)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"GPUs {text!r} name a GPU twice")
+    return indices
 
 
 def _write_private(path: Path, text: str, *, replace: bool) -> None:

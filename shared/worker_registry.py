@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -53,6 +54,11 @@ class SlotInfo:
     gpu_names: tuple[str, ...] = ()  # every GPU this process can see; empty: CPU only
     device: str = "cpu"  # the torch device jobs in this slot run on, e.g. "cuda:0"
     started_at: float = field(default_factory=time.time)  # Unix time
+    slot: int | None = None  # the worker slot this child owns (worker/slots.py)
+    # The slot's GPUs: {"index", "uuid", "name", "memory_total_bytes"} each, from NVML
+    # (uuid, name and memory are None for a GPU the operator named on a host without
+    # NVML). Routing by gpu_memory_gb reads memory_total_bytes.
+    gpus: tuple[dict[str, Any], ...] = ()
 
     @property
     def gpu_count(self) -> int:
@@ -68,6 +74,8 @@ class SlotInfo:
             "gpus": str(self.gpu_count),
             "gpu_names": json.dumps(list(self.gpu_names)),
             "device": self.device,
+            "slot": "" if self.slot is None else str(self.slot),
+            "gpu_devices": json.dumps(list(self.gpus)),
             "started_at": repr(self.started_at),
             "last_heartbeat": repr(now),
         }
@@ -84,6 +92,10 @@ class SlotInfo:
             gpu_names=tuple(json.loads(raw.get("gpu_names") or "[]")),
             device=raw.get("device", "cpu"),
             started_at=float(raw.get("started_at") or 0.0),
+            slot=int(raw["slot"]) if raw.get("slot") else None,
+            gpus=tuple(
+                g for g in json.loads(raw.get("gpu_devices") or "[]") if isinstance(g, dict)
+            ),
         )
 
 

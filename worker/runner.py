@@ -57,7 +57,7 @@ from shared.state_machine import (
     requeue_after_failure,
     still_owns,
 )
-from worker import shutdown
+from worker import shutdown, slots
 from worker.failures import HOST_OOM, classify
 from worker.job_log import EpochLogSink, JobLog, format_metrics
 from worker.lease import LeaseKeeper, StopReason
@@ -187,8 +187,9 @@ def run_job(job_id: int, settings: Settings, celery: Celery | None = None) -> st
     device = pick_device()
     with transaction(settings.resolved_database_url) as session:
         claim = claim_within_limits(
-            session, settings, job_id, worker_name(), describe_device(device)
-        )
+            session, settings, job_id, worker_name(), describe_device(device),
+            placement=slots.placement(slots.current_slot()),
+        )  # fmt: skip
     if isinstance(claim, Deferred):
         log.info("job %s: not run now: %s", job_id, claim.reason)
         return DEFERRED
@@ -230,7 +231,7 @@ def _attempt(
         url, claim.job_id, claim.attempt, settings.metric_flush_seconds,
         settings.metric_flush_points, give_up=lambda: lease.lost,
     )  # fmt: skip
-    job_log.event(f"claimed by {worker_name()} on {describe_device(device)}")
+    job_log.event(f"claimed by {worker_name()} on {describe_device(device)}{_slot_note()}")
     memory = AppliedLimit(None)
     with lease:
         try:
@@ -258,6 +259,16 @@ def _attempt(
         )  # fmt: skip
         return None
     return outcome
+
+
+def _slot_note() -> str:
+    """The slot and the CUDA_VISIBLE_DEVICES this process runs with, for the job log."""
+    slot = slots.current_slot()
+    if slot is None:
+        return ""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = "" if visible is None else f", CUDA_VISIBLE_DEVICES={visible or '(none)'}"
+    return f" ({slot.describe()}{shown})"
 
 
 _STOP_EVENTS = {

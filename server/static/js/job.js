@@ -391,6 +391,20 @@
   let lastEpoch = null;
 
 
+  // The same text as server/web/filters.py's placement filter.
+  function placementText(placement) {
+    if (!placement) return "—";
+    const parts = placement.slot === null || placement.slot === undefined ? [] : [`slot ${placement.slot}`];
+    const gpus = placement.gpus || [];
+    if (!gpus.length) parts.push("CPU");
+    for (const gpu of gpus) {
+      const about = gpu.name ? [gpu.name] : [];
+      if (gpu.memory_total_bytes) about.push(`${(gpu.memory_total_bytes / 2 ** 30).toFixed(0)} GiB`);
+      parts.push(`GPU ${gpu.index}` + (about.length ? ` (${about.join(", ")})` : ""));
+    }
+    return parts.join(" · ");
+  }
+
   function onJob(job) {
     root.dataset.state = job.state;
     const badge = byId("job-state");
@@ -400,6 +414,7 @@
     }
     setText("job-attempt", job.attempt ? `${job.attempt} of ${job.max_attempts}` : "not started");
     setText("job-worker", job.worker || "—");
+    setText("job-placement", placementText(job.placement));
     const p = job.progress || {};
     const bar = byId("job-progress-bar");
     let fraction = typeof p.fraction === "number" ? p.fraction : null;

@@ -148,13 +148,19 @@
     return cell;
   }
 
+  // Which of the host's GPUs a slot's cuda:0.. are (worker/slots.py pins each slot).
+  function deviceText(slot) {
+    const gpus = (slot.gpus || []).map((g) => g.index);
+    return gpus.length ? `${slot.device} (GPU ${gpus.join(",")})` : slot.device;
+  }
+
   function slotRow(slot, now) {
     const late = slot.heartbeat_age_s > (2 * refreshMs) / 1000;
     return h(
       "tr",
       { "data-slot": slot.name },
       h("td", { "data-label": "Slot" }, h("code", { text: slot.name })),
-      h("td", { "data-label": "Device", text: slot.device }),
+      h("td", { "data-label": "Device", text: deviceText(slot) }),
       slotJobCell(slot),
       h("td", {
         "data-label": "Heartbeat",
