@@ -71,6 +71,29 @@ class WorkerSlot(ResponseModel):
         description="the job it runs; null when idle, or when the job is another user's "
         "(members see only that the slot is busy)"
     )
+    cpu_percent: float | None = Field(
+        description="CPU use of the slot's process and its children at its last sample, "
+        "in % of one core (200: two cores); null before the first sample"
+    )
+    rss_bytes: int | None = Field(description="their resident memory at that sample")
+
+
+class HostStats(ResponseModel):
+    cpu_percent: float | None = Field(description="the host's CPU use, % of all its cores")
+    cpus: float | None = Field(description="logical CPUs")
+    mem_used_bytes: float | None
+    mem_total_bytes: float | None
+
+
+class GpuStats(ResponseModel):
+    index: int = Field(description="the GPU's NVML index, as nvidia-smi numbers it")
+    name: str | None
+    slot: str = Field(description="the slot that sampled it (host:pid)")
+    util_percent: float | None = Field(description="share of time a kernel ran")
+    mem_used_bytes: float | None
+    mem_total_bytes: float | None
+    temp_c: float | None
+    power_w: float | None
 
 
 class WorkerNode(ResponseModel):
@@ -82,6 +105,14 @@ class WorkerNode(ResponseModel):
     busy_slots: int
     gpus: int = Field(description="GPUs the worker can see; 0: CPU only")
     gpu_names: list[str]
+    host_stats: HostStats | None = Field(
+        description="the host's latest sample from any of its slots (every few seconds); "
+        "null before the first"
+    )
+    gpu_stats: list[GpuStats] = Field(
+        description="the latest sample of each GPU the node's slots own; empty on a "
+        "host without NVIDIA GPUs"
+    )
     workers: list[WorkerSlot]
 
 

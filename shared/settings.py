@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     # Metric sink: flush after this many points or this many seconds, whichever first.
     metric_flush_points: int = Field(default=500, ge=1)
     metric_flush_seconds: float = Field(default=2.0, gt=0)
+    # A running train job's GPUs and processes are sampled this often (worker/telemetry.py):
+    # GPU utilization, memory, temperature, power, and the job's CPU % and resident
+    # memory, stored as its metrics. 0 turns the job metrics off (the workers page still
+    # shows each slot's latest sample); below 1 s counts as 1 s.
+    telemetry_seconds: float = Field(default=5.0, ge=0)
     # Torch intra-op threads per worker slot; 0 = cores // slots.
     torch_threads: int = Field(default=0, ge=0)
     # Jobs a CPU worker runs at once (`trainyard worker -c` overrides it). A GPU worker

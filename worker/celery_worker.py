@@ -28,7 +28,7 @@ from shared.celery_app import make_celery
 from shared.db import dispose_inherited_engines
 from shared.settings import load_settings
 from shared.worker_registry import SlotHeartbeat, SlotInfo, remove_node
-from worker import memory_limit, shutdown, slots
+from worker import memory_limit, shutdown, slots, telemetry
 from worker.runner import worker_name
 from worker.tasks import register_tasks
 
@@ -149,7 +149,9 @@ def _start_registry() -> None:
             slot=None if slot is None else slot.index,
             gpus=tuple(gpu.to_json() for gpu in gpus),
         )
-        heartbeat = SlotHeartbeat(settings.require_redis_url(), info)
+        heartbeat = SlotHeartbeat(
+            settings.require_redis_url(), info, telemetry=telemetry.SlotTelemetry()
+        )
         heartbeat.start()
         _registry["heartbeat"] = heartbeat
     except Exception:  # noqa: BLE001

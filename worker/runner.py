@@ -57,8 +57,8 @@ from shared.state_machine import (
     requeue_after_failure,
     still_owns,
 )
-from worker import shutdown, slots
-from worker.failures import HOST_OOM, classify
+from worker import shutdown, slots, telemetry
+from worker.failures import HOST_OOM, classify, gpu_memory, is_cuda_oom
 from worker.job_log import EpochLogSink, JobLog, format_metrics
 from worker.lease import LeaseKeeper, StopReason
 from worker.memory_limit import AppliedLimit, current_budget, format_bytes, job_memory_limit
@@ -236,7 +236,12 @@ def _attempt(
     with lease:
         try:
             spec = load_stored_spec(claim.spec)
-            with sink, job_memory_limit(current_budget(), device) as memory:
+            train = isinstance(spec, TrainSpec)
+            with (
+                sink,
+                job_memory_limit(current_budget(), device) as memory,
+                telemetry.for_job(sink, settings, claim.job_id, claim.attempt, train=train),
+            ):
                 job_log.event(memory.describe())
                 result, checkpoint = _execute(
                     spec, settings, claim, device, EpochLogSink(sink, job_log),
@@ -299,7 +304,10 @@ def _stopped(reason: StopReason | None, max_runtime_s: int | None, directory: Pa
 
 
 def _failed(exc: Exception, claim: Claim, device: torch.device, memory: AppliedLimit) -> Outcome:
-    failure = classify(exc, describe_device(device))
+    # The figures are read now, while the failed step's tensors are still referenced
+    # from the traceback: what the GPU held when the allocation failed.
+    on_gpu = gpu_memory(device) if is_cuda_oom(exc) else None
+    failure = classify(exc, describe_device(device), on_gpu)
     reason = failure.reason
     if failure.error_type == HOST_OOM and memory.limit_bytes is not None:
         reason = (
