@@ -220,6 +220,22 @@ def test_host_gpus_lists_every_gpu_nvml_reports() -> None:
     assert telemetry.host_gpus(object()) == []
 
 
+def test_python_m_worker_telemetry_prints_every_gpu_of_the_host(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    monkeypatch.setattr(telemetry, "nvml_module", lambda: NVML)
+    telemetry.main()
+    printed = json.loads(capsys.readouterr().out)
+    assert [(g["index"], g["name"]) for g in printed["gpus"]] == [
+        (0, "NVIDIA H200"), (1, "NVIDIA A100"),
+    ]  # fmt: skip
+    assert printed["host"]["mem_total_bytes"] == psutil.virtual_memory().total
+    monkeypatch.setattr(telemetry, "nvml_module", lambda: None)
+    assert telemetry.sample_host()["gpus"] == []
+
+
 # ---------------------------------------------------------------- the catalogue
 
 

@@ -367,9 +367,34 @@ class SlotTelemetry:
         gpus = list(self._gpus())
         nvml = nvml_module() if gpus else None
         process = self._process.sample()
-        return {
-            "host": host_stats(),
-            "slot": {"cpu_percent": round(process.cpu_percent, 1), "rss_bytes": process.rss_bytes},
-            "gpus": [g.to_json() for g in sample_gpus(nvml, gpus, self._warned)] if nvml else [],
-            "at": time.time(),
-        }
+        slot = {"cpu_percent": round(process.cpu_percent, 1), "rss_bytes": process.rss_bytes}
+        return {**telemetry_json(nvml, gpus, self._warned), "slot": slot}
+
+
+def sample_host() -> dict[str, Any]:
+    """One sample of this host and every GPU NVML reports, whoever owns them: what
+    `python -m worker.telemetry` prints and bench/gpu_check.py can read."""
+    nvml = nvml_module()
+    return telemetry_json(nvml, host_gpus(nvml) if nvml else [])
+
+
+def telemetry_json(
+    nvml: Any | None, gpus: Sequence[GpuRef], warned: set[str] | None = None
+) -> dict[str, Any]:
+    """The host's figures and `gpus`' samples (none without NVML), as the registry
+    stores them."""
+    return {
+        "host": host_stats(),
+        "gpus": [g.to_json() for g in sample_gpus(nvml, gpus, warned)] if nvml else [],
+        "at": time.time(),
+    }
+
+
+def main() -> None:
+    import json
+
+    print(json.dumps(sample_host(), indent=2))
+
+
+if __name__ == "__main__":
+    main()
