@@ -90,6 +90,22 @@ class KeyMetric(ResponseModel):
     value: float
 
 
+class PlacementGpu(ResponseModel):
+    index: int = Field(description="the GPU's index on its host, as nvidia-smi numbers it")
+    uuid: str | None = Field(description="from NVML; null where the worker could not read it")
+    name: str | None = Field(description="e.g. NVIDIA H200")
+    memory_total_bytes: int | None
+
+
+class Placement(ResponseModel):
+    host: str
+    slot: int | None = Field(description="the worker slot (pool child) that runs the attempt")
+    gpus: list[PlacementGpu] = Field(
+        description="the GPUs the slot owns, seen by the job as cuda:0, cuda:1, ...; "
+        "empty on a CPU slot"
+    )
+
+
 class JobResponse(ResponseModel):
     id: int
     kind: Literal["train", "evaluate"]
@@ -106,6 +122,10 @@ class JobResponse(ResponseModel):
     attempt: int = Field(description="claims so far (0 while first queued)")
     max_attempts: int
     worker: str | None
+    placement: Placement | None = Field(
+        description="where the latest attempt ran or runs: host, worker slot, GPUs; null "
+        "until first claimed"
+    )
     cancel_requested: bool
     progress: dict[str, Any] | None = Field(description="epoch, step, latest metrics")
     result: dict[str, Any] | None = Field(description="final metrics of a finished job")

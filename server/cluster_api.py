@@ -45,10 +45,24 @@ class SlotJob(ResponseModel):
     progress: float | None = Field(description="fraction of its steps done, 0 to 1")
 
 
+class SlotGpu(ResponseModel):
+    index: int | None = Field(description="the GPU's index on its host, as nvidia-smi numbers it")
+    uuid: str | None
+    name: str | None
+    memory_total_bytes: int | None = Field(
+        description="what routing by resources.gpu_memory_gb compares against"
+    )
+
+
 class WorkerSlot(ResponseModel):
     name: str = Field(description="host:pid, as a job's `worker` names it")
     pid: int
     device: str = Field(description='the torch device its jobs run on: "cpu", "cuda:0"')
+    slot: int | None = Field(description="the worker slot this pool child owns")
+    gpus: list[SlotGpu] = Field(
+        description="the GPUs the slot owns (its jobs see them as cuda:0, cuda:1, ...); "
+        "empty on a CPU slot"
+    )
     started_at: datetime | None
     last_heartbeat: datetime | None = Field(description="by the worker's clock")
     heartbeat_age_s: float = Field(description="seconds since its last heartbeat")
@@ -57,6 +71,29 @@ class WorkerSlot(ResponseModel):
         description="the job it runs; null when idle, or when the job is another user's "
         "(members see only that the slot is busy)"
     )
+    cpu_percent: float | None = Field(
+        description="CPU use of the slot's process and its children at its last sample, "
+        "in % of one core (200: two cores); null before the first sample"
+    )
+    rss_bytes: int | None = Field(description="their resident memory at that sample")
+
+
+class HostStats(ResponseModel):
+    cpu_percent: float | None = Field(description="the host's CPU use, % of all its cores")
+    cpus: float | None = Field(description="logical CPUs")
+    mem_used_bytes: float | None
+    mem_total_bytes: float | None
+
+
+class GpuStats(ResponseModel):
+    index: int = Field(description="the GPU's NVML index, as nvidia-smi numbers it")
+    name: str | None
+    slot: str = Field(description="the slot that sampled it (host:pid)")
+    util_percent: float | None = Field(description="share of time a kernel ran")
+    mem_used_bytes: float | None
+    mem_total_bytes: float | None
+    temp_c: float | None
+    power_w: float | None
 
 
 class WorkerNode(ResponseModel):
@@ -68,6 +105,14 @@ class WorkerNode(ResponseModel):
     busy_slots: int
     gpus: int = Field(description="GPUs the worker can see; 0: CPU only")
     gpu_names: list[str]
+    host_stats: HostStats | None = Field(
+        description="the host's latest sample from any of its slots (every few seconds); "
+        "null before the first"
+    )
+    gpu_stats: list[GpuStats] = Field(
+        description="the latest sample of each GPU the node's slots own; empty on a "
+        "host without NVIDIA GPUs"
+    )
     workers: list[WorkerSlot]
 
 

@@ -139,6 +139,59 @@ def _progress(progress: dict[str, Any] | None) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _slot_stats(sample: dict[str, Any] | None) -> dict[str, Any]:
+    slot = (sample or {}).get("slot") or {}
+    rss = _number(slot.get("rss_bytes"))
+    return {
+        "cpu_percent": _number(slot.get("cpu_percent")),
+        "rss_bytes": None if rss is None else int(rss),
+    }
+
+
+_HOST_FIELDS = ("cpu_percent", "cpus", "mem_used_bytes", "mem_total_bytes")
+_GPU_FIELDS = (
+    "util_percent", "mem_used_bytes", "mem_total_bytes", "temp_c", "power_w",
+)  # fmt: skip
+
+
+def _add_telemetry(node: dict[str, Any], slot: OnlineSlot) -> None:
+    """Fold a slot's latest sample (worker/telemetry.py) into its node: the host figures
+    of the freshest sample, and each GPU some slot owns, by index, freshest first. The
+    sample comes from Redis, so only known fields of the right type pass through."""
+    sample = slot.telemetry
+    if not sample:
+        return
+    at = _number(sample.get("at")) or 0.0
+    newest = at >= node.get("_telemetry_at", -1.0)
+    if newest:
+        node["_telemetry_at"] = at
+    host = sample.get("host")
+    if isinstance(host, dict) and newest:
+        node["host_stats"] = {k: _number(host.get(k)) for k in _HOST_FIELDS}
+    gpus = {g["index"]: g for g in node["gpu_stats"]}
+    for gpu in sample.get("gpus") or []:
+        index = gpu.get("index") if isinstance(gpu, dict) else None
+        if not isinstance(index, int) or (index in gpus and not newest):
+            continue
+        name = gpu.get("name")
+        gpus[index] = {
+            "index": index,
+            "name": name if isinstance(name, str) else None,
+            "slot": slot.name,
+            **{k: _number(gpu.get(k)) for k in _GPU_FIELDS},
+        }
+    node["gpu_stats"] = [gpus[i] for i in sorted(gpus)]
+
+
+def _slot_gpu(gpu: dict[str, Any]) -> dict[str, Any]:
+    # Registry entries are written by workers of any version: keep the known fields only.
+    return {k: gpu.get(k) for k in ("index", "uuid", "name", "memory_total_bytes")}
+
+
 def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) -> dict[str, Any]:
     """Online slots grouped by node, each with its current job (if the user may see it)."""
     slots = cluster.slots or []
@@ -155,11 +208,21 @@ def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) ->
                 "slots": info.node_slots,
                 "online_slots": 0,
                 "busy_slots": 0,
-                "gpus": info.gpu_count,
-                "gpu_names": list(info.gpu_names),
+                "gpus": 0,
+                "gpu_names": [],
+                "_gpus": {},
+                "host_stats": None,
+                "gpu_stats": [],
                 "workers": [],
             },
         )
+        _add_telemetry(node, slot)
+        if info.gpus:
+            for gpu in info.gpus:
+                if isinstance(gpu.get("index"), int):
+                    node["_gpus"][gpu["index"]] = gpu.get("name") or f"GPU {gpu['index']}"
+        elif len(info.gpu_names) > len(node["gpu_names"]):
+            node["gpu_names"] = list(info.gpu_names)
         node["queues"] = sorted(set(node["queues"]) | set(info.queues))
         row = running.get(slot.name)
         job = None
@@ -179,13 +242,24 @@ def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) ->
                 "name": slot.name,
                 "pid": info.pid,
                 "device": info.device,
+                "slot": info.slot,
+                "gpus": [_slot_gpu(g) for g in info.gpus],
                 "started_at": _unix_iso(info.started_at),
                 "last_heartbeat": _unix_iso(slot.last_heartbeat),
                 "heartbeat_age_s": slot.heartbeat_age_s,
                 "busy": row is not None,
                 "job": job,
+                **_slot_stats(slot.telemetry),
             }
         )
+    for node in nodes.values():
+        node.pop("_telemetry_at", None)
+        # A pinned slot lists only its own GPUs (worker/slots.py): the node has them all.
+        # A slot from before pinning lists names only; the node then has the most it saw.
+        by_index = node.pop("_gpus")
+        if by_index:
+            node["gpu_names"] = [by_index[i] for i in sorted(by_index)]
+        node["gpus"] = len(node["gpu_names"])
     return {
         "nodes": list(nodes.values()),
         "online_slots": len(slots),

@@ -41,6 +41,7 @@ def job_to_json(job: Job, admin: bool | None = None) -> dict[str, Any]:
         "attempt": job.attempt,
         "max_attempts": job.max_attempts,
         "worker": job.worker,
+        "placement": job.placement,
         "cancel_requested": job.cancel_requested,
         "progress": job.progress,
         "result": public_result(job.result),

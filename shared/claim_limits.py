@@ -156,6 +156,7 @@ def claim_within_limits(
     worker: str,
     device: str,
     now: datetime | None = None,
+    placement: dict[str, Any] | None = None,
 ) -> Claim | Deferred | None:
     """`claim_job`, unless the job's owner is at one of their limits: then the job stays
     queued and Deferred says why. None: not claimable (a duplicate delivery)."""
@@ -163,14 +164,16 @@ def claim_within_limits(
     owner_id = session.execute(select(Job.owner_id).where(Job.id == job_id)).scalar_one_or_none()
     owner = _lock_owner(session, owner_id) if owner_id is not None else None
     if owner is None:  # a job from before accounts existed, or an unknown job
-        return claim_job(session, job_id, worker, settings.lease_seconds, device=device)
+        return claim_job(
+            session, job_id, worker, settings.lease_seconds, device=device, placement=placement
+        )
     limits = limits_for(settings, owner.role, owner.limits)
     retry_after = settings.requeue_after_seconds + settings.reconcile_seconds
     reason = _over_limit(session, owner, limits, job_id, device, now, retry_after)
     if reason is None:
         claim = claim_job(
             session, job_id, worker, settings.lease_seconds,
-            device=device, max_running=limits.max_running_jobs,
+            device=device, max_running=limits.max_running_jobs, placement=placement,
         )  # fmt: skip
         if claim is not None or limits.max_running_jobs is None:
             return claim

@@ -22,8 +22,12 @@ Direction = Literal["min", "max"]
 Task = Literal["classification", "regression", "any"]
 JobKind = Literal["train", "evaluate", "any"]
 # "epoch": one point per epoch (step = epoch); "step": points every few optimizer steps;
-# "final": only in result.metrics, never logged as a series.
-SeriesKind = Literal["epoch", "step", "final"]
+# "final": only in result.metrics, never logged as a series; "time": samples every few
+# seconds whose step is the job's running time in seconds (worker/telemetry.py).
+SeriesKind = Literal["epoch", "step", "final", "time"]
+# "system": how the hardware was used, not how well the model did. Never a key metric,
+# never ranked, never the metric a comparison opens on.
+Group = Literal["job", "system"]
 
 # job_final_metrics.key is a VARCHAR(64): a longer key cannot be stored or ranked.
 MAX_KEY_CHARS = 64
@@ -74,6 +78,13 @@ CHECKPOINT_EPOCH = "checkpoint_epoch"
 # Both kinds.
 DURATION_S = "duration_s"
 DEVICE = "device"
+# System telemetry of a train job (worker/telemetry.py), every TRAINYARD_TELEMETRY_SECONDS.
+GPU_UTIL = "gpu_util"
+GPU_MEM_GB = "gpu_mem_gb"
+GPU_TEMP_C = "gpu_temp_c"
+GPU_POWER_W = "gpu_power_w"
+CPU_PERCENT = "cpu_percent"
+RSS_GB = "rss_gb"
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,7 @@ class Metric:
     unit: str | None = None
     hint: str = ""
     order: int = 0
+    group: Group = "job"
 
 
 def _m(
@@ -103,6 +115,10 @@ def _m(
     hint: str = "",
 ) -> Metric:
     return Metric(key, label, direction, task, kind, series, unit, hint)
+
+
+def _system(key: str, label: str, unit: str, hint: str = "") -> Metric:
+    return Metric(key, label, None, "any", "train", "time", unit, hint, group="system")
 
 
 _MACRO = "macro average"
@@ -150,6 +166,14 @@ _DEFINED = (
     _m(CHECKPOINT_EPOCH, "checkpoint epoch", None, "any", "evaluate", "final"),
     _m(DEVICE, "device", None, "any", "any", "final"),
     _m(TORCH_VERSION, "torch version", None, "any", "train", "final"),
+    _system(GPU_UTIL, "GPU utilization", "%",
+            "share of time a kernel ran; averaged over the job's GPUs"),
+    _system(GPU_MEM_GB, "GPU memory used", "GB", "added up over the job's GPUs"),
+    _system(GPU_TEMP_C, "GPU temperature", "°C", "the hottest of the job's GPUs"),
+    _system(GPU_POWER_W, "GPU power", "W", "added up over the job's GPUs"),
+    _system(CPU_PERCENT, "CPU", "%",
+            "of one core, the job's process and its children: 200 is two cores busy"),
+    _system(RSS_GB, "resident memory", "GB", "the job's process and its children"),
 )  # fmt: skip
 
 METRICS: dict[str, Metric] = {m.key: replace(m, order=i) for i, m in enumerate(_DEFINED)}
@@ -172,6 +196,12 @@ CHARTS = (
     Chart("r2", "Validation R²", (VAL_R2,)),
     Chart("step-loss", "Training loss", (STEP_LOSS,), small=True),
     Chart("lr", "Learning rate", (LR,), small=True),
+    Chart("gpu-util", "GPU utilization", (GPU_UTIL,), small=True),
+    Chart("gpu-mem", "GPU memory", (GPU_MEM_GB,), small=True),
+    Chart("gpu-temp", "GPU temperature", (GPU_TEMP_C,), small=True),
+    Chart("gpu-power", "GPU power", (GPU_POWER_W,), small=True),
+    Chart("cpu", "CPU", (CPU_PERCENT,), small=True),
+    Chart("rss", "Resident memory", (RSS_GB,), small=True),
 )
 
 # ---------------------------------------------------------------- lookups
@@ -221,13 +251,21 @@ def per_epoch_keys(task: str | None = None) -> frozenset[str]:
     )
 
 
+def is_system(key: str) -> bool:
+    """Whether `key` is hardware telemetry rather than a result of the job."""
+    return metric_info(key).group == "system"
+
+
 def ranked_metrics(tasks: Sequence[str]) -> tuple[str, ...]:
     """The quality metrics of final results (what the leaderboard can rank) that jobs
     on data of these tasks report, the train key metric first, then in display order."""
     keys = [
         m.key
         for m in METRICS.values()
-        if m.direction is not None and m.series != "step" and (m.task == "any" or m.task in tasks)
+        if m.direction is not None
+        and m.series not in ("step", "time")
+        and m.group != "system"
+        and (m.task == "any" or m.task in tasks)
     ]
     first = next((k for k in KEY_METRIC_KEYS["train"] if k in keys), None)
     return tuple(sorted(keys, key=lambda k: (k != first, sort_key(k))))
@@ -325,6 +363,7 @@ def catalog_json() -> dict[str, Any]:
                 "kind": m.kind,
                 "series": m.series,
                 "order": m.order,
+                "group": m.group,
             }
             for m in METRICS.values()
         ],

@@ -129,9 +129,21 @@ class Settings(BaseSettings):
     # Metric sink: flush after this many points or this many seconds, whichever first.
     metric_flush_points: int = Field(default=500, ge=1)
     metric_flush_seconds: float = Field(default=2.0, gt=0)
+    # A running train job's GPUs and processes are sampled this often (worker/telemetry.py):
+    # GPU utilization, memory, temperature, power, and the job's CPU % and resident
+    # memory, stored as its metrics. 0 turns the job metrics off (the workers page still
+    # shows each slot's latest sample); below 1 s counts as 1 s.
+    telemetry_seconds: float = Field(default=5.0, ge=0)
     # Torch intra-op threads per worker slot; 0 = cores // slots.
     torch_threads: int = Field(default=0, ge=0)
+    # Jobs a CPU worker runs at once (`trainyard worker -c` overrides it). A GPU worker
+    # runs one job per GPU slot instead (worker/slots.py).
     worker_slots: int = Field(default=1, ge=1)
+    # Which GPUs a worker uses (`trainyard worker --gpus`): "all" (every GPU NVML lists;
+    # none on a CPU host), "none" (train on CPU), or NVML indices "0,1,3". Each slot owns
+    # gpus_per_slot of them (`--gpus-per-slot`); the worker runs one job per slot.
+    worker_gpus: str = "all"
+    gpus_per_slot: int = Field(default=1, ge=1)
     # Each job's process runs under a memory limit (worker/memory_limit.py), so a job
     # that allocates past it fails as OutOfMemory instead of waking the host's OOM
     # killer. The limit per slot: slot_memory_bytes, or 0 for slot_memory_fraction of
@@ -161,6 +173,12 @@ class Settings(BaseSettings):
     # Queues whose jobs are preemptible unless their spec says `preemptible: false`
     # (comma-separated; empty: only jobs whose spec says `preemptible: true`).
     preemptible_queues: str = ""
+
+    @field_validator("worker_gpus")
+    @classmethod
+    def _check_worker_gpus(cls, value: str) -> str:
+        parsed = parse_gpu_selection(value)
+        return parsed if isinstance(parsed, str) else ",".join(map(str, parsed))
 
     @field_validator("redis_url")
     @classmethod
@@ -231,6 +249,21 @@ class Settings(BaseSettings):
                 "`trainyard up` sets it for the processes it starts"
             )
         return self.redis_url
+
+
+def parse_gpu_selection(text: str) -> str | tuple[int, ...]:
+    """`--gpus` / TRAINYARD_WORKER_GPUS: "all", "none", or distinct GPU indices "0,1,3"
+    (kept in the order given: slots take them in that order). Raises ValueError."""
+    value = text.strip().lower()
+    if value in ("all", "none"):
+        return value
+    parts = [p.strip() for p in value.split(",")]
+    if not value or not all(p.isdigit() for p in parts):
+        raise ValueError(f"GPUs must be all, none or indices like 0,1,3, not {text!r}")
+    indices = tuple(int(p) for p in parts)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"GPUs {text!r} name a GPU twice")
+    return indices
 
 
 def _write_private(path: Path, text: str, *, replace: bool) -> None:

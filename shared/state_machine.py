@@ -161,6 +161,7 @@ def claim_job(
     *,
     device: str | None = None,
     max_running: int | None = None,
+    placement: dict[str, Any] | None = None,
 ) -> Claim | None:
     """Take the job for this worker: queued (or running with an expired lease) -> running.
 
@@ -171,6 +172,9 @@ def claim_job(
     claim also needs fewer than that many other jobs of the owner running: checked in
     the same UPDATE, so on SQLite (one writer at a time) two claims cannot both pass;
     on PostgreSQL the caller locks the owner's row first (shared/claim_limits.py).
+    `placement` ({"host", "slot", "gpus"}: where this attempt runs, worker/slots.py) is
+    written by the same UPDATE, so a running job's row never names a previous attempt's
+    GPUs.
     """
     now = utcnow()
     limits = () if not max_running else (running_jobs_of_owner() < max_running,)
@@ -183,6 +187,7 @@ def claim_job(
         attempt=Job.attempt + 1,
         lease_expires_at=now + timedelta(seconds=lease_seconds),
         worker=worker,
+        placement=placement,
         started_at=now,
         updated_at=now,
         preempt_requested_by=None,

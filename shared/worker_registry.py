@@ -15,7 +15,9 @@ worker look dead or a dead one alive.
 Registry writes must never break a worker: the heartbeat thread catches everything, logs
 the first failure of a streak (not one line every beat) and tries again next beat.
 
-No Flask, no torch: the worker passes in what it knows about its devices.
+No Flask, no torch: the worker passes in what it knows about its devices, and a
+function that samples its host, process and GPUs (worker/telemetry.py); each beat stores
+that sample, as JSON, in the hash's `telemetry` field for the workers page.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -53,6 +57,11 @@ class SlotInfo:
     gpu_names: tuple[str, ...] = ()  # every GPU this process can see; empty: CPU only
     device: str = "cpu"  # the torch device jobs in this slot run on, e.g. "cuda:0"
     started_at: float = field(default_factory=time.time)  # Unix time
+    slot: int | None = None  # the worker slot this child owns (worker/slots.py)
+    # The slot's GPUs: {"index", "uuid", "name", "memory_total_bytes"} each, from NVML
+    # (uuid, name and memory are None for a GPU the operator named on a host without
+    # NVML). Routing by gpu_memory_gb reads memory_total_bytes.
+    gpus: tuple[dict[str, Any], ...] = ()
 
     @property
     def gpu_count(self) -> int:
@@ -68,6 +77,8 @@ class SlotInfo:
             "gpus": str(self.gpu_count),
             "gpu_names": json.dumps(list(self.gpu_names)),
             "device": self.device,
+            "slot": "" if self.slot is None else str(self.slot),
+            "gpu_devices": json.dumps(list(self.gpus)),
             "started_at": repr(self.started_at),
             "last_heartbeat": repr(now),
         }
@@ -84,6 +95,10 @@ class SlotInfo:
             gpu_names=tuple(json.loads(raw.get("gpu_names") or "[]")),
             device=raw.get("device", "cpu"),
             started_at=float(raw.get("started_at") or 0.0),
+            slot=int(raw["slot"]) if raw.get("slot") else None,
+            gpus=tuple(
+                g for g in json.loads(raw.get("gpu_devices") or "[]") if isinstance(g, dict)
+            ),
         )
 
 
@@ -94,6 +109,7 @@ class OnlineSlot:
     info: SlotInfo
     last_heartbeat: float  # Unix time, by the worker's clock (for display only)
     heartbeat_age_s: float  # seconds since its last beat, by Redis's clock
+    telemetry: dict[str, Any] | None = None  # its latest sample (worker/telemetry.py)
 
     @property
     def name(self) -> str:
@@ -104,11 +120,20 @@ def slot_key(name: str) -> str:
     return KEY_PREFIX + name
 
 
-def register(client: redis.Redis, info: SlotInfo, ttl_s: float = TTL_S) -> None:
-    """Write (or refresh) a slot's hash and its TTL, and name it in the index."""
+def register(
+    client: redis.Redis,
+    info: SlotInfo,
+    ttl_s: float = TTL_S,
+    telemetry: dict[str, Any] | None = None,
+) -> None:
+    """Write (or refresh) a slot's hash and its TTL, and name it in the index.
+    `telemetry`: the slot's latest host/process/GPU sample, kept until the next one."""
     pipe = client.pipeline(transaction=True)
     key = slot_key(info.name)
-    pipe.hset(key, mapping=info.to_hash(time.time()))
+    fields = info.to_hash(time.time())
+    if telemetry is not None:
+        fields["telemetry"] = json.dumps(telemetry)
+    pipe.hset(key, mapping=fields)
     pipe.pexpire(key, int(ttl_s * 1000))
     pipe.sadd(INDEX_KEY, info.name)
     pipe.execute()
@@ -147,7 +172,14 @@ def online_slots(client: redis.Redis, ttl_s: float = TTL_S) -> list[OnlineSlot]:
             log.warning("worker registry: ignoring malformed entry %r (%s)", name, exc)
             continue
         age = max(0.0, ttl_s - pttl / 1000.0)
-        found.append(OnlineSlot(info=info, last_heartbeat=last, heartbeat_age_s=round(age, 1)))
+        found.append(
+            OnlineSlot(
+                info=info,
+                last_heartbeat=last,
+                heartbeat_age_s=round(age, 1),
+                telemetry=_telemetry(fields.get("telemetry")),
+            )
+        )
     if gone:
         client.srem(INDEX_KEY, *gone)
     found.sort(key=lambda s: (s.info.node, s.info.host, s.info.pid))
@@ -169,6 +201,17 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _telemetry(raw: str | None) -> dict[str, Any] | None:
+    # A sample that does not parse costs the page its figures, never the slot's row.
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 class SlotHeartbeat:
     """A daemon thread that keeps one slot's registry entry alive.
 
@@ -183,8 +226,11 @@ class SlotHeartbeat:
         info: SlotInfo,
         interval_s: float = HEARTBEAT_S,
         ttl_s: float = TTL_S,
+        telemetry: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.info = info
+        self._telemetry = telemetry
+        self._telemetry_failing = False
         self._url = url
         self._interval_s = interval_s
         self._ttl_s = ttl_s
@@ -209,8 +255,9 @@ class SlotHeartbeat:
 
     def beat(self) -> bool:
         """Refresh the entry once; False (and logged once per streak) when it failed."""
+        sample = self._sample()
         try:
-            register(self._redis(), self.info, self._ttl_s)
+            register(self._redis(), self.info, self._ttl_s, sample)
         except Exception as exc:  # noqa: BLE001 - a registry must never break a worker
             if not self._failing:
                 log.warning(
@@ -223,6 +270,19 @@ class SlotHeartbeat:
             log.info("worker registry: %s registered again", self.info.name)
         self._failing = False
         return True
+
+    def _sample(self) -> dict[str, Any] | None:
+        if self._telemetry is None:
+            return None
+        try:
+            sample = self._telemetry()
+        except Exception as exc:  # noqa: BLE001 - the slot still registers, without figures
+            if not self._telemetry_failing:
+                log.warning("worker registry: cannot sample telemetry (%s)", exc)
+            self._telemetry_failing = True
+            return None
+        self._telemetry_failing = False
+        return sample
 
     def _redis(self) -> redis.Redis:
         if self._client is None:

@@ -422,11 +422,12 @@ def test_worker_defaults_to_cpu_without_a_gpu(
     [(argv, env)] = exec_calls
     assert argv[:6] == [sys.executable, "-m", "celery", "-A", "worker.celery_worker:app", "worker"]
     assert argv[argv.index("-Q") + 1] == "cpu"
-    assert argv[argv.index("--concurrency") + 1] == "1"
+    # The worker decides its concurrency: one job per GPU slot, else TRAINYARD_WORKER_SLOTS.
+    assert "--concurrency" not in argv
     assert argv[argv.index("--prefetch-multiplier") + 1] == "1"
     assert argv[argv.index("--loglevel") + 1] == "INFO"
     assert argv[argv.index("-n") + 1] == f"trainyard-{os.getpid()}@%h"
-    assert env is not None and env["TRAINYARD_WORKER_SLOTS"] == "1"
+    assert env is not None and "TRAINYARD_WORKER_GPUS" not in env
 
 
 def test_worker_gpu_default_and_options(exec_calls: list, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -440,8 +441,30 @@ def test_worker_gpu_default_and_options(exec_calls: list, monkeypatch: pytest.Mo
     assert argv[argv.index("-Q") + 1] == "gpu,cpu"
     assert argv[argv.index("--concurrency") + 1] == "2"
     assert argv[argv.index("-n") + 1] == "w1@%h"
-    # The worker sizes torch threads from this, so it must match --concurrency.
-    assert env is not None and env["TRAINYARD_WORKER_SLOTS"] == "2"
+
+
+def test_worker_gpu_options(exec_calls: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(process_commands, "gpu_visible", lambda: False)
+    # Named GPUs mean a GPU worker even where nvidia-smi sees none (the worker warns).
+    result = run("worker", "--gpus", "0,1", "--gpus-per-slot", "2", env=REDIS_ENV)
+    assert result.exit_code == 0, result.output
+    argv, env = exec_calls[-1]
+    assert argv[argv.index("-Q") + 1] == "gpu"
+    assert env is not None and env["TRAINYARD_WORKER_GPUS"] == "0,1"
+    assert env["TRAINYARD_GPUS_PER_SLOT"] == "2"
+
+    monkeypatch.setattr(process_commands, "gpu_visible", lambda: True)
+    assert run("worker", "--gpus", "none", env=REDIS_ENV).exit_code == 0
+    argv, env = exec_calls[-1]
+    assert argv[argv.index("-Q") + 1] == "cpu" and env["TRAINYARD_WORKER_GPUS"] == "none"
+
+    calls = len(exec_calls)
+    for bad in ("0,0", "gpu0", "1,,2", ""):
+        result = run("worker", "--gpus", bad, env=REDIS_ENV)
+        assert result.exit_code == 2 and "--gpus" in result.output, (bad, result.output)
+    result = run("worker", "--gpus-per-slot", "0", env=REDIS_ENV)
+    assert result.exit_code == 2 and "--gpus-per-slot" in result.output
+    assert len(exec_calls) == calls
 
 
 def test_worker_rejects_unknown_queue_and_missing_redis(exec_calls: list) -> None:

@@ -7,7 +7,8 @@ import gc
 import logging
 import os
 import socket
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 # Building any torch optimizer imports torch._dynamo, about 3 s of CPU. Imported here, in
 # the parent before the pool forks, no child (nor a child restarted after a crash) makes
@@ -17,6 +18,7 @@ from celery.signals import (
     celeryd_init,
     worker_process_init,
     worker_process_shutdown,
+    worker_ready,
     worker_shutdown,
     worker_shutting_down,
 )
@@ -26,7 +28,7 @@ from shared.celery_app import make_celery
 from shared.db import dispose_inherited_engines
 from shared.settings import load_settings
 from shared.worker_registry import SlotHeartbeat, SlotInfo, remove_node
-from worker import memory_limit, shutdown
+from worker import memory_limit, shutdown, slots, telemetry
 from worker.runner import worker_name
 from worker.tasks import register_tasks
 
@@ -36,7 +38,25 @@ settings = load_settings()
 app = make_celery(settings)
 register_tasks(app, settings)
 
-_slots = {"n": settings.worker_slots}
+
+def _refuse(message: str) -> NoReturn:
+    # SystemExit, not an exception: Celery logs and ignores a signal handler's errors.
+    print(f"trainyard worker: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+# The slot layout (worker/slots.py), decided here in the main process before the pool
+# forks: GPUs through NVML only, so this process never initializes CUDA. A GPU worker runs
+# one job per slot: without -c, its concurrency is the number of slots.
+try:
+    _layout = slots.configure(settings)
+except slots.SlotError as exc:
+    _refuse(str(exc))
+if _layout.gpu:
+    app.conf.worker_concurrency = len(_layout.slots)
+else:
+    app.conf.worker_concurrency = settings.worker_slots
+_slots = {"n": app.conf.worker_concurrency}
 # The Celery node name (-n), known in the main process and inherited by each child.
 _node = {"name": f"celery@{socket.gethostname()}"}
 # This child's registry heartbeat (shared/worker_registry.py), once started.
@@ -47,10 +67,28 @@ _registry: dict[str, SlotHeartbeat] = {}
 def _init_main(sender=None, conf=None, options=None, **_kw) -> None:  # type: ignore[no-untyped-def]
     if options and options.get("concurrency"):
         _slots["n"] = int(options["concurrency"])
+    if _layout.gpu and _slots["n"] > len(_layout.slots):
+        _refuse(
+            f"--concurrency {_slots['n']} is more than the {len(_layout.slots)} GPU slot(s) "
+            f"of --gpus {settings.worker_gpus} --gpus-per-slot {settings.gpus_per_slot}: "
+            "two jobs would share a GPU"
+        )
+    slots.with_cpu_slots(_layout, _slots["n"])
     if sender:
         _node["name"] = str(sender)
     # Before the pool forks, so that every child shares the shutdown flag.
     shutdown.share_with_children()
+
+
+@worker_ready.connect
+def _log_layout(**_kw: Any) -> None:
+    # Here rather than at import: Celery has set up logging by now.
+    layout = slots.layout()
+    if layout is not None:
+        log.info(
+            "worker: %d %s slot(s): %s", len(layout.slots), "GPU" if layout.gpu else "CPU",
+            "; ".join(slot.describe() for slot in layout.slots),
+        )  # fmt: skip
 
 
 @worker_shutting_down.connect
@@ -65,6 +103,10 @@ def _hand_back_running_jobs(sig=None, how=None, **_kw) -> None:  # type: ignore[
 def _init_child(**_kw) -> None:  # type: ignore[no-untyped-def]
     # Engines (and their sockets) inherited from the parent must not be used here.
     dispose_inherited_engines()
+    # Before anything in this process touches CUDA: the slot's GPUs become cuda:0..K-1.
+    slot = slots.take_slot()
+    if slot is None:
+        log.warning("worker child %s: no free slot yet; its first job waits for one", os.getpid())
     import torch
 
     # Every prefork child would otherwise use all cores, and N children thrash
@@ -74,8 +116,9 @@ def _init_child(**_kw) -> None:  # type: ignore[no-untyped-def]
     budget = memory_limit.configure(settings, _slots["n"])
     limit = "none" if budget.limit_bytes is None else memory_limit.format_bytes(budget.limit_bytes)
     log.info(
-        "worker child %s: torch threads=%s, memory limit per job=%s (%s)",
-        os.getpid(), threads, limit, budget.source,
+        "worker child %s: %s, torch threads=%s, memory limit per job=%s (%s)",
+        os.getpid(), "no slot" if slot is None else slot.describe(), threads, limit,
+        budget.source,
     )  # fmt: skip
     _start_registry()
 
@@ -87,21 +130,12 @@ def _consumed_queues() -> tuple[str, ...]:
     return tuple(sorted(chosen))
 
 
-def _gpu_names() -> tuple[str, ...]:
-    import torch
-
-    try:
-        return tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-    except Exception as exc:  # noqa: BLE001 - a broken driver shows as "no GPU", not a crash
-        log.warning("worker registry: cannot list GPUs (%s)", exc)
-        return ()
-
-
 def _start_registry() -> None:
     """Announce this slot in the worker registry (the /workers page and API) and keep
     it there with a heartbeat thread. Failing here must never stop the worker."""
     try:
-        gpus = _gpu_names()
+        slot = slots.current_slot()
+        gpus = () if slot is None else slot.gpus
         info = SlotInfo(
             name=worker_name(),
             node=_node["name"],
@@ -109,11 +143,15 @@ def _start_registry() -> None:
             pid=os.getpid(),
             queues=_consumed_queues(),
             node_slots=_slots["n"],
-            gpu_names=gpus,
-            # What pick_device() picks: the current CUDA device, 0 unless changed.
+            gpu_names=tuple(gpu.name or f"GPU {gpu.index}" for gpu in gpus),
+            # What pick_device() picks in a pinned slot: the first of its GPUs.
             device="cuda:0" if gpus else "cpu",
+            slot=None if slot is None else slot.index,
+            gpus=tuple(gpu.to_json() for gpu in gpus),
         )
-        heartbeat = SlotHeartbeat(settings.require_redis_url(), info)
+        heartbeat = SlotHeartbeat(
+            settings.require_redis_url(), info, telemetry=telemetry.SlotTelemetry()
+        )
         heartbeat.start()
         _registry["heartbeat"] = heartbeat
     except Exception:  # noqa: BLE001
@@ -125,6 +163,7 @@ def _leave_registry(**_kw: Any) -> None:
     heartbeat = _registry.pop("heartbeat", None)
     if heartbeat is not None:
         heartbeat.stop()
+    slots.release_slot()
 
 
 @worker_shutdown.connect

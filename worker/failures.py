@@ -59,12 +59,54 @@ class Failure:
     reason: str  # one line for error_message, without the attempt bookkeeping
 
 
-def classify(exc: BaseException, device: str = "cpu") -> Failure:
+@dataclass(frozen=True)
+class GpuMemory:
+    """A GPU's memory when a job ran out of it."""
+
+    used_bytes: int  # by every process on the GPU
+    total_bytes: int
+    job_bytes: int | None = None  # what this job's PyTorch allocator held (reserved)
+
+    def describe(self) -> str:
+        text = f"{_gib(self.used_bytes)} of {_gib(self.total_bytes)} GiB in use"
+        if self.job_bytes is not None:
+            text += f" ({_gib(self.job_bytes)} GiB by this job)"
+        return text
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.1f}"
+
+
+def gpu_memory(device: torch.device) -> GpuMemory | None:
+    """`device`'s memory now, from the CUDA driver; None on a CPU device, or when CUDA
+    cannot answer (the report then goes without figures rather than failing)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        free, total = torch.cuda.mem_get_info(device)
+        held = torch.cuda.memory_reserved(device)
+    except Exception:  # noqa: BLE001 - a broken context after the OOM: no figures
+        return None
+    return GpuMemory(used_bytes=int(total - free), total_bytes=int(total), job_bytes=int(held))
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """Whether `exc` is the GPU running out of memory."""
+    # Older torch raised a plain RuntimeError with this text; some CUDA paths still do.
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+    )
+
+
+def classify(exc: BaseException, device: str = "cpu", memory: GpuMemory | None = None) -> Failure:
     """Map an exception from a job to a Failure. `device` names where the job ran
-    ("cuda:0 (NVIDIA H200)"), for the out-of-memory message."""
-    if _is_cuda_oom(exc):
+    ("cuda:0 (NVIDIA H200)"), and `memory` what its GPU's memory held at the failure,
+    for the out-of-memory message."""
+    if is_cuda_oom(exc):
         detail = _CUDA_OOM_PREFIX.sub("", _detail(exc))  # said once is enough
-        return Failure(False, CUDA_OOM, f"CUDA out of memory on {device}: {detail}".rstrip(": "))
+        where = f"{device}, {memory.describe()}" if memory is not None else device
+        return Failure(False, CUDA_OOM, f"CUDA out of memory on {where}: {detail}".rstrip(": "))
     if isinstance(exc, MemoryError) or _is_cpu_alloc_failure(exc):
         return Failure(False, HOST_OOM, f"out of host memory: {_cpu_detail(exc)}")
     if isinstance(exc, _DATABASE_ERRORS):
@@ -74,13 +116,6 @@ def classify(exc: BaseException, device: str = "cpu") -> Failure:
     if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
         return Failure(True, INFRASTRUCTURE, f"{_DISK_ERRNOS[exc.errno]}: {_named(exc)}")
     return Failure(False, type(exc).__name__, str(exc))
-
-
-def _is_cuda_oom(exc: BaseException) -> bool:
-    # Older torch raised a plain RuntimeError with this text; some CUDA paths still do.
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
-    )
 
 
 def _is_cpu_alloc_failure(exc: BaseException) -> bool:

@@ -59,8 +59,8 @@ from shared.state_machine import (
     requeue_after_failure,
     still_owns,
 )
-from worker import shutdown
-from worker.failures import HOST_OOM, classify
+from worker import shutdown, slots, telemetry
+from worker.failures import HOST_OOM, classify, gpu_memory, is_cuda_oom
 from worker.job_log import EpochLogSink, JobLog, format_metrics
 from worker.lease import LeaseKeeper, StopReason
 from worker.memory_limit import AppliedLimit, current_budget, format_bytes, job_memory_limit
@@ -237,7 +237,10 @@ def _claim(job_id: int, settings: Settings, device: str, schedule: bool) -> Clai
     own: Claim | Deferred | None = None
     for candidate in order:
         with transaction(url) as session:
-            claim = claim_within_limits(session, settings, candidate, worker_name(), device)
+            claim = claim_within_limits(
+                session, settings, candidate, worker_name(), device,
+                placement=slots.placement(slots.current_slot()),
+            )  # fmt: skip
         if isinstance(claim, Claim):
             if candidate != job_id:
                 log.info("job %s: message of job %s runs it (ranked first)", candidate, job_id)
@@ -261,12 +264,17 @@ def _attempt(
         url, claim.job_id, claim.attempt, settings.metric_flush_seconds,
         settings.metric_flush_points, give_up=lambda: lease.lost,
     )  # fmt: skip
-    job_log.event(f"claimed by {worker_name()} on {describe_device(device)}")
+    job_log.event(f"claimed by {worker_name()} on {describe_device(device)}{_slot_note()}")
     memory = AppliedLimit(None)
     with lease:
         try:
             spec = load_stored_spec(claim.spec)
-            with sink, job_memory_limit(current_budget(), device) as memory:
+            train = isinstance(spec, TrainSpec)
+            with (
+                sink,
+                job_memory_limit(current_budget(), device) as memory,
+                telemetry.for_job(sink, settings, claim.job_id, claim.attempt, train=train),
+            ):
                 job_log.event(memory.describe())
                 result, checkpoint = _execute(
                     spec, settings, claim, device, EpochLogSink(sink, job_log),
@@ -289,6 +297,16 @@ def _attempt(
         )  # fmt: skip
         return None
     return outcome
+
+
+def _slot_note() -> str:
+    """The slot and the CUDA_VISIBLE_DEVICES this process runs with, for the job log."""
+    slot = slots.current_slot()
+    if slot is None:
+        return ""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = "" if visible is None else f", CUDA_VISIBLE_DEVICES={visible or '(none)'}"
+    return f" ({slot.describe()}{shown})"
 
 
 _STOP_EVENTS = {
@@ -331,7 +349,10 @@ def _stopped(
 
 
 def _failed(exc: Exception, claim: Claim, device: torch.device, memory: AppliedLimit) -> Outcome:
-    failure = classify(exc, describe_device(device))
+    # The figures are read now, while the failed step's tensors are still referenced
+    # from the traceback: what the GPU held when the allocation failed.
+    on_gpu = gpu_memory(device) if is_cuda_oom(exc) else None
+    failure = classify(exc, describe_device(device), on_gpu)
     reason = failure.reason
     if failure.error_type == HOST_OOM and memory.limit_bytes is not None:
         reason = (

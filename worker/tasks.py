@@ -18,6 +18,10 @@ from shared.settings import Settings
 from worker.child_death import record_killed_child
 from worker.runner import run_job
 from worker.shutdown import shutdown_requested, sigterm_hands_back_job
+from worker.slots import current_slot, layout, take_slot
+
+# How long a pool child without a slot waits for one before it puts a job back.
+SLOT_WAIT_S = 30.0
 
 
 def job_request_class(settings: Settings) -> type[Request]:
@@ -47,6 +51,10 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             # This worker is going away: put the message back untouched for another one
             # rather than claim the job only to hand it back.
             raise Reject("worker shutting down", requeue=True)
+        if layout() is not None and current_slot() is None and take_slot(SLOT_WAIT_S) is None:
+            # Every slot is held (a replaced child's DataLoader workers still dying, say):
+            # running without one could put this job on another job's GPU.
+            raise Reject("no free worker slot", requeue=True)
         with sigterm_hands_back_job():
             return run_job(int(job_id), settings, celery=app, schedule=True)
 

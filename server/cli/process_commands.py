@@ -21,7 +21,7 @@ import click
 
 from server.cli.install_checks import require_worker_extra
 from server.cli.settings import cli_settings
-from shared.settings import Settings
+from shared.settings import Settings, parse_gpu_selection
 
 
 def _exec(argv: Sequence[str], env: dict[str, str] | None = None) -> NoReturn:
@@ -52,11 +52,15 @@ def gunicorn_argv(host: str, port: int, workers: int, timeout: int) -> list[str]
     ]  # fmt: skip
 
 
-def celery_worker_argv(queues: str, concurrency: int, node_name: str, loglevel: str) -> list[str]:
+def celery_worker_argv(
+    queues: str, concurrency: int | None, node_name: str, loglevel: str
+) -> list[str]:
+    """Without `concurrency` the worker decides: one job per GPU slot on a GPU host,
+    $TRAINYARD_WORKER_SLOTS on a CPU host (worker/celery_worker.py)."""
     return [
         sys.executable, "-m", "celery", "-A", "worker.celery_worker:app", "worker",
         "-Q", queues,
-        "--concurrency", str(concurrency),
+        *(["--concurrency", str(concurrency)] if concurrency else []),
         "--prefetch-multiplier", "1",
         "-n", node_name,
         "--loglevel", loglevel,
@@ -138,7 +142,19 @@ def web(host: str, port: int, workers: int, timeout: int) -> None:
     "--concurrency",
     "-c",
     type=click.IntRange(min=1),
-    help="Jobs run at once. [default: $TRAINYARD_WORKER_SLOTS or 1]",
+    help="Jobs run at once. [default: one per GPU slot on a GPU host, else "
+    "$TRAINYARD_WORKER_SLOTS or 1]",
+)
+@click.option(
+    "--gpus",
+    metavar="all|none|0,1,3",
+    help="GPUs to use, by nvidia-smi index; each job slot owns its own. "
+    "[default: $TRAINYARD_WORKER_GPUS or all (none on a host without NVIDIA GPUs)]",
+)
+@click.option(
+    "--gpus-per-slot",
+    type=click.IntRange(min=1),
+    help="GPUs each job slot owns. [default: $TRAINYARD_GPUS_PER_SLOT or 1]",
 )
 @click.option(
     "--name",
@@ -149,7 +165,12 @@ def web(host: str, port: int, workers: int, timeout: int) -> None:
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 def worker(
-    queues: str | None, concurrency: int | None, node_name: str | None, loglevel: str
+    queues: str | None,
+    concurrency: int | None,
+    gpus: str | None,
+    gpus_per_slot: int | None,
+    node_name: str | None,
+    loglevel: str,
 ) -> None:
     """Run a Celery worker that trains and evaluates jobs."""
     # Before Celery starts: it would only die on its first import, with a traceback.
@@ -159,21 +180,27 @@ def worker(
     settings = cli_settings()
     if not settings.redis_url:
         raise click.ClickException("TRAINYARD_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
-    chosen = [
-        q.strip() for q in (queues or ("gpu" if gpu_visible() else "cpu")).split(",") if q.strip()
-    ]
+    try:
+        selection = parse_gpu_selection(settings.worker_gpus if gpus is None else gpus)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gpus") from None
+    on_gpu = selection != "none" and (selection != "all" or gpu_visible())
+    chosen = [q.strip() for q in (queues or ("gpu" if on_gpu else "cpu")).split(",") if q.strip()]
     unknown = sorted(set(chosen) - set(QUEUES))
     if not chosen or unknown:
         raise click.BadParameter(
             f"unknown queue(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(QUEUES)}",
             param_hint="--queues",
         )
-    slots = concurrency or settings.worker_slots
     env = dict(os.environ)
-    # The worker sizes torch's thread pool as cores // slots; it must see the same count.
-    env["TRAINYARD_WORKER_SLOTS"] = str(slots)
+    if gpus is not None:
+        env["TRAINYARD_WORKER_GPUS"] = gpus
+    if gpus_per_slot is not None:
+        env["TRAINYARD_GPUS_PER_SLOT"] = str(gpus_per_slot)
     name = node_name or f"trainyard-{os.getpid()}@%h"
-    _exec(celery_worker_argv(",".join(chosen), slots, name, loglevel), env)
+    # The worker lists the GPUs (NVML) and splits them into slots; it also sizes torch's
+    # thread pool from the concurrency it ends up with.
+    _exec(celery_worker_argv(",".join(chosen), concurrency, name, loglevel), env)
 
 
 @click.group()

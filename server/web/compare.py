@@ -33,6 +33,7 @@ from shared.metric_catalog import (
     KEY_METRIC_KEYS,
     best_positions,
     final_metrics,
+    is_system,
     metric_info,
     sort_key,
 )
@@ -161,8 +162,10 @@ def _chooser_keys(jobs: list[Job]) -> list[str]:
 
 def default_metric(keys: list[str]) -> str | None:
     """The chart's metric when the URL names none: the key metric the jobs logged (a
-    train job's; evaluations log no series), else the first in display order."""
-    return next((k for k in KEY_METRIC_KEYS["train"] if k in keys), keys[0] if keys else None)
+    train job's; evaluations log no series), else the first in display order that is
+    not system telemetry (how busy the hardware was is not what a comparison is for)."""
+    results = [k for k in keys if not is_system(k)]
+    return next((k for k in KEY_METRIC_KEYS["train"] if k in keys), results[0] if results else None)
 
 
 @bp.get("/compare")

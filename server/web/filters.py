@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from flask import Flask, request
 
@@ -66,6 +67,24 @@ def metric(value: object) -> str:
     return f"{value:.4g}"
 
 
+def placement(value: dict[str, Any] | None) -> str:
+    """Where a job runs (jobs.placement): "slot 1 · GPU 2 (NVIDIA H200, 141 GiB)".
+    server/static/js/job.js's placementText writes the same for a live page."""
+    if not value:
+        return "—"
+    slot = value.get("slot")
+    parts = [f"slot {slot}"] if slot is not None else []
+    gpus = value.get("gpus") or []
+    if not gpus:
+        parts.append("CPU")
+    for gpu in gpus:
+        about = [gpu.get("name")] if gpu.get("name") else []
+        if gpu.get("memory_total_bytes"):
+            about.append(f"{gpu['memory_total_bytes'] / (1 << 30):.0f} GiB")
+        parts.append(f"GPU {gpu.get('index')}" + (f" ({', '.join(about)})" if about else ""))
+    return " · ".join(parts)
+
+
 def nav_active(path: str) -> bool:
     if path == "/":
         return request.path == "/" or request.path.startswith("/jobs")
@@ -75,7 +94,7 @@ def nav_active(path: str) -> bool:
 def init_app(app: Flask) -> None:
     app.jinja_env.filters.update(
         duration=duration, job_duration=job_duration, ago=ago, utc=utc, iso_utc=iso_utc,
-        metric=metric,
+        metric=metric, placement=placement,
     )  # fmt: skip
     # The catalogue for templates (units, hints) and, as a JSON block, for the scripts.
     app.jinja_env.globals.update(

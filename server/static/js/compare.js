@@ -67,7 +67,8 @@
     // catalogue does not know says it by its points.
     const perEpoch = known && known.series !== "final" ? known.series === "epoch"
       : all.every((s) => s.step.every((step, i) => step === s.epoch[i]));
-    const xLabel = perEpoch ? "epoch" : "step";
+    // System telemetry's step is the job's running time in seconds (worker/telemetry.py).
+    const xLabel = known && known.series === "time" ? "seconds running" : perEpoch ? "epoch" : "step";
     const data = uPlot.join(all.map(table));
     const opts = {
       ...chartSize(),

@@ -76,13 +76,20 @@
   const CATALOG = readCatalog();
   const METRICS = new Map(CATALOG.metrics.map((m) => [m.key, m]));
   const labelOf = (key) => (METRICS.has(key) ? METRICS.get(key).label : key);
-  const SERIES_NOTES = { epoch: "per epoch", step: "per step" };
+  // System telemetry mixes units (%, GB, °C, W): its legend says which.
+  const legendOf = (key) => {
+    const m = METRICS.get(key);
+    return m && m.group === "system" && m.unit ? `${m.label} (${m.unit})` : labelOf(key);
+  };
+  const SERIES_NOTES = { epoch: "per epoch", step: "per step", time: "over running time" };
+  // "time" series (worker/telemetry.py) have the job's running time in seconds as step.
+  const X_OF = { step: "step", time: "time" };
   const CHARTS = CATALOG.charts.map((c) => ({
     id: `chart-${c.id}`,
     title: c.title,
     note: SERIES_NOTES[c.series] || "",
     keys: c.keys,
-    x: c.series === "step" ? "step" : undefined,
+    x: X_OF[c.series],
     small: Boolean(c.small),
   }));
   const KNOWN_KEYS = new Set(CHARTS.flatMap((c) => c.keys));
@@ -137,7 +144,7 @@
     return CHARTS.concat(extra.map((k) => {
       const kind = METRICS.has(k) ? METRICS.get(k).series : null;
       return { id: `chart-${k.replace(/[^\w-]/g, "_")}`, title: labelOf(k),
-        note: SERIES_NOTES[kind] || "", keys: [k], x: kind === "step" ? "step" : undefined, small: true };
+        note: SERIES_NOTES[kind] || "", keys: [k], x: X_OF[kind], small: true };
     }));
   }
 
@@ -161,7 +168,8 @@
       let j = last;
       while (j >= 0 && data[i + 1][j] === null) j--;
       const name = labelOf(k);
-      return j < 0 ? `${name}: no value yet` : `${name} ${formatNumber(data[i + 1][j])} at ${spec.x || "epoch"} ${data[0][j]}`;
+      const at = spec.x === "time" ? `${formatDuration(data[0][j])} into the run` : `${spec.x || "epoch"} ${data[0][j]}`;
+      return j < 0 ? `${name}: no value yet` : `${name} ${formatNumber(data[i + 1][j])} at ${at}`;
     });
     return `${spec.title} chart (${spec.note || "per step"}). Latest: ${parts.join("; ")}.`;
   }
@@ -190,6 +198,7 @@
 
   function plotOptions(spec, keys, width) {
     const xLabel = spec.x || "epoch";
+    const xText = spec.x === "time" ? formatDuration : formatNumber;
     return {
       width,
       height: spec.small ? 170 : 230,
@@ -197,9 +206,9 @@
       legend: { live: true },
       cursor: { drag: { x: true, y: false } },
       series: [
-        { label: xLabel, value: (u, v) => (v === null || v === undefined ? "—" : formatNumber(v)) },
+        { label: xLabel, value: (u, v) => (v === null || v === undefined ? "—" : xText(v)) },
         ...keys.map((k, i) => ({
-          label: labelOf(k),
+          label: legendOf(k),
           stroke: COLORS[i % COLORS.length],
           width: 2,
           dash: k.startsWith("val_") ? [6, 4] : undefined,
@@ -210,7 +219,7 @@
       axes: [
         { stroke: "#5b6670", grid: { stroke: "#eef1f4" }, ticks: { stroke: "#d9dee3" },
           // Epochs and steps are whole numbers: no ticks at 1.5.
-          incrs: WHOLE_INCRS, values: (u, splits) => splits.map((v) => formatNumber(v)) },
+          incrs: WHOLE_INCRS, values: (u, splits) => splits.map((v) => xText(v)) },
         { stroke: "#5b6670", grid: { stroke: "#eef1f4" }, ticks: { stroke: "#d9dee3" }, size: 56,
           values: (u, splits) => splits.map((v) => formatNumber(v)) },
       ],
@@ -391,6 +400,20 @@
   let lastEpoch = null;
 
 
+  // The same text as server/web/filters.py's placement filter.
+  function placementText(placement) {
+    if (!placement) return "—";
+    const parts = placement.slot === null || placement.slot === undefined ? [] : [`slot ${placement.slot}`];
+    const gpus = placement.gpus || [];
+    if (!gpus.length) parts.push("CPU");
+    for (const gpu of gpus) {
+      const about = gpu.name ? [gpu.name] : [];
+      if (gpu.memory_total_bytes) about.push(`${(gpu.memory_total_bytes / 2 ** 30).toFixed(0)} GiB`);
+      parts.push(`GPU ${gpu.index}` + (about.length ? ` (${about.join(", ")})` : ""));
+    }
+    return parts.join(" · ");
+  }
+
   function onJob(job) {
     root.dataset.state = job.state;
     const badge = byId("job-state");
@@ -400,6 +423,7 @@
     }
     setText("job-attempt", job.attempt ? `${job.attempt} of ${job.max_attempts}` : "not started");
     setText("job-worker", job.worker || "—");
+    setText("job-placement", placementText(job.placement));
     const p = job.progress || {};
     const bar = byId("job-progress-bar");
     let fraction = typeof p.fraction === "number" ? p.fraction : null;

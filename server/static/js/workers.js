@@ -154,14 +154,23 @@
     return cell;
   }
 
+  // Which of the host's GPUs a slot's cuda:0.. are (worker/slots.py pins each slot).
+  function deviceText(slot) {
+    const gpus = (slot.gpus || []).map((g) => g.index);
+    return gpus.length ? `${slot.device} (GPU ${gpus.join(",")})` : slot.device;
+  }
+
   function slotRow(slot, now) {
     const late = slot.heartbeat_age_s > (2 * refreshMs) / 1000;
     return h(
       "tr",
       { "data-slot": slot.name },
       h("td", { "data-label": "Slot" }, h("code", { text: slot.name })),
-      h("td", { "data-label": "Device", text: slot.device }),
+      h("td", { "data-label": "Device", text: deviceText(slot) }),
       slotJobCell(slot),
+      h("td", { "data-label": "CPU", className: "num slot-cpu", text: pct(slot.cpu_percent) }),
+      h("td", { "data-label": "Memory", className: "num slot-rss",
+        text: slot.rss_bytes === null || slot.rss_bytes === undefined ? "—" : `${gb(slot.rss_bytes)} GB` }),
       h("td", {
         "data-label": "Heartbeat",
         className: late ? "late" : null,
@@ -171,12 +180,49 @@
     );
   }
 
+  // Telemetry (worker/telemetry.py), as the template's `node_telemetry` macro draws it.
+  const gb = (n) => (n / 1e9).toFixed(1);
+  const pct = (n) => (n === null || n === undefined ? "—" : `${Math.round(n)}%`);
+
+  function hostStats(hs) {
+    if (!hs) return h("p", { className: "host-stats", text: "No sample yet" });
+    const p = h("p", { className: "host-stats" }, "CPU ", h("strong", { className: "host-cpu", text: pct(hs.cpu_percent) }));
+    if (hs.cpus) p.append(` of ${Math.trunc(hs.cpus)} cores`);
+    if (hs.mem_total_bytes) {
+      p.append(" · memory ", h("strong", { className: "host-mem", text: `${gb(hs.mem_used_bytes || 0)} / ${gb(hs.mem_total_bytes)} GB` }));
+    }
+    return p;
+  }
+
+  function gpuBar(gpu) {
+    const label = h("span", { className: "gpu-label" }, `GPU ${gpu.index}`);
+    if (gpu.name) label.append(" ", h("span", { className: "gpu-name", text: gpu.name }));
+    const detail = [];
+    if (gpu.mem_total_bytes) detail.push(`memory ${gb(gpu.mem_used_bytes || 0)} / ${gb(gpu.mem_total_bytes)} GB`);
+    if (gpu.temp_c !== null && gpu.temp_c !== undefined) detail.push(`${Math.round(gpu.temp_c)} °C`);
+    if (gpu.power_w !== null && gpu.power_w !== undefined) detail.push(`${Math.round(gpu.power_w)} W`);
+    return h(
+      "li",
+      { className: "gpu-bar", "data-gpu": gpu.index },
+      label,
+      h("meter", { min: 0, max: 100, value: gpu.util_percent || 0, "aria-label": `GPU ${gpu.index} utilization`, text: pct(gpu.util_percent) }),
+      h("span", { className: "gpu-util", text: pct(gpu.util_percent) }),
+      h("span", { className: "gpu-detail", text: detail.join(" · ") }),
+    );
+  }
+
+  function nodeTelemetry(node) {
+    const box = h("div", { className: "node-telemetry" }, hostStats(node.host_stats));
+    if (node.gpu_stats && node.gpu_stats.length) box.append(h("ul", { className: "gpu-bars" }, node.gpu_stats.map(gpuBar)));
+    return box;
+  }
+
   function nodeCard(node, now) {
     const queues = [];
     node.queues.forEach((q, i) => queues.push(...(i ? [" "] : []), queueChip(q)));
     let slots = `${node.busy_slots} of ${plural(node.online_slots, "slot")} busy`;
     if (node.online_slots < node.slots) slots += ` (${node.slots} configured)`;
-    const head = h("tr", {}, ["Slot", "Device", "Current job", "Heartbeat", "Up for"].map((t) => h("th", { scope: "col", text: t })));
+    const head = h("tr", {}, ["Slot", "Device", "Current job", "CPU", "Memory", "Heartbeat", "Up for"].map((t) => h("th", { scope: "col", text: t, className: t === "CPU" || t === "Memory" ? "num" : null })));
     return h(
       "article",
       { className: "node-card", "data-node": node.node },
@@ -193,6 +239,7 @@
           h("li", { text: slots }),
         ),
       ),
+      nodeTelemetry(node),
       h(
         "div",
         { className: "table-wrap" },
