@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from shared.db import transaction
+from shared.db import transaction, utcnow
+from shared.job_files import log_path
 from shared.orm import Job, JobEvent
 from shared.reconciler import preempt_pass
 from shared.scheduling import Waiting, effective_priority, rank
@@ -79,6 +80,73 @@ def test_owners_take_turns_within_a_level() -> None:
     assert _ids(rank(alice + bob, {}, T0, points_per_hour=0, last_started=served))[0] == 99
 
 
+# ----------------------------------------------------------------------------- preemption rules
+
+
+def _row(url: str, **values: Any) -> int:
+    now = utcnow()
+    fields: dict[str, Any] = {
+        "kind": "train", "queue": "cpu", "state": "queued", "priority": 5, "attempt": 0,
+        "max_attempts": 3, "spec": {"kind": "train"}, "created_at": now, "updated_at": now,
+    }  # fmt: skip
+    fields.update(values)
+    with transaction(url) as s:
+        job = Job(**fields)
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def _running(url: str, **values: Any) -> int:
+    now = utcnow()
+    defaults: dict[str, Any] = {
+        "state": "running", "attempt": 1, "worker": "host:1", "priority": 1,
+        "spec": {"kind": "train", "preemptible": True},
+        "started_at": now - timedelta(hours=1), "lease_expires_at": now + timedelta(hours=1),
+    }  # fmt: skip
+    return _row(url, **{**defaults, **values})
+
+
+def test_preemption_rules_and_the_loop_guard(settings: Settings) -> None:
+    url = settings.resolved_database_url
+    victim = _running(url, preempted_at=utcnow() - timedelta(minutes=1))
+    waiting = _row(url, priority=9)
+    # Preempted a minute ago: inside TRAINYARD_PREEMPT_GUARD_SECONDS, left alone.
+    assert preempt_pass(settings, "t") == []
+    with transaction(url) as s:
+        s.get(Job, victim).preempted_at = utcnow() - timedelta(hours=1)
+    assert [(p.victim, p.preemptor) for p in preempt_pass(settings, "t")] == [(victim, waiting)]
+    # One victim per waiting job at a time.
+    _running(url, worker="host:2")
+    assert preempt_pass(settings, "t") == []
+    # Another reconciler does not decide while this one holds the scheduler lock.
+    _row(url, priority=9)
+    assert preempt_pass(settings, "other") == []
+
+
+def test_no_preemption_for_aging_alone_a_fresh_victim_or_a_non_preemptible_one(
+    settings: Settings,
+) -> None:
+    url = settings.resolved_database_url
+    _running(url, spec={"kind": "train"})  # not preemptible (no queue default either)
+    _running(url, worker="host:2", started_at=utcnow())  # has not run the minimum time
+    _running(url, worker="host:3", priority=5)  # same base priority as the waiting job
+    # Waited a day: aging lifts it far above, but preemption compares base priorities.
+    _row(url, priority=5, created_at=utcnow() - timedelta(days=1))
+    assert preempt_pass(settings, "t") == []
+
+
+@pytest.mark.scheduling(preemptible_queues="cpu")
+def test_a_queue_default_makes_jobs_preemptible_unless_their_spec_says_no(
+    settings: Settings,
+) -> None:
+    url = settings.resolved_database_url
+    _running(url, spec={"kind": "train", "preemptible": False})
+    default = _running(url, worker="host:2", spec={"kind": "train"})
+    waiting = _row(url, priority=9)
+    assert [(p.victim, p.preemptor) for p in preempt_pass(settings, "t")] == [(default, waiting)]
+
+
 # ----------------------------------------------------------------------------- real workers
 
 
@@ -125,6 +193,10 @@ def test_a_later_high_priority_job_starts_before_earlier_low_ones(
         assert wait_for_state(_get(client), job_id, {"succeeded", "failed"})["state"] == "succeeded"
     order = _claim_order(settings.resolved_database_url, [*low, high])
     assert order == [high, *low]
+    # Each job's log is its own, whichever job's message ran it.
+    for job_id in [*low, high]:
+        text = log_path(settings, job_id).read_text()
+        assert text.count("succeeded:") == 1, text
 
 
 # 36,000 points an hour: ten a second, so the priority-0 job outranks priority-9 jobs

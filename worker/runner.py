@@ -208,6 +208,10 @@ def run_job(
             job_id,
         )
         return DUPLICATE
+    if claim.job_id != job_id:
+        log.info("job %s: run by the message of job %s (ranked first)", claim.job_id, job_id)
+    # From here on, the job this slot claimed (not necessarily the message's).
+    job_id = claim.job_id
     log.info("job %s: claimed, attempt %s", job_id, claim.attempt)
     with JobLog(log_path(settings, job_id), job_id, claim.attempt) as job_log:
         outcome = _attempt(claim, settings, claimed_at, job_log, device)
@@ -242,8 +246,6 @@ def _claim(job_id: int, settings: Settings, device: str, schedule: bool) -> Clai
                 placement=slots.placement(slots.current_slot()),
             )  # fmt: skip
         if isinstance(claim, Claim):
-            if candidate != job_id:
-                log.info("job %s: message of job %s runs it (ranked first)", candidate, job_id)
             return claim
         if candidate == job_id:
             own = claim

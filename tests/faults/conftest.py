@@ -69,8 +69,15 @@ FAST_TIMINGS: dict[str, Any] = {
     "torch_threads": 1,
 }
 
-# Celery logs every task's return value; run_job returns the outcome of the delivery.
+# run_job's last line names the job an attempt ran and how it ended. Celery's log of a
+# task's return value names the message's job, which is the job run only for deliveries
+# that ran nothing ("duplicate", "deferred"): a message runs the best-ranked waiting job
+# of its queue, not necessarily its own (shared/scheduling.py).
+RUN_OUTCOME = re.compile(
+    r"job (\d+) attempt \d+: (succeeded|failed|cancelled|requeued|lost)\s*$", re.M
+)
 TASK_RETURN = re.compile(r"Task trainyard\.\w+\[trainyard-job-(\d+)\] succeeded in \S+: '(\w+)'")
+MESSAGE_ONLY = ("duplicate", "deferred")
 CLAIM_LINE = re.compile(r"job (\d+): claimed, attempt (\d+)")
 # The reconciler's terminal writes: a job out of attempts, a cancelled job whose worker died.
 RECONCILER_FINISH = re.compile(r"reconciler: job (\d+) (failed|cancelled):")
@@ -165,10 +172,15 @@ def worker_logs(log_dir: Path) -> str:
 
 
 def task_outcomes(log_dir: Path) -> dict[int, Counter[str]]:
-    """job id -> how often a delivery of it returned each outcome, over all worker logs."""
+    """job id -> how often an attempt of it ended with each outcome, and how often a
+    delivery of its message ran nothing (duplicate, deferred), over all worker logs."""
+    logs = worker_logs(log_dir)
     outcomes: dict[int, Counter[str]] = {}
-    for job_id, outcome in TASK_RETURN.findall(worker_logs(log_dir)):
+    for job_id, outcome in RUN_OUTCOME.findall(logs):
         outcomes.setdefault(int(job_id), Counter())[outcome] += 1
+    for job_id, outcome in TASK_RETURN.findall(logs):
+        if outcome in MESSAGE_ONLY:
+            outcomes.setdefault(int(job_id), Counter())[outcome] += 1
     return outcomes
 
 

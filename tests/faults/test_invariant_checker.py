@@ -56,11 +56,13 @@ def test_each_violation_is_reported(
         s.flush()
         s.add_all([_point(4, 1, e) for e in (1, 2, 2, 3)] + [_point(7, 2, e) for e in (2, 3)])
     (tmp_path / "worker-0.log").write_text(
-        "Task trainyard.train[trainyard-job-5] succeeded in 1.0s: 'succeeded'\n"
-        "Task trainyard.train[trainyard-job-5] succeeded in 1.0s: 'succeeded'\n"
-        "Task trainyard.train[trainyard-job-7] succeeded in 1.0s: 'succeeded'\n"
-        "Task trainyard.train[trainyard-job-4] succeeded in 1.0s: 'succeeded'\n"
-        "Task trainyard.train[trainyard-job-8] succeeded in 1.0s: 'failed'\n"
+        "[INFO/ForkPoolWorker-1] job 5 attempt 1: succeeded\n"
+        "[INFO/ForkPoolWorker-1] job 5 attempt 1: succeeded\n"
+        "[INFO/ForkPoolWorker-1] job 7 attempt 2: succeeded\n"
+        "[INFO/ForkPoolWorker-1] job 4 attempt 1: succeeded\n"
+        "[INFO/ForkPoolWorker-1] job 8 attempt 3: failed\n"
+        # A message's return value names the message's job, not the one it ran: ignored.
+        "Task trainyard.train[trainyard-job-9] succeeded in 1.0s: 'succeeded'\n"
     )
     (tmp_path / "reconciler-0.log").write_text(
         "INFO reconciler: job 8 failed: worker lost on attempt 3 of 3, no attempts left\n"
