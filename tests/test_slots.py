@@ -356,3 +356,44 @@ def test_more_jobs_at_once_than_gpu_slots_is_refused(settings: Settings, tmp_pat
         assert "--concurrency 2 is more than the 1 GPU slot(s)" in worker.log_tail()
     finally:
         worker.stop()
+
+
+# ------------------------------------------------------------ bench/gpu_check.py
+
+
+def _gpu_check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+
+
+def test_the_gpu_check_says_there_is_no_gpu_and_exits_0() -> None:
+    if list_gpus():
+        pytest.skip("this host has GPUs: the check would run for real")
+    proc = _gpu_check("--smoke")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no GPU found" in proc.stdout and proc.stderr == ""
+
+
+@pytest.mark.integration
+def test_the_gpu_check_runs_end_to_end_on_a_worker_as_if_it_had_two_gpus(
+    tmp_path: Path,
+) -> None:
+    """Its own Redis, database and real worker; CPU jobs stand in for GPU ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
+    out = tmp_path / "summary.json"
+    proc = _gpu_check(
+        "--smoke", "--as-if-gpus", "0,1", "--out", str(out), env={**env, "TMPDIR": str(tmp_path)}
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "all checks passed" in proc.stdout
+    import json
+
+    summary = json.loads(out.read_text())
+    placed = {
+        label: [g["index"] for g in job["placement"]["gpus"]]
+        for label, job in summary["jobs"].items()
+    }
+    assert set(placed) == {"1-gpu-a", "1-gpu-b", "bf16"}
+    assert all(len(gpus) == 1 and gpus[0] in (0, 1) for gpus in placed.values()), placed
