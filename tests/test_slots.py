@@ -30,6 +30,7 @@ from shared.settings import Settings, parse_gpu_selection
 from shared.state_machine import claim_job
 from tests.conftest import REPO, WorkerProcess, wait_for_state
 from tests.helpers import train_spec
+from tests.test_authorization import session_client
 from worker import slots
 from worker.gpu_inventory import Gpu, list_gpus
 from worker.slots import Slot, SlotError, plan_gpu_slots
@@ -397,3 +398,57 @@ def test_the_gpu_check_runs_end_to_end_on_a_worker_as_if_it_had_two_gpus(
     }
     assert set(placed) == {"1-gpu-a", "1-gpu-b", "bf16"}
     assert all(len(gpus) == 1 and gpus[0] in (0, 1) for gpus in placed.values()), placed
+
+
+# ----------------------------------------------- where it ran: API, job page, workers
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_api_and_the_job_page_show_the_placement(app, users, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import as_user
+    from tests.job_rows import add_jobs
+
+    placement = slots.placement(Slot(1, (FOUR[1],)))
+    ran, waiting = add_jobs(
+        db_url,
+        [
+            {"owner": users.alice.id, "state": "running", "placement": placement},
+            {"owner": users.alice.id, "state": "queued"},
+        ],
+    )
+    client = as_user(app, users.alice)
+    assert client.get(f"/api/v1/jobs/{ran}").get_json()["placement"] == placement
+    assert client.get(f"/api/v1/jobs/{waiting}").get_json()["placement"] is None
+    browser = session_client(app, db_url, users.alice)
+    page = browser.get(f"/jobs/{ran}").get_data(as_text=True)
+    assert 'id="job-placement">slot 1 · GPU 1 (NVIDIA H200, 141 GiB)</dd>' in page
+    page = browser.get(f"/jobs/{waiting}").get_data(as_text=True)
+    assert 'id="job-placement">—</dd>' in page
+
+
+def test_the_workers_api_lists_each_slots_gpus_and_the_nodes_all(
+    app, users, redis_url: str, db_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    from shared.broker import redis_client
+    from shared.worker_registry import SlotInfo, register
+    from tests.conftest import as_user
+
+    client = redis_client(redis_url)
+    try:
+        for pid, gpu in ((11, FOUR[2]), (12, FOUR[0])):
+            register(client, SlotInfo(
+                name=f"gpu-01:{pid}", node="w@gpu-01", host="gpu-01", pid=pid,
+                queues=("gpu",), node_slots=2, gpu_names=(gpu.name,), device="cuda:0",
+                slot=pid - 11, gpus=(gpu.to_json(),),
+            ))  # fmt: skip
+        body = as_user(app, users.alice).get("/api/v1/workers").get_json()
+    finally:
+        client.close()
+    (node,) = body["nodes"]
+    # Each pinned slot sees one GPU; the node has both.
+    assert (node["gpus"], node["gpu_names"]) == (2, ["NVIDIA H200", "NVIDIA H200"])
+    workers = {w["name"]: w for w in node["workers"]}
+    assert workers["gpu-01:11"]["slot"] == 0
+    assert workers["gpu-01:11"]["gpus"] == [FOUR[2].to_json()]
+    page = session_client(app, db_url, users.alice).get("/workers").get_data(as_text=True)
+    assert "cuda:0 (GPU 2)" in page and "cuda:0 (GPU 0)" in page
