@@ -452,3 +452,37 @@ def test_the_workers_api_lists_each_slots_gpus_and_the_nodes_all(
     assert workers["gpu-01:11"]["gpus"] == [FOUR[2].to_json()]
     page = session_client(app, db_url, users.alice).get("/workers").get_data(as_text=True)
     assert "cuda:0 (GPU 2)" in page and "cuda:0 (GPU 0)" in page
+
+
+PARENT = textwrap.dedent(
+    """
+    import torch, torch.cuda
+    touched = []
+    def spy(name):
+        def touch(*args, **kwargs):
+            touched.append(name)
+            raise AssertionError("the worker's main process touched torch.cuda." + name)
+        return touch
+    for name in ("_lazy_init", "init", "is_available", "device_count", "current_device",
+                 "get_device_name", "set_device", "mem_get_info"):
+        setattr(torch.cuda, name, spy(name))
+    import worker.celery_worker as cw
+    cw._init_main(sender="t@host", options={"concurrency": 2})
+    print("slots", [s.describe() for s in cw.slots.layout().slots], "touched", touched)
+    """
+)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_worker_main_process_never_touches_cuda(settings: Settings) -> None:
+    """CUDA initialized in the forking parent breaks every child: the main process plans
+    the slots through NVML alone, before the pool forks."""
+    from tests.conftest import settings_env
+
+    env = {**settings_env(settings), "TRAINYARD_WORKER_GPUS": "0,1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", PARENT], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "slots ['slot 0 (GPU 0)', 'slot 1 (GPU 1)'] touched []" in proc.stdout
