@@ -199,3 +199,12 @@ def test_rank_processes_die_with_rank_zero(tmp_path: Path) -> None:
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
     wait_until(lambda: not rank_processes(label), 15, "the orphaned ranks to exit")
+
+
+def test_the_job_page_summary_says_how_many_processes() -> None:
+    from server.web.job_view import spec_summary
+    from shared.orm import Job
+
+    job = Job(kind="train", spec=train_spec(resources={"processes": 2}))
+    assert ("processes", "2 (CPU data-parallel)") in spec_summary(job)
+    assert not any(k == "processes" for k, _ in spec_summary(Job(kind="train", spec=train_spec())))

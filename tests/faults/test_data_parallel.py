@@ -165,3 +165,42 @@ def test_killed_worker_job_resumes_elsewhere_and_leaves_no_rank_behind(
         assert metrics[key] == expected[key], (key, metrics[key], expected[key])
     time.sleep(0.5)
     assert not rank_processes(job_id), "a rank process outlived its job"
+
+
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
+
+@SQLITE_ONLY
+@pytest.mark.timings(lease_seconds=30.0)
+def test_sigterm_to_the_worker_group_hands_the_job_back_with_every_rank_stopped(
+    cluster: Cluster,
+) -> None:
+    """SIGTERM to the worker's whole process group (Ctrl-C, systemd) reaches the rank
+    processes too: they ignore it, rank 0 checkpoints and hands the job back within
+    seconds (not after the 30 s lease), and then every rank is gone."""
+    worker = cluster.start_worker()
+    job_id = cluster.submit(long_spec(epochs=200, resources={"processes": 2}))
+    cluster.wait_training(job_id, 1)
+    wait_for(lambda: rank_processes(job_id, 1), 30, "the job's rank 1 process")
+    os.killpg(worker.proc.pid, signal.SIGTERM)
+    job = wait_for(
+        lambda: j if (j := cluster.job(job_id)).state != "running" else None,
+        20,
+        "the job to be handed back",
+    )
+    assert job.state == "queued" and "shutting down" in (job.error_message or ""), cluster.describe(
+        job_id
+    )
+    worker.proc.wait(20)
+    last = torch.load(cluster.checkpoint(job_id, 1), map_location="cpu", weights_only=True)
+    assert last["step"] > 0 and last["epoch"] < 200 and len(last["rng"]["ranks"]) == 2
+    assert not rank_processes(job_id)
+
+
+@SQLITE_ONLY
+def test_the_time_limit_stops_every_rank(cluster: Cluster) -> None:
+    cluster.start_worker()
+    job_id = cluster.submit(long_spec(epochs=200, max_runtime_s=8, resources={"processes": 2}))
+    job = cluster.wait_state(job_id, TERMINAL, timeout=60)
+    assert (job.state, job.error_type) == ("failed", "TimeLimitExceeded"), cluster.describe(job_id)
+    assert not rank_processes(job_id)
