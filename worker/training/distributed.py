@@ -241,8 +241,11 @@ class RankProcesses:
         if tail:
             log.error("%s: rank %d (pid %d) %s; its last output:\n%s", self.label, rank,
                       proc.pid, how, "\n".join(tail))  # fmt: skip
-        last = tail[-1] if tail else "no output"
-        return f"data-parallel rank {rank} of the job {how}: {last}"
+        message = f"data-parallel rank {rank} of the job {how}"
+        if code > 0 and tail:
+            # A rank that raised printed its traceback last: this is the error's line.
+            message += f": {tail[-1]}"
+        return message
 
     def output_tail(self, rank: int, lines: int = 20) -> list[str]:
         output = self._output.get(rank)
