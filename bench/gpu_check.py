@@ -8,8 +8,9 @@ run by hand, or on a lent GPU machine, whenever one is available. It:
    (one job slot per GPU, worker/slots.py);
 3. submits two 1-GPU jobs at once (they run side by side when the host has two GPUs,
    one after the other on a one-GPU host), a bf16 autocast job (`precision: bf16`), and,
-   where the host has two GPUs to spare and multi-GPU jobs are routed to 2-GPU slots, a
-   2-GPU data-parallel job on a second worker with `--gpus-per-slot 2`;
+   on a host with two GPUs or more, a 2-GPU data-parallel job on a worker of its own
+   with `--gpus-per-slot 2`: beside the others where the host has 4 GPUs and 2-GPU jobs
+   have a queue of their own, else after them;
 4. prints, from each job's placement (jobs.placement), which GPUs it ran on, its
    samples/s, and its GPU utilization from the telemetry metrics (`gpu_util`) where the
    worker records them; then checks that no two jobs that ran at the same time shared a
@@ -105,17 +106,18 @@ class Check:
         return ok
 
 
-def _multi_gpu_routing() -> str | None:
-    """The queue of a 2-GPU job when multi-GPU jobs have a route of their own (so that a
-    `--gpus-per-slot 2` worker gets them and no 1-GPU slot does); None otherwise."""
+def _multi_gpu_routing() -> tuple[str | None, bool]:
+    """(the queue of a 2-GPU job, whether it differs from a 1-GPU job's); (None, False)
+    when 2-GPU jobs are not accepted. Only with a route of their own can a 2-GPU job run
+    beside 1-GPU ones: otherwise a 1-GPU slot could take it (and refuse it)."""
     from shared.spec import parse_spec
 
     try:
         spec = parse_spec(_job_spec("probe", 1, gpus=2))
     except Exception:  # noqa: BLE001 - 2-GPU jobs not accepted at all
-        return None
+        return None, False
     one = parse_spec(_job_spec("probe", 1, gpus=1))
-    return spec.queue if spec.queue != one.queue else None
+    return spec.queue, spec.queue != one.queue
 
 
 class Worker:
@@ -231,15 +233,17 @@ def main() -> int:
             admin = accounts.create_user(s, "gpucheck", "admin")
             token = accounts.create_token(s, admin, "gpu check").secret
 
-        pair_queue = _multi_gpu_routing() if len(gpus) >= 2 and not as_if else None
-        singles = gpus if not pair_queue or len(gpus) < 4 else gpus[:-2]
+        pair_queue, routed = _multi_gpu_routing() if len(gpus) >= 2 and not as_if else (None, False)
+        # A 2-GPU job beside the 1-GPU ones: only with 4 GPUs and a route of its own.
+        beside = bool(pair_queue) and routed and len(gpus) >= 4
+        singles = gpus[:-2] if beside else gpus
         main_gpus = ",".join(str(g.index) for g in singles)
         all_gpus = "all" if len(singles) == len(gpus) and not as_if else main_gpus
         _say(f"\nstarting a worker with --gpus {all_gpus} ...")
         worker = Worker(env, home / "worker-1.log", "gpu,cpu", "--gpus", all_gpus)
         workers.append(worker)
         pair_worker: Worker | None = None
-        if pair_queue and len(gpus) >= 4:
+        if beside:
             pair = ",".join(str(g.index) for g in gpus[-2:])
             pair_worker = Worker(env, home / "worker-2.log", pair_queue, "--gpus", pair,
                                  "--gpus-per-slot", "2")  # fmt: skip
@@ -266,14 +270,17 @@ def main() -> int:
             "1-gpu-b": submit(_job_spec("gpu-check 1-GPU b", epochs, job_gpus)),
             "bf16": submit(_job_spec("gpu-check bf16", epochs, job_gpus, precision="bf16")),
         }
-        if pair_queue and len(gpus) >= 4:
+        if beside:
             jobs["2-gpu"] = submit(_job_spec("gpu-check 2-GPU", epochs, gpus=2))
         elif len(gpus) < 2:
             _say("2-GPU job: skipped, this host has one GPU")
         elif pair_queue is None and not as_if:
+            _say("2-GPU job: skipped, this Trainyard does not accept resources.gpus: 2")
+        elif pair_queue:
             _say(
-                "2-GPU job: skipped, multi-GPU jobs have no route to 2-GPU slots here (a "
-                "2-GPU job goes to the same queue as a 1-GPU one, or is not accepted)"
+                "2-GPU job: after the others, alone on a --gpus-per-slot 2 worker ("
+                + ("fewer than 4 GPUs" if routed else "it shares the 1-GPU jobs' queue")
+                + ")"
             )
         seen: dict[str, dict[str, Any]] = {}
         deadline = time.monotonic() + args.timeout
@@ -284,8 +291,8 @@ def main() -> int:
             if all(j["state"] in FINAL for j in seen.values()):
                 break
             time.sleep(1.0)
-        if pair_queue and 2 <= len(gpus) < 4:
-            # Two or three GPUs: the 2-GPU job after the others, on a 2-GPU slot.
+        if pair_queue and not beside:
+            # The 2-GPU job after the others, on a 2-GPU slot of a worker of its own.
             worker.stop()
             pair_worker = Worker(env, home / "worker-2.log", pair_queue, "--gpus",
                                  ",".join(str(g.index) for g in gpus[:2]), "--gpus-per-slot", "2")  # fmt: skip
