@@ -486,3 +486,39 @@ def test_the_worker_main_process_never_touches_cuda(settings: Settings) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "slots ['slot 0 (GPU 0)', 'slot 1 (GPU 1)'] touched []" in proc.stdout
+
+
+def test_a_child_without_a_free_slot_puts_the_job_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never run a job without a slot: it could land on another job's GPU."""
+    from celery import Celery
+    from celery.exceptions import Reject
+
+    from shared.celery_app import TRAIN_TASK
+    from worker import tasks
+
+    # take_slot pins this process; monkeypatch puts the variables back afterwards.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    holder = _holder(tmp_path, "0", "take")
+    try:
+        assert _first_line(holder) == "0 0"
+        settings = Settings(home=tmp_path, worker_gpus="0")
+        slots._state["layout"] = slots.Layout(
+            plan_gpu_slots("0", 1), True, slots.lock_dir_for(settings), "test"
+        )
+        monkeypatch.setattr(tasks, "SLOT_WAIT_S", 0.2)
+        app = Celery("test", set_as_current=False)
+        tasks.register_tasks(app, settings)
+        result = app.tasks[TRAIN_TASK].apply(args=[1])
+        assert isinstance(result.result, Reject) and result.result.requeue
+        assert slots.current_slot() is None
+        holder.kill()
+        holder.wait()
+        assert slots.take_slot(wait_s=10) == Slot(0, (Gpu(0, None, None, None),))
+    finally:
+        holder.kill()
+        holder.wait()
+        slots.release_slot()
+        slots._state.update(layout=None, slot=None, fds=[])
