@@ -35,7 +35,9 @@ if str(REPO) not in sys.path:
 
 # Files in bench/ that are not benchmarks; every other bench/*.py is one, so a new
 # benchmark is run by bench/run_all.py and smoke-tested without being listed anywhere.
-NOT_BENCHMARKS = frozenset({"benchlib", "run_all"})
+# bench/gpu_check.py needs GPUs: run by hand on a GPU machine, its smoke mode tested in
+# tests/test_slots.py.
+NOT_BENCHMARKS = frozenset({"benchlib", "run_all", "gpu_check"})
 DEFAULT_PG = os.environ.get(
     "TRAINYARD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )

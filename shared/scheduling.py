@@ -74,6 +74,7 @@ class Waiting:
     priority: int
     created_at: datetime
     max_runtime_s: int | None = None
+    gpus: int = 0  # resources.gpus
 
 
 @dataclass(frozen=True)
@@ -140,9 +141,12 @@ def _waiting_in(session: Session, queue: str) -> list[Waiting]:
         .limit(RANK_LIMIT)
     ).all()
     return [
-        Waiting(r.id, r.owner_id, r.priority, r.created_at, (r.spec or {}).get("max_runtime_s"))
+        Waiting(
+            r.id, r.owner_id, r.priority, r.created_at, (r.spec or {}).get("max_runtime_s"),
+            int(((r.spec or {}).get("resources") or {}).get("gpus") or 0),
+        )
         for r in rows
-    ]
+    ]  # fmt: skip
 
 
 def _running_per_owner(session: Session) -> dict[int | None, int]:
@@ -183,12 +187,18 @@ def queue_order(
 
 
 def candidates_for(
-    session: Session, settings: Settings, job_id: int, now: datetime | None = None
+    session: Session,
+    settings: Settings,
+    job_id: int,
+    now: datetime | None = None,
+    max_gpus: int | None = None,
 ) -> list[int]:
     """The jobs a slot holding `job_id`'s message may run, best first.
 
-    Only jobs of that job's queue, and, when the message carries a hard time limit
-    (shared/celery_app.py), only jobs whose own limit fits under it. The message's own
+    Only jobs of that job's queue; when the message carries a hard time limit
+    (shared/celery_app.py), only jobs whose own limit fits under it; with `max_gpus`
+    (the slot's GPUs), only jobs asking for at most that many, so a 1-GPU slot never
+    takes another message's 2-GPU job. The message's own
     job need not be waiting any more: when another message ran it, this one stands in
     for that message (module docstring). [] for an unknown job or an empty queue.
     """
@@ -198,9 +208,11 @@ def candidates_for(
     limit = (own.spec or {}).get("max_runtime_s")
 
     def fits(w: Waiting) -> bool:
-        if w.id == job_id or not limit:
+        if w.id == job_id:
             return True
-        return w.max_runtime_s is not None and w.max_runtime_s <= limit
+        if max_gpus is not None and w.gpus > max_gpus:
+            return False
+        return not limit or (w.max_runtime_s is not None and w.max_runtime_s <= limit)
 
     waiting = [w for w in _waiting_in(session, own.queue) if fits(w)]
     order = _rank_waiting(session, waiting, now or utcnow(), settings.aging_points_per_hour)

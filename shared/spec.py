@@ -289,10 +289,43 @@ class RegularizationSpec(StrictModel):
     )
 
 
+# The most processes a CPU data-parallel job may ask for. Every process holds the whole
+# dataset and a copy of the model, and gloo's all-reduce between processes of one host
+# stops paying off well before a host's cores run out (docs/architecture.md,
+# "Data-parallel jobs").
+MAX_PROCESSES = 8
+
+
 class Resources(StrictModel):
     gpus: int = Field(
-        0, ge=0, le=16, description="GPUs the job needs; >= 1 routes it to the gpu queue"
+        0,
+        ge=0,
+        le=16,
+        description="GPUs of one host the job needs; >= 1 routes it to the gpu queue, "
+        "> 1 trains data-parallel with one process per GPU (NCCL)",
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=MAX_PROCESSES,
+        description="CPU data-parallel: train with this many processes of one host (gloo); "
+        "GPU jobs leave it at 1 (resources.gpus sets their processes)",
+    )
+
+    @model_validator(mode="after")
+    def _one_parallel_mode(self) -> Resources:
+        if self.gpus >= 1 and self.processes > 1:
+            raise CatalogError(
+                "resources.processes",
+                "is for CPU jobs; a GPU job runs one process per GPU, so leave processes "
+                "at 1 and set resources.gpus",
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """How many training processes the job runs: one per GPU, or `processes` on CPU."""
+        return self.gpus if self.gpus >= 1 else self.processes
 
 
 # load_stored_spec validates with this context: a spec stored before names were checked
@@ -373,6 +406,15 @@ class TrainSpec(_Common):
             and sched.max_lr < self.optimizer.lr
         ):
             raise CatalogError("schedule.max_lr", "must be at least the optimizer's lr")
+        world = self.resources.world_size
+        if self.batch_size < world:
+            # batch_size is the global batch: each process trains on its share of it.
+            which = "gpus" if self.resources.gpus >= 1 else "processes"
+            raise CatalogError(
+                "batch_size",
+                f"must be at least the {world} processes the job trains with "
+                f"(resources.{which}): each process takes a share of every batch",
+            )
         return self
 
 
@@ -384,6 +426,14 @@ class EvaluateSpec(_Common):
     )
     dataset: EvalDatasetSpec = EvalDatasetSpec()
     batch_size: int = Field(256, ge=1, le=65_536)
+
+    @model_validator(mode="after")
+    def _one_process(self) -> EvaluateSpec:
+        if self.resources.processes > 1:
+            raise CatalogError("resources.processes", "evaluation runs in one process")
+        if self.resources.gpus > 1:
+            raise CatalogError("resources.gpus", "evaluation runs on one GPU; ask for 1")
+        return self
 
 
 JobSpec = Annotated[TrainSpec | EvaluateSpec, Field(discriminator="kind")]

@@ -18,7 +18,7 @@ from shared.db import transaction, utcnow
 from shared.job_files import log_path
 from shared.orm import Job, JobEvent
 from shared.reconciler import preempt_pass
-from shared.scheduling import Waiting, effective_priority, rank
+from shared.scheduling import Waiting, candidates_for, effective_priority, rank
 from shared.settings import Settings
 from tests.conftest import TestUsers, as_user, wait_for_state
 from tests.helpers import train_spec
@@ -145,6 +145,23 @@ def test_a_queue_default_makes_jobs_preemptible_unless_their_spec_says_no(
     default = _running(url, worker="host:2", spec={"kind": "train"})
     waiting = _row(url, priority=9)
     assert [(p.victim, p.preemptor) for p in preempt_pass(settings, "t")] == [(default, waiting)]
+
+
+def test_a_message_runs_only_jobs_its_slot_and_time_limit_can_take(settings: Settings) -> None:
+    url = settings.resolved_database_url
+
+    def gpu_job(gpus: int, priority: int, max_runtime_s: int = 600) -> int:
+        spec = {"kind": "train", "resources": {"gpus": gpus}, "max_runtime_s": max_runtime_s}
+        return _row(url, queue="gpu", priority=priority, spec=spec)
+
+    own = gpu_job(1, priority=1)
+    wide = gpu_job(2, priority=9)  # needs two GPUs of one host
+    longer = gpu_job(1, priority=8, max_runtime_s=6000)  # over the message's hard limit
+    fits = gpu_job(1, priority=7)
+    with transaction(url) as s:
+        assert candidates_for(s, settings, own, max_gpus=1) == [fits, own]
+        assert candidates_for(s, settings, own, max_gpus=2) == [wide, fits, own]
+        assert candidates_for(s, settings, longer, max_gpus=2) == [wide, longer, fits, own]
 
 
 # ----------------------------------------------------------------------------- real workers

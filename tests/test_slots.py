@@ -30,6 +30,7 @@ from shared.settings import Settings, parse_gpu_selection
 from shared.state_machine import claim_job
 from tests.conftest import REPO, WorkerProcess, wait_for_state
 from tests.helpers import train_spec
+from tests.test_authorization import session_client
 from worker import slots
 from worker.gpu_inventory import Gpu, list_gpus
 from worker.slots import Slot, SlotError, plan_gpu_slots
@@ -356,3 +357,168 @@ def test_more_jobs_at_once_than_gpu_slots_is_refused(settings: Settings, tmp_pat
         assert "--concurrency 2 is more than the 1 GPU slot(s)" in worker.log_tail()
     finally:
         worker.stop()
+
+
+# ------------------------------------------------------------ bench/gpu_check.py
+
+
+def _gpu_check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+
+
+def test_the_gpu_check_says_there_is_no_gpu_and_exits_0() -> None:
+    if list_gpus():
+        pytest.skip("this host has GPUs: the check would run for real")
+    proc = _gpu_check("--smoke")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no GPU found" in proc.stdout and proc.stderr == ""
+
+
+@pytest.mark.integration
+def test_the_gpu_check_runs_end_to_end_on_a_worker_as_if_it_had_two_gpus(
+    tmp_path: Path,
+) -> None:
+    """Its own Redis, database and real worker; CPU jobs stand in for GPU ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
+    out = tmp_path / "summary.json"
+    proc = _gpu_check(
+        "--smoke", "--as-if-gpus", "0,1", "--out", str(out), env={**env, "TMPDIR": str(tmp_path)}
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "all checks passed" in proc.stdout
+    import json
+
+    summary = json.loads(out.read_text())
+    placed = {
+        label: [g["index"] for g in job["placement"]["gpus"]]
+        for label, job in summary["jobs"].items()
+    }
+    assert set(placed) == {"1-gpu-a", "1-gpu-b", "bf16"}
+    assert all(len(gpus) == 1 and gpus[0] in (0, 1) for gpus in placed.values()), placed
+
+
+# ----------------------------------------------- where it ran: API, job page, workers
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_api_and_the_job_page_show_the_placement(app, users, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import as_user
+    from tests.job_rows import add_jobs
+
+    placement = slots.placement(Slot(1, (FOUR[1],)))
+    ran, waiting = add_jobs(
+        db_url,
+        [
+            {"owner": users.alice.id, "state": "running", "placement": placement},
+            {"owner": users.alice.id, "state": "queued"},
+        ],
+    )
+    client = as_user(app, users.alice)
+    assert client.get(f"/api/v1/jobs/{ran}").get_json()["placement"] == placement
+    assert client.get(f"/api/v1/jobs/{waiting}").get_json()["placement"] is None
+    browser = session_client(app, db_url, users.alice)
+    page = browser.get(f"/jobs/{ran}").get_data(as_text=True)
+    assert 'id="job-placement">slot 1 · GPU 1 (NVIDIA H200, 141 GiB)</dd>' in page
+    page = browser.get(f"/jobs/{waiting}").get_data(as_text=True)
+    assert 'id="job-placement">—</dd>' in page
+
+
+def test_the_workers_api_lists_each_slots_gpus_and_the_nodes_all(
+    app, users, redis_url: str, db_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    from shared.broker import redis_client
+    from shared.worker_registry import SlotInfo, register
+    from tests.conftest import as_user
+
+    client = redis_client(redis_url)
+    try:
+        for pid, gpu in ((11, FOUR[2]), (12, FOUR[0])):
+            register(client, SlotInfo(
+                name=f"gpu-01:{pid}", node="w@gpu-01", host="gpu-01", pid=pid,
+                queues=("gpu",), node_slots=2, gpu_names=(gpu.name,), device="cuda:0",
+                slot=pid - 11, gpus=(gpu.to_json(),),
+            ))  # fmt: skip
+        body = as_user(app, users.alice).get("/api/v1/workers").get_json()
+    finally:
+        client.close()
+    (node,) = body["nodes"]
+    # Each pinned slot sees one GPU; the node has both.
+    assert (node["gpus"], node["gpu_names"]) == (2, ["NVIDIA H200", "NVIDIA H200"])
+    workers = {w["name"]: w for w in node["workers"]}
+    assert workers["gpu-01:11"]["slot"] == 0
+    assert workers["gpu-01:11"]["gpus"] == [FOUR[2].to_json()]
+    page = session_client(app, db_url, users.alice).get("/workers").get_data(as_text=True)
+    assert "cuda:0 (GPU 2)" in page and "cuda:0 (GPU 0)" in page
+
+
+PARENT = textwrap.dedent(
+    """
+    import torch, torch.cuda
+    touched = []
+    def spy(name):
+        def touch(*args, **kwargs):
+            touched.append(name)
+            raise AssertionError("the worker's main process touched torch.cuda." + name)
+        return touch
+    for name in ("_lazy_init", "init", "is_available", "device_count", "current_device",
+                 "get_device_name", "set_device", "mem_get_info"):
+        setattr(torch.cuda, name, spy(name))
+    import worker.celery_worker as cw
+    cw._init_main(sender="t@host", options={"concurrency": 2})
+    print("slots", [s.describe() for s in cw.slots.layout().slots], "touched", touched)
+    """
+)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_worker_main_process_never_touches_cuda(settings: Settings) -> None:
+    """CUDA initialized in the forking parent breaks every child: the main process plans
+    the slots through NVML alone, before the pool forks."""
+    from tests.conftest import settings_env
+
+    env = {**settings_env(settings), "TRAINYARD_WORKER_GPUS": "0,1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", PARENT], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "slots ['slot 0 (GPU 0)', 'slot 1 (GPU 1)'] touched []" in proc.stdout
+
+
+def test_a_child_without_a_free_slot_puts_the_job_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never run a job without a slot: it could land on another job's GPU."""
+    from celery import Celery
+    from celery.exceptions import Reject
+
+    from shared.celery_app import TRAIN_TASK
+    from worker import tasks
+
+    # take_slot pins this process; monkeypatch puts the variables back afterwards.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    holder = _holder(tmp_path, "0", "take")
+    try:
+        assert _first_line(holder) == "0 0"
+        settings = Settings(home=tmp_path, worker_gpus="0")
+        slots._state["layout"] = slots.Layout(
+            plan_gpu_slots("0", 1), True, slots.lock_dir_for(settings), "test"
+        )
+        monkeypatch.setattr(tasks, "SLOT_WAIT_S", 0.2)
+        app = Celery("test", set_as_current=False)
+        tasks.register_tasks(app, settings)
+        result = app.tasks[TRAIN_TASK].apply(args=[1])
+        assert isinstance(result.result, Reject) and result.result.requeue
+        assert slots.current_slot() is None
+        holder.kill()
+        holder.wait()
+        assert slots.take_slot(wait_s=10) == Slot(0, (Gpu(0, None, None, None),))
+    finally:
+        holder.kill()
+        holder.wait()
+        slots.release_slot()
+        slots._state.update(layout=None, slot=None, fds=[])

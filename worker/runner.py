@@ -67,7 +67,8 @@ from worker.memory_limit import AppliedLimit, current_budget, format_bytes, job_
 from worker.metric_sink import MetricSink
 from worker.training import JobCancelled, Sink, UserError, evaluate_job, pick_device, train_job
 from worker.training.datasets import DataPaths
-from worker.training.device import device_name
+from worker.training.device import device_name, job_devices
+from worker.training.distributed import train_data_parallel
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ def _execute(
     )
     # torch version, device name and seed are in the metrics train_job/evaluate_job return.
     base = {"trainyard_version": shared.__version__, "spec": spec_to_json(spec)}
+    # Refuses (NotEnoughDevices, the job fails) a slot with fewer GPUs than the job asks
+    # for, rather than training on fewer: docs/architecture.md, "Data-parallel jobs".
+    devices = job_devices(spec.resources.gpus, spec.resources.processes)
     if isinstance(spec, TrainSpec):
         directory = checkpoint_dir(settings, claim.job_id, claim.attempt)
         directory.mkdir(parents=True, exist_ok=True)
@@ -153,15 +157,25 @@ def _execute(
             )
             job_log.event(f"resuming from checkpoint {resume_from}")
             _timeline_resumed(settings.resolved_database_url, claim, resume_from)
-        metrics = train_job(
-            spec,
-            device,
-            sink,
-            directory,
-            should_stop=should_stop,
-            paths=paths,
-            resume_from=resume_from,
-        )
+        if len(devices) > 1:
+            job_log.event(
+                f"training data-parallel in {len(devices)} processes "
+                f"({', '.join(map(str, devices))}); this one is rank 0"
+            )
+            metrics = train_data_parallel(
+                spec, devices, sink, directory, should_stop, paths=paths,
+                resume_from=resume_from, label=f"job-{claim.job_id}-attempt-{claim.attempt}",
+            )  # fmt: skip
+        else:
+            metrics = train_job(
+                spec,
+                device,
+                sink,
+                directory,
+                should_stop=should_stop,
+                paths=paths,
+                resume_from=resume_from,
+            )
         return {**base, "metrics": metrics}, str(directory)
     source = _load_source(settings.resolved_database_url, spec.source_job_id)
     metrics = evaluate_job(spec, source.spec, source.directory, device, paths=paths)
@@ -233,8 +247,10 @@ def _claim(job_id: int, settings: Settings, device: str, schedule: bool) -> Clai
     url = settings.resolved_database_url
     order = [job_id]
     if schedule:
+        slot = slots.current_slot()
+        max_gpus = len(slot.gpus) if slot is not None and slot.gpus else None
         with transaction(url) as session:
-            order = candidates_for(session, settings, job_id)
+            order = candidates_for(session, settings, job_id, max_gpus=max_gpus)
         if not order:
             return None  # nothing waits in its queue: a duplicate delivery
         order = order[:MAX_CLAIM_TRIES] + ([job_id] if job_id in order[MAX_CLAIM_TRIES:] else [])

@@ -147,7 +147,8 @@ def plan_gpu_slots(
 
 
 def lock_dir_for(settings: Settings) -> Path:
-    return settings.home / "worker-slots"
+    # Absolute: every child must name the same files whatever its working directory.
+    return settings.home.resolve() / "worker-slots"
 
 
 # The layout of this worker, set in the main process before the pool forks and so

@@ -51,7 +51,8 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             # This worker is going away: put the message back untouched for another one
             # rather than claim the job only to hand it back.
             raise Reject("worker shutting down", requeue=True)
-        if layout() is not None and current_slot() is None and take_slot(SLOT_WAIT_S) is None:
+        planned = layout()
+        if planned and planned.slots and current_slot() is None and take_slot(SLOT_WAIT_S) is None:
             # Every slot is held (a replaced child's DataLoader workers still dying, say):
             # running without one could put this job on another job's GPU.
             raise Reject("no free worker slot", requeue=True)

@@ -305,6 +305,8 @@ def spec_summary(job: Job) -> list[tuple[str, str]]:
     resources = spec.get("resources") or {}
     if resources.get("gpus"):
         out.append(("GPUs", str(resources["gpus"])))
+    if (resources.get("processes") or 1) > 1:
+        out.append(("processes", f"{resources['processes']} (CPU data-parallel)"))
     tags = spec.get("tags") or []
     if tags:
         out.append(("tags", ", ".join(map(str, tags))))

@@ -63,6 +63,7 @@ LABELS = {
     "early_stopping": "Stop early",
     "early_stopping.metric": "Watch metric",
     "resources.gpus": "GPUs",
+    "resources.processes": "CPU processes (data-parallel)",
     "regularization.l1": "L1 penalty",
     "dataset.augment": "Augmentation (image data)",
     "dataset": "Dataset to score on",
@@ -382,7 +383,7 @@ class _Builder:
                 self.groups.append(group)
                 return [toggle, group]
             children = self.object(s, path, qual, when)
-            # Params flatten into their choice's group; so does a lone field (resources.gpus).
+            # Params flatten into their choice's group; so does a lone field.
             if key == "params" or len(children) <= 1:
                 return children
             group = Group(

@@ -68,6 +68,8 @@ def test_submit_watch_clone_compare_evaluate_cancel(ui: Ui, start_worker) -> Non
     loss_chart.wait_for()
     assert re.search(r"\d", loss_chart.get_attribute("aria-label") or ""), "chart without values"
     assert page.locator("#job-state").inner_text().strip() == "succeeded"
+    # Where it ran, filled in live: the CPU worker's one slot.
+    assert page.locator("#job-placement").inner_text().strip() == "slot 0 · CPU"
     assert page.locator("#timeline-list .tl-item").count() >= 2  # claimed, succeeded
     assert page.locator("#artifact-list a.artifact-link").count() >= 1
     ui.shot("job-succeeded")

@@ -17,3 +17,14 @@ class DatasetError(UserError):
     """A dataset file is missing, corrupt, or larger than its header or the configured
     maximum allows. The job's own problem (the data it names), so it is not retried;
     recorded with error_type "DatasetError"."""
+
+
+class NotEnoughDevices(UserError):
+    """The job asks for more GPUs than the worker slot it landed on has. Refused rather
+    than trained on fewer: a job never silently gets less than it asked for. Not
+    retried by the runner (routing a job to a slot large enough is the scheduler's)."""
+
+
+class RankFailed(Exception):
+    """A data-parallel job's other rank process died or failed; the message says which
+    and how, with the last line it wrote."""

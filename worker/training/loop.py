@@ -25,6 +25,7 @@ from shared.metric_catalog import STEP_LOSS
 from worker.training.datasets import Split
 from worker.training.errors import JobCancelled, UserError
 from worker.training.losses import LossFn, l1_penalty
+from worker.training.parallel import SINGLE_PROCESS, Parallel
 from worker.training.schedules import Schedule
 from worker.training.sink import Sink
 
@@ -191,6 +192,7 @@ def train_one_epoch(
     epoch_index: int,
     progress: EpochProgress,
     tracker: LoopTracker,
+    parallel: Parallel = SINGLE_PROCESS,
 ) -> float:
     """Train on `batches` of `data` from batch `progress.batch` on; returns the epoch's
     mean training loss per sample (the loss term only, without the L1 penalty, so it
@@ -199,6 +201,12 @@ def train_one_epoch(
     `epoch_index` (0-based) places the epoch's optimizer steps on the lr schedule.
     `progress` is updated as batches finish, so that the caller can checkpoint it when
     this raises JobCancelled (between batches). Raises UserError on a non-finite loss.
+
+    Data-parallel (`parallel` of several ranks): `batches` are the global batches, the
+    same on every rank; each rank steps on its share of each, and `forward` (a DDP
+    module) averages the gradients, so every rank takes the optimizer step one process
+    would take on the whole batch. `progress` then counts this rank's samples, and the
+    loss it reports and returns is the sum over all ranks.
     """
     x, y = data.x, data.y
     n, batch_size = len(data), batches[0].shape[0] if batches else 1
@@ -212,22 +220,28 @@ def train_one_epoch(
     set_lr = not schedule.is_constant
     first_opt_step = epoch_index * recipe.optimizer_steps_per_epoch(nb)
     sync_every = tracker.sync_every
+    sharded, world = parallel.distributed, parallel.world_size
 
     def sync() -> None:
-        total = progress.loss_sum.item()  # the CPU-GPU sync point
+        # The CPU-GPU sync point; data-parallel, also a sum over the ranks, so the
+        # check below fails on every rank or on none.
+        total, samples = parallel.sum_loss(progress.loss_sum, progress.samples)
         if not math.isfinite(total):
             raise UserError(
                 f"training loss became non-finite at epoch {tracker.epoch}, step {tracker.step}; "
                 "try a lower learning rate"
             )
-        if progress.samples > progress.synced_samples:
-            window = (total - progress.synced_sum) / (progress.samples - progress.synced_samples)
+        if samples > progress.synced_samples:
+            window = (total - progress.synced_sum) / (samples - progress.synced_samples)
             tracker.sink.log(STEP_LOSS, window, step=tracker.step, epoch=tracker.epoch)
-        progress.synced_sum, progress.synced_samples = total, progress.samples
+        progress.synced_sum, progress.synced_samples = total, samples
 
     for i in range(progress.batch, nb):
         tracker.check_stop()
         idx = batches[i]
+        bs = counted = idx.shape[0]  # the global batch's samples; this rank's that count
+        if sharded:
+            idx, counted = parallel.shard(idx)
         # index_select skips advanced indexing's Python-side parsing: ~3 us a step.
         xb, yb = x.index_select(0, idx), y.index_select(0, idx)
         if augment is not None:
@@ -237,7 +251,6 @@ def train_one_epoch(
         objective = loss
         if recipe.l1:
             objective = objective + recipe.l1 * l1_penalty(recipe.l1_weights)
-        bs = idx.shape[0]
         if accum > 1:
             # Weight each batch by its share of the window's samples, so k accumulated
             # batches give the gradient of one batch k times as big (also for a short
@@ -245,14 +258,19 @@ def train_one_epoch(
             start = (i // accum) * accum
             window = min(n, min(start + accum, nb) * batch_size) - start * batch_size
             objective = objective * (bs / window)
+        if sharded:
+            # DDP averages the ranks' gradients; weighting each rank's mean by its share
+            # of the global batch (times the ranks) makes that average the gradient of
+            # the global batch's mean, whatever the split.
+            objective = objective * (counted * world / bs)
         if scaler is not None:
             scaler.scale(objective).backward()
         else:
             objective.backward()
         if (i + 1) % accum == 0 or i + 1 == nb:
             _optimizer_step(recipe, first_opt_step + i // accum, set_lr)
-        progress.loss_sum.add_(loss.detach(), alpha=bs)
-        progress.samples += bs
+        progress.loss_sum.add_(loss.detach(), alpha=counted)
+        progress.samples += counted
         progress.batch = i + 1
         tracker.after_step(bs)
         if tracker.step % sync_every == 0:

@@ -42,3 +42,14 @@ class ListSink:
 
     def series(self, key: str) -> list[float]:
         return [p.value for p in self.points if p.key == key]
+
+
+class NullSink:
+    """Drops everything: the sink of a data-parallel job's ranks other than rank 0,
+    which alone reports."""
+
+    def log(self, key: str, value: float, step: int, epoch: int | None = None) -> None:
+        pass
+
+    def progress(self, progress: dict[str, Any]) -> None:
+        pass

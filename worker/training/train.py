@@ -5,6 +5,12 @@ torch RNG (weight init, dropout), a CPU generator for the batch order (one permu
 per epoch) and a CPU generator for augmentation. A run stopped anywhere between two
 batches and resumed from its last.pt therefore draws exactly what an uninterrupted run
 draws, and on CPU ends with the same weights and metrics.
+
+Data-parallel (a `parallel` of several ranks, worker/training/parallel.py): every rank
+runs this same function. The batch order is global, so every rank draws the same one;
+the global torch RNG and the augmentation generator are per rank (seeded apart, so
+ranks draw different dropout masks), and a checkpoint holds each rank's. Rank 0 alone
+validates, logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +60,7 @@ from worker.training.losses import build_loss, penalized_parameters
 from worker.training.metrics import accuracy_and_f1, regression_metrics
 from worker.training.models import build_model, count_parameters
 from worker.training.optimizers import build_optimizer
+from worker.training.parallel import SINGLE_PROCESS, Parallel
 from worker.training.schedules import Schedule
 from worker.training.sink import Sink
 
@@ -75,6 +82,9 @@ REGRESSION_EPOCH_KEYS = (mc.TRAIN_LOSS, mc.VAL_LOSS, mc.VAL_MSE, mc.VAL_MAE, mc.
 # Any constant works: it only has to give augmentation a stream of its own, apart from
 # the batch order's (seeded with the job seed itself).
 AUGMENT_SEED_OFFSET = 0x5EED_A06
+# Rank r > 0 of a data-parallel job reseeds its own streams with seed + r * this (rank 0
+# keeps the seed, so a 1-process run draws what rank 0 draws); any odd constant works.
+RANK_SEED_STRIDE = 0x9E37_79B1
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -142,6 +152,8 @@ class Run:
     batch_order: torch.Generator
     augment_generator: torch.Generator
     monitor: Monitor
+    parallel: Parallel = SINGLE_PROCESS
+    eval_forward: Forward | None = None  # validation's forward when not `forward` (DDP)
 
     @property
     def task(self) -> str:
@@ -187,18 +199,30 @@ def _load_splits(
 
 
 def _build_run(
-    spec: TrainSpec, device: torch.device, paths: DataPaths, stats: dict[str, torch.Tensor] | None
+    spec: TrainSpec,
+    device: torch.device,
+    paths: DataPaths,
+    stats: dict[str, torch.Tensor] | None,
+    parallel: Parallel = SINGLE_PROCESS,
 ) -> Run:
     splits = _load_splits(spec, device, paths, stats)
     if len(splits.train) == 0:
         raise UserError(f"dataset {spec.dataset.name!r} has no training samples")
     # Seeded right before the model is built, so weight init depends on the seed only,
-    # not on whatever a dataset loader drew.
+    # not on whatever a dataset loader drew (and every rank builds the same weights).
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, splits.info).to(device)
-    forward: Forward = torch.compile(model) if spec.compile else model  # type: ignore[assignment]
+    rank_seed = spec.seed + parallel.rank * RANK_SEED_STRIDE
+    if parallel.rank:
+        torch.manual_seed(rank_seed)  # this rank's dropout masks
+    trained: nn.Module = parallel.wrap(model)
+    forward: Forward = torch.compile(trained) if spec.compile else trained  # type: ignore[assignment]
+    eval_forward = None
+    if trained is not model:
+        # Only rank 0 validates: a DDP forward there would wait for the other ranks.
+        eval_forward = torch.compile(model) if spec.compile else model
     batch_order = torch.Generator().manual_seed(spec.seed)
-    augment_generator = torch.Generator().manual_seed(spec.seed + AUGMENT_SEED_OFFSET)
+    augment_generator = torch.Generator().manual_seed(rank_seed + AUGMENT_SEED_OFFSET)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(spec.optimizer, params)
@@ -225,7 +249,7 @@ def _build_run(
         augment=_augment(spec, augment_generator),
     )
     return Run(spec, device, splits, model, forward, recipe, batch_order, augment_generator,
-               Monitor.for_spec(spec))  # fmt: skip
+               Monitor.for_spec(spec), parallel, eval_forward)  # fmt: skip
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -242,8 +266,12 @@ def _payload(
     `epoch_start_order` is the batch-order generator's state at the start of the epoch
     in progress (for an epoch boundary: its current state), so a resumed run re-draws
     that epoch's permutation and skips the batches already done.
+
+    Data-parallel, every rank calls this (it gathers the ranks' RNG states and sums
+    their loss so far) and rank 0 writes what it returns.
     """
     recipe = run.recipe
+    parallel = run.parallel
     grads = None
     if progress is not None and progress.batch % recipe.grad_accum_steps:
         # Stopped inside an accumulation window: its summed gradients are state too.
@@ -260,7 +288,7 @@ def _payload(
         "scaler": None if recipe.scaler is None else recipe.scaler.state_dict(),
         "epoch": state.epoch,
         "step": state.step,
-        "epoch_progress": None if progress is None else progress.to_state(),
+        "epoch_progress": None if progress is None else _progress_state(parallel, progress),
         "grads": grads,
         "metrics": dict(state.metrics),
         "best": {
@@ -277,9 +305,30 @@ def _payload(
             **capture_global_rng(run.device),
             "batch_order_epoch_start": epoch_start_order.clone(),
             "augment": run.augment_generator.get_state(),
+            **_rank_rng(run),
         },
+        "world_size": parallel.world_size,
         "torch_version": str(torch.__version__),
     }
+
+
+def _rank_rng(run: Run) -> dict[str, Any]:
+    """Data-parallel: every rank's own RNG states, in rank order, under "ranks"."""
+    if not run.parallel.distributed:
+        return {}
+    mine = {**capture_global_rng(run.device), "augment": run.augment_generator.get_state()}
+    return {"ranks": run.parallel.gather(mine)}
+
+
+def _progress_state(parallel: Parallel, progress: EpochProgress) -> dict[str, Any]:
+    """The epoch's progress with the loss so far summed over the ranks: a resumed run
+    gives the sum to rank 0 and zero to the others (see `_restore`)."""
+    state = progress.to_state()
+    if parallel.distributed:
+        total, samples = parallel.sum_loss(progress.loss_sum, progress.samples)
+        state["loss_sum"] = torch.tensor(total, dtype=state["loss_sum"].dtype)
+        state["samples"] = samples
+    return state
 
 
 def _optimizer_steps(run: Run, state: RunState, progress: EpochProgress | None) -> int:
@@ -344,9 +393,21 @@ def _restore(run: Run, ckpt: dict[str, Any], path: Path) -> tuple[RunState, Epoc
         for p, g in zip(recipe.params, ckpt["grads"], strict=True):
             p.grad = None if g is None else g.to(p.device)
     rng = ckpt["rng"]
-    restore_global_rng(rng, run.device)
+    parallel = run.parallel
+    ranks = rng.get("ranks")
+    if ranks is not None and len(ranks) == parallel.world_size:
+        mine = ranks[parallel.rank]
+    elif parallel.is_main:
+        mine = rng
+    else:
+        # Written by a run with other ranks: this rank keeps its fresh seeds, so the
+        # resumed run is no longer the bit-exact continuation of that one.
+        log.warning("checkpoint %s holds no RNG state for rank %d", path, parallel.rank)
+        mine = None
+    if mine is not None:
+        restore_global_rng(mine, run.device)
+        run.augment_generator.set_state(mine["augment"].cpu())
     run.batch_order.set_state(rng["batch_order_epoch_start"].cpu())
-    run.augment_generator.set_state(rng["augment"].cpu())
     best = ckpt["best"]
     same_monitor = best["metric"] == run.monitor.metric
     state = RunState(
@@ -361,6 +422,10 @@ def _restore(run: Run, ckpt: dict[str, Any], path: Path) -> tuple[RunState, Epoc
     )
     raw = ckpt.get("epoch_progress")
     progress = None if raw is None else EpochProgress.from_state(raw, run.device)
+    if progress is not None and not parallel.is_main:
+        # The checkpoint holds the loss summed over all ranks; rank 0 carries it on.
+        progress.loss_sum.zero_()
+        progress.samples = 0
     return state, progress
 
 
@@ -368,8 +433,15 @@ def _restore(run: Run, ckpt: dict[str, Any], path: Path) -> tuple[RunState, Epoc
 
 
 def _validate(run: Run) -> dict[str, float]:
+    """The validation metrics, computed by rank 0 and the same on every rank (early
+    stopping and best.pt follow them)."""
+    metrics = _score_validation(run) if run.parallel.is_main else None
+    return run.parallel.broadcast(metrics)  # type: ignore[return-value]
+
+
+def _score_validation(run: Run) -> dict[str, float]:
     result = evaluate(
-        run.forward,
+        run.eval_forward or run.forward,
         run.model,
         run.recipe.loss_fn,
         run.splits.val,
@@ -420,11 +492,12 @@ def _train_epochs(
             train_loss = train_one_epoch(
                 run.forward, run.recipe, run.splits.train, batches,
                 epoch_index=epoch - 1, progress=progress, tracker=tracker,
+                parallel=run.parallel,
             )  # fmt: skip
             tracker.check_stop()  # a stop here resumes with this epoch's validation
         except JobCancelled:
             state.step = tracker.step
-            writer.submit(last_file, _payload(run, state, epoch_start_order, progress))
+            _save(run, writer, last_file, _payload(run, state, epoch_start_order, progress))
             writer.flush()
             log.info("stopped at epoch %d, batch %d: wrote %s", epoch, progress.batch, last_file)
             raise
@@ -460,10 +533,21 @@ def _train_epochs(
         if targets:
             # The batch-order generator now stands at the next epoch's start.
             payload = _payload(run, state, run.batch_order.get_state())
-            writer.submit(targets[0], payload, also=targets[1:])
+            _save(run, writer, targets[0], payload, also=targets[1:])
     if saved_at != (state.epoch, state.step):
         # Resumed from a finished run: still leave last.pt in this job's directory.
-        writer.submit(last_file, _payload(run, state, run.batch_order.get_state()))
+        _save(run, writer, last_file, _payload(run, state, run.batch_order.get_state()))
+
+
+def _save(
+    run: Run,
+    writer: CheckpointWriter,
+    path: Path,
+    payload: dict[str, Any],
+    also: Sequence[Path] = (),
+) -> None:
+    if run.parallel.is_main:  # the one writer of a data-parallel job's files
+        writer.submit(path, payload, also=also)
 
 
 def train_job(
@@ -475,6 +559,7 @@ def train_job(
     *,
     paths: DataPaths,
     resume_from: Path | None = None,
+    parallel: Parallel = SINGLE_PROCESS,
 ) -> dict[str, Any]:
     """Train the model `spec` describes on `device` and return its result metrics.
 
@@ -484,6 +569,10 @@ def train_job(
     is written at that point (also mid-epoch) and JobCancelled raised. Passing that
     last.pt as `resume_from` continues the run exactly where it stopped.
     Raises UserError for failures of the job itself (diverged loss, bad checkpoint).
+
+    With `parallel` of several ranks, every rank calls this with its own device; rank
+    0's `sink`, `should_stop` and checkpoint writes count, the other ranks follow rank
+    0's decision to stop (worker/training/distributed.py runs the ranks).
     """
     job_start = time.perf_counter()
     checkpoint_dir = Path(checkpoint_dir)
@@ -492,21 +581,26 @@ def train_job(
         ckpt = read_checkpoint(Path(resume_from), "to resume from")
         _check_resumable(ckpt, spec, Path(resume_from))
     # A resumed run normalizes with the statistics it trained with.
-    run = _build_run(spec, device, paths, None if ckpt is None else ckpt.get("stats"))
+    run = _build_run(spec, device, paths, None if ckpt is None else ckpt.get("stats"), parallel)
     state, progress = RunState(), None
     if ckpt is not None and resume_from is not None:
         state, progress = _restore(run, ckpt, Path(resume_from))
-        _carry_best(Path(resume_from).parent, checkpoint_dir)
+        if parallel.is_main:
+            _carry_best(Path(resume_from).parent, checkpoint_dir)
         log.info("resuming %s from epoch %d, step %d", resume_from, state.epoch, state.step)
     resumed = (state.epoch, state.step) if ckpt is not None else (None, None)
     del ckpt
 
     batches_per_epoch = math.ceil(len(run.splits.train) / spec.batch_size)
+    if parallel.distributed:
+        should_stop = _rank_zero_decides(parallel, should_stop)
     tracker = LoopTracker(sink=sink, epochs=spec.epochs, steps_per_epoch=batches_per_epoch,
                           should_stop=should_stop)  # fmt: skip
     log.info(
-        "training %s on %s (%s): %d train / %d val samples, %d epochs",
-        spec.model.name, spec.dataset.name, device, len(run.splits.train), len(run.splits.val), spec.epochs,
+        "training %s on %s (%s%s): %d train / %d val samples, %d epochs",
+        spec.model.name, spec.dataset.name, device,
+        f", rank {parallel.rank} of {parallel.world_size}" if parallel.distributed else "",
+        len(run.splits.train), len(run.splits.val), spec.epochs,
     )  # fmt: skip
     tracker.start(epoch=state.epoch, step=state.step)
     with CheckpointWriter() as writer:
@@ -531,12 +625,27 @@ def train_job(
         mc.NUM_TRAIN_SAMPLES: len(run.splits.train),
         mc.NUM_VAL_SAMPLES: len(run.splits.val),
         mc.NUM_PARAMETERS: count_parameters(run.model),
-        mc.DEVICE: device_name(device),
+        mc.DEVICE: _devices_name(device, parallel),
         mc.TORCH_VERSION: str(torch.__version__),
         mc.SEED: spec.seed,
     }
-    log.info("trained %s: %s", spec.model.name, result)
+    if parallel.is_main:
+        log.info("trained %s: %s", spec.model.name, result)
     return result
+
+
+def _rank_zero_decides(parallel: Parallel, should_stop: Callable[[], bool]) -> Callable[[], bool]:
+    """Every rank stops at the same step, when rank 0's `should_stop` says so."""
+
+    def agreed() -> bool:
+        return parallel.agree_to_stop(parallel.is_main and should_stop())
+
+    return agreed
+
+
+def _devices_name(device: torch.device, parallel: Parallel) -> str:
+    name = device_name(device)
+    return f"{parallel.world_size} x {name}" if parallel.distributed else name
 
 
 def _carry_best(source_dir: Path, checkpoint_dir: Path) -> None:
