@@ -58,15 +58,24 @@ SAME_AS_UNINTERRUPTED = (
 )  # fmt: skip
 
 
-def rank_processes(job_id: int, attempt: int | None = None) -> list[psutil.Process]:
-    """The live rank processes (ranks 1..) of a job, found by their command line."""
+def rank_processes(
+    cluster: Cluster, job_id: int, attempt: int | None = None
+) -> list[psutil.Process]:
+    """The live rank processes (ranks 1..) of one of this cluster's jobs, found by their
+    command line and their database: other test processes run job 1 at the same time."""
     label = f"job-{job_id}-attempt-{attempt}" if attempt else f"job-{job_id}-attempt-"
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = proc.info["cmdline"] or []
         if proc.info["status"] == psutil.STATUS_ZOMBIE or "worker.rank_process" not in cmdline:
             continue
-        if any(arg.startswith(label) for arg in cmdline):
+        if not any(arg.startswith(label) for arg in cmdline):
+            continue
+        try:
+            database = proc.environ().get("TRAINYARD_DATABASE_URL")
+        except psutil.Error:
+            continue  # gone meanwhile
+        if database == cluster.db_url:
             found.append(proc)
     return found
 
@@ -91,7 +100,7 @@ def test_two_process_job_matches_the_one_process_run(cluster: Cluster) -> None:
     one = cluster.wait_state(single, TERMINAL)
     two = cluster.wait_state(double, TERMINAL)
     assert (one.state, two.state) == ("succeeded", "succeeded"), cluster.describe()
-    assert not rank_processes(double), "a rank process outlived its job"
+    assert not rank_processes(cluster, double), "a rank process outlived its job"
 
     m1, m2 = one.result["metrics"], two.result["metrics"]
     assert (m1["device"], m2["device"]) == ("cpu", "2 x cpu")
@@ -110,7 +119,7 @@ def test_cancel_stops_every_rank(cluster: Cluster) -> None:
     cluster.start_worker()
     job_id = cluster.submit(long_spec(epochs=200, resources={"processes": 2}))
     cluster.wait_training(job_id, 1)
-    ranks = wait_for(lambda: rank_processes(job_id, 1), 30, "the job's rank 1 process")
+    ranks = wait_for(lambda: rank_processes(cluster, job_id, 1), 30, "the job's rank 1 process")
     resp = cluster.cancel(job_id)
     assert resp.status_code == 200, resp.text
     job = cluster.wait_state(job_id, TERMINAL, timeout=60)
@@ -120,7 +129,7 @@ def test_cancel_stops_every_rank(cluster: Cluster) -> None:
     assert len(last["rng"]["ranks"]) == 2
     for proc in ranks:
         assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-    assert not rank_processes(job_id)
+    assert not rank_processes(cluster, job_id)
 
 
 def test_killed_worker_job_resumes_elsewhere_and_leaves_no_rank_behind(
@@ -143,7 +152,7 @@ def test_killed_worker_job_resumes_elsewhere_and_leaves_no_rank_behind(
     job = cluster.job(job_id)
     victim = cluster.worker_holding(job, workers)
     survivor = next(w for w in workers if w is not victim)
-    ranks = wait_for(lambda: rank_processes(job_id, 1), 30, "the job's rank 1 process")
+    ranks = wait_for(lambda: rank_processes(cluster, job_id, 1), 30, "the job's rank 1 process")
     os.kill(victim.proc.pid, signal.SIGKILL)
     os.kill(worker_pid(job), signal.SIGKILL)  # type: ignore[arg-type]
     victim.proc.wait(10)
@@ -164,7 +173,7 @@ def test_killed_worker_job_resumes_elsewhere_and_leaves_no_rank_behind(
     for key in SAME_AS_UNINTERRUPTED:
         assert metrics[key] == expected[key], (key, metrics[key], expected[key])
     time.sleep(0.5)
-    assert not rank_processes(job_id), "a rank process outlived its job"
+    assert not rank_processes(cluster, job_id), "a rank process outlived its job"
 
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -181,7 +190,7 @@ def test_sigterm_to_the_worker_group_hands_the_job_back_with_every_rank_stopped(
     worker = cluster.start_worker()
     job_id = cluster.submit(long_spec(epochs=200, resources={"processes": 2}))
     cluster.wait_training(job_id, 1)
-    wait_for(lambda: rank_processes(job_id, 1), 30, "the job's rank 1 process")
+    wait_for(lambda: rank_processes(cluster, job_id, 1), 30, "the job's rank 1 process")
     os.killpg(worker.proc.pid, signal.SIGTERM)
     job = wait_for(
         lambda: j if (j := cluster.job(job_id)).state != "running" else None,
@@ -194,7 +203,7 @@ def test_sigterm_to_the_worker_group_hands_the_job_back_with_every_rank_stopped(
     worker.proc.wait(20)
     last = torch.load(cluster.checkpoint(job_id, 1), map_location="cpu", weights_only=True)
     assert last["step"] > 0 and last["epoch"] < 200 and len(last["rng"]["ranks"]) == 2
-    assert not rank_processes(job_id)
+    assert not rank_processes(cluster, job_id)
 
 
 @SQLITE_ONLY
@@ -203,4 +212,4 @@ def test_the_time_limit_stops_every_rank(cluster: Cluster) -> None:
     job_id = cluster.submit(long_spec(epochs=200, max_runtime_s=8, resources={"processes": 2}))
     job = cluster.wait_state(job_id, TERMINAL, timeout=60)
     assert (job.state, job.error_type) == ("failed", "TimeLimitExceeded"), cluster.describe(job_id)
-    assert not rank_processes(job_id)
+    assert not rank_processes(cluster, job_id)
