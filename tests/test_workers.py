@@ -314,6 +314,9 @@ def test_the_page_renders_for_a_member(
         assert marker in html, marker
     assert f'<a class="job-link" href="/jobs/{mine}">alice &lt;waits&gt;</a>' in html
     assert "the only cpu slot is busy" in html and "1 m 05 s" in html
+    # Its position in the queue and its effective priority: 5 plus 65 s of aging.
+    assert '<td data-label="Position" class="num">1</td>' in html
+    assert 'title="priority 5 plus aging">5.02</td>' in html
     assert "No worker consumes this queue" in html  # gpu
     assert "another user's job" in html and "bob-running" not in html
     assert (
