@@ -454,3 +454,21 @@ def test_refused_posts_keep_the_form(app: Flask, alice: FlaskClient, db_url: str
 
     anonymous = app.test_client().get("/submit?clone=1")
     assert anonymous.status_code == 302 and anonymous.headers["Location"].startswith("/login")
+
+
+def test_preemptible_is_yes_no_or_the_queues_default(
+    app: Flask, alice: FlaskClient, db_url: str, users
+) -> None:  # type: ignore[no-untyped-def]
+    """A nullable boolean is a three-way select: an unchecked box would store False
+    where the spec said "the queue decides" (None)."""
+    for stored, shown in ((None, ""), (True, "true"), (False, "false")):
+        original = (
+            as_user(app, users.alice)
+            .post("/api/v1/jobs", json=train_spec(preemptible=stored))
+            .get_json()
+        )
+        resp, form = page(alice, f"/submit?clone={original['id']}")
+        control = form.control("f-preemptible")
+        assert control.value == shown
+        job = job_from(post(alice, form.fields(js=True)), db_url)
+        assert job.spec["preemptible"] is stored

@@ -315,6 +315,18 @@ class _Builder:
                 )
             )  # fmt: skip
         kind = s.get("type")
+        if kind == "boolean" and nullable:
+            # Three answers, not two: unset (None) means "decided elsewhere" (preemptible:
+            # the queue's default), which an unchecked box would turn into False.
+            return self.add(
+                Field(
+                    **common, widget="select", value_type="choice",
+                    default="" if default is None else str(bool(default)).lower(),
+                    help=description,
+                    options=(Option("", "default"), Option("true", "yes"), Option("false", "no")),
+                    choices={"true": True, "false": False},
+                )
+            )  # fmt: skip
         if kind == "boolean":
             return self.add(
                 Field(
@@ -699,7 +711,11 @@ def values_from_spec(form: JobForm, spec: Mapping[str, Any]) -> Values:
         if f.toggle:
             values[f.id] = found is not _MISSING and found is not None
         elif found is not _MISSING:
-            values[f.id] = to_raw(found)
+            raw = to_raw(found)
+            # A yes/no/default select shows a stored boolean as its option's value.
+            values[f.id] = (
+                str(raw).lower() if f.widget == "select" and isinstance(raw, bool) else raw
+            )
     return values
 
 
