@@ -208,16 +208,21 @@ def candidates_for(
     limit = (own.spec or {}).get("max_runtime_s")
 
     def fits(w: Waiting) -> bool:
-        if w.id == job_id:
-            return True
+        # Not even its own message runs a job on too few GPUs: it would fail there
+        # (NotEnoughDevices). Left waiting without a message, the reconciler publishes
+        # it again until a slot with enough GPUs takes it.
         if max_gpus is not None and w.gpus > max_gpus:
             return False
+        if w.id == job_id:
+            return True
         return not limit or (w.max_runtime_s is not None and w.max_runtime_s <= limit)
 
     waiting = [w for w in _waiting_in(session, own.queue) if fits(w)]
     order = _rank_waiting(session, waiting, now or utcnow(), settings.aging_points_per_hour)
     ids = [r.job_id for r in order]
-    if own.state == QUEUED and job_id not in ids:
+    own_gpus = int(((own.spec or {}).get("resources") or {}).get("gpus") or 0)
+    own_fits = max_gpus is None or own_gpus <= max_gpus
+    if own.state == QUEUED and own_fits and job_id not in ids:
         ids.append(job_id)  # beyond RANK_LIMIT: its own message still runs it
     return ids
 

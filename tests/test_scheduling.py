@@ -162,6 +162,8 @@ def test_a_message_runs_only_jobs_its_slot_and_time_limit_can_take(settings: Set
         assert candidates_for(s, settings, own, max_gpus=1) == [fits, own]
         assert candidates_for(s, settings, own, max_gpus=2) == [wide, fits, own]
         assert candidates_for(s, settings, longer, max_gpus=2) == [wide, longer, fits, own]
+        # The 2-GPU job's own message on a 1-GPU slot runs another job, never this one.
+        assert candidates_for(s, settings, wide, max_gpus=1) == [fits, own]
 
 
 # ----------------------------------------------------------------------------- real workers
