@@ -80,6 +80,13 @@ def wait_reason(queue: str, ahead: int, slots: int | None, busy: int) -> WaitRea
     return WaitReason("jobs_ahead", f"{_jobs(ahead)} ahead of it")
 
 
+def _gpus_needed(spec: dict[str, Any] | None) -> int:
+    try:
+        return int(((spec or {}).get("resources") or {}).get("gpus") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 # ----------------------------------------------------------------------------- the broker
 
 
@@ -312,6 +319,7 @@ def _waiting_jobs(
         select(
             Job.id, Job.name, Job.kind, Job.queue, Job.priority, Job.model_name,
             Job.dataset_name, Job.attempt, Job.updated_at, Job.owner_id, User.username,
+            Job.spec,
         )
         .outerjoin(User, User.id == Job.owner_id)
         .where(Job.id.in_(shown))
@@ -335,12 +343,14 @@ def queues_json(
     busy_names = _busy_slot_names(session, names)
     counts = _job_counts(session)
     capacity: dict[str, tuple[int | None, int]] = {}
+    widest: dict[str, int] = {}  # the most GPUs one slot of the queue offers
     queues = []
     for queue in QUEUES:
         consuming = [s for s in slots or [] if queue in s.info.queues]
         total = None if slots is None else len(consuming)
         busy = sum(s.name in busy_names for s in consuming)
         capacity[queue] = (total, busy)
+        widest[queue] = max((len(s.info.gpus) for s in consuming), default=0)
         queues.append(
             {
                 "name": queue,
@@ -359,6 +369,11 @@ def queues_json(
         total_slots, busy = capacity.get(row.queue, (0, 0) if slots is not None else (None, 0))
         ahead = rank.position - 1
         reason = wait_reason(row.queue, ahead, total_slots, busy)
+        gpus = _gpus_needed(row.spec)
+        if gpus > 1 and total_slots and widest.get(row.queue, 0) < gpus:
+            # Slots only take jobs that fit their GPUs (shared/scheduling.py): until a
+            # worker offers that many on one host, nothing ever runs this job.
+            reason = WaitReason("no_worker", f"no worker offers {gpus} GPUs on one host")
         waiting.append(
             {
                 "id": row.id,

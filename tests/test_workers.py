@@ -152,12 +152,13 @@ def test_heartbeat_never_raises_and_logs_a_failing_redis_once(
 
 
 def add_job(db_url: str, owner_id: int, name: str, state: str = "queued", queue: str = "cpu",
-            worker: str | None = None, age_s: float = 0.0, **kw: Any) -> int:  # fmt: skip
+            worker: str | None = None, age_s: float = 0.0, spec: dict[str, Any] | None = None,
+            **kw: Any) -> int:  # fmt: skip
     stamp = utcnow() - timedelta(seconds=age_s)
     with transaction(db_url) as s:
         job = Job(
             owner_id=owner_id, kind="train", name=name, state=state, queue=queue,
-            spec={"kind": "train", "tags": []}, model_name="mlp", dataset_name="digits",
+            spec=spec or {"kind": "train", "tags": []}, model_name="mlp", dataset_name="digits",
             worker=worker, created_at=stamp, updated_at=stamp,
             started_at=stamp if state == "running" else None, **kw,
         )  # fmt: skip
@@ -223,6 +224,22 @@ def test_queues_counts_and_reasons(
     assert [j["ahead"] for j in admin["waiting"]] == [0, 0, 1]
     assert admin["waiting_total"] == 3
     assert get(as_user(app, users.bob), "/api/v1/queues")["waiting_total"] == 1
+
+
+def test_a_job_wider_than_every_slot_says_no_worker_offers_its_gpus(
+    app: Flask, users: Users, db_url: str, rc: redis.Redis
+) -> None:
+    one_gpu = ({"index": 0, "uuid": None, "name": None, "memory_total_bytes": None},)
+    register(rc, slot("g1:1", queues=("gpu",), device="cuda:0", slot=0, gpus=one_gpu))
+    register(rc, slot("g1:2", queues=("gpu",), device="cuda:0", slot=1, gpus=one_gpu))
+    wide = add_job(db_url, users.alice.id, "wide", queue="gpu",
+                   spec={"kind": "train", "tags": [], "resources": {"gpus": 4}})  # fmt: skip
+    narrow = add_job(db_url, users.alice.id, "narrow", queue="gpu",
+                     spec={"kind": "train", "tags": [], "resources": {"gpus": 1}})  # fmt: skip
+    waiting = {j["id"]: j for j in get(as_user(app, users.alice), "/api/v1/queues")["waiting"]}
+    assert waiting[wide]["reason_code"] == "no_worker"
+    assert waiting[wide]["reason"] == "no worker offers 4 GPUs on one host"
+    assert waiting[narrow]["reason_code"] != "no_worker"
 
 
 def test_a_handed_back_job_keeps_its_place_by_submission(
