@@ -28,7 +28,7 @@ from shared.broker import queue_depths, redis_client
 from shared.celery_app import QUEUES
 from shared.db import utcnow
 from shared.orm import Job, User
-from shared.scheduling import Ranked, queue_order
+from shared.scheduling import Ranked, gpu_needs, queue_order, slot_takes
 from shared.state_machine import JobState
 from shared.worker_registry import OnlineSlot, online_slots
 
@@ -78,13 +78,6 @@ def wait_reason(queue: str, ahead: int, slots: int | None, busy: int) -> WaitRea
     if free == 0:
         return WaitReason("jobs_ahead", f"{_jobs(ahead)} ahead of it; {all_busy}")
     return WaitReason("jobs_ahead", f"{_jobs(ahead)} ahead of it")
-
-
-def _gpus_needed(spec: dict[str, Any] | None) -> int:
-    try:
-        return int(((spec or {}).get("resources") or {}).get("gpus") or 0)
-    except (TypeError, ValueError):
-        return 0
 
 
 # ----------------------------------------------------------------------------- the broker
@@ -343,14 +336,14 @@ def queues_json(
     busy_names = _busy_slot_names(session, names)
     counts = _job_counts(session)
     capacity: dict[str, tuple[int | None, int]] = {}
-    widest: dict[str, int] = {}  # the most GPUs one slot of the queue offers
+    offered: dict[str, list[list[int | None]]] = {}  # per queue: each slot's GPU memory
     queues = []
     for queue in QUEUES:
         consuming = [s for s in slots or [] if queue in s.info.queues]
         total = None if slots is None else len(consuming)
         busy = sum(s.name in busy_names for s in consuming)
         capacity[queue] = (total, busy)
-        widest[queue] = max((len(s.info.gpus) for s in consuming), default=0)
+        offered[queue] = [[g.get("memory_total_bytes") for g in s.info.gpus] for s in consuming]
         queues.append(
             {
                 "name": queue,
@@ -369,11 +362,15 @@ def queues_json(
         total_slots, busy = capacity.get(row.queue, (0, 0) if slots is not None else (None, 0))
         ahead = rank.position - 1
         reason = wait_reason(row.queue, ahead, total_slots, busy)
-        gpus = _gpus_needed(row.spec)
-        if gpus > 1 and total_slots and widest.get(row.queue, 0) < gpus:
-            # Slots only take jobs that fit their GPUs (shared/scheduling.py): until a
-            # worker offers that many on one host, nothing ever runs this job.
-            reason = WaitReason("no_worker", f"no worker offers {gpus} GPUs on one host")
+        gpus, memory_gb = gpu_needs(row.spec)
+        # Slots only take jobs that fit their GPUs (shared/scheduling.py): until a worker
+        # offers them, nothing ever runs this job.
+        needs_more = (gpus > 1 or memory_gb) and total_slots
+        if needs_more and not any(slot_takes(gpus, memory_gb, s) for s in offered[row.queue]):
+            wanted = f"{gpus} GPUs on one host" if gpus > 1 else "a GPU"
+            if memory_gb:
+                wanted += f" with {memory_gb:g} GB" + (" each" if gpus > 1 else "")
+            reason = WaitReason("no_worker", f"no worker offers {wanted}")
         waiting.append(
             {
                 "id": row.id,

@@ -47,6 +47,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import redis
 from sqlalchemy import func, select
@@ -75,6 +76,25 @@ class Waiting:
     created_at: datetime
     max_runtime_s: int | None = None
     gpus: int = 0  # resources.gpus
+    gpu_memory_gb: float | None = None  # resources.gpu_memory_gb
+
+
+def gpu_needs(spec: dict[str, Any] | None) -> tuple[int, float | None]:
+    """(resources.gpus, resources.gpu_memory_gb) of a stored spec."""
+    resources = (spec or {}).get("resources") or {}
+    memory = resources.get("gpu_memory_gb")
+    return int(resources.get("gpus") or 0), float(memory) if memory else None
+
+
+def slot_takes(gpus: int, gpu_memory_gb: float | None, slot_gpus: Sequence[int | None]) -> bool:
+    """Whether a slot whose GPUs have `slot_gpus` bytes of memory each (None: unknown)
+    can run a job needing `gpus` GPUs of at least `gpu_memory_gb` GB. A GPU of unknown
+    memory (named by the operator on a host without NVML) never meets a memory need."""
+    if gpus > len(slot_gpus):
+        return False
+    if gpu_memory_gb is None:
+        return True
+    return all(m is not None and m >= gpu_memory_gb * 1e9 for m in slot_gpus)
 
 
 @dataclass(frozen=True)
@@ -143,7 +163,7 @@ def _waiting_in(session: Session, queue: str) -> list[Waiting]:
     return [
         Waiting(
             r.id, r.owner_id, r.priority, r.created_at, (r.spec or {}).get("max_runtime_s"),
-            int(((r.spec or {}).get("resources") or {}).get("gpus") or 0),
+            *gpu_needs(r.spec),
         )
         for r in rows
     ]  # fmt: skip
@@ -191,14 +211,14 @@ def candidates_for(
     settings: Settings,
     job_id: int,
     now: datetime | None = None,
-    max_gpus: int | None = None,
+    slot_gpus: Sequence[int | None] | None = None,
 ) -> list[int]:
     """The jobs a slot holding `job_id`'s message may run, best first.
 
     Only jobs of that job's queue; when the message carries a hard time limit
-    (shared/celery_app.py), only jobs whose own limit fits under it; with `max_gpus`
-    (the slot's GPUs), only jobs asking for at most that many, so a 1-GPU slot never
-    takes another message's 2-GPU job. The message's own
+    (shared/celery_app.py), only jobs whose own limit fits under it; with `slot_gpus`
+    (the memory of each of the slot's GPUs), only jobs the slot can take (`slot_takes`),
+    so a 1-GPU slot never takes another message's 2-GPU job. The message's own
     job need not be waiting any more: when another message ran it, this one stands in
     for that message (module docstring). [] for an unknown job or an empty queue.
     """
@@ -211,7 +231,7 @@ def candidates_for(
         # Not even its own message runs a job on too few GPUs: it would fail there
         # (NotEnoughDevices). Left waiting without a message, the reconciler publishes
         # it again until a slot with enough GPUs takes it.
-        if max_gpus is not None and w.gpus > max_gpus:
+        if slot_gpus is not None and not slot_takes(w.gpus, w.gpu_memory_gb, slot_gpus):
             return False
         if w.id == job_id:
             return True
@@ -220,8 +240,7 @@ def candidates_for(
     waiting = [w for w in _waiting_in(session, own.queue) if fits(w)]
     order = _rank_waiting(session, waiting, now or utcnow(), settings.aging_points_per_hour)
     ids = [r.job_id for r in order]
-    own_gpus = int(((own.spec or {}).get("resources") or {}).get("gpus") or 0)
-    own_fits = max_gpus is None or own_gpus <= max_gpus
+    own_fits = slot_gpus is None or slot_takes(*gpu_needs(own.spec), slot_gpus)
     if own.state == QUEUED and own_fits and job_id not in ids:
         ids.append(job_id)  # beyond RANK_LIMIT: its own message still runs it
     return ids

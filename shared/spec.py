@@ -312,8 +312,21 @@ class Resources(StrictModel):
         "GPU jobs leave it at 1 (resources.gpus sets their processes)",
     )
 
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        le=4096,
+        description="each of the job's GPUs must have at least this much memory, in GB "
+        "(10^9 bytes, as GPUs are sold: an 80 GB card qualifies for 80); only slots whose "
+        "GPUs do take the job",
+    )
+
     @model_validator(mode="after")
     def _one_parallel_mode(self) -> Resources:
+        if self.gpu_memory_gb is not None and self.gpus < 1:
+            raise CatalogError(
+                "resources.gpu_memory_gb", "is for GPU jobs; set resources.gpus as well"
+            )
         if self.gpus >= 1 and self.processes > 1:
             raise CatalogError(
                 "resources.processes",

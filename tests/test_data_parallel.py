@@ -84,6 +84,10 @@ def test_processes_is_a_cpu_data_parallel_resource() -> None:
         (train_spec(resources={"gpus": 8}, batch_size=4), "batch_size", "resources.gpus"),
         (evaluate_spec(1, resources={"processes": 2}), "resources.processes", "one process"),
         (evaluate_spec(1, resources={"gpus": 2}), "resources.gpus", "one GPU"),
+        (train_spec(resources={"gpu_memory_gb": 40}), "resources.gpu_memory_gb",
+         "set resources.gpus"),
+        (train_spec(resources={"gpus": 1, "gpu_memory_gb": 0}), "resources.gpu_memory_gb",
+         "greater than 0"),
     ],
 )  # fmt: skip
 def test_bad_resources_name_the_field(data: dict[str, Any], field: str, words: str) -> None:

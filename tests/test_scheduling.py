@@ -18,7 +18,7 @@ from shared.db import transaction, utcnow
 from shared.job_files import log_path
 from shared.orm import Job, JobEvent
 from shared.reconciler import preempt_pass
-from shared.scheduling import Waiting, candidates_for, effective_priority, rank
+from shared.scheduling import Waiting, candidates_for, effective_priority, rank, slot_takes
 from shared.settings import Settings
 from tests.conftest import TestUsers, as_user, wait_for_state
 from tests.helpers import train_spec
@@ -159,11 +159,37 @@ def test_a_message_runs_only_jobs_its_slot_and_time_limit_can_take(settings: Set
     longer = gpu_job(1, priority=8, max_runtime_s=6000)  # over the message's hard limit
     fits = gpu_job(1, priority=7)
     with transaction(url) as s:
-        assert candidates_for(s, settings, own, max_gpus=1) == [fits, own]
-        assert candidates_for(s, settings, own, max_gpus=2) == [wide, fits, own]
-        assert candidates_for(s, settings, longer, max_gpus=2) == [wide, longer, fits, own]
+        assert candidates_for(s, settings, own, slot_gpus=[H200]) == [fits, own]
+        assert candidates_for(s, settings, own, slot_gpus=[H200, H200]) == [wide, fits, own]
+        assert candidates_for(s, settings, longer, slot_gpus=[H200, H200]) == [
+            wide, longer, fits, own,
+        ]  # fmt: skip
         # The 2-GPU job's own message on a 1-GPU slot runs another job, never this one.
-        assert candidates_for(s, settings, wide, max_gpus=1) == [fits, own]
+        assert candidates_for(s, settings, wide, slot_gpus=[H200]) == [fits, own]
+
+
+H200 = 150_754_820_096  # bytes, as NVML reports an H200's memory
+A100_40GB = 42_949_672_960
+
+
+def test_gpu_memory_gb_routes_only_to_slots_whose_gpus_have_that_much(settings: Settings) -> None:
+    url = settings.resolved_database_url
+
+    def gpu_job(priority: int, **resources: float) -> int:
+        spec = {"kind": "train", "resources": {"gpus": 1, **resources}, "max_runtime_s": 600}
+        return _row(url, queue="gpu", priority=priority, spec=spec)
+
+    big = gpu_job(9, gpu_memory_gb=80)
+    small = gpu_job(5)
+    with transaction(url) as s:
+        assert candidates_for(s, settings, small, slot_gpus=[H200]) == [big, small]
+        assert candidates_for(s, settings, small, slot_gpus=[A100_40GB]) == [small]
+        # Its own message on a 40 GB slot does not run it either; a GPU of unknown size
+        # (named on a host without NVML) never meets a memory need.
+        assert candidates_for(s, settings, big, slot_gpus=[A100_40GB]) == [small]
+        assert candidates_for(s, settings, big, slot_gpus=[None]) == [small]
+    assert slot_takes(1, 80, [85_899_345_920])  # an "80 GB" card: 80 GiB > 80 * 10^9
+    assert not slot_takes(2, 80, [H200, A100_40GB]) and slot_takes(2, 80, [H200, H200])
 
 
 # ----------------------------------------------------------------------------- real workers

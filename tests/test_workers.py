@@ -241,6 +241,17 @@ def test_a_job_wider_than_every_slot_says_no_worker_offers_its_gpus(
     assert waiting[wide]["reason"] == "no worker offers 4 GPUs on one host"
     assert waiting[narrow]["reason_code"] != "no_worker"
 
+    # Memory: these GPUs were named on a host without NVML, so their size is unknown.
+    big = add_job(db_url, users.alice.id, "big", queue="gpu",
+                  spec={"kind": "train", "tags": [], "resources": {"gpus": 1, "gpu_memory_gb": 80}})  # fmt: skip
+    waiting = {j["id"]: j for j in get(as_user(app, users.alice), "/api/v1/queues")["waiting"]}
+    assert waiting[big]["reason"] == "no worker offers a GPU with 80 GB"
+    h200 = ({"index": 3, "uuid": "GPU-x", "name": "NVIDIA H200",
+             "memory_total_bytes": 150_754_820_096},)  # fmt: skip
+    register(rc, slot("g2:1", queues=("gpu",), device="cuda:0", slot=0, gpus=h200))
+    waiting = {j["id"]: j for j in get(as_user(app, users.alice), "/api/v1/queues")["waiting"]}
+    assert waiting[big]["reason_code"] != "no_worker"
+
 
 def test_a_handed_back_job_keeps_its_place_by_submission(
     app: Flask, users: Users, db_url: str, rc: redis.Redis

@@ -248,9 +248,9 @@ def _claim(job_id: int, settings: Settings, device: str, schedule: bool) -> Clai
     order = [job_id]
     if schedule:
         slot = slots.current_slot()
-        max_gpus = len(slot.gpus) if slot is not None and slot.gpus else None
+        slot_gpus = [g.memory_total_bytes for g in slot.gpus] if slot and slot.gpus else None
         with transaction(url) as session:
-            order = candidates_for(session, settings, job_id, max_gpus=max_gpus)
+            order = candidates_for(session, settings, job_id, slot_gpus=slot_gpus)
         if not order:
             return None  # nothing waits in its queue: a duplicate delivery
         order = order[:MAX_CLAIM_TRIES] + ([job_id] if job_id in order[MAX_CLAIM_TRIES:] else [])
