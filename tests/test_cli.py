@@ -589,6 +589,13 @@ def test_leftover_children_of_a_killed_up_are_stopped(tmp_path: Path) -> None:
     # Looks like one of our children (a "server.cli" argument), in its own group as they are.
     ours = subprocess.Popen([sys.executable, "-c", script, "server.cli"], start_new_session=True)
     stranger = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    # Until a child has exec'd, its command line is still pytest's: under load that took
+    # long enough for stop_leftovers to judge the child a stranger.
+    deadline = time.monotonic() + 30
+    for proc in (ours, stranger):
+        cmdline = Path(f"/proc/{proc.pid}/cmdline")
+        while script.encode() not in cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
     try:
         (tmp_path / "up.json").write_text(
             json.dumps({"pid": 1, "children": {"web": ours.pid, "worker": stranger.pid}})
