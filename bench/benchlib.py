@@ -307,3 +307,75 @@ def check(resp: Any) -> Any:
             f"{resp.request.method} {resp.url}: HTTP {resp.status_code}: {resp.text[:500]}"
         )
     return resp.json()
+
+
+@dataclass
+class SmallCluster:
+    """A private Redis, a SQLite database, the web app and one celery worker."""
+
+    http: Any  # a requests.Session with the API token
+    url: str  # the API base, .../api/v1
+    settings: Any  # shared.settings.Settings of the web app
+    node: str  # the worker's Celery node name
+    worker: subprocess.Popen[bytes]
+    worker_log: Path
+
+    def worker_died(self) -> str | None:
+        """Why the worker is gone (with its log's tail), or None while it runs."""
+        if self.worker.poll() is None:
+            return None
+        tail = self.worker_log.read_bytes()[-3000:].decode(errors="replace")
+        return f"the worker exited ({self.worker.returncode}):\n{tail}"
+
+
+@contextlib.contextmanager
+def small_cluster(
+    tmp: Path, slots: int = 1, role: str = "member", node: str = "bench@bench", **env: str
+) -> Iterator[SmallCluster]:
+    """Everything a job needs, in `tmp`: what train_overhead and scale measure against."""
+    import logging
+    import threading
+
+    import requests
+    from werkzeug.serving import make_server
+
+    from server.app import create_app
+    from shared.migrate import upgrade_database
+    from shared.settings import Settings
+
+    LocalRedis, _ = local_redis()
+    with LocalRedis(tmp / "redis") as redis:
+        db_url = f"sqlite:///{tmp}/bench.db"
+        upgrade_database(db_url)
+        token = api_token(db_url, role=role)
+        worker_env = bench_env(
+            TRAINYARD_HOME=str(tmp), TRAINYARD_DATABASE_URL=db_url, TRAINYARD_REDIS_URL=redis.url,
+            **env,
+        )  # fmt: skip
+        log_path = tmp / "worker.log"
+        with open(log_path, "wb") as log:
+            # Without gossip, mingle and heartbeat: a lone worker has nobody to sync
+            # with, and mingle alone would add seconds to every start.
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "worker.celery_worker:app", "worker",
+                 "-Q", "cpu", "--concurrency", str(slots), "--prefetch-multiplier", "1",
+                 "--loglevel", "WARNING", "-n", node,
+                 "--without-gossip", "--without-mingle", "--without-heartbeat"],
+                env=worker_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        server = None
+        try:
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)
+            settings = Settings(home=tmp, database_url=db_url, redis_url=redis.url)
+            server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            http = requests.Session()
+            http.headers["Authorization"] = f"Bearer {token}"
+            url = f"http://127.0.0.1:{server.server_port}/api/v1"
+            yield SmallCluster(http, url, settings, node, worker, log_path)
+        finally:
+            if server is not None:
+                server.shutdown()
+            worker.terminate()
+            worker.wait(30)

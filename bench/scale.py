@@ -20,12 +20,8 @@ its numbers mean nothing.
 
 from __future__ import annotations
 
-import logging
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,46 +51,11 @@ def job_spec(epochs: int) -> dict[str, Any]:
 def cluster(slots: int) -> Iterator[tuple[Any, str, Any, str]]:
     """A private Redis, SQLite, web app and a worker with `slots` slots; yields
     (requests session, API base URL, Settings, the worker's Celery node name)."""
-    import requests
-    from werkzeug.serving import make_server
-
-    from server.app import create_app
-    from shared.migrate import upgrade_database
-    from shared.settings import Settings
-
-    LocalRedis, _ = benchlib.local_redis()
-    with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp) / "redis") as redis:
-        db_url = f"sqlite:///{tmp}/bench.db"
-        upgrade_database(db_url)
-        token = benchlib.api_token(db_url, role="admin")  # no running-jobs cap in the way
-        env = benchlib.bench_env(
-            TRAINYARD_HOME=tmp, TRAINYARD_DATABASE_URL=db_url, TRAINYARD_REDIS_URL=redis.url,
-            TRAINYARD_TORCH_THREADS="1",
-        )  # fmt: skip
-        node = f"scale{slots}@bench"
-        log_path = Path(tmp) / "worker.log"
-        log = open(log_path, "wb")  # noqa: SIM115
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_worker:app", "worker", "-Q", "cpu",
-             "--concurrency", str(slots), "--prefetch-multiplier", "1", "--loglevel", "WARNING",
-             "-n", node, "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            env=env, cwd=benchlib.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        server = None
-        try:
-            logging.getLogger("werkzeug").setLevel(logging.WARNING)
-            settings = Settings(home=Path(tmp), database_url=db_url, redis_url=redis.url)
-            server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
-            threading.Thread(target=server.serve_forever, daemon=True).start()
-            http = requests.Session()
-            http.headers["Authorization"] = f"Bearer {token}"
-            yield http, f"http://127.0.0.1:{server.server_port}/api/v1", settings, node
-        finally:
-            if server is not None:
-                server.shutdown()
-            worker.terminate()
-            worker.wait(30)
-            log.close()
+    with tempfile.TemporaryDirectory() as tmp, benchlib.small_cluster(
+        Path(tmp), slots=slots, role="admin",  # no running-jobs cap in the way
+        node=f"scale{slots}@bench", TRAINYARD_TORCH_THREADS="1",
+    ) as c:  # fmt: skip
+        yield c.http, c.url, c.settings, c.node
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -29,13 +29,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -159,60 +155,20 @@ def job_in_process(spec_json: dict[str, Any]) -> dict[str, Any]:
 @contextmanager
 def job_over_http(poll_s: float) -> Iterator[Callable[[dict[str, Any]], dict[str, Any]]]:
     """A real worker, Redis and SQLite; yields run(spec) -> the job's result metrics."""
-    from shared.migrate import upgrade_database
+    with tempfile.TemporaryDirectory() as tmp, benchlib.small_cluster(Path(tmp)) as c:
 
-    LocalRedis, _ = benchlib.local_redis()
-    with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp) / "redis") as redis:
-        db_url = f"sqlite:///{tmp}/bench.db"
-        upgrade_database(db_url)
-        token = benchlib.api_token(db_url)
-        env = benchlib.bench_env(TRAINYARD_HOME=tmp, TRAINYARD_DATABASE_URL=db_url,
-                                 TRAINYARD_REDIS_URL=redis.url)  # fmt: skip
-        log_path = Path(tmp) / "worker.log"
-        log = open(log_path, "wb")  # noqa: SIM115
-        # Without gossip, mingle and heartbeat: a lone worker has nobody to sync with,
-        # and mingle alone would add seconds to every start.
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_worker:app", "worker", "-Q", "cpu",
-             "--concurrency", "1", "--prefetch-multiplier", "1", "--loglevel", "WARNING",
-             "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            env=env, cwd=benchlib.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        server = None
-        try:
-            import requests
-            from werkzeug.serving import make_server
+        def run(body: dict[str, Any]) -> dict[str, Any]:
+            job = benchlib.check(c.http.post(f"{c.url}/jobs", json=body, timeout=10))
+            while job["state"] not in ("succeeded", "failed", "cancelled"):
+                if (died := c.worker_died()) is not None:
+                    raise SystemExit(died)
+                time.sleep(poll_s)
+                job = benchlib.check(c.http.get(f"{c.url}/jobs/{job['id']}", timeout=10))
+            if job["state"] != "succeeded":
+                raise SystemExit(f"job {job['id']} {job['state']}: {job['error']}")
+            return job["result"]["metrics"]
 
-            from server.app import create_app
-            from shared.settings import Settings
-
-            logging.getLogger("werkzeug").setLevel(logging.WARNING)
-            settings = Settings(home=Path(tmp), database_url=db_url, redis_url=redis.url)
-            server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
-            threading.Thread(target=server.serve_forever, daemon=True).start()
-            url = f"http://127.0.0.1:{server.server_port}/api/v1"
-            http = requests.Session()
-            http.headers["Authorization"] = f"Bearer {token}"
-
-            def run(body: dict[str, Any]) -> dict[str, Any]:
-                job = benchlib.check(http.post(f"{url}/jobs", json=body, timeout=10))
-                while job["state"] not in ("succeeded", "failed", "cancelled"):
-                    if worker.poll() is not None:
-                        tail = log_path.read_bytes()[-3000:].decode(errors="replace")
-                        raise SystemExit(f"the worker exited ({worker.returncode}):\n{tail}")
-                    time.sleep(poll_s)
-                    job = benchlib.check(http.get(f"{url}/jobs/{job['id']}", timeout=10))
-                if job["state"] != "succeeded":
-                    raise SystemExit(f"job {job['id']} {job['state']}: {job['error']}")
-                return job["result"]["metrics"]
-
-            yield run
-        finally:
-            if server is not None:
-                server.shutdown()
-            worker.terminate()
-            worker.wait(30)
-            log.close()
+        yield run
 
 
 def bench_case(

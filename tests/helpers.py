@@ -38,3 +38,19 @@ def without_csrf_token(page: str) -> str:
     """`page` with its CSRF tokens blanked. A token carries a timestamp, so two pages
     rendered either side of a second boundary differ there and nowhere else."""
     return re.sub(r'(name="csrf[-_]token" (?:content|value)=)"[^"]*"', r'\1"-"', page)
+
+
+def job_events(url: str, job_id: int) -> list[tuple[str, str | None]]:
+    """A job's timeline as (kind, message) pairs, oldest first."""
+    from sqlalchemy import select
+
+    from shared.db import transaction
+    from shared.orm import JobEvent
+
+    with transaction(url) as s:
+        rows = s.execute(
+            select(JobEvent.kind, JobEvent.message)
+            .where(JobEvent.job_id == job_id)
+            .order_by(JobEvent.id)
+        ).all()
+    return [(r.kind, r.message) for r in rows]

@@ -21,7 +21,7 @@ from shared.settings import Settings
 from shared.spec import CPU_QUEUE
 from shared.state_machine import Claim, JobState, finish_job
 from tests.conftest import as_user, wait_for_state
-from tests.helpers import train_spec
+from tests.helpers import job_events, train_spec
 
 GPU = "cuda:0 (NVIDIA H200)"
 SMALL_MLP = {"name": "mlp", "params": {"hidden": 16, "layers": 1}}
@@ -42,16 +42,6 @@ def add_job(url: str, owner_id: int, **values: Any) -> int:
 def claim(settings: Settings, job_id: int, device: str = "cpu") -> Claim | Deferred | None:
     with transaction(settings.resolved_database_url) as s:
         return claim_within_limits(s, settings, job_id, f"host:{job_id}", device)
-
-
-def events(url: str, job_id: int) -> list[tuple[str, str | None]]:
-    with transaction(url) as s:
-        rows = s.execute(
-            select(JobEvent.kind, JobEvent.message)
-            .where(JobEvent.job_id == job_id)
-            .order_by(JobEvent.id)
-        ).all()
-    return [(r.kind, r.message) for r in rows]
 
 
 def set_limits(url: str, user_id: int, limits: dict[str, Any] | None) -> None:
@@ -94,7 +84,7 @@ def test_a_claim_at_the_running_limit_waits_and_the_timeline_says_why(
         job = s.get(Job, second)
         assert (job.state, job.attempt, job.worker) == ("queued", 0, None)
     # Said once, not once per offer.
-    assert events(url, second) == [("deferred", deferred.reason)]
+    assert job_events(url, second) == [("deferred", deferred.reason)]
 
     # Another user's job is not held up by alice's limit.
     assert isinstance(claim(limited, bobs), Claim)
@@ -103,7 +93,7 @@ def test_a_claim_at_the_running_limit_waits_and_the_timeline_says_why(
         assert finish_job(s, first, 1, JobState.SUCCEEDED, result={})
     taken = claim(limited, second)
     assert isinstance(taken, Claim) and taken.attempt == 1
-    assert [kind for kind, _ in events(url, second)] == ["deferred", "claimed"]
+    assert [kind for kind, _ in job_events(url, second)] == ["deferred", "claimed"]
 
 
 def test_an_admins_override_raises_one_users_limit(limited: Settings, users: Any) -> None:
@@ -135,7 +125,7 @@ def test_a_deferred_job_is_offered_again_by_the_reconciler(limited: Settings, us
     # Offered again while alice is still at her limit: waiting, and the timeline stays
     # one entry long however many rounds that takes.
     assert isinstance(claim(limited, second), Deferred)
-    assert [kind for kind, _ in events(url, second)] == ["deferred"]
+    assert [kind for kind, _ in job_events(url, second)] == ["deferred"]
     client = redis.Redis.from_url(limited.require_redis_url())
     try:
         assert any(task_id_for(second).encode() in m for m in client.lrange(CPU_QUEUE, 0, -1))
@@ -215,7 +205,7 @@ def test_gpu_hours_count_the_gpu_attempts_of_the_last_day(settings: Settings, us
     # The budget is for GPUs: the same job on a CPU worker runs.
     assert isinstance(claim(budget, waiting, device="cpu"), Claim)
     # The claim records the device, which is what the next count reads.
-    assert events(url, waiting)[-1] == ("claimed", "on cpu")
+    assert job_events(url, waiting)[-1] == ("claimed", "on cpu")
 
 
 @pytest.mark.integration
@@ -250,9 +240,9 @@ def test_real_workers_run_other_users_jobs_while_one_waits_at_its_limit(
         bobs = submit(bob, epochs=1)
         assert wait_for_state(get_bob, bobs, {"succeeded", "failed"})["state"] == "succeeded"
         deadline = utcnow() + timedelta(seconds=60)
-        while not events(url, waiting) and utcnow() < deadline:
+        while not job_events(url, waiting) and utcnow() < deadline:
             threading.Event().wait(0.2)
-        [(kind, message)] = events(url, waiting)
+        [(kind, message)] = job_events(url, waiting)
         assert kind == "deferred" and "alice is at the limit of 1 running jobs" in message
         assert get(f"/api/v1/jobs/{waiting}")["state"] == "queued"
 

@@ -21,7 +21,7 @@ from shared.reconciler import preempt_pass
 from shared.scheduling import Waiting, candidates_for, effective_priority, rank, slot_takes
 from shared.settings import Settings
 from tests.conftest import TestUsers, as_user, wait_for_state
-from tests.helpers import train_spec
+from tests.helpers import job_events, train_spec
 
 TINY_MLP = {"name": "mlp", "params": {"hidden": 32, "layers": 1}}
 SHORT = train_spec(model=TINY_MLP, epochs=1)
@@ -311,16 +311,6 @@ def _result_metrics(url: str, job_id: int) -> dict[str, Any]:
     return {k: v for k, v in result["metrics"].items() if k not in skip}
 
 
-def _events(url: str, job_id: int) -> list[tuple[str, str | None]]:
-    with transaction(url) as s:
-        rows = s.execute(
-            select(JobEvent.kind, JobEvent.message)
-            .where(JobEvent.job_id == job_id)
-            .order_by(JobEvent.id)
-        ).all()
-    return [(r.kind, r.message) for r in rows]
-
-
 @pytest.mark.scheduling(preempt_min_runtime_seconds=0.0)
 def test_a_high_priority_job_preempts_a_preemptible_low_one_which_resumes(
     settings: Settings, client, start_worker
@@ -342,7 +332,7 @@ def test_a_high_priority_job_preempts_a_preemptible_low_one_which_resumes(
         time.sleep(0.2)
     assert wait_for_state(get, high, {"succeeded", "failed"})["state"] == "succeeded"
     assert wait_for_state(get, victim, {"succeeded", "failed"})["state"] == "succeeded"
-    kinds = _events(url, victim)
+    kinds = job_events(url, victim)
     assert ("preempted", f"preempted by job {high}") in kinds, kinds
     assert [k for k, _ in kinds].count("claimed") == 2
     assert "resumed" in [k for k, _ in kinds]
