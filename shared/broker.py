@@ -270,6 +270,18 @@ def take_scheduler_lock(client: redis.Redis, token: str, ttl_s: float) -> bool:
     return False
 
 
+_RELEASE_IF_MINE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+def release_scheduler_lock(client: redis.Redis, token: str) -> None:
+    """Give the lock up if this caller holds it (compare and delete in one step, so a
+    lock that expired and went to another reconciler is left alone)."""
+    client.eval(_RELEASE_IF_MINE, 1, SCHEDULER_LOCK_KEY, token)
+
+
 # ----------------------------------------------------------------------------- streams
 
 # One sorted set per user: its open job streams (server/stream_slots.py), each member a

@@ -47,6 +47,7 @@ from shared.db import utcnow
 from shared.job_states import JobState
 from shared.limits import effective_limits, role_limits
 from shared.orm import Job, JobEvent, User
+from shared.scheduling import gpu_needs
 from shared.settings import Settings
 from shared.state_machine import Claim, claim_job, defer_claim
 
@@ -107,10 +108,18 @@ def running_jobs(session: Session, owner_id: int, besides: int) -> int:
 def gpu_seconds(
     session: Session, owner_id: int, now: datetime, window: timedelta = WINDOW
 ) -> float:
-    """GPU time the owner's job attempts used within `window` before `now`."""
+    """GPU time the owner's job attempts used within `window` before `now`: an
+    attempt on N GPUs counts N times its wall time, as N 1-GPU jobs would."""
     since = now - window
     stmt = (
-        select(JobEvent.job_id, JobEvent.attempt, JobEvent.kind, JobEvent.at, JobEvent.message)
+        select(
+            JobEvent.job_id,
+            JobEvent.attempt,
+            JobEvent.kind,
+            JobEvent.at,
+            JobEvent.message,
+            Job.spec,
+        )
         .join(Job, Job.id == JobEvent.job_id)
         .where(
             Job.owner_id == owner_id,
@@ -123,11 +132,13 @@ def gpu_seconds(
     )
     starts: dict[tuple[int, int], datetime] = {}
     ends: dict[tuple[int, int], datetime] = {}
+    widths: dict[int, int] = {}
     for row in session.execute(stmt):
         key = (row.job_id, row.attempt)
         if row.kind == "claimed":
             if _on_gpu((row.message or "").removeprefix("on ")):
                 starts[key] = row.at
+                widths[row.job_id] = max(1, gpu_needs(row.spec or {})[0])
             # A reclaim ends the attempt it took over from, if that never said goodbye.
             ends.setdefault((row.job_id, row.attempt - 1), row.at)
         else:
@@ -135,7 +146,7 @@ def gpu_seconds(
     total = 0.0
     for key, start in starts.items():
         end = min(ends.get(key, now), now)
-        total += max(0.0, (end - max(start, since)).total_seconds())
+        total += widths[key[0]] * max(0.0, (end - max(start, since)).total_seconds())
     return total
 
 

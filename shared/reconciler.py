@@ -46,7 +46,13 @@ from celery import Celery
 from sqlalchemy import or_, select
 from sqlalchemy.sql import ColumnElement
 
-from shared.broker import QueuedMessages, read_messages, redis_client, take_scheduler_lock
+from shared.broker import (
+    QueuedMessages,
+    read_messages,
+    redis_client,
+    release_scheduler_lock,
+    take_scheduler_lock,
+)
 from shared.celery_app import job_id_from_task_id, make_celery, publish_job, task_id_for
 from shared.db import transaction, utcnow
 from shared.job_events import add_event, last_event
@@ -347,15 +353,20 @@ def run_forever(
     log.info("reconciler stopped")
 
 
-def preempt_pass(settings: Settings, token: str) -> list[Preemption]:
+def preempt_pass(settings: Settings, token: str, *, release: bool = False) -> list[Preemption]:
     """Decide preemptions (shared/scheduling.py), if this reconciler holds the scheduler
-    lock: one at a time, so two never stop two jobs for one waiting job."""
+    lock: one at a time, so two never stop two jobs for one waiting job. `release`:
+    give the lock up afterwards (a one-off pass, which has no next pass to renew it)."""
     client = redis_client(settings.require_redis_url(), read_timeout_s=10)
     try:
         # Held across passes, and lost to another reconciler only if this one stops.
         if not take_scheduler_lock(client, token, 3 * settings.reconcile_seconds):
             return []
-        return preempt_once(settings, client)
+        try:
+            return preempt_once(settings, client)
+        finally:
+            if release:
+                release_scheduler_lock(client, token)
     finally:
         client.close()
 

@@ -27,8 +27,10 @@ GPU = "cuda:0 (NVIDIA H200)"
 SMALL_MLP = {"name": "mlp", "params": {"hidden": 16, "layers": 1}}
 
 
-def add_job(url: str, owner_id: int, **values: Any) -> int:
+def add_job(url: str, owner_id: int, gpus: int = 0, **values: Any) -> int:
     spec = train_spec(model=SMALL_MLP, epochs=1)
+    if gpus:
+        spec["resources"] = {"gpus": gpus}
     with transaction(url) as s:
         job = Job(
             owner_id=owner_id, kind="train", queue=CPU_QUEUE, spec=spec, model_name="mlp",
@@ -188,6 +190,13 @@ def test_gpu_hours_count_the_gpu_attempts_of_the_last_day(settings: Settings, us
     )
     add_event(url, old, "claimed", 1, now - 30 * h, f"on {GPU}")
     add_event(url, old, "failed", 1, now - 20 * h)
+    # On 2 GPUs for 1 h: 2 GPU-hours, as two 1-GPU jobs would be.
+    wide = add_job(
+        url, alice, gpus=2, state="succeeded", attempt=1, started_at=now - 2 * h,
+        finished_at=now - h,
+    )  # fmt: skip
+    add_event(url, wide, "claimed", 1, now - 2 * h, f"on {GPU}")
+    add_event(url, wide, "succeeded", 1, now - h)
     # On a CPU: no GPU time. Bob's: not alice's.
     cpu = add_job(url, alice, state="succeeded", attempt=1, started_at=now - 5 * h, finished_at=now)
     add_event(url, cpu, "claimed", 1, now - 5 * h, "on cpu")
@@ -195,13 +204,13 @@ def test_gpu_hours_count_the_gpu_attempts_of_the_last_day(settings: Settings, us
     add_event(url, bobs, "claimed", 1, now - 5 * h, f"on {GPU}")
     with transaction(url) as s:
         used = gpu_seconds(s, alice, now)
-    assert abs(used - 8 * 3600) < 1, used / 3600
+    assert abs(used - 10 * 3600) < 1, used / 3600
 
-    budget = settings.model_copy(update={"gpu_hours_per_day_per_user": 8})
+    budget = settings.model_copy(update={"gpu_hours_per_day_per_user": 10})
     waiting = add_job(url, alice)
     deferred = claim(budget, waiting, device=GPU)
     assert isinstance(deferred, Deferred)
-    assert "alice used the 8 GPU-hours allowed per 24 h" in deferred.reason
+    assert "alice used the 10 GPU-hours allowed per 24 h" in deferred.reason
     # The budget is for GPUs: the same job on a CPU worker runs.
     assert isinstance(claim(budget, waiting, device="cpu"), Claim)
     # The claim records the device, which is what the next count reads.

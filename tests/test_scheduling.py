@@ -5,6 +5,8 @@ were written), never from clocks."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -14,13 +16,14 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from shared.broker import redis_client, take_scheduler_lock
 from shared.db import transaction, utcnow
 from shared.job_files import log_path
 from shared.orm import Job, JobEvent
 from shared.reconciler import preempt_pass
 from shared.scheduling import Waiting, candidates_for, effective_priority, rank, slot_takes
 from shared.settings import Settings
-from tests.conftest import TestUsers, as_user, wait_for_state
+from tests.conftest import REPO, TestUsers, as_user, settings_env, wait_for_state
 from tests.helpers import job_events, train_spec
 
 TINY_MLP = {"name": "mlp", "params": {"hidden": 32, "layers": 1}}
@@ -134,6 +137,27 @@ def test_no_preemption_for_aging_alone_a_fresh_victim_or_a_non_preemptible_one(
     # Waited a day: aging lifts it far above, but preemption compares base priorities.
     _row(url, priority=5, created_at=utcnow() - timedelta(days=1))
     assert preempt_pass(settings, "t") == []
+
+
+def test_reconcile_once_preempts_and_leaves_the_lock_to_the_running_reconciler(
+    settings: Settings,
+) -> None:
+    url = settings.resolved_database_url
+    victim, waiting = _running(url), _row(url, priority=9)
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "reconcile", "--once"], cwd=REPO,
+        env=settings_env(settings), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"preempting job {victim} for job {waiting}" in out.stdout
+    with transaction(url) as s:
+        assert s.get(Job, victim).preempt_requested_by == waiting
+    # The one-off pass gave the scheduler lock back: the loop's next pass decides.
+    client = redis_client(settings.require_redis_url())
+    try:
+        assert take_scheduler_lock(client, "loop", 10)
+    finally:
+        client.close()
 
 
 @pytest.mark.scheduling(preemptible_queues="cpu")

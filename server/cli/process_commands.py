@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -228,13 +229,13 @@ def reconcile(once: bool, alive_file: Path | None, loglevel: str) -> None:
     """Requeue jobs whose worker was lost and re-publish queued jobs the broker lost.
 
     Runs every $TRAINYARD_RECONCILE_SECONDS until stopped (SIGTERM/Ctrl-C). Several
-    reconcilers may run at once: each change is a compare-and-set on the job row. The
-    running loop also decides preemptions (README, "Scheduling"); one reconciler at a
-    time does that, under a Redis lock.
+    reconcilers may run at once: each change is a compare-and-set on the job row. Each
+    pass (--once too) also decides preemptions (README, "Scheduling"); one reconciler
+    at a time does that, under a Redis lock.
     """
     # Celery and redis, no torch: the reconciler is a small process of its own.
     from shared.celery_app import make_celery
-    from shared.reconciler import reconcile_once, run_forever
+    from shared.reconciler import preempt_pass, reconcile_once, run_forever
 
     settings = cli_settings()
     if not settings.redis_url:
@@ -254,6 +255,9 @@ def reconcile(once: bool, alive_file: Path | None, loglevel: str) -> None:
         click.echo(str(report))
         if report.broker_error:
             raise click.ClickException(f"Redis could not be read: {report.broker_error}")
+        token = f"{socket.gethostname()}:{os.getpid()}:once"
+        for p in preempt_pass(settings, token, release=True):
+            click.echo(f"preempting job {p.victim} for job {p.preemptor}")
         return
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
