@@ -45,6 +45,7 @@ from server.cli.local.embedded_redis import LocalRedis
 from shared.celery_app import task_id_for
 from shared.db import transaction, utcnow
 from shared.job_states import FINISHED_STATES
+from shared.metric_catalog import METRICS
 from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from tests import conftest as root_conftest
@@ -345,10 +346,17 @@ class Cluster:
         with transaction(self.db_url) as s:
             return list(s.scalars(select(Job).order_by(Job.id)))
 
-    def point_count(self, job_id: int, attempt: int | None = None) -> int:
+    def point_count(
+        self, job_id: int, attempt: int | None = None, *, training_only: bool = False
+    ) -> int:
+        """Metric points of the job (of `attempt`); `training_only`: without the
+        telemetry samples (group "system"), which come before the first step."""
         stmt = select(func.count()).select_from(MetricPoint).where(MetricPoint.job_id == job_id)
         if attempt is not None:
             stmt = stmt.where(MetricPoint.attempt == attempt)
+        if training_only:
+            system = [m.key for m in METRICS.values() if m.group == "system"]
+            stmt = stmt.where(MetricPoint.key.not_in(system))
         with transaction(self.db_url) as s:
             return int(s.execute(stmt).scalar_one())
 
@@ -380,7 +388,8 @@ class Cluster:
         def ready() -> Job | None:
             job = self.job(job_id)
             training = job.state == "running" and job.attempt == attempt
-            return job if training and self.point_count(job_id, attempt) > 0 else None
+            points = self.point_count(job_id, attempt, training_only=True)
+            return job if training and points > 0 else None
 
         try:
             return wait_for(ready, timeout, f"job {job_id} attempt {attempt} to be training")
