@@ -19,7 +19,7 @@ import stat
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from shared.column_store import write_column_file
 from shared.csv_profile import CsvProfile
@@ -53,8 +53,45 @@ def _split_lines(data: bytes) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
+class ByteSource(Protocol):
+    """A file that may be remote (shared/artifact_store.py): its size and byte ranges."""
+
+    def size(self) -> int | None:
+        """Its size in bytes; None when it does not exist."""
+        ...
+
+    def read(self, start: int, length: int) -> bytes:
+        """At most `length` bytes from `start` (fewer at the end)."""
+        ...
+
+
+class FileSource:
+    """A local file as a ByteSource."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def size(self) -> int | None:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def read(self, start: int, length: int) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except FileNotFoundError:
+            return b""
+
+
+def _source(where: Path | ByteSource) -> ByteSource:
+    return FileSource(where) if isinstance(where, (str, Path)) else where
+
+
 def read_log_tail(
-    path: Path, lines: int, max_bytes: int = DEFAULT_MAX_BYTES
+    where: Path | ByteSource, lines: int, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> tuple[list[str], int]:
     """The last `lines` lines of the file and the offset they end at (the file size).
 
@@ -62,18 +99,16 @@ def read_log_tail(
     first line cut by that window is dropped. A last line without its newline yet is
     included, as `tail` does. ([], 0) when the file does not exist.
     """
-    if lines <= 0 or max_bytes <= 0:
-        return [], _size(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            start = max(0, size - max_bytes)
-            f.seek(start)
-            # Bounded by the size seen above: a writer appending meanwhile cannot make
-            # this read more than max_bytes.
-            data = f.read(size - start)
-    except FileNotFoundError:
+    source = _source(where)
+    size = source.size()
+    if size is None:
         return [], 0
+    if lines <= 0 or max_bytes <= 0:
+        return [], size
+    start = max(0, size - max_bytes)
+    # Bounded by the size seen above: a writer appending meanwhile cannot make this
+    # read more than max_bytes.
+    data = source.read(start, size - start)
     end = start + len(data)
     if start > 0:
         newline = data.find(b"\n")
@@ -82,7 +117,7 @@ def read_log_tail(
 
 
 def read_log_from(
-    path: Path, offset: int, max_bytes: int = DEFAULT_MAX_BYTES
+    where: Path | ByteSource, offset: int, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> tuple[list[str], int]:
     """The complete lines written at or after byte `offset`, and the offset to pass next.
 
@@ -95,15 +130,13 @@ def read_log_from(
         raise ValueError(f"offset must be >= 0, got {offset}")
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if offset > size:
-                offset = 0
-            f.seek(offset)
-            data = f.read(min(max_bytes, size - offset))
-    except FileNotFoundError:
+    source = _source(where)
+    size = source.size()
+    if size is None:
         return [], 0
+    if offset > size:
+        offset = 0
+    data = source.read(offset, min(max_bytes, size - offset)) if size > offset else b""
     newline = data.rfind(b"\n")
     if newline >= 0:
         data = data[: newline + 1]
@@ -166,7 +199,7 @@ def resolve_artifact(directory: Path, name: str) -> Path | None:
     absolute paths, backslashes, drive letters, NUL bytes). Only the canonical spelling
     of a name is accepted: "a/./b" and "a//b" are None even when "a/b" exists.
     """
-    if not _plain_relative_name(name):
+    if not plain_relative_name(name):
         return None
     root = Path(directory)
     try:
@@ -191,7 +224,9 @@ def resolve_artifact(directory: Path, name: str) -> Path | None:
     return resolved
 
 
-def _plain_relative_name(name: object) -> bool:
+def plain_relative_name(name: object) -> bool:
+    """A plain relative posix path: no '..', '.', empty parts, absolute paths,
+    backslashes, drive letters, NUL bytes or `*.tmp` names."""
     if not isinstance(name, str) or not name:
         return False
     if "\x00" in name or "\\" in name or name.startswith("/") or _DRIVE.match(name):
@@ -306,11 +341,13 @@ def delete_upload_files(uploads_dir: Path, upload_id: int) -> int:
 
 
 def delete_job_files(settings: Settings, job_id: int) -> int:
-    """Remove a job's directory (checkpoints, exports, its log); the bytes freed.
+    """Remove a job's local directory (checkpoints, exports, its log); the bytes freed."""
+    return delete_tree(job_dir(settings, job_id))
 
-    Symlinks inside are unlinked, never followed, so nothing outside the directory goes.
-    """
-    root = job_dir(settings, job_id)
+
+def delete_tree(root: Path) -> int:
+    """Remove a directory; the bytes freed. Symlinks inside are unlinked, never
+    followed, so nothing outside the directory goes."""
     if root.is_symlink():
         root.unlink()
         return 0

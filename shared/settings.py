@@ -28,7 +28,19 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # None means "local mode starts an embedded Redis"; server and worker need it set.
     redis_url: str | None = None
-    # Checkpoints and other job files. Must be shared by web and workers in production.
+    # Where job files (checkpoints, logs, exports) and uploads are kept: a local
+    # directory (the default, `home`/artifacts) or an S3-compatible bucket,
+    # `s3://bucket/prefix` (shared/artifact_store.py). With a bucket, web and workers
+    # share nothing but the URL; credentials come from the usual AWS_* variables.
+    artifacts_url: str | None = None
+    # The S3 endpoint for MinIO, Ceph or any non-AWS service (unset: AWS itself).
+    s3_endpoint_url: str | None = None
+    # With a bucket: downloads answer 302 to a presigned URL valid this many seconds
+    # instead of streaming through the web process (0: always stream; clients must be
+    # able to reach the bucket's endpoint for a redirect to work).
+    s3_presign_seconds: int = Field(default=0, ge=0, le=7 * 24 * 3600)
+    # This host's copy of job files: the files themselves in local mode; with a bucket,
+    # where the worker writes before uploading and where it downloads to resume.
     artifacts_dir: Path | None = None
     # MNIST / CIFAR files and other on-disk datasets (no downloads at run time).
     data_dir: Path | None = None
@@ -190,6 +202,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"TRAINYARD_REDIS_URL {exc}") from None
         return url or None
 
+    @field_validator("artifacts_url")
+    @classmethod
+    def _check_artifacts_url(cls, url: str | None) -> str | None:
+        if url and "://" in url and not url.startswith(("s3://", "file://")):
+            raise ValueError(
+                "TRAINYARD_ARTIFACTS_URL must be a directory, file:///path or s3://bucket/prefix"
+            )
+        if url and url.startswith("s3://") and not url.removeprefix("s3://").split("/")[0]:
+            raise ValueError("TRAINYARD_ARTIFACTS_URL s3:// needs a bucket name: s3://bucket/prefix")
+        return url or None
+
     @model_validator(mode="after")
     def _check_timings(self) -> Settings:
         if self.heartbeat_seconds >= self.lease_seconds:
@@ -213,7 +236,13 @@ class Settings(BaseSettings):
 
     @cached_property
     def resolved_artifacts_dir(self) -> Path:
+        if self.artifacts_dir is None and self.artifacts_url and not self.artifacts_in_bucket:
+            return Path(self.artifacts_url.removeprefix("file://")).expanduser().resolve()
         return (self.artifacts_dir or self.home / "artifacts").resolve()
+
+    @property
+    def artifacts_in_bucket(self) -> bool:
+        return bool(self.artifacts_url) and str(self.artifacts_url).startswith("s3://")
 
     @cached_property
     def uploads_dir(self) -> Path:

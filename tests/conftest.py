@@ -212,6 +212,31 @@ def redis_url(redis_server: str) -> Iterator[str]:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server on loopback (tests/s3_server.py); its credentials go
+    into this process's environment, so boto3 here and in worker subprocesses finds them."""
+    from tests.s3_server import CREDENTIALS, s3_server
+
+    for name, value in CREDENTIALS.items():
+        os.environ.setdefault(name, value)
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_settings(settings: Settings, s3_endpoint: str) -> Settings:
+    """`settings` with artifacts and uploads in a fresh bucket of the S3 server."""
+    from tests.s3_server import new_bucket
+
+    return settings.model_copy(
+        update={
+            "artifacts_url": f"s3://{new_bucket(s3_endpoint)}/trainyard",
+            "s3_endpoint_url": s3_endpoint,
+        }
+    )
+
+
 @pytest.fixture
 def settings(db_url: str, redis_url: str, tmp_path: Path) -> Settings:
     return Settings(
