@@ -30,12 +30,14 @@ from typing import Any
 from celery.worker import state as worker_state
 from sqlalchemy import select
 
+from shared.artifact_store import store_for
 from shared.db import transaction
 from shared.job_files import log_path
 from shared.job_states import JobState
 from shared.orm import Job
 from shared.settings import Settings
 from shared.state_machine import fail_killed_attempt
+from worker.artifact_sync import StoreUnavailable, upload_log
 from worker.job_log import JobLog
 from worker.runner import worker_name
 from worker.shutdown import shutdown_requested
@@ -109,4 +111,8 @@ def _record(settings: Settings, job_id: int, worker: str) -> bool:
     log.error("job %s attempt %s on %s: %s", job_id, attempt, worker, settled.message)
     with JobLog(log_path(settings, job_id), job_id, attempt) as job_log:
         job_log.event(f"{settled.action}: {settled.message}")
+    try:
+        upload_log(store_for(settings), settings, job_id)
+    except StoreUnavailable:
+        log.warning("job %s: could not upload its log", job_id, exc_info=True)
     return True

@@ -23,6 +23,8 @@ import redis.exceptions
 import sqlalchemy.exc
 import torch
 
+from worker.artifact_sync import StoreUnavailable
+
 # Error types recorded on the job row (error_type): the job ran out of memory (its own
 # error), or an infrastructure failure.
 CUDA_OOM = "CudaOutOfMemory"
@@ -113,6 +115,8 @@ def classify(exc: BaseException, device: str = "cpu", memory: GpuMemory | None =
         return Failure(True, INFRASTRUCTURE, f"database unavailable: {_named(exc)}")
     if isinstance(exc, _BROKER_ERRORS):
         return Failure(True, INFRASTRUCTURE, f"broker unavailable: {_named(exc)}")
+    if isinstance(exc, StoreUnavailable):
+        return Failure(True, INFRASTRUCTURE, f"artifact store unavailable: {_detail(exc)}")
     if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
         return Failure(True, INFRASTRUCTURE, f"{_DISK_ERRNOS[exc.errno]}: {_named(exc)}")
     return Failure(False, type(exc).__name__, str(exc))

@@ -40,6 +40,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 import shared
+from shared.artifact_store import ArtifactStore, store_for
 from shared.celery_app import make_celery, publish_job
 from shared.claim_limits import Deferred, claim_within_limits
 from shared.db import transaction
@@ -59,7 +60,15 @@ from shared.state_machine import (
     requeue_after_failure,
     still_owns,
 )
-from worker import shutdown, slots, telemetry
+from worker import node_control, shutdown, slots, telemetry
+from worker.artifact_sync import (
+    AttemptSync,
+    checkpoint_location,
+    fetch_checkpoint_dir,
+    fetch_log,
+    fetch_resume_checkpoint,
+    fetch_upload,
+)
 from worker.failures import HOST_OOM, classify, gpu_memory, is_cuda_oom
 from worker.job_log import EpochLogSink, JobLog, format_metrics
 from worker.lease import LeaseKeeper, StopReason
@@ -75,6 +84,8 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 4000
 REQUEUED, DUPLICATE, LOST, DEFERRED = "requeued", "duplicate", "lost", "deferred"
 TIME_LIMIT_ERROR = "TimeLimitExceeded"
+# Why a job of a node drained with --now went back to the queue (shared/worker_nodes.py).
+DRAIN_REASON = "worker node drained"
 
 
 def worker_name(pid: int | None = None) -> str:
@@ -99,14 +110,17 @@ class Outcome:
     preempted_by: int | None = None  # QUEUED to make room for this job
 
 
-def _load_source(database_url: str, job_id: int) -> SourceCheckpoint:
-    with transaction(database_url) as session:
+def _load_source(settings: Settings, job_id: int) -> SourceCheckpoint:
+    with transaction(settings.resolved_database_url) as session:
         source = session.get(Job, job_id)
         if source is None or not source.checkpoint_path:
             raise UserError(f"job {job_id} has no checkpoint")
         spec = load_stored_spec(source.spec)
         assert isinstance(spec, TrainSpec)
-        return SourceCheckpoint(spec=spec, directory=Path(source.checkpoint_path))
+        stored = source.checkpoint_path
+    # On this host's disk (downloaded from the bucket where that is the store).
+    directory = fetch_checkpoint_dir(store_for(settings), settings, job_id, stored)
+    return SourceCheckpoint(spec=spec, directory=directory)
 
 
 def checkpoint_dir(settings: Settings, job_id: int, attempt: int) -> Path:
@@ -115,12 +129,9 @@ def checkpoint_dir(settings: Settings, job_id: int, attempt: int) -> Path:
 
 
 def latest_checkpoint(settings: Settings, job_id: int, attempt: int) -> Path | None:
-    """The newest `last.pt` an earlier attempt of this job left, to resume from."""
-    for earlier in range(attempt - 1, 0, -1):
-        path = checkpoint_dir(settings, job_id, earlier) / "last.pt"
-        if path.is_file():
-            return path
-    return None
+    """The newest `last.pt` an earlier attempt of this job left, to resume from: on
+    this host's disk, downloaded from the artifact store if another host wrote it."""
+    return fetch_resume_checkpoint(store_for(settings), settings, job_id, attempt)
 
 
 def describe_device(device: torch.device) -> str:
@@ -135,7 +146,7 @@ def _execute(
     sink: Sink,
     should_stop: Callable[[], bool],
     job_log: JobLog,
-) -> tuple[dict[str, Any], str | None]:
+) -> tuple[dict[str, Any], Path | None]:
     """Run the job body; returns (result, checkpoint directory)."""
     paths = DataPaths(
         data_dir=settings.resolved_data_dir,
@@ -148,6 +159,7 @@ def _execute(
     # for, rather than training on fewer: docs/architecture.md, "Data-parallel jobs".
     devices = job_devices(spec.resources.gpus, spec.resources.processes)
     if isinstance(spec, TrainSpec):
+        _fetch_upload_of(spec, settings)
         directory = checkpoint_dir(settings, claim.job_id, claim.attempt)
         directory.mkdir(parents=True, exist_ok=True)
         resume_from = latest_checkpoint(settings, claim.job_id, claim.attempt)
@@ -176,10 +188,18 @@ def _execute(
                 paths=paths,
                 resume_from=resume_from,
             )
-        return {**base, "metrics": metrics}, str(directory)
-    source = _load_source(settings.resolved_database_url, spec.source_job_id)
+        return {**base, "metrics": metrics}, directory
+    source = _load_source(settings, spec.source_job_id)
+    _fetch_upload_of(source.spec, settings)
     metrics = evaluate_job(spec, source.spec, source.directory, device, paths=paths)
     return {**base, "source_job_id": spec.source_job_id, "metrics": metrics}, None
+
+
+def _fetch_upload_of(spec: TrainSpec, settings: Settings) -> None:
+    """A dataset from an uploaded CSV: its file on this host's disk before loading."""
+    upload_id = getattr(spec.dataset.params, "upload_id", None)
+    if upload_id:
+        fetch_upload(store_for(settings), settings, int(upload_id))
 
 
 def _timeline_resumed(url: str, claim: Claim, checkpoint: Path) -> None:
@@ -227,8 +247,11 @@ def run_job(
     # From here on, the job this slot claimed (not necessarily the message's).
     job_id = claim.job_id
     log.info("job %s: claimed, attempt %s", job_id, claim.attempt)
-    with JobLog(log_path(settings, job_id), job_id, claim.attempt) as job_log:
-        outcome = _attempt(claim, settings, claimed_at, job_log, device)
+    store = store_for(settings)
+    _fetch_log(store, settings, job_id)
+    sync = AttemptSync(store, settings, job_id, claim.attempt)
+    with sync, JobLog(log_path(settings, job_id), job_id, claim.attempt) as job_log:
+        outcome = _attempt(claim, settings, claimed_at, job_log, device, sync)
         if outcome is None:
             job_log.event("lost the job (lease ran out or reclaimed); recorded nothing")
             return LOST
@@ -237,10 +260,34 @@ def run_job(
         result = _record(claim, shown, settings.resolved_database_url)
         # Written after the database agrees, so the log never claims an end it did not get.
         job_log.event(_final_event(result, outcome))
+    _upload_log(sync, job_id)
     if result == REQUEUED:
         _publish(claim, settings, celery)
     log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
+    # The crash guard (worker/node_control.py): a slot whose jobs keep dying at once stops.
+    node_control.attempt_ended(
+        settings,
+        died=node_control.verdict(
+            result, outcome.retry, outcome.values.get("error_type"), outcome.detail
+        ),
+        ran_s=time.monotonic() - claimed_at,
+        error=f"{outcome.values.get('error_type')}: {outcome.values.get('error_message')}",
+    )
     return result
+
+
+def _fetch_log(store: ArtifactStore, settings: Settings, job_id: int) -> None:
+    try:
+        fetch_log(store, settings, job_id)
+    except Exception:  # noqa: BLE001 - the earlier lines stay in the store; this one goes on
+        log.warning("job %s: could not fetch its log from %s", job_id, store.url, exc_info=True)
+
+
+def _upload_log(sync: AttemptSync, job_id: int) -> None:
+    try:
+        sync.upload_log()
+    except Exception:  # noqa: BLE001 - the outcome is recorded; only the last log lines wait
+        log.warning("job %s: could not upload its log", job_id, exc_info=True)
 
 
 def _claim(job_id: int, settings: Settings, device: str, schedule: bool) -> Claim | Deferred | None:
@@ -269,14 +316,19 @@ def _claim(job_id: int, settings: Settings, device: str, schedule: bool) -> Clai
 
 
 def _attempt(
-    claim: Claim, settings: Settings, claimed_at: float, job_log: JobLog, device: torch.device
+    claim: Claim,
+    settings: Settings,
+    claimed_at: float,
+    job_log: JobLog,
+    device: torch.device,
+    sync: AttemptSync,
 ) -> Outcome | None:
     """Run the claimed job under its lease; None if this attempt lost the job meanwhile."""
     url = settings.resolved_database_url
     max_runtime_s = claim.spec.get("max_runtime_s")
     lease = LeaseKeeper(
         url, claim.job_id, claim.attempt, settings.lease_seconds, settings.heartbeat_seconds,
-        max_runtime_s=max_runtime_s, claimed_at=claimed_at,
+        max_runtime_s=max_runtime_s, claimed_at=claimed_at, node=node_control.node_name(),
     )  # fmt: skip
     sink = MetricSink(
         url, claim.job_id, claim.attempt, settings.metric_flush_seconds,
@@ -294,15 +346,22 @@ def _attempt(
                 telemetry.for_job(sink, settings, claim.job_id, claim.attempt, train=train),
             ):
                 job_log.event(memory.describe())
-                result, checkpoint = _execute(
+                result, directory = _execute(
                     spec, settings, claim, device, EpochLogSink(sink, job_log),
                     lease.should_stop, job_log,
                 )  # fmt: skip
+            # The checkpoints are in the store before the job counts as succeeded.
+            sync.flush()
+            checkpoint = (
+                None if directory is None
+                else checkpoint_location(sync.store, directory, claim.job_id, claim.attempt)
+            )  # fmt: skip
             outcome = Outcome(JobState.SUCCEEDED, {"result": result, "checkpoint_path": checkpoint})
         except JobCancelled:
             job_log.event(f"stopped: {_STOP_EVENTS.get(lease.stop_reason, 'on request')}")
             directory = checkpoint_dir(settings, claim.job_id, claim.attempt)
-            outcome = _stopped(lease.stop_reason, max_runtime_s, directory, lease.preempted_by)
+            checkpoint = _flush_stopped(sync, directory, claim)
+            outcome = _stopped(lease.stop_reason, max_runtime_s, checkpoint, lease.preempted_by)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded outcome
             outcome = _failed(exc, claim, device, memory)
     if device.type == "cuda":
@@ -330,22 +389,38 @@ def _slot_note() -> str:
 _STOP_EVENTS = {
     StopReason.CANCELLED: "cancel requested",
     StopReason.SHUTDOWN: shutdown.REASON,
+    StopReason.DRAIN: DRAIN_REASON,
     StopReason.PREEMPTED: "preempted by a higher-priority job",
     StopReason.TIME_LIMIT: "time limit reached",
     StopReason.LOST: "lease lost",
 }
 
 
+def _flush_stopped(sync: AttemptSync, directory: Path, claim: Claim) -> str | None:
+    """Upload what a stopped attempt wrote; where its checkpoint is, if it has one (the
+    next attempt resumes from the newest one in the store, whatever this says)."""
+    if not (directory / "last.pt").is_file():
+        return None
+    try:
+        sync.flush()
+    except Exception:  # noqa: BLE001 - stopping goes on; an older checkpoint serves
+        log.warning("job %s: could not upload its last checkpoint", claim.job_id, exc_info=True)
+        return None
+    return checkpoint_location(sync.store, directory, claim.job_id, claim.attempt)
+
+
 def _stopped(
     reason: StopReason | None,
     max_runtime_s: int | None,
-    directory: Path,
+    checkpoint: str | None,
     preempted_by: int | None = None,
 ) -> Outcome:
-    """The training loop stopped on request and wrote last.pt where it stopped."""
-    checkpoint = str(directory) if (directory / "last.pt").is_file() else None
+    """The training loop stopped on request and wrote last.pt where it stopped
+    (`checkpoint`: its directory, or None if it wrote none or it could not be stored)."""
     if reason is StopReason.SHUTDOWN:
         return Outcome(JobState.QUEUED, {"error_message": f"{shutdown.REASON}; requeued"})
+    if reason is StopReason.DRAIN:
+        return Outcome(JobState.QUEUED, {"error_message": f"{DRAIN_REASON}; requeued"})
     if reason is StopReason.PREEMPTED and preempted_by is not None:
         return Outcome(
             JobState.QUEUED,
@@ -427,7 +502,8 @@ def _final_event(result: str, outcome: Outcome) -> str:
             "the next attempt resumes"
         )
     if result == REQUEUED:
-        return f"handed back to the queue ({shutdown.REASON}); the next attempt resumes"
+        why = str(values.get("error_message") or shutdown.REASON).removesuffix("; requeued")
+        return f"handed back to the queue ({why}); the next attempt resumes"
     if result == JobState.CANCELLED.value:
         return "cancelled"
     return "finish rejected: another attempt owns the job now; recorded nothing"
