@@ -21,7 +21,9 @@ from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICES = {"redis", "postgres", "migrate", "web", "proxy", "worker", "worker-gpu", "reconciler"}
-ONE_SHOT = {"migrate"}
+ONE_SHOT = {"migrate", "minio-init"}
+# Started only with their profile (tests/test_deploy_files.py checks which).
+OPTIONAL = {"worker-gpu", "worker-gpu0", "worker-gpu1", "flower", "minio", "minio-init"}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
 
@@ -40,19 +42,25 @@ def _argv(command: str | list[str]) -> list[str]:
 
 
 def _check_trainyard_command(args: list[str]) -> str:
-    """Parse `trainyard ARGS` as click would; return the subcommand path or raise."""
+    """Parse `trainyard ARGS` as click would; return the subcommand path or raise.
+
+    A group's own options come first; what follows them names a subcommand, unless the
+    group runs by itself (`trainyard worker --queues gpu`: invoke_without_command).
+    """
     command: click.Command = main
-    path: list[str] = []
-    ctx = main.make_context("trainyard", list(args), resilient_parsing=True)
+    name, parent, path = "trainyard", None, []
     remaining = list(args)
     while isinstance(command, click.Group):
-        name, sub, remaining = command.resolve_command(ctx, remaining)
-        assert sub is not None, f"`trainyard {' '.join(args)}`: no subcommand {name!r}"
-        path.append(str(name))
-        command = sub
-        ctx = command.make_context(str(name), list(remaining), parent=ctx, resilient_parsing=True)
+        ctx = click.Context(command, info_name=name, parent=parent, resilient_parsing=True)
+        _, rest, _ = command.make_parser(ctx).parse_args(args=list(remaining))
+        if not rest and command.invoke_without_command:
+            break
+        sub_name, sub, rest = command.resolve_command(ctx, rest)
+        assert sub is not None, f"`trainyard {' '.join(args)}`: no subcommand {sub_name!r}"
+        path.append(str(sub_name))
+        command, name, parent, remaining = sub, str(sub_name), ctx, rest
     # Not resilient this time: unknown options and bad values raise here.
-    command.make_context(path[-1], list(remaining), parent=ctx.parent)
+    command.make_context(name, list(remaining), parent=parent)
     return " ".join(path)
 
 
@@ -88,6 +96,8 @@ def test_every_trainyard_command_is_real(services: dict[str, dict[str, Any]]) ->
         "web": "web",
         "worker": "worker",
         "worker-gpu": "worker",
+        "worker-gpu0": "worker",
+        "worker-gpu1": "worker",
         "reconciler": "reconcile",
     }
 
@@ -123,8 +133,9 @@ def test_gpu_worker_reserves_gpus_and_is_opt_in(services: dict[str, dict[str, An
     assert gpu["profiles"] == ["gpu"], "must not start on CPU-only hosts"
     [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    others = [s for n, s in services.items() if n != "worker-gpu"]
+    others = [s for n, s in services.items() if n not in OPTIONAL]
     assert not any("profiles" in s for s in others), "core services must start by default"
+    assert all("profiles" in services[n] for n in OPTIONAL)
 
 
 def test_health_checks(services: dict[str, dict[str, Any]]) -> None:
@@ -158,7 +169,12 @@ def test_depends_on_is_sane(services: dict[str, dict[str, Any]]) -> None:
         graph[name] = set(deps)
         for dep, spec in deps.items():
             assert dep in services, f"{name} depends on unknown service {dep}"
-            assert "profiles" not in services[dep], f"{name} depends on optional {dep}"
+            # An optional dependency: one of the same profile, or one marked not required.
+            assert (
+                "profiles" not in services[dep]
+                or services[dep]["profiles"] == service.get("profiles")
+                or spec.get("required") is False
+            ), f"{name} depends on optional {dep}"
             condition = spec.get("condition", "service_started")
             assert condition in CONDITIONS, (name, dep, condition)
             if condition == "service_healthy":
@@ -192,8 +208,10 @@ def test_depends_on_is_sane(services: dict[str, dict[str, Any]]) -> None:
 def test_app_services_share_settings_and_artifacts(compose: dict[str, Any]) -> None:
     services = compose["services"]
     expected = {
-        "TRAINYARD_DATABASE_URL": "postgresql+psycopg://trainyard:trainyard@postgres:5432/trainyard",
-        "TRAINYARD_REDIS_URL": "redis://redis:6379/0",
+        "TRAINYARD_DATABASE_URL": "postgresql+psycopg://trainyard:${POSTGRES_PASSWORD:?set "
+        "POSTGRES_PASSWORD in .env (openssl rand -hex 32)}@postgres:5432/trainyard",
+        "TRAINYARD_REDIS_URL": "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD in .env "
+        "(openssl rand -hex 32)}@redis:6379/0",
         "TRAINYARD_ARTIFACTS_DIR": "/data/artifacts",
     }
     fields = set(Settings.model_fields)
@@ -202,7 +220,8 @@ def test_app_services_share_settings_and_artifacts(compose: dict[str, Any]) -> N
         assert {k: env.get(k) for k in expected} == expected, name
         for key in env:
             # A typo here would be silently ignored by pydantic-settings (extra="ignore").
-            assert (
+            # AWS_*: the object store's credentials, read by boto3 itself.
+            assert key.startswith("AWS_") or (
                 key.startswith("TRAINYARD_") and key.removeprefix("TRAINYARD_").lower() in fields
             ), key
         if name != "migrate":
