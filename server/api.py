@@ -6,8 +6,18 @@ import hashlib
 import json
 import re
 from typing import Any
+from urllib.parse import quote
 
-from flask import Blueprint, current_app, jsonify, request, send_file
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    jsonify,
+    redirect,
+    request,
+    send_file,
+    stream_with_context,
+)
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import IntegrityError
 
@@ -32,6 +42,7 @@ from server.params import (
 )
 from server.serialize import iso, job_to_json
 from shared import job_files
+from shared.artifact_store import LocalStore, job_prefix, log_key, store_for
 from shared.dataset_catalog import DATASETS
 from shared.model_catalog import MODELS
 from shared.orm import Job
@@ -284,7 +295,8 @@ def get_logs(job_id: int) -> ResponseReturnValue:
     """The last lines of a job's log."""
     query = parse_query(LogQuery)
     job = visible_job(job_id)
-    lines, size = job_files.read_log_tail(job_files.log_path(_settings(), job.id), query.tail)
+    source = store_for(_settings()).source(log_key(job.id))
+    lines, size = job_files.read_log_tail(source, query.tail)
     # A member gets no tracebacks or server paths; an admin every line (server/job_errors.py).
     lines = job_errors.log_lines(lines, viewer_is_admin(), _settings())
     deleted = iso(job.artifacts_deleted_at)
@@ -299,7 +311,7 @@ def list_artifacts(job_id: int) -> ResponseReturnValue:
     """A job's files: checkpoints and whatever else it wrote."""
     parse_query(NoQuery)
     job = visible_job(job_id)
-    files = job_files.list_artifacts(job_files.job_dir(_settings(), job.id))
+    files = store_for(_settings()).list(job_prefix(job.id))
     deleted = iso(job.artifacts_deleted_at)
     return jsonify({"job_id": job.id, "artifacts": files, "artifacts_deleted_at": deleted})
 
@@ -331,8 +343,6 @@ def download_artifact(job_id: int, name: str) -> ResponseReturnValue:
     """Download one of a job's files."""
     parse_query(NoQuery)
     job = visible_job(job_id)
-    # resolve_artifact refuses anything that is not a plain file inside the job's folder
-    # ("..", absolute paths, symlinks out), so a name cannot reach another job's files.
     if job.artifacts_deleted_at is not None:
         raise ApiError(
             410,
@@ -340,20 +350,48 @@ def download_artifact(job_id: int, name: str) -> ResponseReturnValue:
             f"job {job_id}'s files were deleted at {iso(job.artifacts_deleted_at)}",
             {"name": "the job's files were deleted"},
         )
-    path = job_files.resolve_artifact(job_files.job_dir(_settings(), job.id), name)
-    if path is None:
+    settings = _settings()
+    store = store_for(settings)
+    # `find` refuses anything that is not a plain listed file under the job's prefix
+    # ("..", absolute paths, symlinks out), so a name cannot reach another job's files.
+    key = store.find(job_prefix(job.id), name)
+    if key is None:
         raise ApiError(
             404, "not_found", f"job {job_id} has no artifact {name!r}", {"name": "no such file"}
         )
-    # Always octet-stream: a type guessed from the name would be whatever the job wrote
-    # (`.pt` reads as a SNES page table, `.html` as a page served from this origin).
-    return send_file(
-        path,
+    filename = name.rsplit("/", 1)[-1]
+    if isinstance(store, LocalStore):
+        # Always octet-stream: a type guessed from the name would be whatever the job
+        # wrote (`.pt` reads as a SNES page table, `.html` as a page from this origin).
+        return send_file(
+            store.path(key), mimetype="application/octet-stream", as_attachment=True,
+            download_name=filename, max_age=0,
+        )  # fmt: skip
+    if settings.s3_presign_seconds:
+        url = store.presigned_url(key, filename, settings.s3_presign_seconds)
+        if url:
+            return redirect(url, 302)
+    opened = store.open(key)
+    if opened is None:  # deleted between the listing and now
+        raise ApiError(
+            404, "not_found", f"job {job_id} has no artifact {name!r}", {"name": "no such file"}
+        )
+    return Response(
+        stream_with_context(opened.chunks),
         mimetype="application/octet-stream",
-        as_attachment=True,
-        download_name=path.name,
-        max_age=0,
+        headers={
+            "Content-Disposition": _attachment(filename),
+            "Content-Length": str(opened.size),
+            "Cache-Control": "no-cache",
+        },
     )
+
+
+def _attachment(filename: str) -> str:
+    """Content-Disposition for a download, as send_file writes it: an ASCII fallback
+    without quotes or control characters, and the exact name in RFC 5987 form."""
+    plain = "".join(c for c in filename if 32 <= ord(c) < 127 and c not in '"\\')
+    return f"attachment; filename=\"{plain or 'download'}\"; filename*=UTF-8''{quote(filename)}"
 
 
 @bp.get("/models")

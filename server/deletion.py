@@ -15,6 +15,7 @@ from server.access import find_visible_upload, visible_job
 from server.database import get_session
 from server.errors import ApiError
 from shared import job_files
+from shared.artifact_store import job_prefix, store_for, upload_key
 from shared.job_states import FINISHED_STATES, JobState
 from shared.orm import Job
 from shared.settings import Settings
@@ -62,7 +63,12 @@ def delete_upload(upload_id: int) -> int:
     session.commit()
     # The row goes first: a crash in between leaves an orphan file, never a row whose
     # file is gone.
-    return job_files.delete_upload_files(_settings().uploads_dir, upload_id)
+    settings = _settings()
+    freed = job_files.delete_upload_files(settings.uploads_dir, upload_id)
+    store = store_for(settings)
+    if not store.is_local:
+        freed += sum(store.delete(upload_key(upload_id, f)) for f in job_files.UPLOAD_SUFFIXES)
+    return freed
 
 
 def delete_job_artifacts(job_id: int) -> tuple[Job, int]:
@@ -92,6 +98,10 @@ def delete_job_artifacts(job_id: int) -> tuple[Job, int]:
         session.commit()
     # Deleted after the mark is committed, and again on a repeated call: a crash between
     # the two leaves the job marked and the next call removes whatever is left.
-    freed = job_files.delete_job_files(_settings(), job_id)
+    settings = _settings()
+    freed = job_files.delete_job_files(settings, job_id)
+    store = store_for(settings)
+    if not store.is_local:
+        freed += store.delete_prefix(job_prefix(job_id))
     session.refresh(job)
     return job, freed

@@ -8,6 +8,8 @@ from flask import Flask, jsonify, render_template, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
+from shared.artifact_store import ArtifactStoreError
+
 log = logging.getLogger(__name__)
 
 
@@ -92,6 +94,15 @@ def register_error_handlers(app: Flask) -> None:
         return _page_or_json(
             exc.code or 500, code, exc.description or exc.name, _routing_fields(exc), headers
         )
+
+    @app.errorhandler(ArtifactStoreError)
+    def _store_down(exc: ArtifactStoreError) -> ResponseReturnValue:
+        # The bucket is unreachable or refused us: nothing the client did; try later.
+        log.warning("artifact store: %s", exc)
+        return _page_or_json(
+            503, "storage_unavailable", "the artifact store is unavailable; try again shortly",
+            None, {"Retry-After": "10"},
+        )  # fmt: skip
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> ResponseReturnValue:

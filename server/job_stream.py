@@ -42,6 +42,7 @@ from server.params import MAX_ID
 from server.serialize import iso
 from server.timeline_api import event_to_json
 from shared import job_files
+from shared.artifact_store import ArtifactStoreError, log_key, store_for
 from shared.db import get_engine
 from shared.job_states import is_finished
 from shared.metric_catalog import finite_number
@@ -156,9 +157,13 @@ def poll_once(
         events = [event_to_json(e, admin, settings) for e in rows]
         points = points_after(session, job_id, cursor.metrics, limit=MAX_POINTS_PER_KEY)
     # The file is read after the session is closed: no connection waits on the disk.
-    lines, offset = job_files.read_log_from(
-        job_files.log_path(settings, job_id), cursor.log, LOG_BYTES_PER_POLL
-    )
+    try:
+        lines, offset = job_files.read_log_from(
+            store_for(settings).source(log_key(job_id)), cursor.log, LOG_BYTES_PER_POLL
+        )
+    except ArtifactStoreError:
+        lines, offset = [], cursor.log  # the next poll tries again
+
     lines = job_log_lines(lines, admin, settings)
     return Poll(job=state, events=events, points=points, log_lines=lines, log_offset=offset)
 

@@ -29,6 +29,7 @@ from server.params import (
 )
 from server.serialize import iso
 from shared import job_files
+from shared.artifact_store import store_for, upload_key
 from shared.csv_profile import CsvProblem, CsvProfile, profile_lines
 from shared.invisible_chars import first_invisible, strip_invisible
 from shared.orm import Upload
@@ -156,7 +157,12 @@ def create_upload() -> ResponseReturnValue:
         session.add(upload)
         session.flush()  # the id names the file
         try:
-            job_files.store_upload_columns(uploads_dir, upload.id, incoming, profile)
+            stored = job_files.store_upload_columns(uploads_dir, upload.id, incoming, profile)
+            store = store_for(settings)
+            if not store.is_local:
+                # In the bucket before the row commits: a row never names a missing file.
+                store.put_file(stored, upload_key(upload.id, "columns"))
+                stored.unlink()
             session.commit()
         except BaseException:
             session.rollback()

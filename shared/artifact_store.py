@@ -22,20 +22,46 @@ inside Celery's prefork children or gunicorn's threads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from shared import job_files
 from shared.job_files import TMP_SUFFIX, ByteSource, FileSource
 from shared.settings import Settings
 
 CHUNK = 1 << 20
+T = TypeVar("T")
+
+
+class ArtifactStoreError(Exception):
+    """The store could not be reached or refused a request (not a missing object,
+    which each call answers as None/False): the web answers 503, a worker retries the
+    attempt elsewhere (worker/artifact_sync.py)."""
+
+
+def _store_call(method: Callable[..., T]) -> Callable[..., T]:
+    """Turns botocore's errors (which share no base class worth catching) into
+    ArtifactStoreError, naming the call."""
+
+    @functools.wraps(method)
+    def wrapper(self: S3Store, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except ArtifactStoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            raise ArtifactStoreError(
+                f"{self.url}: {method.__name__} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    return wrapper
 
 
 def job_prefix(job_id: int) -> str:
@@ -194,11 +220,13 @@ class S3Store(ArtifactStore):
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    @_store_call
     def put_file(self, local: Path, key: str) -> None:
         # upload_file switches to a multipart upload for large files; either way the
         # object appears only when the whole upload completed.
         self._client.upload_file(str(local), self.bucket, self._key(key))
 
+    @_store_call
     def get_file(self, key: str, local: Path) -> bool:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -213,6 +241,7 @@ class S3Store(ArtifactStore):
         os.replace(tmp, local)
         return True
 
+    @_store_call
     def size(self, key: str) -> int | None:
         try:
             head = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
@@ -225,6 +254,7 @@ class S3Store(ArtifactStore):
     def source(self, key: str) -> ByteSource:
         return _ObjectSource(self, key)
 
+    @_store_call
     def read(self, key: str, start: int, length: int) -> bytes:
         if length <= 0:
             return b""
@@ -238,6 +268,7 @@ class S3Store(ArtifactStore):
             raise
         return bytes(got["Body"].read())
 
+    @_store_call
     def list(self, prefix: str) -> list[dict[str, Any]]:
         base = self._key(prefix.rstrip("/")) + "/"
         found = []
@@ -259,6 +290,7 @@ class S3Store(ArtifactStore):
         found.sort(key=lambda item: item["path"])
         return found
 
+    @_store_call
     def open(self, key: str) -> Download | None:
         try:
             got = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
@@ -274,6 +306,7 @@ class S3Store(ArtifactStore):
 
         return Download(int(got["ContentLength"]), chunks())
 
+    @_store_call
     def delete_prefix(self, prefix: str) -> int:
         items = self.list(prefix)
         keys = [{"Key": self._key(f"{prefix.rstrip('/')}/{i['path']}")} for i in items]
@@ -283,11 +316,13 @@ class S3Store(ArtifactStore):
             )
         return sum(i["size_bytes"] for i in items)
 
+    @_store_call
     def delete(self, key: str) -> int:
         size = self.size(key) or 0
         self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
         return size
 
+    @_store_call
     def presigned_url(self, key: str, filename: str, seconds: int) -> str | None:
         return str(
             self._client.generate_presigned_url(

@@ -10,6 +10,7 @@ message on the page, the evaluate form keeping the user's choices.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -42,6 +43,7 @@ from server.stream_hub import ENVIRON_KEY, HandOff
 from server.stream_slots import Refusal, StreamSlots
 from server.web import bp, job_view
 from shared import job_files
+from shared.artifact_store import ArtifactStoreError, job_prefix, log_key, store_for
 from shared.dataset_catalog import DATASETS
 from shared.job_events import job_events
 from shared.metric_catalog import final_metrics, key_metric
@@ -56,6 +58,8 @@ CHECKPOINTS = [
     SelectChoice("best", "Best epoch (the monitored metric)"),
     SelectChoice("last", "Last epoch"),
 ]
+
+log = logging.getLogger(__name__)
 
 
 class ActionForm(FlaskForm):
@@ -116,9 +120,16 @@ def _page(
     settings = _settings()
     session = get_session()
     events = job_events(session, job.id)
-    log_lines, log_offset = job_files.read_log_tail(
-        job_files.log_path(settings, job.id), LOG_TAIL_LINES
-    )
+    store = store_for(settings)
+    try:
+        log_lines, log_offset = job_files.read_log_tail(
+            store.source(log_key(job.id)), LOG_TAIL_LINES
+        )
+        artifacts = store.list(job_prefix(job.id))
+    except ArtifactStoreError:
+        # The page still shows the job; its files come back with the store.
+        log.warning("job %s: artifact store unavailable", job.id, exc_info=True)
+        (log_lines, log_offset), artifacts = ([], 0), []
     # A member sees no tracebacks or server paths; an admin all (server/job_errors.py).
     admin = viewer_is_admin()
     log_lines = job_errors.log_lines(log_lines, admin, settings)
@@ -128,7 +139,6 @@ def _page(
             replace(e, message=job_errors.shown_message(e.message, settings)) for e in timeline
         ]
     error = job_errors.error_json(job, admin, settings)
-    artifacts = job_files.list_artifacts(job_files.job_dir(settings, job.id))
     source = find_visible_job(job.source_job_id) if job.source_job_id else None
     can_evaluate = (
         job.kind == "train" and job.state == JobState.SUCCEEDED.value and bool(job.checkpoint_path)
