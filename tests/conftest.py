@@ -216,11 +216,12 @@ def redis_url(redis_server: str) -> Iterator[str]:
 def s3_endpoint() -> Iterator[str]:
     """A real S3-compatible server on loopback (tests/s3_server.py); its credentials go
     into this process's environment, so boto3 here and in worker subprocesses finds them."""
-    from tests.s3_server import CREDENTIALS, s3_server
+    from tests.s3_server import CREDENTIALS, ENDPOINT_VARIABLE, s3_server
 
     for name, value in CREDENTIALS.items():
         os.environ.setdefault(name, value)
     with s3_server() as endpoint:
+        os.environ[ENDPOINT_VARIABLE] = endpoint
         yield endpoint
 
 

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import requests
 
@@ -58,6 +59,19 @@ def s3_server() -> Iterator[str]:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# The running server's endpoint, for checks that meet an s3:// URL without settings
+# (tests/faults/conftest.py's invariant checker); set by the s3_endpoint fixture.
+ENDPOINT_VARIABLE = "TRAINYARD_TEST_S3_ENDPOINT"
+
+
+def fetch_url(url: str, local: Path) -> bool:
+    """Download the object at `url` (s3://bucket/key) from the running test server."""
+    from shared.artifact_store import S3Store
+
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    return S3Store(f"s3://{bucket}", os.environ[ENDPOINT_VARIABLE]).get_file(key, local)
 
 
 def new_bucket(endpoint: str) -> str:

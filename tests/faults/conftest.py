@@ -50,6 +50,7 @@ from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from tests import conftest as root_conftest
 from tests.helpers import train_spec
+from tests.s3_server import fetch_url
 
 T = TypeVar("T")
 
@@ -578,6 +579,9 @@ def check_invariants(db_url: str, broker: LocalRedis, log_dir: Path) -> list[str
                 )
             else:
                 last = Path(job.checkpoint_path) / "last.pt"
+                if job.checkpoint_path.startswith("s3://"):  # tests/faults/test_two_hosts.py
+                    last = log_dir / f"invariants-{job.id}-last.pt"
+                    fetch_url(f"{job.checkpoint_path}/last.pt", last)
                 try:
                     ckpt = torch.load(last, map_location="cpu", weights_only=True)
                     if int(ckpt["epoch"]) != int(metrics.get("epochs_run", -1)):
