@@ -471,6 +471,37 @@ def test_pg_hba_requires_tls_from_outside() -> None:
             assert rule[3] in ("127.0.0.1/32", "::1/128", "samenet") or rule[0] == "hostssl"
 
 
+def test_the_readme_compose_commands_name_real_files_profiles_and_services() -> None:
+    """Every `docker compose ...` line in the README's shell blocks: its -f files exist,
+    the profiles, services and --scale targets it names are theirs, and a `trainyard`
+    command it runs in a container is one the CLI has."""
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"^ *```sh\n(.*?)^ *```", readme, re.M | re.S)
+    lines = [line for block in blocks for line in block.splitlines() if "docker compose" in line]
+    for line in lines:
+        argv = shlex.split(line[line.index("docker compose") :], comments=True)
+        argv = argv[: argv.index("|")] if "|" in argv else argv
+        files = [REPO / argv[i + 1] for i, a in enumerate(argv) if a == "-f"] or [MAIN]
+        services: dict[str, dict[str, Any]] = {}
+        for path in files:
+            assert path.is_file(), line
+            services.update(_services(path))
+        profiles = {p for s in services.values() for p in s.get("profiles", [])}
+        for i, arg in enumerate(argv):
+            if arg == "--profile":
+                assert argv[i + 1] in profiles, line
+            if arg == "--scale":
+                assert argv[i + 1].split("=")[0] in services, line
+        for verb in {"exec", "run", "logs"} & set(argv):
+            after = argv[argv.index(verb) + 1 :]
+            service = next(a for a in after if not a.startswith("-"))
+            assert service in services, line
+            command = after[after.index(service) + 1 :]
+            if command[:1] == ["trainyard"]:
+                _check_trainyard_command(command[1:])
+    assert len(lines) >= 18
+
+
 # ----------------------------------------------------------------------------- KEDA
 
 
