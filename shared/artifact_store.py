@@ -109,9 +109,10 @@ class ArtifactStore:
         """The object as a ByteSource, for tailing a log (shared/job_files.py)."""
         raise NotImplementedError
 
-    def list(self, prefix: str) -> list[dict[str, Any]]:
+    def list(self, prefix: str, etags: bool = False) -> list[dict[str, Any]]:
         """Every complete file under `prefix`, sorted: {"path" (relative to the prefix),
-        "size_bytes", "modified_at"}, as shared/job_files.list_artifacts gives them."""
+        "size_bytes", "modified_at"}, as shared/job_files.list_artifacts gives them;
+        with `etags`, also each object's "etag" where the store has one."""
         raise NotImplementedError
 
     def find(self, prefix: str, name: str) -> str | None:
@@ -175,7 +176,7 @@ class LocalStore(ArtifactStore):
     def source(self, key: str) -> ByteSource:
         return FileSource(self.path(key))
 
-    def list(self, prefix: str) -> list[dict[str, Any]]:
+    def list(self, prefix: str, etags: bool = False) -> list[dict[str, Any]]:
         return job_files.list_artifacts(self.path(prefix))
 
     def find(self, prefix: str, name: str) -> str | None:
@@ -269,7 +270,7 @@ class S3Store(ArtifactStore):
         return bytes(got["Body"].read())
 
     @_store_call
-    def list(self, prefix: str) -> list[dict[str, Any]]:
+    def list(self, prefix: str, etags: bool = False) -> list[dict[str, Any]]:
         base = self._key(prefix.rstrip("/")) + "/"
         found = []
         for page in self._client.get_paginator("list_objects_v2").paginate(
@@ -280,13 +281,16 @@ class S3Store(ArtifactStore):
                 if not job_files.plain_relative_name(name):
                     continue
                 modified = item["LastModified"].astimezone(timezone.utc).replace(tzinfo=None)
-                found.append(
-                    {
-                        "path": name,
-                        "size_bytes": int(item["Size"]),
-                        "modified_at": modified.isoformat(timespec="milliseconds") + "Z",
-                    }
-                )
+                entry = {
+                    "path": name,
+                    "size_bytes": int(item["Size"]),
+                    "modified_at": modified.isoformat(timespec="milliseconds") + "Z",
+                }
+                if etags:
+                    # The object's version: the MD5 of its bytes unless it was uploaded
+                    # in parts (then it ends in "-<parts>").
+                    entry["etag"] = str(item.get("ETag", "")).strip('"')
+                found.append(entry)
         found.sort(key=lambda item: item["path"])
         return found
 

@@ -43,6 +43,7 @@ import shared
 from shared.artifact_store import ArtifactStore, store_for
 from shared.celery_app import make_celery, publish_job
 from shared.claim_limits import Deferred, claim_within_limits
+from shared.dataset_cache import sync_dataset
 from shared.db import transaction
 from shared.job_events import add_event
 from shared.job_files import job_dir, log_path
@@ -50,7 +51,13 @@ from shared.orm import Job
 from shared.redaction import DETAIL_MARK, ERROR_DETAIL, Redactor, redactor_for
 from shared.scheduling import candidates_for
 from shared.settings import Settings
-from shared.spec import EvaluateSpec, TrainSpec, load_stored_spec, spec_to_json
+from shared.spec import (
+    EvaluateSpec,
+    TrainSpec,
+    eval_dataset_params,
+    load_stored_spec,
+    spec_to_json,
+)
 from shared.state_machine import (
     Claim,
     JobState,
@@ -68,6 +75,7 @@ from worker.artifact_sync import (
     fetch_log,
     fetch_resume_checkpoint,
     fetch_upload,
+    store_errors,
 )
 from worker.failures import HOST_OOM, classify, gpu_memory, is_cuda_oom
 from worker.job_log import EpochLogSink, JobLog, format_metrics
@@ -159,7 +167,7 @@ def _execute(
     # for, rather than training on fewer: docs/architecture.md, "Data-parallel jobs".
     devices = job_devices(spec.resources.gpus, spec.resources.processes)
     if isinstance(spec, TrainSpec):
-        _fetch_upload_of(spec, settings)
+        _fetch_dataset_files(spec.dataset.name, spec.dataset.params, settings)
         directory = checkpoint_dir(settings, claim.job_id, claim.attempt)
         directory.mkdir(parents=True, exist_ok=True)
         resume_from = latest_checkpoint(settings, claim.job_id, claim.attempt)
@@ -190,16 +198,22 @@ def _execute(
             )
         return {**base, "metrics": metrics}, directory
     source = _load_source(settings, spec.source_job_id)
-    _fetch_upload_of(source.spec, settings)
+    _fetch_dataset_files(*eval_dataset_params(spec, source.spec), settings)
     metrics = evaluate_job(spec, source.spec, source.directory, device, paths=paths)
     return {**base, "source_job_id": spec.source_job_id, "metrics": metrics}, None
 
 
-def _fetch_upload_of(spec: TrainSpec, settings: Settings) -> None:
-    """A dataset from an uploaded CSV: its file on this host's disk before loading."""
-    upload_id = getattr(spec.dataset.params, "upload_id", None)
+def _fetch_dataset_files(name: str, params: Any, settings: Settings) -> None:
+    """The dataset's files on this host's disk before loading: an uploaded CSV, or
+    standard-format files the bucket holds (shared/dataset_cache.py)."""
+    store = store_for(settings)
+    upload_id = (
+        params.get("upload_id") if isinstance(params, dict) else getattr(params, "upload_id", None)
+    )
     if upload_id:
-        fetch_upload(store_for(settings), settings, int(upload_id))
+        fetch_upload(store, settings, int(upload_id))
+    with store_errors(f"copying dataset {name} from {store.url}"):
+        sync_dataset(store, settings.resolved_data_dir, name)
 
 
 def _timeline_resumed(url: str, claim: Claim, checkpoint: Path) -> None:
