@@ -13,11 +13,15 @@ tests/test_compose.py holds the checks specific to docker-compose.yml's core ser
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +172,8 @@ def test_the_expected_files_exist() -> None:
         cwd=REPO, capture_output=True, text=True, check=False,
     ).stdout.split()  # fmt: skip
     assert ignored == [".env", "deploy/worker-host.env", "deploy/tls/server.key"]
+    # ...nor a build context (`docker compose build` sends the whole directory).
+    assert {".env", "deploy"} <= set((REPO / ".dockerignore").read_text().split())
 
 
 # ----------------------------------------------------------------------------- commands
@@ -539,6 +545,160 @@ def test_the_queues_api_has_the_running_count_keda_reads(client) -> None:  # typ
 # ----------------------------------------------------------------------------- TLS, live
 
 
+def _make_certs(tls: Path, *more: str) -> None:
+    subprocess.run(
+        [str(MAKE_CERTS), "main.example.org", "10.0.0.5", *more],
+        env={"PATH": "/usr/bin:/bin", "TLS_DIR": str(tls), "TLS_DAYS": "2"},
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+# The "worker host": a network namespace joined by a veth pair whose two ends have
+# /32 addresses, so it is not on any network the server is on (pg_hba.conf's samenet).
+MAIN_IP, OUTSIDE_IP = "198.18.77.1", "198.18.77.2"
+
+
+@contextlib.contextmanager
+def _outside_host() -> Iterator[list[str]]:
+    """A network namespace at OUTSIDE_IP that reaches MAIN_IP; yields the argv prefix
+    that runs a command in it."""
+    tag = f"ty{os.getpid() % 100000}"
+    ns, here, there = f"{tag}ns", f"{tag}h", f"{tag}n"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", here, "type", "veth", "peer", "name", there)
+        ip("link", "set", there, "netns", ns)
+        ip("addr", "add", f"{MAIN_IP}/32", "dev", here)
+        ip("link", "set", here, "up")
+        ip("route", "add", f"{OUTSIDE_IP}/32", "dev", here)
+        ip("-n", ns, "addr", "add", f"{OUTSIDE_IP}/32", "dev", there)
+        ip("-n", ns, "link", "set", there, "up")
+        ip("-n", ns, "route", "add", f"{MAIN_IP}/32", "dev", there)
+        yield ["ip", "netns", "exec", ns]
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+@pytest.mark.skipif(
+    _pg_bin() is None
+    or shutil.which("runuser") is None
+    or shutil.which("openssl") is None
+    or shutil.which("ip") is None,
+    reason="needs PostgreSQL's server binaries, runuser, ip and openssl",
+)
+def test_a_worker_host_reaches_the_exposed_postgres_over_tls() -> None:
+    """PostgreSQL started with the override's TLS options, deploy/make-certs.sh's key
+    (PostgreSQL checks its permissions) and deploy/postgres/pg_hba.conf: the worker
+    host's example URL connects over TLS with the certificate verified, a wrong
+    password is refused, and from another network nothing gets in without TLS."""
+    import pwd
+    import tempfile
+
+    import sqlalchemy as sa
+
+    if os.geteuid() != 0:
+        pytest.skip("runs PostgreSQL as the postgres user and makes a netns: needs root")
+    bin_dir = _pg_bin()
+    assert bin_dir is not None
+    user = pwd.getpwnam("postgres")
+    password = "s3cret-for-the-test"
+
+    def as_postgres(program: str, *args: str) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", str(bin_dir / program), *args]
+
+    with contextlib.ExitStack() as stack:
+        # Not under pytest's tmp_path: the postgres user cannot enter root's directories.
+        root = Path(tempfile.mkdtemp(prefix="trainyard-pg-tls-"))
+        stack.callback(shutil.rmtree, root, ignore_errors=True)
+        outside = stack.enter_context(_outside_host())
+        root.chmod(0o755)
+        _make_certs(root / "tls", MAIN_IP)
+        (root / "pw").write_text(password + "\n")
+        for path in (root, *root.rglob("*")):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        data = root / "data"
+        subprocess.run(
+            as_postgres("initdb", "-D", str(data), "-U", "trainyard", "--pwfile",
+                        str(root / "pw"), "--auth", "scram-sha-256"),
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        port = _free_port()
+        hba = str(REPO / "deploy" / "postgres" / "pg_hba.conf")
+        options = [
+            arg.replace("/tls/", f"{root}/tls/").replace("/etc/trainyard/pg_hba.conf", hba)
+            for arg in _argv(_load(EXPOSE)["services"]["postgres"]["command"])[1:]
+        ]
+        proc = subprocess.Popen(
+            as_postgres("postgres", "-D", str(data), "-c", f"port={port}",
+                        "-c", f"listen_addresses=127.0.0.1,{MAIN_IP}",
+                        "-c", f"unix_socket_directories={root}", *options),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        stack.callback(proc.wait, 30)
+        stack.callback(proc.terminate)
+        socket_args = ["-h", str(root), "-p", str(port)]
+        deadline = time.monotonic() + 30
+        while subprocess.run(
+            as_postgres("pg_isready", *socket_args), capture_output=True
+        ).returncode:
+            if proc.poll() is not None:
+                pytest.fail(f"postgres exited: {proc.stderr.read().decode()}")
+            assert time.monotonic() < deadline, "postgres did not start"
+            time.sleep(0.2)
+        # What the image's POSTGRES_DB does, over the socket pg_hba.conf trusts.
+        subprocess.run(
+            as_postgres("createdb", *socket_args, "-U", "trainyard", "trainyard"),
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+
+        example = _env_assignments(REPO / "deploy" / "worker-host.env.example")
+        url = (
+            example["TRAINYARD_DATABASE_URL"]
+            .replace("POSTGRES_PASSWORD", password)
+            .replace("main.example.org:5432", f"127.0.0.1:{port}")
+            .replace("/tls/ca.crt", f"{root}/tls/ca.crt")
+        )
+        Settings(database_url=url)
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            query = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            assert conn.execute(sa.text(query)).scalar_one() is True
+        engine.dispose()
+        wrong = sa.create_engine(url.replace(password, "wrong"))
+        with pytest.raises(sa.exc.OperationalError, match="password authentication failed"):
+            wrong.connect()
+        wrong.dispose()
+
+        # From the other network: the same URL gets in, without TLS nothing does.
+        def connect_from_outside(sslmode: str) -> subprocess.CompletedProcess[str]:
+            conninfo = (
+                f"host={MAIN_IP} port={port} dbname=trainyard user=trainyard "
+                f"password={password} sslmode={sslmode} sslrootcert={root}/tls/ca.crt "
+                "connect_timeout=10"
+            )
+            code = "import psycopg, sys; psycopg.connect(sys.argv[1]).close()"
+            return subprocess.run(
+                [*outside, sys.executable, "-c", code, conninfo],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+
+        assert connect_from_outside("verify-full").returncode == 0
+        refused = connect_from_outside("disable")
+        assert refused.returncode != 0
+        assert f'no pg_hba.conf entry for host "{OUTSIDE_IP}"' in refused.stderr
+        assert "no encryption" in refused.stderr
+
+
 @pytest.mark.skipif(
     shutil.which("redis-server") is None or shutil.which("openssl") is None,
     reason="needs redis-server (built with TLS) and openssl",
@@ -548,11 +708,7 @@ def test_a_worker_host_reaches_the_exposed_redis_over_tls(tmp_path: Path) -> Non
     and the worker host's example URL: the worker's broker connection verifies the
     certificate, needs the password, and its jobs land in the list KEDA watches."""
     tls = tmp_path / "tls"
-    subprocess.run(
-        [str(MAKE_CERTS), "main.example.org", "10.0.0.5"],
-        env={"PATH": "/usr/bin:/bin", "TLS_DIR": str(tls), "TLS_DAYS": "2"},
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+    _make_certs(tls)
     verify = subprocess.run(
         ["openssl", "verify", "-CAfile", str(tls / "ca.crt"), str(tls / "server.crt")],
         capture_output=True, text=True, check=False,
