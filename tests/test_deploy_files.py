@@ -14,6 +14,7 @@ tests/test_compose.py holds the checks specific to docker-compose.yml's core ser
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -432,6 +433,88 @@ def test_minio_never_starts_with_default_credentials() -> None:
     minio = _load(MAIN)["services"]["minio"]
     assert 'test -n "$$MINIO_ROOT_USER" -a -n "$$MINIO_ROOT_PASSWORD"' in minio["entrypoint"][2]
     assert all(p.startswith("127.0.0.1:") for p in minio["ports"])
+
+
+def _shell_scripts() -> dict[str, tuple[list[str], str]]:
+    """The inline shell scripts of the main compose file: service -> (argv prefix, script
+    as the container's shell gets it, after Compose turned `$$` into `$`)."""
+    services = _load(MAIN)["services"]
+    found = {}
+    for name, key in (("flower", "command"), ("minio", "entrypoint"), ("minio-init", "entrypoint")):
+        argv = services[name][key]
+        # A single `$` would be Compose's to interpolate, from the host's environment.
+        assert not re.search(r"(?<!\$)\$(?!\$)", argv[2].replace("$$", "")), name
+        found[name] = (argv[:2], argv[2].replace("$$", "$"))
+    return found
+
+
+def _run_script(name: str, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run a service's script with stand-ins for the programs it calls, which log
+    their arguments to calls.log."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for program in ("celery", "minio", "mc"):
+        stub = stubs / program
+        stub.write_text(f'#!/bin/sh\necho "{program} $*" >> "{tmp_path}/calls.log"\n')
+        stub.chmod(0o755)
+    prefix, script = _shell_scripts()[name]
+    return subprocess.run(
+        [*prefix, script],
+        env={"PATH": f"{stubs}:/usr/bin:/bin", **env},
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+def test_the_optional_services_refuse_to_start_without_their_secrets(tmp_path: Path) -> None:
+    for name, env, program in (
+        ("flower", {"FLOWER_BASIC_AUTH": "admin:pw"}, "celery flower --port=5555"),
+        (
+            "minio",
+            {"MINIO_ROOT_USER": "root", "MINIO_ROOT_PASSWORD": "0123456789"},
+            "minio server /data --address :9000 --console-address :9001 --certs-dir /certs",
+        ),
+    ):
+        (tmp_path / "calls.log").unlink(missing_ok=True)
+        refused = _run_script(name, {}, tmp_path)
+        assert refused.returncode == 1 and "in .env" in refused.stderr, name
+        assert not (tmp_path / "calls.log").exists(), f"{name} started anyway"
+        started = _run_script(name, env, tmp_path)
+        assert started.returncode == 0, started.stderr
+        assert (tmp_path / "calls.log").read_text() == program + "\n"
+
+
+def test_minio_init_makes_the_bucket_and_a_user_for_it_alone(tmp_path: Path) -> None:
+    env = {
+        "MINIO_ROOT_USER": "root",
+        "MINIO_ROOT_PASSWORD": "root-password",
+        "TRAINYARD_ARTIFACTS_URL": "s3://team-bucket/trainyard/artifacts",
+        "TRAINYARD_S3_ENDPOINT_URL": "https://minio:9000",
+        "AWS_ACCESS_KEY_ID": "trainyard",
+        "AWS_SECRET_ACCESS_KEY": "trainyard-secret",
+    }
+    done = _run_script("minio-init", env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "bucket team-bucket ready for user trainyard" in done.stdout
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert calls == [
+        "mc alias set local https://minio:9000 root root-password",
+        "mc mb --ignore-existing local/team-bucket",
+        "mc admin policy create local trainyard /tmp/trainyard-policy.json",
+        "mc admin user add local trainyard trainyard-secret",
+        "mc admin policy attach local trainyard --user trainyard",
+    ]
+    written = Path("/tmp/trainyard-policy.json")  # the container's /tmp, here the host's
+    policy = json.loads(written.read_text())
+    written.unlink()
+    resources = {r for statement in policy["Statement"] for r in statement["Resource"]}
+    assert resources == {"arn:aws:s3:::team-bucket", "arn:aws:s3:::team-bucket/*"}
+    assert all(a.startswith("s3:") for st in policy["Statement"] for a in st["Action"])
+
+    for missing in ("TRAINYARD_ARTIFACTS_URL", "AWS_SECRET_ACCESS_KEY"):
+        refused = _run_script("minio-init", {**env, missing: ""}, tmp_path)
+        assert refused.returncode == 1 and missing in refused.stderr
+    not_a_bucket = _run_script("minio-init", {**env, "TRAINYARD_ARTIFACTS_URL": "/data"}, tmp_path)
+    assert not_a_bucket.returncode == 1
 
 
 def test_a_worker_host_shares_only_urls() -> None:
