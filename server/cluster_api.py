@@ -1,4 +1,5 @@
-"""Who is online and what waits: GET /api/v1/workers and GET /api/v1/queues.
+"""Who is online and what waits: GET /api/v1/workers and GET /api/v1/queues; and, for
+admins, POST /api/v1/workers/<node>/cordon|drain|uncordon|clear (shared/worker_nodes.py).
 
 The answers are built in server/cluster_status.py (shared with the /workers page); the
 models below describe them for the OpenAPI document.
@@ -17,10 +18,26 @@ from spectree import Tag
 from server import openapi
 from server.api_schemas import ResponseModel
 from server.auth import api_user, authenticate_api_request
-from server.cluster_status import WAITING_SHOWN, queues_json, read_cluster, workers_json
+from server.cluster_status import (
+    WAITING_SHOWN,
+    busy_slot_names,
+    control_json,
+    queues_json,
+    read_cluster,
+    workers_json,
+)
 from server.database import get_session
+from server.errors import ApiError
 from server.openapi import operation
-from server.params import NoQuery, parse_query
+from server.params import NoQuery, QueryModel, parse_query
+from shared.worker_nodes import (
+    Action,
+    check_node_name,
+    clear_guard,
+    node_control,
+    set_control,
+    slot_guards,
+)
 
 bp = Blueprint("cluster_v1", __name__, url_prefix="/api/v1")
 bp.before_request(authenticate_api_request)
@@ -76,6 +93,11 @@ class WorkerSlot(ResponseModel):
         "in % of one core (200: two cores); null before the first sample"
     )
     rss_bytes: int | None = Field(description="their resident memory at that sample")
+    stopped: str | None = Field(
+        description='why the crash guard stopped this slot taking jobs, e.g. "stopped: 3 '
+        'jobs died within 10 s in a row: ..."; null while it takes jobs'
+    )
+    quick_deaths: int = Field(description="its jobs that died within seconds, in a row")
 
 
 class HostStats(ResponseModel):
@@ -96,6 +118,17 @@ class GpuStats(ResponseModel):
     power_w: float | None
 
 
+class NodeControlState(ResponseModel):
+    state: Literal["active", "cordoned", "draining", "drained"] = Field(
+        description="draining: cordoned, its running jobs finish; drained: and none runs"
+    )
+    cordoned: bool = Field(description="it takes no new jobs")
+    draining: bool
+    drain_now: bool = Field(description="its running jobs are handed back with a checkpoint")
+    changed_by: str | None = Field(description="who changed it last (shown to admins)")
+    changed_at: datetime | None
+
+
 class WorkerNode(ResponseModel):
     node: str = Field(description="the Celery node name, e.g. trainyard-1234@gpu-01")
     host: str
@@ -114,6 +147,8 @@ class WorkerNode(ResponseModel):
         "host without NVIDIA GPUs"
     )
     workers: list[WorkerSlot]
+    control: NodeControlState
+    stopped_slots: int = Field(description="slots the crash guard stopped")
 
 
 class Workers(ResponseModel):
@@ -196,3 +231,93 @@ def list_queues() -> ResponseReturnValue:
             get_session(), read_cluster(_broker_url()), api_user(), settings.aging_points_per_hour
         )
     )
+
+
+# ---------------------------------------------------------------- node control (admins)
+
+
+class NodeStatus(ResponseModel):
+    node: str = Field(description="the Celery node name")
+    control: NodeControlState
+    stopped_slots: int = Field(description="slots the crash guard has stopped now")
+
+
+class DrainQuery(QueryModel):
+    now: bool = Field(
+        default=False,
+        description="hand running jobs back with a checkpoint instead of letting them finish",
+    )
+
+
+def _admin_node(node: str) -> str:
+    if not api_user().is_admin:
+        raise ApiError(403, "forbidden", "only admins can cordon, drain or clear workers", {})
+    try:
+        return check_node_name(node)
+    except ValueError as exc:
+        # No node can have that name: nothing at this path, like an unknown job id.
+        raise ApiError(404, "not_found", "not a worker node name", {"node": str(exc)}) from None
+
+
+def _node_status(node: str) -> ResponseReturnValue:
+    session = get_session()
+    running = 0
+    cluster = read_cluster(_broker_url())
+    names = [s.name for s in cluster.slots or [] if s.info.node == node]
+    if names:
+        running = len(busy_slot_names(session, names))
+    stopped = sum(g.stopped for g in slot_guards(session, node).values())
+    control = control_json(node_control(session, node), running, api_user())
+    return jsonify({"node": node, "control": control, "stopped_slots": stopped})
+
+
+def _act(node: str, action: Action) -> ResponseReturnValue:
+    node = _admin_node(node)
+    session = get_session()
+    set_control(session, node, action, api_user().username)
+    session.commit()
+    return _node_status(node)
+
+
+@bp.post("/workers/<node>/cordon")
+@operation(tag="cluster", ok={200: NodeStatus}, errors=(403, 404, 413))
+def cordon_node(node: str) -> ResponseReturnValue:
+    """Stop a worker node taking new jobs (admins only); the jobs it runs go on.
+
+    `node` is the Celery node name the workers list shows. The state is kept in the
+    database, so it holds across the worker's restarts under the same name.
+    """
+    parse_query(NoQuery)
+    return _act(node, "cordon")
+
+
+@bp.post("/workers/<node>/drain")
+@operation(tag="cluster", ok={200: NodeStatus}, errors=(403, 404, 413), query=DrainQuery)
+def drain_node(node: str) -> ResponseReturnValue:
+    """Cordon a worker node and let its running jobs finish (admins only).
+
+    With `?now=true` its running jobs checkpoint and go back to the queue within a
+    heartbeat, and resume on another worker.
+    """
+    query = parse_query(DrainQuery)
+    return _act(node, "drain_now" if query.now else "drain")
+
+
+@bp.post("/workers/<node>/uncordon")
+@operation(tag="cluster", ok={200: NodeStatus}, errors=(403, 404, 413))
+def uncordon_node(node: str) -> ResponseReturnValue:
+    """Undo cordon and drain: the node takes jobs again (admins only)."""
+    parse_query(NoQuery)
+    return _act(node, "uncordon")
+
+
+@bp.post("/workers/<node>/clear")
+@operation(tag="cluster", ok={200: NodeStatus}, errors=(403, 404, 413))
+def clear_node(node: str) -> ResponseReturnValue:
+    """Clear a node's crash guard: its stopped slots take jobs again (admins only)."""
+    parse_query(NoQuery)
+    node = _admin_node(node)
+    session = get_session()
+    clear_guard(session, node)
+    session.commit()
+    return _node_status(node)

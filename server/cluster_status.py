@@ -30,6 +30,7 @@ from shared.db import utcnow
 from shared.orm import Job, User
 from shared.scheduling import Ranked, gpu_needs, queue_order, slot_takes
 from shared.state_machine import JobState
+from shared.worker_nodes import NodeControl, all_controls, slot_guards
 from shared.worker_registry import OnlineSlot, online_slots
 
 log = logging.getLogger(__name__)
@@ -250,8 +251,11 @@ def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) ->
                 "busy": row is not None,
                 "job": job,
                 **_slot_stats(slot.telemetry),
+                "stopped": None,
+                "quick_deaths": 0,
             }
         )
+    _add_control(session, nodes, user)
     for node in nodes.values():
         node.pop("_telemetry_at", None)
         # A pinned slot lists only its own GPUs (worker/slots.py): the node has them all.
@@ -269,6 +273,39 @@ def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) ->
     }
 
 
+def control_json(control: NodeControl, running_jobs: int, user: Principal) -> dict[str, Any]:
+    """An admin's say over a node (shared/worker_nodes.py), as the API shows it."""
+    return {
+        "state": control.state(running_jobs),
+        "cordoned": control.cordoned,
+        "draining": control.draining,
+        "drain_now": control.drain_now,
+        # Which admin did it: for admins only, like other users' names.
+        "changed_by": control.changed_by if user.is_admin else None,
+        "changed_at": iso(control.changed_at),
+    }
+
+
+def _add_control(session: Session, nodes: dict[str, dict[str, Any]], user: Principal) -> None:
+    """Each node's cordon/drain state, and each slot's crash guard (the database's)."""
+    controls = all_controls(session)
+    guards = slot_guards(session)
+    for name, node in nodes.items():
+        control = controls.get(name, NodeControl(node=name))
+        node["control"] = control_json(control, node["busy_slots"], user)
+        # By slot index: a killed child's entry lingers beside its replacement's until
+        # it expires (shared/worker_registry.py), and both name the same slot.
+        stopped: set[int] = set()
+        for slot in node["workers"]:
+            guard = guards.get((name, slot["slot"])) if slot["slot"] is not None else None
+            if guard is not None:
+                slot["quick_deaths"] = guard.quick_deaths
+                if guard.stopped:
+                    slot["stopped"] = f"stopped: {guard.stopped_reason}"
+                    stopped.add(guard.slot)
+        node["stopped_slots"] = len(stopped)
+
+
 # ----------------------------------------------------------------------------- queues
 
 
@@ -281,7 +318,7 @@ def _job_counts(session: Session) -> dict[tuple[str, str], int]:
     return {(queue, state): n for queue, state, n in session.execute(stmt)}
 
 
-def _busy_slot_names(session: Session, names: list[str]) -> set[str]:
+def busy_slot_names(session: Session, names: list[str]) -> set[str]:
     if not names:
         return set()
     stmt = select(Job.worker).where(Job.state == RUNNING, Job.worker.in_(names))
@@ -333,7 +370,7 @@ def queues_json(
     """Depth and capacity per queue, and the user's waiting jobs with why each waits."""
     slots = cluster.slots
     names = [s.name for s in slots or []]
-    busy_names = _busy_slot_names(session, names)
+    busy_names = busy_slot_names(session, names)
     counts = _job_counts(session)
     capacity: dict[str, tuple[int | None, int]] = {}
     offered: dict[str, list[list[int | None]]] = {}  # per queue: each slot's GPU memory

@@ -228,3 +228,38 @@ class Upload(Base):
     # uploads are kept in a compact typed form (shared/job_files.py).
     storage_format: Mapped[str] = mapped_column(String(32), default="csv", server_default="csv")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WorkerNode(Base):
+    """An admin's say over one worker node (a `trainyard worker` process, by its Celery
+    node name): cordoned (takes no new jobs) and draining (its running jobs finish, or
+    with `drain_now` are handed back). In the database, not the Redis registry, so that
+    it outlives the worker: a restarted node with the same name is still cordoned
+    (shared/worker_nodes.py)."""
+
+    __tablename__ = "worker_nodes"
+
+    node: Mapped[str] = mapped_column(String(255), primary_key=True)
+    cordoned: Mapped[bool] = mapped_column(Boolean, default=False)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Drain --now: running jobs checkpoint and go back to the queue (their lease
+    # heartbeat sees this, worker/lease.py).
+    drain_now: Mapped[bool] = mapped_column(Boolean, default=False)
+    changed_by: Mapped[str | None] = mapped_column(String(64))
+    changed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WorkerSlotGuard(Base):
+    """The crash guard of one worker slot (node, slot index): how many of its jobs died
+    quickly in a row, and, once that reached TRAINYARD_CRASH_GUARD_RUNS, since when and
+    why the slot takes no jobs (shared/worker_nodes.py)."""
+
+    __tablename__ = "worker_slot_guards"
+
+    node: Mapped[str] = mapped_column(String(255), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    quick_deaths: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
+    stopped_reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

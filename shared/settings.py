@@ -185,6 +185,13 @@ class Settings(BaseSettings):
     # Queues whose jobs are preemptible unless their spec says `preemptible: false`
     # (comma-separated; empty: only jobs whose spec says `preemptible: true`).
     preemptible_queues: str = ""
+    # Crash guard (worker/node_control.py; README "Draining and cordoning workers"): a
+    # worker slot whose jobs die this many times in a row, each within
+    # crash_guard_seconds of its claim (an infrastructure failure, a crash that is not
+    # the job's own error, or its process killed), stops taking jobs until an admin
+    # clears it (`trainyard worker clear NODE`). 0 turns the guard off.
+    crash_guard_runs: int = Field(default=3, ge=0)
+    crash_guard_seconds: float = Field(default=10.0, gt=0)
 
     @field_validator("worker_gpus")
     @classmethod

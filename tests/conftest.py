@@ -457,13 +457,21 @@ class WorkerProcess:
     subprocess with TRAINYARD_TEST_ZYGOTE=0."""
 
     def __init__(
-        self, settings: Settings, log_path: Path, queues: str = "cpu", concurrency: int = 1
+        self,
+        settings: Settings,
+        log_path: Path,
+        queues: str = "cpu",
+        concurrency: int = 1,
+        name: str | None = None,
     ):
+        """`name`: the Celery node name (-n); a fresh random one by default. A test that
+        restarts "the same" worker passes one."""
         self.log_path = log_path
+        self.name = name or f"test-{secrets.token_hex(3)}@%h"
         cmd = [
             sys.executable, "-m", "celery", "-A", "worker.celery_worker:app", "worker",
             "-Q", queues, "--concurrency", str(concurrency), "--prefetch-multiplier", "1",
-            "--loglevel", "INFO", "-n", f"test-{secrets.token_hex(3)}@%h", "--without-gossip",
+            "--loglevel", "INFO", "-n", self.name, "--without-gossip",
             "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -510,8 +518,9 @@ class WorkerProcess:
 def start_worker(settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
     workers: list[WorkerProcess] = []
 
-    def start(queues: str = "cpu", concurrency: int = 1) -> WorkerProcess:
-        w = WorkerProcess(settings, tmp_path / f"worker-{len(workers)}.log", queues, concurrency)
+    def start(queues: str = "cpu", concurrency: int = 1, name: str | None = None) -> WorkerProcess:
+        log_path = tmp_path / f"worker-{len(workers)}.log"
+        w = WorkerProcess(settings, log_path, queues, concurrency, name)
         workers.append(w)
         w.wait_ready()
         return w

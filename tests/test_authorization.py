@@ -35,7 +35,7 @@ from werkzeug.test import TestResponse
 from server.auth import principal
 from shared import accounts, job_files
 from shared.db import transaction, utcnow
-from shared.orm import Job, MetricPoint, Upload, User
+from shared.orm import Job, MetricPoint, Upload, User, WorkerNode
 from shared.settings import Settings
 from tests.conftest import as_user
 from tests.helpers import evaluate_spec, train_spec
@@ -463,6 +463,31 @@ def check_page_new_job(resp: TestResponse, who: str, w: World) -> None:
         assert job.owner_id == w.user(who).id and job_id not in (w.job, w.queued, w.bob_job)
 
 
+NODE = "matrix-1@gpu-01"
+ADMIN_ONLY: Expect = {ANON: 401, ALICE: 403, BOB: 403, ADMIN: 200}
+
+
+def check_node_control(resp: TestResponse, who: str, w: World) -> None:
+    # Only the admin's (root's) cordon/drain is stored (shared/worker_nodes.py), under their name.
+    with transaction(w.db_url) as s:
+        row = s.get(WorkerNode, NODE)
+    if who == ADMIN:
+        assert resp.get_json()["node"] == NODE
+        assert row is not None and row.changed_by == "root"
+    else:
+        assert row is None or row.changed_by == "root", row
+
+
+def check_node_control_page(resp: TestResponse, who: str, w: World) -> None:
+    with transaction(w.db_url) as s:
+        row = s.get(WorkerNode, NODE)
+    if who == ADMIN:
+        assert resp.headers["Location"] == "/workers"
+        assert row is not None and row.cordoned and row.changed_by == "root"
+    else:
+        assert row is None or row.changed_by == "root", row
+
+
 # ---------------------------------------------------------------- the matrix
 
 
@@ -551,6 +576,15 @@ MATRIX: tuple[Row, ...] = (
     # workers and queues (server/cluster_api.py): counts for everyone, jobs only one's own
     Row("GET", "/api/v1/workers", any_user()),
     Row("GET", "/api/v1/queues", any_user(), check=check_queues),
+    # cordon, drain, uncordon, clear a worker node (server/cluster_api.py): admins only
+    Row("POST", "/api/v1/workers/<node>/cordon", ADMIN_ONLY, f"/api/v1/workers/{NODE}/cordon",
+        check=check_node_control, check_all=True),
+    Row("POST", "/api/v1/workers/<node>/drain", ADMIN_ONLY,
+        f"/api/v1/workers/{NODE}/drain?now=true", check=check_node_control, check_all=True),
+    Row("POST", "/api/v1/workers/<node>/uncordon", ADMIN_ONLY,
+        f"/api/v1/workers/{NODE}/uncordon", check=check_node_control, check_all=True),
+    Row("POST", "/api/v1/workers/<node>/clear", ADMIN_ONLY, f"/api/v1/workers/{NODE}/clear",
+        check=check_node_control, check_all=True),
     Row("GET", "/healthz", PUBLIC),
     # HTML
     Row("GET", "/", page(), check=check_home, page=True),
@@ -569,6 +603,9 @@ MATRIX: tuple[Row, ...] = (
         check=check_compare, check_all=True, page=True),
     Row("GET", "/leaderboard", page(), check=check_leaderboard, page=True),
     Row("GET", "/workers", page(), check=check_workers_page, page=True),
+    # The workers page's admin buttons (server/web/workers.py).
+    Row("POST", "/workers/<node>/<action>", {ANON: 302, ALICE: 403, BOB: 403, ADMIN: 303},
+        f"/workers/{NODE}/cordon", check=check_node_control_page, check_all=True, page=True),
     Row("GET", "/submit", page(), check=check_submit_page, page=True),
     Row("GET", "/submit", {ANON: 302, ALICE: 200, BOB: 404, ADMIN: 200}, "/submit?clone={job}",
         check=check_clone_page, check_all=True, page=True, note="clone alice's job"),

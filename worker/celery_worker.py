@@ -28,7 +28,7 @@ from shared.celery_app import make_celery
 from shared.db import dispose_inherited_engines
 from shared.settings import load_settings
 from shared.worker_registry import SlotHeartbeat, SlotInfo, remove_node
-from worker import memory_limit, shutdown, slots, telemetry
+from worker import memory_limit, node_control, shutdown, slots, telemetry
 from worker.runner import worker_name
 from worker.tasks import register_tasks
 
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 settings = load_settings()
 app = make_celery(settings)
 register_tasks(app, settings)
+# Stops consuming while an admin has this node cordoned (worker/node_control.py).
+app.steps["consumer"].add(node_control.NodeControlStep)
 
 
 def _refuse(message: str) -> NoReturn:
@@ -76,6 +78,9 @@ def _init_main(sender=None, conf=None, options=None, **_kw) -> None:  # type: ig
     slots.with_cpu_slots(_layout, _slots["n"])
     if sender:
         _node["name"] = str(sender)
+    # Inherited by every child: cordon, drain and the crash guard are keyed by it.
+    node_control.set_node(_node["name"])
+    node_control.install_switch(settings, _node["name"], _slots["n"])
     # Before the pool forks, so that every child shares the shutdown flag.
     shutdown.share_with_children()
 

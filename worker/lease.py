@@ -9,6 +9,8 @@ and a clock read), so every reason to stop reaches it within a step or two:
   writes nothing final;
 - time_limit: the spec's `max_runtime_s` has passed since the claim;
 - shutdown: the worker is shutting down (worker/shutdown.py); the job is handed back.
+- drain: an admin drained this worker node with --now (shared/worker_nodes.py); the
+  heartbeat reads the node's row, and the job is handed back like on shutdown.
 - preempted: the scheduler asked this job to make room for a waiting job of higher
   priority (shared/scheduling.py); the heartbeat reads the flag from the job row, and
   the job checkpoints and is handed back like on shutdown.
@@ -31,6 +33,7 @@ import time
 
 from shared.db import transaction
 from shared.state_machine import renew_lease
+from shared.worker_nodes import hand_back_requested
 from worker.shutdown import shutdown_requested
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class StopReason(str, enum.Enum):
     TIME_LIMIT = "time_limit"
     SHUTDOWN = "shutdown"
     PREEMPTED = "preempted"
+    DRAIN = "drain"
 
 
 class LeaseKeeper:
@@ -55,9 +59,12 @@ class LeaseKeeper:
         *,
         max_runtime_s: float | None = None,
         claimed_at: float | None = None,
+        node: str | None = None,
     ):
         """`claimed_at`: time.monotonic() taken just before the claim, which set the
-        first lease; defaults to now."""
+        first lease; defaults to now. `node`: this worker's Celery node name, whose
+        drain --now stops the job."""
+        self._node = node
         self._url = database_url
         self._job_id = job_id
         self._attempt = attempt
@@ -123,6 +130,9 @@ class LeaseKeeper:
         started = time.monotonic()
         with transaction(self._url) as session:
             hb = renew_lease(session, self._job_id, self._attempt, self._lease_seconds)
+            drain_now = (
+                hb.owned and self._node is not None and hand_back_requested(session, self._node)
+            )
         if not hb.owned:
             self.request_stop(StopReason.LOST)
             return
@@ -134,6 +144,8 @@ class LeaseKeeper:
         elif hb.preempted_by is not None and self.stop_reason is None:
             self.preempted_by = hb.preempted_by
             self.request_stop(StopReason.PREEMPTED)
+        elif drain_now:
+            self.request_stop(StopReason.DRAIN)
 
     def _run(self) -> None:
         while not self._done.wait(self._wait_seconds()):

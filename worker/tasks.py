@@ -15,6 +15,7 @@ from celery.worker.request import Request
 
 from shared.celery_app import EVALUATE_TASK, TRAIN_TASK
 from shared.settings import Settings
+from worker import node_control
 from worker.child_death import record_killed_child
 from worker.runner import run_job
 from worker.shutdown import shutdown_requested, sigterm_hands_back_job
@@ -31,6 +32,9 @@ def job_request_class(settings: Settings) -> type[Request]:
         ) -> None:
             exc = getattr(exc_info, "exception", None)
             exc = getattr(exc, "exc", exc)  # billiard wraps it in an ExceptionWithTraceback
+            if isinstance(exc, WorkerLostError):
+                # Any death of a pool child mid-job, for the crash guard.
+                node_control.record_killed_child(settings, self.worker_pid, str(exc))
             if isinstance(exc, WorkerLostError) and record_killed_child(
                 settings, self.args, self.worker_pid, str(exc)
             ):
@@ -51,6 +55,12 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             # This worker is going away: put the message back untouched for another one
             # rather than claim the job only to hand it back.
             raise Reject("worker shutting down", requeue=True)
+        refused = node_control.refusal(settings)
+        if refused is not None:
+            # Cordoned, draining, or this slot stopped by the crash guard: the message goes
+            # back for another worker (worker/node_control.py), the job stays queued.
+            node_control.pause_before_refusing()
+            raise Reject(refused, requeue=True)
         planned = layout()
         if planned and planned.slots and current_slot() is None and take_slot(SLOT_WAIT_S) is None:
             # Every slot is held (a replaced child's DataLoader workers still dying, say):

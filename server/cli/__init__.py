@@ -9,6 +9,8 @@ Two kinds of subcommand, each in its own module:
   local mode, the package local/) start the parts of Trainyard;
 - operator commands (`user`, `token`: account_commands) change accounts in the database
   directly, so they run where the database is reachable; they make the first token.
+  `worker cordon|drain|uncordon|clear NODE` (node_commands) likewise act on a worker
+  node's row.
 
 The subcommands are registered here rather than with `@main.command()` in their modules,
 so no module imports this one and the package has no import cycles.
@@ -24,6 +26,7 @@ import click
 from server.cli.account_commands import token_group, user_group
 from server.cli.job_commands import cancel, jobs_command, show, submit, watch
 from server.cli.local.up_command import up
+from server.cli.node_commands import NODE_COMMANDS
 from server.cli.process_commands import db, reconcile, web, worker
 from server.cli.storage_commands import artifacts_group, upload_group
 
@@ -57,3 +60,7 @@ for _command in (
     artifacts_group,
 ):
     main.add_command(_command)
+
+# `trainyard worker cordon|drain|uncordon|clear NODE`; `trainyard worker` alone starts one.
+for _command in NODE_COMMANDS:
+    worker.add_command(_command)

@@ -132,7 +132,10 @@ def web(host: str, port: int, workers: int, timeout: int) -> None:
     _exec(gunicorn_argv(host, port, workers, timeout))
 
 
-@click.command()
+# A group, so that `trainyard worker drain NODE` and friends (server/cli/node_commands.py)
+# live beside it, while `trainyard worker [options]` without a subcommand still starts a
+# worker, as it always did.
+@click.group(invoke_without_command=True)
 @click.option(
     "--queues",
     "-Q",
@@ -165,7 +168,9 @@ def web(host: str, port: int, workers: int, timeout: int) -> None:
     help="Celery node name. [default: trainyard-<pid>@%h]",
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.pass_context
 def worker(
+    ctx: click.Context,
     queues: str | None,
     concurrency: int | None,
     gpus: str | None,
@@ -173,7 +178,13 @@ def worker(
     node_name: str | None,
     loglevel: str,
 ) -> None:
-    """Run a Celery worker that trains and evaluates jobs."""
+    """Run a Celery worker that trains and evaluates jobs.
+
+    With a subcommand, act on a running (or future) worker node instead: cordon,
+    drain, uncordon, clear.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     # Before Celery starts: it would only die on its first import, with a traceback.
     require_worker_extra()
     from shared.celery_app import QUEUES  # Celery, but no torch: fine for the CLI

@@ -151,6 +151,7 @@
     } else {
       cell.append(h("span", { className: "slot-state slot-idle", text: "idle" }));
     }
+    if (slot.stopped) cell.append(" ", h("span", { className: "slot-stopped", text: slot.stopped }));
     return cell;
   }
 
@@ -217,6 +218,48 @@
     return box;
   }
 
+  // An admin's say over a node (shared/worker_nodes.py), as the template's macros draw it.
+  const controlText = {
+    cordoned: "cordoned: takes no new jobs",
+    draining: "draining: takes no new jobs, running ones finish",
+    drained: "drained: takes no new jobs, none runs",
+  };
+  const csrfToken = document.querySelector('meta[name="csrf-token"]')?.content || "";
+
+  function nodeControl(node) {
+    const items = [];
+    const control = node.control;
+    if (control && control.state !== "active") {
+      const li = h("li", { className: `node-control node-${control.state}` }, h("strong", { text: controlText[control.state] }));
+      if (control.drain_now) li.append(" (running jobs handed back)");
+      items.push(li);
+    }
+    if (node.stopped_slots) {
+      items.push(h("li", { className: "node-control node-stopped" },
+        h("strong", { text: `${plural(node.stopped_slots, "slot")} stopped by the crash guard` })));
+    }
+    return items;
+  }
+
+  function actionButton(node, action, label) {
+    return h(
+      "form",
+      { method: "post", action: `/workers/${encodeURIComponent(node.node)}/${action}`, className: "action-form" },
+      h("input", { type: "hidden", name: "csrf_token", value: csrfToken }),
+      h("button", { type: "submit", className: "btn", "data-action": action, text: label }),
+    );
+  }
+
+  function nodeActions(node) {
+    const control = node.control || {};
+    const buttons = control.cordoned
+      ? [actionButton(node, "uncordon", "Uncordon")]
+      : [actionButton(node, "cordon", "Cordon"), actionButton(node, "drain", "Drain")];
+    if (!control.drain_now) buttons.push(actionButton(node, "drain_now", "Drain now"));
+    if (node.stopped_slots) buttons.push(actionButton(node, "clear", "Clear crash guard"));
+    return h("div", { className: "node-actions", role: "group", "aria-label": `Actions on ${node.node}` }, buttons);
+  }
+
   function nodeCard(node, now) {
     const queues = [];
     node.queues.forEach((q, i) => queues.push(...(i ? [" "] : []), queueChip(q)));
@@ -237,7 +280,9 @@
           h("li", {}, "queues ", queues),
           h("li", { text: gpuText(node) }),
           h("li", { text: slots }),
+          nodeControl(node),
         ),
+        isAdmin ? nodeActions(node) : [],
       ),
       nodeTelemetry(node),
       h(
