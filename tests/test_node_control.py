@@ -154,6 +154,26 @@ def test_cordon_drain_uncordon_and_the_crash_guard_rules(db_url: str) -> None:
         set_control(s, "two words", "cordon", "root")
 
 
+def test_what_counts_as_a_death_for_the_crash_guard() -> None:
+    from worker.node_control import verdict
+
+    trace = "Traceback (most recent call last): ..."
+    # An infrastructure failure (retried or, on the last attempt, failed) counts.
+    assert verdict("requeued", True, "InfrastructureError", "") is True
+    assert verdict("failed", True, "InfrastructureError", "") is True
+    # An exception that is not the job's own (a driver's error) counts.
+    assert verdict("failed", False, "RuntimeError", trace) is True
+    # The job's own: a UserError (no traceback), out of memory, its time limit.
+    assert verdict("failed", False, "DatasetError", "") is None
+    assert verdict("failed", False, "CudaOutOfMemory", trace) is None
+    assert verdict("failed", False, "OutOfMemory", trace) is None
+    assert verdict("failed", False, "TimeLimitExceeded", "") is None
+    # Neither: a cancel, a hand-back; a success ends the streak.
+    assert verdict("cancelled", False, None, "") is None
+    assert verdict("requeued", False, None, "") is None
+    assert verdict("succeeded", False, None, "") is False
+
+
 # ---------------------------------------------------------------- real workers
 
 
@@ -272,3 +292,42 @@ def test_the_crash_guard_stops_a_slot_whose_jobs_die_at_once_until_cleared(
             s.execute(select(WorkerSlotGuard).where(WorkerSlotGuard.node == node)).first() is None
         )
         assert s.get(WorkerNode, node) is None  # the guard never cordons the node
+
+
+def test_a_slot_with_a_broken_artifacts_mount_stops_after_three_jobs_and_a_restart_keeps_it(
+    harness: Harness, settings: Settings, start_worker, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """A real broken setup: the worker's artifacts directory is a file (a mount that did
+    not happen), so every job fails within a second on its checkpoint directory. Three
+    fail, the rest of the queue waits; restarting the fixed worker under the same name
+    keeps the slot stopped until an admin clears it, then the waiting jobs run."""
+    node = node_name("broken")
+    mount = tmp_path / "artifacts-mount"
+    mount.write_text("not a directory\n")
+    broken = settings.model_copy(update={"artifacts_dir": mount})
+    worker = WorkerProcess(broken, tmp_path / "broken-worker.log", "cpu", 1, node)
+    try:
+        worker.wait_ready()
+        ids = [harness.submit(small_spec()) for _ in range(5)]
+        until(lambda: sum(harness.job(i).state == "failed" for i in ids) >= 3, "3 failures")
+        node_shown = until(lambda: (n := harness.node(node)) and n["stopped_slots"] and n, "stop")
+        [reason] = {s["stopped"] for s in node_shown["workers"] if s["stopped"]}
+        assert reason.startswith("stopped: 3 jobs died within 10 s in a row: "), reason
+        assert "NotADirectoryError" in reason or "FileExistsError" in reason, reason
+        assert str(mount) not in reason  # as members see errors: no server paths
+        time.sleep(3)
+        states = sorted(harness.job(i).state for i in ids)
+        assert states == ["failed", "failed", "failed", "queued", "queued"], states
+    finally:
+        worker.stop()
+
+    fixed = start_worker(name=node)  # the mount fixed, the same node restarted
+    time.sleep(4)
+    assert sorted(harness.job(i).state for i in ids).count("queued") == 2
+    resp = harness.admin.post(f"/api/v1/workers/{node}/clear")
+    assert resp.status_code == 200 and resp.get_json()["stopped_slots"] == 0
+    for job_id in ids:
+        job = harness.wait(job_id, ENDED)
+        assert job.state in ("failed", "succeeded")
+    ran = [harness.job(i) for i in ids if harness.job(i).state == "succeeded"]
+    assert len(ran) == 2 and all(job_pid(j) in pool_pids(fixed) for j in ran)

@@ -285,7 +285,8 @@ def run_job(
             result, outcome.retry, outcome.values.get("error_type"), outcome.detail
         ),
         ran_s=time.monotonic() - claimed_at,
-        error=f"{outcome.values.get('error_type')}: {outcome.values.get('error_message')}",
+        # As members see it (no server paths): the workers page shows it to everyone.
+        error=f"{shown.values.get('error_type')}: {shown.values.get('error_message')}",
     )
     return result
 
