@@ -151,8 +151,18 @@ class WorkerNode(ResponseModel):
     stopped_slots: int = Field(description="slots the crash guard stopped")
 
 
+class OfflineNode(ResponseModel):
+    node: str
+    control: NodeControlState
+    stopped_slots: int
+
+
 class Workers(ResponseModel):
     nodes: list[WorkerNode]
+    offline_nodes: list[OfflineNode] = Field(
+        description="nodes not online that are cordoned or have slots stopped by the "
+        "crash guard (the state waits for their restart)"
+    )
     online_slots: int
     busy_slots: int
     broker_error: str | None = Field(description=_BROKER_ERROR)

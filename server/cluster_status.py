@@ -255,7 +255,7 @@ def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) ->
                 "quick_deaths": 0,
             }
         )
-    _add_control(session, nodes, user)
+    offline = _add_control(session, nodes, user)
     for node in nodes.values():
         node.pop("_telemetry_at", None)
         # A pinned slot lists only its own GPUs (worker/slots.py): the node has them all.
@@ -266,6 +266,7 @@ def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) ->
         node["gpus"] = len(node["gpu_names"])
     return {
         "nodes": list(nodes.values()),
+        "offline_nodes": offline,
         "online_slots": len(slots),
         "busy_slots": sum(n["busy_slots"] for n in nodes.values()),
         "broker_error": cluster.error,
@@ -286,10 +287,29 @@ def control_json(control: NodeControl, running_jobs: int, user: Principal) -> di
     }
 
 
-def _add_control(session: Session, nodes: dict[str, dict[str, Any]], user: Principal) -> None:
-    """Each node's cordon/drain state, and each slot's crash guard (the database's)."""
+def _add_control(
+    session: Session, nodes: dict[str, dict[str, Any]], user: Principal
+) -> list[dict[str, Any]]:
+    """Each node's cordon/drain state, and each slot's crash guard (the database's).
+    Returns the nodes not online that are cordoned or have stopped slots: a node
+    drained for maintenance must not be forgotten while it is down."""
     controls = all_controls(session)
     guards = slot_guards(session)
+    offline: list[dict[str, Any]] = []
+    stopped_by_node: dict[str, set[int]] = {}
+    for guard in guards.values():
+        if guard.stopped:
+            stopped_by_node.setdefault(guard.node, set()).add(guard.slot)
+    for name in sorted((set(controls) | set(stopped_by_node)) - set(nodes)):
+        control = controls.get(name, NodeControl(node=name))
+        if control.cordoned or stopped_by_node.get(name):
+            offline.append(
+                {
+                    "node": name,
+                    "control": control_json(control, 0, user),
+                    "stopped_slots": len(stopped_by_node.get(name, ())),
+                }
+            )
     for name, node in nodes.items():
         control = controls.get(name, NodeControl(node=name))
         node["control"] = control_json(control, node["busy_slots"], user)
@@ -304,6 +324,7 @@ def _add_control(session: Session, nodes: dict[str, dict[str, Any]], user: Princ
                     slot["stopped"] = f"stopped: {guard.stopped_reason}"
                     stopped.add(guard.slot)
         node["stopped_slots"] = len(stopped)
+    return offline
 
 
 # ----------------------------------------------------------------------------- queues

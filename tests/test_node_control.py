@@ -194,6 +194,9 @@ def test_a_cordoned_node_takes_no_job_even_after_a_restart_until_uncordoned(
     assert shown["control"]["changed_by"].endswith("(cli)")
 
     worker.stop()
+    # While it is down the API still lists it, cordoned.
+    offline = harness.admin.get("/api/v1/workers").get_json()["offline_nodes"]
+    assert [(n["node"], n["control"]["state"]) for n in offline] == [(node, "cordoned")]
     worker = start_worker(name=node)  # the same node, restarted
     until(lambda: "stopped consuming" in worker.log_tail(100_000), "the restarted node to stop")
     time.sleep(3)

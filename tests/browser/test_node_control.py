@@ -12,6 +12,7 @@ from shared.worker_registry import SlotInfo, register
 from tests.browser.conftest import DESKTOP, Ui, log_in, make_user
 
 NODE = "trainyard-7@gpu-07"
+OFFLINE = "trainyard-9@gpu-09"
 REASON = "3 jobs died within 10 s in a row: InfrastructureError: disk full: [Errno 28]"
 
 
@@ -72,6 +73,19 @@ def test_an_admin_cordons_uncordons_and_clears_a_node_from_the_workers_page(
         with transaction(db_url) as s:
             assert s.get(WorkerNode, NODE).cordoned is False  # type: ignore[union-attr]
             assert s.get(WorkerSlotGuard, (NODE, 0)) is None
+
+        # A node drained for maintenance and down is listed, not forgotten.
+        with transaction(db_url) as s:
+            s.add(WorkerNode(node=OFFLINE, cordoned=True, draining=True, drain_now=True,
+                             changed_by="boss"))  # fmt: skip
+        page.goto(live_server + "/workers")
+        offline = page.locator(f'.offline-node[data-node="{OFFLINE}"]')
+        assert "not online" in offline.inner_text()
+        assert "drained: takes no new jobs, none runs" in offline.inner_text()
+        offline.get_by_role("button", name="Uncordon").click()
+        page.wait_for_url(live_server + "/workers")
+        assert page.locator(".offline-node").count() == 0
+        assert page.locator("#offline-nodes").is_hidden()
     finally:
         context.close()
     assert not errors, errors

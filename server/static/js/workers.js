@@ -260,6 +260,18 @@
     return h("div", { className: "node-actions", role: "group", "aria-label": `Actions on ${node.node}` }, buttons);
   }
 
+  function offlineNode(node) {
+    return h(
+      "li",
+      { className: "offline-node", "data-node": node.node },
+      h("strong", { className: "node-name", text: node.node }),
+      " ",
+      h("span", { className: "job-meta", text: "not online" }),
+      h("ul", { className: "node-meta" }, nodeControl(node)),
+      isAdmin ? nodeActions(node) : [],
+    );
+  }
+
   function nodeCard(node, now) {
     const queues = [];
     node.queues.forEach((q, i) => queues.push(...(i ? [" "] : []), queueChip(q)));
@@ -336,6 +348,9 @@
     byId("workers-empty").hidden = workers.nodes.length > 0 || Boolean(brokerError);
     byId("workers-unknown").hidden = !brokerError;
     byId("node-list").replaceChildren(...workers.nodes.map((node) => nodeCard(node, now)));
+    const offline = workers.offline_nodes || [];
+    byId("offline-nodes").hidden = offline.length === 0;
+    byId("offline-nodes").replaceChildren(...offline.map(offlineNode));
   }
 
   // ------------------------------------------------------------------ polling
