@@ -104,12 +104,14 @@ class AttemptSync:
         if not self.active:
             return 0
         with self._lock:
-            sent = 0
+            # The log first: whenever a checkpoint is in the store, so is the log up to
+            # it (a host killed between the two would otherwise leave a checkpoint to
+            # resume from and no record of the attempt that wrote it).
+            sent = self._upload_if_changed(self.log_file, self.log_key)
             for path in sorted(self._files()):
                 sent += self._upload_if_changed(
                     path, f"{self.prefix}/{path.relative_to(self.directory).as_posix()}"
                 )
-            sent += self._upload_if_changed(self.log_file, self.log_key)
             return sent
 
     def flush(self) -> None:
