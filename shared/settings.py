@@ -217,7 +217,9 @@ class Settings(BaseSettings):
                 "TRAINYARD_ARTIFACTS_URL must be a directory, file:///path or s3://bucket/prefix"
             )
         if url and url.startswith("s3://") and not url.removeprefix("s3://").split("/")[0]:
-            raise ValueError("TRAINYARD_ARTIFACTS_URL s3:// needs a bucket name: s3://bucket/prefix")
+            raise ValueError(
+                "TRAINYARD_ARTIFACTS_URL s3:// needs a bucket name: s3://bucket/prefix"
+            )
         return url or None
 
     @model_validator(mode="after")
