@@ -154,6 +154,27 @@ def test_cordon_drain_uncordon_and_the_crash_guard_rules(db_url: str) -> None:
         set_control(s, "two words", "cordon", "root")
 
 
+def test_the_node_commands_name_the_field_of_a_bad_node_and_keep_trainyard_worker(
+    db_url: str,
+) -> None:
+    from click.testing import CliRunner
+
+    from server.cli import main
+
+    env = {"TRAINYARD_DATABASE_URL": db_url}
+    result = CliRunner().invoke(main, ["worker", "cordon", "two words"], env=env)
+    assert result.exit_code == 1 and "error: node: a worker node name like" in result.output
+    result = CliRunner().invoke(main, ["worker", "drain", "gpu-01@h", "--now"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "Node gpu-01@h drained now" in result.output
+    with transaction(db_url) as s:
+        row = s.get(WorkerNode, "gpu-01@h")
+        assert row is not None and (row.cordoned, row.draining, row.drain_now) == (True,) * 3
+    # `trainyard worker` is still the command that starts one (tests/test_cli.py runs it).
+    help_text = CliRunner().invoke(main, ["worker", "--help"]).output
+    assert "--gpus" in help_text and "drain" in help_text and "uncordon" in help_text
+
+
 def test_what_counts_as_a_death_for_the_crash_guard() -> None:
     from worker.node_control import verdict
 
