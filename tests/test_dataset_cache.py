@@ -112,5 +112,7 @@ def test_a_worker_trains_on_a_dataset_and_leaves_its_files_in_the_bucket(
     assert checkpoint == f"{store.url}/jobs/{job_id}/attempt-1"
     stored = {i["path"] for i in store.list(f"jobs/{job_id}")}
     assert {"attempt-1/last.pt", "attempt-1/best.pt", "job.log"} <= stored
+    # Once everything is in the bucket, the worker's disk keeps no copy of the attempt.
+    assert not (worker.resolved_artifacts_dir / "jobs" / str(job_id) / "attempt-1").exists()
     log = alice.get(f"/api/v1/jobs/{job_id}/logs?tail=5").get_json()["lines"]
     assert any("succeeded" in line for line in log), log

@@ -72,6 +72,7 @@ class AttemptSync:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures = 0
+        self.flushed = False  # the last flush uploaded everything the attempt wrote
 
     @property
     def active(self) -> bool:
@@ -119,6 +120,14 @@ class AttemptSync:
         store cannot be written, so the outcome is not recorded without its files."""
         with store_errors(f"uploading {self.prefix} to {self.store.url}"):
             self.upload_changed()
+        self.flushed = True
+
+    def drop_local_copy(self) -> None:
+        """With a bucket: remove this host's copy of the attempt's files once all of
+        them are in the store, so a worker host's disk does not fill with every job it
+        ever ran (a later attempt or evaluation downloads what it needs)."""
+        if self.active and self.flushed:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def upload_log(self) -> None:
         """The log alone (the runner's final line, written after the outcome)."""

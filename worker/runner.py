@@ -275,6 +275,7 @@ def run_job(
         # Written after the database agrees, so the log never claims an end it did not get.
         job_log.event(_final_event(result, outcome))
     _upload_log(sync, job_id)
+    sync.drop_local_copy()
     if result == REQUEUED:
         _publish(claim, settings, celery)
     log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
