@@ -697,7 +697,9 @@ def test_a_worker_host_reaches_the_exposed_postgres_over_tls() -> None:
     password = "s3cret-for-the-test"
 
     def as_postgres(program: str, *args: str) -> list[str]:
-        return ["runuser", "-u", "postgres", "--", str(bin_dir / program), *args]
+        # From "/": the working directory (a clone under a 0700 temp directory) may be
+        # one the postgres user cannot enter.
+        return ["runuser", "-u", "postgres", "--", "env", "-C", "/", str(bin_dir / program), *args]
 
     with contextlib.ExitStack() as stack:
         # Not under pytest's tmp_path: the postgres user cannot enter root's directories.
@@ -707,6 +709,8 @@ def test_a_worker_host_reaches_the_exposed_postgres_over_tls() -> None:
         root.chmod(0o755)
         _make_certs(root / "tls", MAIN_IP)
         (root / "pw").write_text(password + "\n")
+        # A copy the postgres user can read: a fresh clone lives in a 0700 directory.
+        shutil.copy(REPO / "deploy" / "postgres" / "pg_hba.conf", root / "pg_hba.conf")
         for path in (root, *root.rglob("*")):
             os.chown(path, user.pw_uid, user.pw_gid)
         data = root / "data"
@@ -716,7 +720,7 @@ def test_a_worker_host_reaches_the_exposed_postgres_over_tls() -> None:
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
         port = _free_port()
-        hba = str(REPO / "deploy" / "postgres" / "pg_hba.conf")
+        hba = str(root / "pg_hba.conf")
         options = [
             arg.replace("/tls/", f"{root}/tls/").replace("/etc/trainyard/pg_hba.conf", hba)
             for arg in _argv(_load(EXPOSE)["services"]["postgres"]["command"])[1:]
