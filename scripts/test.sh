@@ -54,4 +54,5 @@ processes=${TRAINYARD_TEST_PROCESSES:-2}
 if [ "$processes" = "0" ]; then
   exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
 fi
-exec .venv/bin/python -m pytest -p no:cacheprovider -n "$processes" --dist worksteal "$@"
+# The slowest tests are listed at the end: the suite must stay under 15 minutes on 2 cores.
+exec .venv/bin/python -m pytest -p no:cacheprovider -n "$processes" --dist worksteal --durations=15 "$@"

@@ -113,6 +113,13 @@ class Harness:
         return next((n for n in nodes if n["node"] == node), None)
 
 
+# The real-process scenarios run once each, on one database or the other (the rules
+# under them, shared/worker_nodes.py, are tested on both above): each scenario costs
+# 10-20 s of real workers, and the suite has a 15-minute budget on 2 cores.
+ON_SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+ON_POSTGRESQL = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+
+
 @pytest.fixture
 def harness(app, users, settings: Settings) -> Harness:  # type: ignore[no-untyped-def]
     return Harness(app, users, settings)
@@ -198,6 +205,7 @@ def test_what_counts_as_a_death_for_the_crash_guard() -> None:
 # ---------------------------------------------------------------- real workers
 
 
+@ON_POSTGRESQL
 def test_a_cordoned_node_takes_no_job_even_after_a_restart_until_uncordoned(
     harness: Harness, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
@@ -230,6 +238,7 @@ def test_a_cordoned_node_takes_no_job_even_after_a_restart_until_uncordoned(
     assert job.state == "succeeded" and job_pid(job) in pool_pids(worker)
 
 
+@ON_SQLITE
 def test_a_drained_node_finishes_its_job_and_another_node_takes_the_next(
     harness: Harness, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
@@ -255,6 +264,7 @@ def test_a_drained_node_finishes_its_job_and_another_node_takes_the_next(
     assert job_pid(job) not in pool_pids(first)
 
 
+@ON_POSTGRESQL
 def test_drain_now_hands_the_running_job_back_and_it_resumes_on_another_node(
     harness: Harness, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
@@ -278,6 +288,7 @@ def test_drain_now_hands_the_running_job_back_and_it_resumes_on_another_node(
     assert ("resumed", "attempt-1/last.pt") in events, events
 
 
+@ON_SQLITE
 def test_the_crash_guard_stops_a_slot_whose_jobs_die_at_once_until_cleared(
     harness: Harness, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
@@ -318,6 +329,7 @@ def test_the_crash_guard_stops_a_slot_whose_jobs_die_at_once_until_cleared(
         assert s.get(WorkerNode, node) is None  # the guard never cordons the node
 
 
+@ON_POSTGRESQL
 def test_a_slot_with_a_broken_artifacts_mount_stops_after_three_jobs_and_a_restart_keeps_it(
     harness: Harness, settings: Settings, start_worker, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
