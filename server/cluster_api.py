@@ -98,6 +98,13 @@ class WorkerSlot(ResponseModel):
         'jobs died within 10 s in a row: ..."; null while it takes jobs'
     )
     quick_deaths: int = Field(description="its jobs that died within seconds, in a row")
+    idle_s: float | None = Field(
+        description="seconds since its last task ended (0 while one runs); null from a "
+        "worker that does not say"
+    )
+    quiet_s: float | None = Field(
+        description="seconds since a message last reached it (or since it started)"
+    )
 
 
 class HostStats(ResponseModel):
@@ -149,6 +156,11 @@ class WorkerNode(ResponseModel):
     workers: list[WorkerSlot]
     control: NodeControlState
     stopped_slots: int = Field(description="slots the crash guard stopped")
+    not_consuming: str | None = Field(
+        description='why the node looks alive but takes no messages, e.g. "not consuming: '
+        '3 jobs it could take have waited 4 min, ..." (TRAINYARD_STUCK_CONSUMER_SECONDS); '
+        "null while it consumes. Remedy: restart the worker (README)"
+    )
 
 
 class OfflineNode(ResponseModel):
@@ -157,11 +169,39 @@ class OfflineNode(ResponseModel):
     stopped_slots: int
 
 
+class LostJob(ResponseModel):
+    id: int | None = Field(description="null for another user's job (members)")
+    name: str | None
+    attempt: int = Field(description="the attempt the node ran")
+    state: str = Field(description="the job's state now")
+    fate: str = Field(
+        description='what became of it, e.g. "requeued, resumed on host-b:123 (attempt 2), '
+        'succeeded" or "failed: ..."'
+    )
+
+
+class LostNode(ResponseModel):
+    node: str
+    host: str
+    state: Literal["lost", "stopped"] = Field(
+        description="lost: its slots vanished without a clean shutdown (SIGKILL, a lost "
+        "host); stopped: shut down cleanly"
+    )
+    last_seen: datetime | None = Field(description="its last heartbeat, by its clock")
+    stopped_at: datetime | None
+    slots: list[str] = Field(description="the slots (host:pid) it ran, newest first")
+    jobs: list[LostJob] = Field(description="a lost node's last jobs, newest claim first")
+
+
 class Workers(ResponseModel):
     nodes: list[WorkerNode]
     offline_nodes: list[OfflineNode] = Field(
         description="nodes not online that are cordoned or have slots stopped by the "
         "crash guard (the state waits for their restart)"
+    )
+    lost_nodes: list[LostNode] = Field(
+        description="nodes with no slot online seen within TRAINYARD_LOST_WORKER_HOURS, "
+        "newest first"
     )
     online_slots: int
     busy_slots: int
@@ -227,7 +267,11 @@ def list_workers() -> ResponseReturnValue:
     within 20 s if it dies). Members see a slot running another user's job as busy only.
     """
     parse_query(NoQuery)
-    return jsonify(workers_json(get_session(), read_cluster(_broker_url()), api_user()))
+    settings = current_app.config["TRAINYARD_SETTINGS"]
+    cluster = read_cluster(_broker_url(), keep_lost_s=settings.lost_worker_hours * 3600)
+    return jsonify(
+        workers_json(get_session(), cluster, api_user(), settings.stuck_consumer_seconds)
+    )
 
 
 @bp.get("/queues")

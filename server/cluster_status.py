@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,11 +27,12 @@ from server.serialize import iso
 from shared.broker import queue_depths, redis_client
 from shared.celery_app import QUEUES
 from shared.db import utcnow
+from shared.fleet_health import IdleSlot, last_jobs, not_consuming, queued_jobs
 from shared.orm import Job, User
 from shared.scheduling import Ranked, gpu_needs, queue_order, slot_takes
 from shared.state_machine import JobState
 from shared.worker_nodes import NodeControl, all_controls, slot_guards
-from shared.worker_registry import OnlineSlot, online_slots
+from shared.worker_registry import DepartedNode, OnlineSlot, departed_nodes, online_slots
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,24 @@ class ClusterSnapshot:
     slots: list[OnlineSlot] | None  # None: Redis could not be read
     messages: dict[str, int]  # queue -> messages waiting in Redis
     error: str | None = None
+    # Nodes with no slot online seen within keep_lost_s: lost or stopped.
+    departed: list[DepartedNode] = field(default_factory=list)
 
 
-def read_cluster(url: str | None, queues: Sequence[str] = QUEUES) -> ClusterSnapshot:
+def read_cluster(
+    url: str | None, queues: Sequence[str] = QUEUES, keep_lost_s: float = 24 * 3600.0
+) -> ClusterSnapshot:
     if not url:
         return ClusterSnapshot(None, {}, "TRAINYARD_REDIS_URL is not set")
     client = redis_client(url, timeout_s=REDIS_TIMEOUT_S)
     try:
-        return ClusterSnapshot(online_slots(client), queue_depths(client, queues))
+        slots = online_slots(client)
+        online = {s.info.node for s in slots}
+        return ClusterSnapshot(
+            slots,
+            queue_depths(client, queues),
+            departed=departed_nodes(client, online, keep_lost_s),
+        )
     except (redis.RedisError, OSError) as exc:
         log.warning("cluster status: cannot read Redis (%s)", exc)
         return ClusterSnapshot(None, {}, f"cannot reach Redis ({type(exc).__name__})")
@@ -193,8 +204,14 @@ def _slot_gpu(gpu: dict[str, Any]) -> dict[str, Any]:
     return {k: gpu.get(k) for k in ("index", "uuid", "name", "memory_total_bytes")}
 
 
-def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) -> dict[str, Any]:
-    """Online slots grouped by node, each with its current job (if the user may see it)."""
+def workers_json(
+    session: Session,
+    cluster: ClusterSnapshot,
+    user: Principal,
+    stuck_after_s: float = 120.0,
+) -> dict[str, Any]:
+    """Online slots grouped by node, each with its current job (if the user may see it);
+    whether each node still consumes; nodes lost or stopped lately (shared/fleet_health.py)."""
     slots = cluster.slots or []
     running = _running_by_worker(session, [s.name for s in slots])
     nodes: dict[str, dict[str, Any]] = {}
@@ -253,9 +270,12 @@ def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) ->
                 **_slot_stats(slot.telemetry),
                 "stopped": None,
                 "quick_deaths": 0,
+                "idle_s": slot.idle_s,
+                "quiet_s": slot.quiet_s,
             }
         )
     offline = _add_control(session, nodes, user)
+    _add_consuming(session, nodes, cluster.messages, stuck_after_s)
     for node in nodes.values():
         node.pop("_telemetry_at", None)
         # A pinned slot lists only its own GPUs (worker/slots.py): the node has them all.
@@ -267,11 +287,76 @@ def workers_json(session: Session, cluster: ClusterSnapshot, user: Principal) ->
     return {
         "nodes": list(nodes.values()),
         "offline_nodes": offline,
+        "lost_nodes": _lost_nodes(session, cluster.departed, user),
         "online_slots": len(slots),
         "busy_slots": sum(n["busy_slots"] for n in nodes.values()),
         "broker_error": cluster.error,
         "checked_at": iso(utcnow()),
     }
+
+
+def _add_consuming(
+    session: Session, nodes: dict[str, dict[str, Any]], messages: dict[str, int], after_s: float
+) -> None:
+    """Each node's `not_consuming`: why it looks alive but takes no messages, or None
+    (shared/fleet_health.py)."""
+    waiting = None
+    now = utcnow()
+    for node in nodes.values():
+        node["not_consuming"] = None
+        slots = [
+            IdleSlot(
+                queues=tuple(node["queues"]),
+                gpu_memory=tuple(g.get("memory_total_bytes") for g in w["gpus"]),
+                busy=w["busy"],
+                stopped=bool(w["stopped"]),
+                idle_s=w["idle_s"],
+                quiet_s=w["quiet_s"],
+            )
+            for w in node["workers"]
+        ]
+        # The cheap half first: the jobs are read only when some node looks quiet.
+        if node["control"]["cordoned"] or not all(
+            s.quiet_s is not None and s.quiet_s >= after_s for s in slots
+        ):
+            continue
+        if waiting is None:
+            waiting = queued_jobs(session, QUEUES, now)
+        node["not_consuming"] = not_consuming(slots, False, messages, waiting, after_s)
+
+
+def _lost_nodes(
+    session: Session, departed: list[DepartedNode], user: Principal
+) -> list[dict[str, Any]]:
+    """Nodes with no slot online seen lately: "lost" (no clean shutdown) with the jobs
+    their slots ran last and what became of each, or "stopped"."""
+    out = []
+    for node in departed:
+        jobs = []
+        if node.lost:
+            for job in last_jobs(session, node.slot_names):
+                visible = can_see(job.owner_id, user)
+                jobs.append(
+                    {
+                        "id": job.id if visible else None,
+                        "name": job.name if visible else None,
+                        "attempt": job.attempt,
+                        "state": job.state,
+                        "fate": job.fate if visible else f"another user's job: {job.state}",
+                    }
+                )
+        out.append(
+            {
+                "node": node.node,
+                "host": node.host,
+                "state": "lost" if node.lost else "stopped",
+                "last_seen": _unix_iso(node.last_seen),
+                "stopped_at": _unix_iso(node.stopped_at) if node.stopped_at else None,
+                "slots": list(node.slot_names[:8]),
+                "jobs": jobs,
+            }
+        )
+    return out
 
 
 def control_json(control: NodeControl, running_jobs: int, user: Principal) -> dict[str, Any]:

@@ -192,6 +192,13 @@ class Settings(BaseSettings):
     # clears it (`trainyard worker clear NODE`). 0 turns the guard off.
     crash_guard_runs: int = Field(default=3, ge=0)
     crash_guard_seconds: float = Field(default=10.0, gt=0)
+    # Stuck consumer (shared/fleet_health.py): a node that is online, takes jobs, has
+    # a slot idle this long and received no message this long while its queues hold
+    # messages and a job it could run has waited this long is shown "not consuming".
+    stuck_consumer_seconds: float = Field(default=120.0, gt=0)
+    # A node whose slots all vanished without a clean shutdown is shown "lost" (and one
+    # stopped cleanly "stopped") for this long after it was last seen, then forgotten.
+    lost_worker_hours: float = Field(default=24.0, gt=0)
 
     @field_validator("worker_gpus")
     @classmethod

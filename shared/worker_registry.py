@@ -12,6 +12,19 @@ Liveness comes from Redis's own clock (the key's remaining TTL), never from comp
 the worker's clock with the reader's, so clock skew between hosts cannot make a live
 worker look dead or a dead one alive.
 
+Each slot also says how long it has been idle (`idle_s`: since its last task ended, 0
+while one runs) and since when no message reached it (`quiet_s`: since its last task
+started), measured by its own monotonic clock at the beat; a reader adds the beat's age
+(by Redis's clock), so these too are free of skew. They are what finds a worker that is
+alive but no longer consuming (shared/fleet_health.py).
+
+A node is remembered past its slots: `trainyard:worker-node:<node>` (a hash: host,
+last_seen, stopped_at) and `trainyard:worker-node-slots:<node>` (a sorted set of the slot
+names it ran, by last beat) have no TTL, so a node whose slots all expired without a
+clean shutdown (SIGKILL, a lost host) shows as "lost", with the jobs its slots ran;
+a clean shutdown writes stopped_at (`mark_stopped`). Readers prune nodes not seen for
+a day or so (`departed_nodes`).
+
 Registry writes must never break a worker: the heartbeat thread catches everything, logs
 the first failure of a streak (not one line every beat) and tries again next beat.
 
@@ -38,6 +51,12 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "trainyard:workers:"
 INDEX_KEY = "trainyard:workers"
+# Nodes, kept without a TTL (module docstring).
+NODE_PREFIX = "trainyard:worker-node:"
+NODE_SLOTS_PREFIX = "trainyard:worker-node-slots:"
+NODE_INDEX_KEY = "trainyard:worker-nodes"
+# Slot names kept per node: a crash-looping pool can go through many pids.
+NODE_SLOTS_KEPT = 50
 HEARTBEAT_S = 5.0
 # Several missed beats before a slot counts as gone: one slow Redis round trip (or a
 # busy GIL in a training step) must not make a worker flicker off the page.
@@ -110,10 +129,39 @@ class OnlineSlot:
     last_heartbeat: float  # Unix time, by the worker's clock (for display only)
     heartbeat_age_s: float  # seconds since its last beat, by Redis's clock
     telemetry: dict[str, Any] | None = None  # its latest sample (worker/telemetry.py)
+    # Seconds since its last task ended (0 while one runs) and since its last task
+    # started (or since the slot started), as of now; None from a worker that does not
+    # say (an older version).
+    idle_s: float | None = None
+    quiet_s: float | None = None
 
     @property
     def name(self) -> str:
         return self.info.name
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What a slot says about its tasks at a beat (SlotHeartbeat keeps it)."""
+
+    idle_s: float  # since its last task ended; 0 while one runs
+    quiet_s: float  # since its last task started (or the slot started)
+    last_task_at: float  # Unix time of its last task's start or end, for display
+
+
+@dataclass(frozen=True)
+class DepartedNode:
+    """A node with no slot online, as its record (module docstring) remembers it."""
+
+    node: str
+    host: str
+    last_seen: float  # Unix time, the worker's clock
+    stopped_at: float | None  # a clean shutdown; None: lost
+    slot_names: tuple[str, ...]  # host:pid of the slots it ran, newest first
+
+    @property
+    def lost(self) -> bool:
+        return self.stopped_at is None
 
 
 def slot_key(name: str) -> str:
@@ -125,18 +173,86 @@ def register(
     info: SlotInfo,
     ttl_s: float = TTL_S,
     telemetry: dict[str, Any] | None = None,
+    activity: Activity | None = None,
 ) -> None:
-    """Write (or refresh) a slot's hash and its TTL, and name it in the index.
-    `telemetry`: the slot's latest host/process/GPU sample, kept until the next one."""
+    """Write (or refresh) a slot's hash and its TTL, and name it in the index; and
+    record its node as seen now (no TTL: module docstring). `telemetry`: the slot's
+    latest host/process/GPU sample, kept until the next one."""
     pipe = client.pipeline(transaction=True)
     key = slot_key(info.name)
-    fields = info.to_hash(time.time())
+    now = time.time()
+    fields = info.to_hash(now)
     if telemetry is not None:
         fields["telemetry"] = json.dumps(telemetry)
+    if activity is not None:
+        fields["idle_s"] = repr(round(activity.idle_s, 1))
+        fields["quiet_s"] = repr(round(activity.quiet_s, 1))
+        fields["last_task_at"] = repr(activity.last_task_at)
     pipe.hset(key, mapping=fields)
     pipe.pexpire(key, int(ttl_s * 1000))
     pipe.sadd(INDEX_KEY, info.name)
+    if info.node:
+        node_key = NODE_PREFIX + info.node
+        pipe.hset(node_key, mapping={"host": info.host, "last_seen": repr(now)})
+        pipe.hdel(node_key, "stopped_at")
+        pipe.zadd(NODE_SLOTS_PREFIX + info.node, {info.name: now})
+        pipe.zremrangebyrank(NODE_SLOTS_PREFIX + info.node, 0, -NODE_SLOTS_KEPT - 1)
+        pipe.sadd(NODE_INDEX_KEY, info.node)
     pipe.execute()
+
+
+def mark_stopped(client: redis.Redis, node: str) -> None:
+    """A clean shutdown of `node` (its main process, after the pool stopped): shown as
+    "stopped", never as "lost". Only for a node the registry knows."""
+    key = NODE_PREFIX + node
+    if client.exists(key):
+        client.hset(key, "stopped_at", repr(time.time()))
+
+
+def departed_nodes(
+    client: redis.Redis, online: set[str], keep_s: float, now: float | None = None
+) -> list[DepartedNode]:
+    """Nodes with no slot in `online` (node names) seen within `keep_s`, newest first;
+    older records are deleted here. Raises RedisError."""
+    now = time.time() if now is None else now
+    names = sorted(_text(n) for n in client.smembers(NODE_INDEX_KEY))
+    names = [n for n in names if n not in online]
+    if not names:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(NODE_PREFIX + name)
+        pipe.zrevrange(NODE_SLOTS_PREFIX + name, 0, -1)
+    replies = pipe.execute()
+    found: list[DepartedNode] = []
+    stale: list[str] = []
+    for name, raw, members in zip(names, replies[::2], replies[1::2], strict=True):
+        fields = {_text(k): _text(v) for k, v in (raw or {}).items()}
+        try:
+            last_seen = float(fields.get("last_seen") or 0.0)
+            stopped = float(fields["stopped_at"]) if fields.get("stopped_at") else None
+        except ValueError:
+            last_seen, stopped = 0.0, None
+        if now - last_seen > keep_s:
+            stale.append(name)
+            continue
+        found.append(
+            DepartedNode(
+                node=name,
+                host=fields.get("host", ""),
+                last_seen=last_seen,
+                stopped_at=stopped,
+                slot_names=tuple(_text(m) for m in members),
+            )
+        )
+    if stale:
+        pipe = client.pipeline(transaction=True)
+        for name in stale:
+            pipe.delete(NODE_PREFIX + name, NODE_SLOTS_PREFIX + name)
+        pipe.srem(NODE_INDEX_KEY, *stale)
+        pipe.execute()
+    found.sort(key=lambda n: -n.last_seen)
+    return found
 
 
 def unregister(client: redis.Redis, name: str) -> None:
@@ -178,6 +294,8 @@ def online_slots(client: redis.Redis, ttl_s: float = TTL_S) -> list[OnlineSlot]:
                 last_heartbeat=last,
                 heartbeat_age_s=round(age, 1),
                 telemetry=_telemetry(fields.get("telemetry")),
+                idle_s=_since(fields.get("idle_s"), age),
+                quiet_s=_since(fields.get("quiet_s"), age),
             )
         )
     if gone:
@@ -199,6 +317,17 @@ def remove_node(client: redis.Redis, node: str) -> int:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _since(raw: str | None, beat_age_s: float) -> float | None:
+    # A duration as of the beat, plus the beat's age: as of now.
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return round(value + beat_age_s if value > 0 else value, 1)
 
 
 def _telemetry(raw: str | None) -> dict[str, Any] | None:
@@ -238,6 +367,33 @@ class SlotHeartbeat:
         self._thread: threading.Thread | None = None
         self._client: redis.Redis | None = None
         self._failing = False
+        # Task activity (Activity), by the monotonic clock; the slot's start counts as
+        # its last task's start and end.
+        self._in_task = False
+        self._started = self._ended = time.monotonic()
+        self._last_task_at = time.time()
+
+    def task_started(self) -> None:
+        """A message reached this slot (whatever it then does with it): written at once,
+        so a reader never takes a slot that just got work for an idle one."""
+        self._in_task = True
+        self._started = time.monotonic()
+        self._last_task_at = time.time()
+        self.beat()
+
+    def task_ended(self) -> None:
+        self._in_task = False
+        self._ended = time.monotonic()
+        self._last_task_at = time.time()
+        self.beat()
+
+    def activity(self) -> Activity:
+        now = time.monotonic()
+        return Activity(
+            idle_s=0.0 if self._in_task else now - self._ended,
+            quiet_s=now - self._started,
+            last_task_at=self._last_task_at,
+        )
 
     def start(self) -> None:
         self.beat()
@@ -257,7 +413,7 @@ class SlotHeartbeat:
         """Refresh the entry once; False (and logged once per streak) when it failed."""
         sample = self._sample()
         try:
-            register(self._redis(), self.info, self._ttl_s, sample)
+            register(self._redis(), self.info, self._ttl_s, sample, self.activity())
         except Exception as exc:  # noqa: BLE001 - a registry must never break a worker
             if not self._failing:
                 log.warning(

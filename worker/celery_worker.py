@@ -27,10 +27,10 @@ from shared.broker import redis_client
 from shared.celery_app import make_celery
 from shared.db import dispose_inherited_engines
 from shared.settings import load_settings
-from shared.worker_registry import SlotHeartbeat, SlotInfo, remove_node
+from shared.worker_registry import SlotHeartbeat, SlotInfo, mark_stopped, remove_node
 from worker import memory_limit, node_control, shutdown, slots, telemetry
 from worker.runner import worker_name
-from worker.tasks import register_tasks
+from worker.tasks import register_tasks, set_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ def _start_registry() -> None:
         )
         heartbeat.start()
         _registry["heartbeat"] = heartbeat
+        set_heartbeat(heartbeat)
     except Exception:  # noqa: BLE001
         log.exception("worker registry: not registering this slot")
 
@@ -166,6 +167,7 @@ def _start_registry() -> None:
 @worker_process_shutdown.connect
 def _leave_registry(**_kw: Any) -> None:
     heartbeat = _registry.pop("heartbeat", None)
+    set_heartbeat(None)
     if heartbeat is not None:
         heartbeat.stop()
     slots.release_slot()
@@ -174,11 +176,13 @@ def _leave_registry(**_kw: Any) -> None:
 @worker_shutdown.connect
 def _forget_node(**_kw: Any) -> None:
     # In the main process, after the pool stopped: children killed before they could
-    # unregister would otherwise stay listed until their entries expire.
+    # unregister would otherwise stay listed until their entries expire. A clean
+    # shutdown: the node shows as "stopped", not "lost" (shared/worker_registry.py).
     try:
         client = redis_client(settings.require_redis_url())
         try:
             remove_node(client, _node["name"])
+            mark_stopped(client, _node["name"])
         finally:
             client.close()
     except Exception as exc:  # noqa: BLE001 - the entries expire on their own

@@ -15,6 +15,7 @@ from celery.worker.request import Request
 
 from shared.celery_app import EVALUATE_TASK, TRAIN_TASK
 from shared.settings import Settings
+from shared.worker_registry import SlotHeartbeat
 from worker import node_control
 from worker.child_death import record_killed_child
 from worker.runner import run_job
@@ -23,6 +24,18 @@ from worker.slots import current_slot, layout, take_slot
 
 # How long a pool child without a slot waits for one before it puts a job back.
 SLOT_WAIT_S = 30.0
+
+# This pool child's registry heartbeat (worker/celery_worker.py sets it): each message
+# that reaches the child is noted on it, which is how a reader tells a node that takes
+# messages from one that stopped consuming (shared/fleet_health.py).
+_heartbeat: dict[str, SlotHeartbeat] = {}
+
+
+def set_heartbeat(heartbeat: SlotHeartbeat | None) -> None:
+    if heartbeat is None:
+        _heartbeat.clear()
+    else:
+        _heartbeat["slot"] = heartbeat
 
 
 def job_request_class(settings: Settings) -> type[Request]:
@@ -51,6 +64,16 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     request_class = job_request_class(settings)
 
     def run(job_id: int) -> str:
+        heartbeat = _heartbeat.get("slot")
+        if heartbeat is not None:
+            heartbeat.task_started()
+        try:
+            return run_message(job_id)
+        finally:
+            if heartbeat is not None:
+                heartbeat.task_ended()
+
+    def run_message(job_id: int) -> str:
         if shutdown_requested():
             # This worker is going away: put the message back untouched for another one
             # rather than claim the job only to hand it back.

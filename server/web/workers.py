@@ -36,11 +36,11 @@ def seconds_since(stamp: str | None, now: datetime) -> float | None:
 def workers() -> ResponseReturnValue:
     session = get_session()
     settings = current_app.config["TRAINYARD_SETTINGS"]
-    cluster = read_cluster(settings.redis_url)
+    cluster = read_cluster(settings.redis_url, keep_lost_s=settings.lost_worker_hours * 3600)
     now = utcnow()
     return render_template(
         "workers.html",
-        workers=workers_json(session, cluster, g.user),
+        workers=workers_json(session, cluster, g.user, settings.stuck_consumer_seconds),
         queues=queues_json(session, cluster, g.user, settings.aging_points_per_hour),
         is_admin=g.user.is_admin,
         refresh_s=REFRESH_S,

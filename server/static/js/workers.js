@@ -238,6 +238,10 @@
       items.push(h("li", { className: "node-control node-stopped" },
         h("strong", { text: `${plural(node.stopped_slots, "slot")} stopped by the crash guard` })));
     }
+    if (node.not_consuming) {
+      items.push(h("li", { className: "node-control node-not-consuming" },
+        h("strong", { text: node.not_consuming }), " (restart the worker)"));
+    }
     return items;
   }
 
@@ -270,6 +274,30 @@
       h("ul", { className: "node-meta" }, nodeControl(node)),
       isAdmin ? nodeActions(node) : [],
     );
+  }
+
+  // A node whose slots all vanished, as the template's `lost_node` macro draws it.
+  function lostNode(node, now) {
+    const li = h(
+      "li",
+      { className: `lost-node node-${node.state}`, "data-node": node.node },
+      h("strong", { className: "node-name", text: node.node }),
+      " ",
+      h("span", { className: "lost-state", text: node.state }),
+      " ",
+      h("span", { className: "job-meta", text: `last seen ${duration(secondsSince(node.last_seen, now))} ago on ${node.host}` }),
+    );
+    if (node.jobs && node.jobs.length) {
+      li.append(h("ul", { className: "lost-jobs" }, node.jobs.map((job) => h(
+        "li",
+        { className: "lost-job", "data-job-id": job.id },
+        job.id ? [...jobLink(job), " "] : [],
+        h("span", { className: "job-meta", text: `attempt ${job.attempt}:` }),
+        " ",
+        h("span", { className: "lost-fate", text: job.fate }),
+      ))));
+    }
+    return li;
   }
 
   function nodeCard(node, now) {
@@ -351,6 +379,9 @@
     const offline = workers.offline_nodes || [];
     byId("offline-nodes").hidden = offline.length === 0;
     byId("offline-nodes").replaceChildren(...offline.map(offlineNode));
+    const lost = workers.lost_nodes || [];
+    byId("lost-nodes").hidden = lost.length === 0;
+    byId("lost-nodes").replaceChildren(...lost.map((node) => lostNode(node, now)));
   }
 
   // ------------------------------------------------------------------ polling

@@ -1,0 +1,177 @@
+"""A worker that stopped consuming, and one that stopped cleanly (shared/fleet_health.py,
+shared/worker_registry.py; README "Draining and cordoning workers"). A lost worker
+(SIGKILL) and what became of its job: tests/faults/test_lost_worker.py.
+
+The stuck consumer is made the way the failure looks: a real `celery worker` whose main
+process no longer takes messages from its queue (Celery's cancel_consumer control
+command) while its pool child is alive and beating.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from shared.celery_app import make_celery
+from shared.fleet_health import IdleSlot, QueuedJob, not_consuming
+from shared.settings import Settings
+from shared.worker_registry import (
+    Activity,
+    SlotInfo,
+    departed_nodes,
+    mark_stopped,
+    online_slots,
+    register,
+    slot_key,
+)
+from tests.test_authorization import session_client
+from tests.test_node_control import Harness, long_spec, node_name, small_spec, until
+
+AFTER_S = 4.0
+
+
+# ---------------------------------------------------------------- the rule, without workers
+
+
+def _slot(**kw: Any) -> IdleSlot:
+    values: dict[str, Any] = dict(
+        queues=("gpu",), gpu_memory=(80e9,), busy=False, stopped=False, idle_s=300.0,
+        quiet_s=300.0,
+    )  # fmt: skip
+    values.update(kw)
+    return IdleSlot(**values)
+
+
+def test_the_stuck_consumer_rule() -> None:
+    job = QueuedJob(id=1, queue="gpu", waited_s=250.0, gpus=1, gpu_memory_gb=None)
+    msgs = {"gpu": 1}
+    reason = not_consuming([_slot()], False, msgs, [job], 120)
+    assert reason == (
+        "not consuming: 1 job it could take has waited 4 min, its idle slots got no "
+        "message for 5 min"
+    )
+    # Not while cordoned, a slot got a message lately, no slot is idle long enough, the
+    # idle slot is stopped by the crash guard, the queue holds no message, the job is
+    # young, or it needs more than the idle slot has.
+    assert not_consuming([_slot()], True, msgs, [job], 120) is None
+    assert not_consuming([_slot(), _slot(busy=True, quiet_s=30)], False, msgs, [job], 120) is None
+    assert not_consuming([_slot(idle_s=60)], False, msgs, [job], 120) is None
+    assert not_consuming([_slot(stopped=True)], False, msgs, [job], 120) is None
+    assert not_consuming([_slot()], False, {"gpu": 0}, [job], 120) is None
+    young = QueuedJob(id=1, queue="gpu", waited_s=30.0, gpus=1, gpu_memory_gb=None)
+    assert not_consuming([_slot()], False, msgs, [young], 120) is None
+    big = QueuedJob(id=2, queue="gpu", waited_s=250.0, gpus=2, gpu_memory_gb=None)
+    large = QueuedJob(id=3, queue="gpu", waited_s=250.0, gpus=1, gpu_memory_gb=141)
+    assert not_consuming([_slot()], False, msgs, [big, large], 120) is None
+    # A worker that does not report its activity (an older version) is never flagged.
+    assert not_consuming([_slot(quiet_s=None)], False, msgs, [job], 120) is None
+    # One busy slot running a long job does not hide an idle one that gets nothing.
+    busy = _slot(busy=True, idle_s=0.0, quiet_s=4000.0)
+    assert not_consuming([busy, _slot()], False, msgs, [job, job], 120).startswith(
+        "not consuming: 2 jobs it could take have waited 4 min"
+    )
+
+
+def test_the_registry_remembers_nodes_lost_or_stopped(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    info = SlotInfo(name="h-a:11", node="n1@h-a", host="h-a", pid=11, queues=("cpu",),
+                    node_slots=1)  # fmt: skip
+    register(client, info, activity=Activity(idle_s=7.0, quiet_s=9.0, last_task_at=1.0))
+    [slot] = online_slots(client)
+    assert slot.idle_s is not None and 7.0 <= slot.idle_s < 9.0
+    assert slot.quiet_s is not None and 9.0 <= slot.quiet_s < 11.0
+    assert departed_nodes(client, {"n1@h-a"}, 3600) == []
+    client.delete(slot_key(info.name))  # what its TTL does when the host is lost
+    [lost] = departed_nodes(client, set(), 3600)
+    assert (lost.node, lost.lost, lost.slot_names) == ("n1@h-a", True, ("h-a:11",))
+    mark_stopped(client, "n1@h-a")
+    [stopped] = departed_nodes(client, set(), 3600)
+    assert not stopped.lost and stopped.stopped_at
+    # A restart under the same name clears "stopped"; a record older than the
+    # retention is pruned by the reader.
+    register(client, info)
+    assert departed_nodes(client, set(), 3600)[0].lost
+    assert departed_nodes(client, set(), 3600, now=time.time() + 7200) == []
+    assert client.exists("trainyard:worker-node:n1@h-a") == 0
+    mark_stopped(client, "never-seen@h")  # no record made for a node never registered
+    assert client.exists("trainyard:worker-node:never-seen@h") == 0
+
+
+# ---------------------------------------------------------------- real workers
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    # A short threshold for the web; workers are unaffected by it.
+    return settings.model_copy(update={"stuck_consumer_seconds": AFTER_S})
+
+
+@pytest.fixture
+def harness(app, users, settings: Settings) -> Harness:  # type: ignore[no-untyped-def]
+    return Harness(app, users, settings)
+
+
+def test_a_worker_that_stops_consuming_is_flagged_until_it_consumes_again(
+    harness: Harness, settings: Settings, start_worker, app, users, db_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    node = node_name("stuck")
+    start_worker(name=node)
+
+    def shown() -> dict[str, Any]:
+        found = harness.node(node)
+        assert found is not None, "the node is not listed"
+        return found
+
+    # Consuming normally: a job runs, and a job waiting behind a busy slot past the
+    # threshold does not flag it.
+    harness.wait(harness.submit(small_spec()), {"succeeded"})
+    long_job = harness.submit(long_spec(epochs=60))
+    harness.wait(long_job, {"running"})
+    behind = harness.submit(small_spec())
+    time.sleep(AFTER_S + 2)
+    assert shown()["not_consuming"] is None
+    harness.member.post(f"/api/v1/jobs/{long_job}/cancel")
+    harness.wait(behind, {"succeeded"})
+    time.sleep(AFTER_S + 1)
+    assert shown()["not_consuming"] is None  # idle, nothing waits
+
+    # The symptom: the main process stops taking messages; its pool child still beats.
+    celery = make_celery(settings)
+    replies = celery.control.cancel_consumer("cpu", destination=[node], reply=True, timeout=10)
+    assert replies and node in replies[0], replies
+    waiting = harness.submit(small_spec())
+    assert shown()["not_consuming"] is None  # the job has not waited long yet
+    flagged = until(lambda: shown()["not_consuming"], "the node to be flagged", timeout=60)
+    assert flagged.startswith("not consuming: 1 job it could take has waited "), flagged
+    assert harness.job(waiting).state == "queued"
+    page = session_client(app, db_url, users.admin).get("/workers").get_data(as_text=True)
+    assert "not consuming: 1 job it could take has waited" in page
+
+    # Cordoned, it is not flagged (it is not meant to consume).
+    harness.admin.post(f"/api/v1/workers/{node}/cordon")
+    assert shown()["not_consuming"] is None
+    # Uncordoning starts its consumer again (worker/node_control.py): one remedy short
+    # of a restart. The job runs and the flag goes.
+    time.sleep(3)
+    harness.admin.post(f"/api/v1/workers/{node}/uncordon")
+    assert harness.wait(waiting, {"succeeded", "failed"}).state == "succeeded"
+    assert shown()["not_consuming"] is None
+    celery.close()
+
+
+def test_a_worker_stopped_with_sigterm_is_stopped_not_lost(
+    harness: Harness, start_worker, app, users, db_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    node = node_name("stopped")
+    worker = start_worker(name=node)
+    harness.wait(harness.submit(small_spec()), {"succeeded"})
+    worker.stop()  # SIGTERM to the main process: a warm shutdown
+    body = harness.admin.get("/api/v1/workers").get_json()
+    assert all(n["node"] != node for n in body["nodes"])
+    [gone] = [n for n in body["lost_nodes"] if n["node"] == node]
+    assert gone["state"] == "stopped" and gone["stopped_at"] and gone["jobs"] == [], gone
+    page = session_client(app, db_url, users.admin).get("/workers").get_data(as_text=True)
+    assert f'data-node="{node}"' in page and "lost-node node-stopped" in page
