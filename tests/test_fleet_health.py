@@ -28,7 +28,15 @@ from shared.worker_registry import (
     slot_key,
 )
 from tests.test_authorization import session_client
-from tests.test_node_control import Harness, long_spec, node_name, small_spec, until
+from tests.test_node_control import (
+    ON_POSTGRESQL,
+    ON_SQLITE,
+    Harness,
+    long_spec,
+    node_name,
+    small_spec,
+    until,
+)
 
 AFTER_S = 4.0
 
@@ -114,6 +122,7 @@ def harness(app, users, settings: Settings) -> Harness:  # type: ignore[no-untyp
     return Harness(app, users, settings)
 
 
+@ON_POSTGRESQL  # each real-worker scenario once, like tests/test_node_control.py
 def test_a_worker_that_stops_consuming_is_flagged_until_it_consumes_again(
     harness: Harness, settings: Settings, start_worker, app, users, db_url: str
 ) -> None:  # type: ignore[no-untyped-def]
@@ -162,6 +171,7 @@ def test_a_worker_that_stops_consuming_is_flagged_until_it_consumes_again(
     celery.close()
 
 
+@ON_SQLITE
 def test_a_worker_stopped_with_sigterm_is_stopped_not_lost(
     harness: Harness, start_worker, app, users, db_url: str
 ) -> None:  # type: ignore[no-untyped-def]

@@ -9,6 +9,8 @@ import signal
 import socket
 from typing import Any
 
+import pytest
+
 from shared.worker_registry import TTL_S
 from tests.faults.conftest import Cluster, long_spec, wait_for
 
@@ -20,6 +22,8 @@ def _lost(cluster: Cluster, node: str) -> dict[str, Any] | None:
     return next((n for n in body["lost_nodes"] if n["node"] == node), None)
 
 
+# Once, on SQLite: tests/test_fleet_health.py runs the stuck consumer on PostgreSQL.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_sigkilled_worker_shows_as_lost_with_its_job_resumed_elsewhere(cluster: Cluster) -> None:
     victim = cluster.start_worker()
     node = victim.name.replace("%h", socket.gethostname())
