@@ -46,6 +46,7 @@ from shared.artifact_store import LocalStore, job_prefix, log_key, store_for
 from shared.dataset_catalog import DATASETS
 from shared.model_catalog import MODELS
 from shared.orm import Job
+from shared.scheduling import queue_order
 from shared.settings import Settings
 from shared.spec import (
     TrainSpec,
@@ -237,7 +238,12 @@ def list_jobs() -> ResponseReturnValue:
 def get_job(job_id: int) -> ResponseReturnValue:
     """A job: state, progress, result, error."""
     parse_query(NoQuery)
-    return jsonify(job_to_json(visible_job(job_id)))
+    job = visible_job(job_id)
+    body = job_to_json(job)
+    if job.state == JobState.QUEUED.value:
+        ranked = queue_order(get_session(), _settings().aging_points_per_hour, job.queue)
+        body["queue_position"] = next((r.position for r in ranked if r.job_id == job.id), None)
+    return jsonify(body)
 
 
 @bp.post("/jobs/<int:job_id>/cancel")

@@ -142,6 +142,12 @@ class JobResponse(ResponseModel):
     artifacts_deleted_at: datetime | None = Field(
         None, description="when the job's files (checkpoints, exports, log) were deleted"
     )
+    queue_position: int | None = Field(
+        None,
+        description="GET /jobs/{id} of a queued job: its place in its queue's order "
+        "(1: the next job a free slot takes; priority, aging and owners' turns as in "
+        "GET /queues); absent otherwise",
+    )
 
 
 class JobPage(ResponseModel):

@@ -229,6 +229,19 @@ def _get(client) -> Callable[[str], dict]:  # type: ignore[no-untyped-def,type-a
     return lambda path: client.get(path).get_json()
 
 
+def test_a_queued_jobs_detail_says_its_place_in_the_queue(settings: Settings, client) -> None:  # type: ignore[no-untyped-def]
+    low, high, middle = (_submit(client, {**SHORT, "priority": p}) for p in (1, 9, 5))
+    positions = {j: client.get(f"/api/v1/jobs/{j}").get_json()["queue_position"] for j in (low, high, middle)}  # fmt: skip
+    assert positions == {high: 1, middle: 2, low: 3}
+    # The same order as the queues API shows.
+    waiting = client.get("/api/v1/queues").get_json()["waiting"]
+    assert {w["id"]: w["position"] for w in waiting} == positions
+    client.post(f"/api/v1/jobs/{high}/cancel")
+    cancelled = client.get(f"/api/v1/jobs/{high}").get_json()
+    assert "queue_position" not in cancelled
+    assert client.get(f"/api/v1/jobs/{low}").get_json()["queue_position"] == 2
+
+
 def _claim_order(url: str, ids: list[int]) -> list[int]:
     """The jobs in the order of their first claim."""
     with transaction(url) as s:
