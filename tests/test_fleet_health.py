@@ -16,7 +16,9 @@ import pytest
 import redis
 
 from shared.celery_app import make_celery
-from shared.fleet_health import IdleSlot, QueuedJob, not_consuming
+from shared.db import transaction, utcnow
+from shared.fleet_health import IdleSlot, QueuedJob, last_jobs, not_consuming
+from shared.orm import Job, JobEvent
 from shared.settings import Settings
 from shared.worker_registry import (
     Activity,
@@ -27,6 +29,7 @@ from shared.worker_registry import (
     register,
     slot_key,
 )
+from tests.job_rows import add_jobs
 from tests.test_authorization import session_client
 from tests.test_node_control import (
     ON_POSTGRESQL,
@@ -106,6 +109,37 @@ def test_the_registry_remembers_nodes_lost_or_stopped(redis_url: str) -> None:
     assert client.exists("trainyard:worker-node:n1@h-a") == 0
     mark_stopped(client, "never-seen@h")  # no record made for a node never registered
     assert client.exists("trainyard:worker-node:never-seen@h") == 0
+
+
+def test_a_lost_nodes_last_jobs_and_their_fate(db_url: str, users) -> None:  # type: ignore[no-untyped-def]
+    owner = users.alice.id
+    resumed, failed, waiting, running = add_jobs(db_url, [
+        {"owner": owner, "state": "succeeded", "worker": "h-b:2"},
+        {"owner": owner, "state": "failed", "error_message": "InfrastructureError: disk"},
+        {"owner": owner, "state": "queued"},
+        {"owner": owner, "state": "running", "worker": "h-a:1"},
+    ])  # fmt: skip
+    events = [
+        (resumed, "claimed", 1, "h-a:1"), (resumed, "requeued", 1, None),
+        (resumed, "claimed", 2, "h-b:2"), (resumed, "resumed", 2, None),
+        (failed, "claimed", 1, "h-a:1"), (waiting, "claimed", 1, "h-a:1"),
+        (waiting, "requeued", 1, None), (running, "claimed", 1, "h-a:1"),
+    ]  # fmt: skip
+    with transaction(db_url) as s:
+        s.get(Job, resumed).attempt = 2  # type: ignore[union-attr]
+        s.get(Job, waiting).attempt = 1  # type: ignore[union-attr]
+        for job_id, kind, attempt, worker in events:
+            s.add(JobEvent(job_id=job_id, at=utcnow(), kind=kind, attempt=attempt, worker=worker))
+    with transaction(db_url) as s:
+        fates = {j.id: (j.attempt, j.fate) for j in last_jobs(s, ["h-a:1", "h-a:9"])}
+        assert list(fates) == [running, waiting, failed, resumed]  # newest claim first
+        assert last_jobs(s, ["h-c:3"]) == []
+    assert fates == {
+        resumed: (1, "requeued, resumed on h-b:2 (attempt 2), succeeded"),
+        failed: (1, "failed: InfrastructureError: disk"),
+        waiting: (1, "requeued, waiting for attempt 2"),
+        running: (1, "still running here by the database: requeued once its lease runs out"),
+    }
 
 
 # ---------------------------------------------------------------- real workers
