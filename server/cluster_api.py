@@ -136,6 +136,12 @@ class NodeControlState(ResponseModel):
     changed_at: datetime | None
 
 
+class ConsumerRestarts(ResponseModel):
+    count: int
+    last_at: datetime | None = Field(description="the last one, by the worker's clock")
+    reason: str = Field(description="what the node found then, as `not_consuming` says it")
+
+
 class WorkerNode(ResponseModel):
     node: str = Field(description="the Celery node name, e.g. trainyard-1234@gpu-01")
     host: str
@@ -160,6 +166,10 @@ class WorkerNode(ResponseModel):
         description='why the node looks alive but takes no messages, e.g. "not consuming: '
         '3 jobs it could take have waited 4 min, ..." (TRAINYARD_STUCK_CONSUMER_SECONDS); '
         "null while it consumes. Remedy: restart the worker (README)"
+    )
+    consumer_restarts: ConsumerRestarts | None = Field(
+        description="the times the node restarted its queue consumer by itself "
+        "(TRAINYARD_STUCK_CONSUMER_RESTART); null: never"
     )
 
 

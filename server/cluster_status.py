@@ -32,7 +32,14 @@ from shared.orm import Job, User
 from shared.scheduling import Ranked, gpu_needs, queue_order, slot_takes
 from shared.state_machine import JobState
 from shared.worker_nodes import NodeControl, all_controls, slot_guards
-from shared.worker_registry import DepartedNode, OnlineSlot, departed_nodes, online_slots
+from shared.worker_registry import (
+    ConsumerRestarts,
+    DepartedNode,
+    OnlineSlot,
+    consumer_restarts,
+    departed_nodes,
+    online_slots,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +101,8 @@ class ClusterSnapshot:
     error: str | None = None
     # Nodes with no slot online seen within keep_lost_s: lost or stopped.
     departed: list[DepartedNode] = field(default_factory=list)
+    # Online nodes that restarted their consumer by themselves (worker/consumer_watch.py).
+    restarts: dict[str, ConsumerRestarts] = field(default_factory=dict)
 
 
 def read_cluster(
@@ -109,6 +118,7 @@ def read_cluster(
             slots,
             queue_depths(client, queues),
             departed=departed_nodes(client, online, keep_lost_s),
+            restarts=consumer_restarts(client, sorted(online)),
         )
     except (redis.RedisError, OSError) as exc:
         log.warning("cluster status: cannot read Redis (%s)", exc)
@@ -276,6 +286,13 @@ def workers_json(
         )
     offline = _add_control(session, nodes, user)
     _add_consuming(session, nodes, cluster.messages, stuck_after_s)
+    for name, node in nodes.items():
+        restarts = cluster.restarts.get(name)
+        node["consumer_restarts"] = None if restarts is None else {
+            "count": restarts.count,
+            "last_at": _unix_iso(restarts.last_at),
+            "reason": restarts.reason,
+        }  # fmt: skip
     for node in nodes.values():
         node.pop("_telemetry_at", None)
         # A pinned slot lists only its own GPUs (worker/slots.py): the node has them all.

@@ -196,6 +196,10 @@ class Settings(BaseSettings):
     # a slot idle this long and received no message this long while its queues hold
     # messages and a job it could run has waited this long is shown "not consuming".
     stuck_consumer_seconds: float = Field(default=120.0, gt=0)
+    # Also let the worker restart its own queue consumer (cancel and add it again, as
+    # Celery's cancel_consumer/add_consumer do) when it finds itself not consuming by
+    # the same rule, confirmed twice in a row; each restart is shown on the workers page.
+    stuck_consumer_restart: bool = False
     # A node whose slots all vanished without a clean shutdown is shown "lost" (and one
     # stopped cleanly "stopped") for this long after it was last seen, then forgotten.
     lost_worker_hours: float = Field(default=24.0, gt=0)

@@ -209,6 +209,39 @@ def mark_stopped(client: redis.Redis, node: str) -> None:
         client.hset(key, "stopped_at", repr(time.time()))
 
 
+def record_consumer_restart(client: redis.Redis, node: str, reason: str) -> None:
+    """The node restarted its queue consumer by itself (worker/consumer_watch.py)."""
+    key = NODE_PREFIX + node
+    pipe = client.pipeline(transaction=True)
+    pipe.hincrby(key, "consumer_restarts", 1)
+    pipe.hset(key, mapping={"consumer_restarted_at": repr(time.time()), "restart_reason": reason})
+    pipe.execute()
+
+
+@dataclass(frozen=True)
+class ConsumerRestarts:
+    count: int
+    last_at: float  # Unix time, the worker's clock
+    reason: str
+
+
+def consumer_restarts(client: redis.Redis, nodes: list[str]) -> dict[str, ConsumerRestarts]:
+    """The automatic consumer restarts each of `nodes` recorded. Raises RedisError."""
+    if not nodes:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for node in nodes:
+        pipe.hmget(NODE_PREFIX + node, "consumer_restarts", "consumer_restarted_at",
+                   "restart_reason")  # fmt: skip
+    found: dict[str, ConsumerRestarts] = {}
+    for node, (count, at, reason) in zip(nodes, pipe.execute(), strict=True):
+        if count:
+            found[node] = ConsumerRestarts(
+                int(count), float(at or 0.0), _text(reason) if reason else ""
+            )
+    return found
+
+
 def departed_nodes(
     client: redis.Redis, online: set[str], keep_s: float, now: float | None = None
 ) -> list[DepartedNode]:

@@ -29,6 +29,7 @@ from shared.worker_registry import (
     register,
     slot_key,
 )
+from tests.conftest import WorkerProcess
 from tests.job_rows import add_jobs
 from tests.test_authorization import session_client
 from tests.test_node_control import (
@@ -219,3 +220,32 @@ def test_a_worker_stopped_with_sigterm_is_stopped_not_lost(
     assert gone["state"] == "stopped" and gone["stopped_at"] and gone["jobs"] == [], gone
     page = session_client(app, db_url, users.admin).get("/workers").get_data(as_text=True)
     assert f'data-node="{node}"' in page and "lost-node node-stopped" in page
+
+
+@ON_SQLITE
+def test_with_automatic_restart_a_stuck_worker_restarts_its_consumer_and_runs_the_job(
+    harness: Harness, settings: Settings, start_worker, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """TRAINYARD_STUCK_CONSUMER_RESTART: the worker finds itself not consuming by the
+    same rule (twice in a row, 10 s apart), cancels and re-adds its queue consumer, and
+    the job runs; the workers API shows the restart."""
+    node = node_name("restarts")
+    restarting = settings.model_copy(update={"stuck_consumer_restart": True})
+    worker = WorkerProcess(restarting, tmp_path / "restarting-worker.log", "cpu", 1, node)
+    celery = make_celery(settings)
+    try:
+        worker.wait_ready()
+        harness.wait(harness.submit(small_spec()), {"succeeded"})
+        replies = celery.control.cancel_consumer("cpu", destination=[node], reply=True, timeout=10)
+        assert replies and node in replies[0], replies
+        waiting = harness.submit(small_spec())
+        job = harness.wait(waiting, {"succeeded", "failed"}, timeout=90)
+        assert job.state == "succeeded"
+        assert "restarted its consumer of cpu" in worker.log_tail(200_000)
+        shown = harness.node(node)
+        assert shown is not None and shown["consumer_restarts"]["count"] == 1, shown
+        assert shown["consumer_restarts"]["reason"].startswith("not consuming: 1 job it could")
+        assert shown["not_consuming"] is None
+    finally:
+        worker.stop()
+        celery.close()

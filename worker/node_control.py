@@ -47,6 +47,7 @@ from shared.settings import Settings
 from shared.worker_nodes import record_healthy_run, record_quick_death, stops_consuming
 from shared.worker_nodes import refusal as node_refusal
 from worker import slots
+from worker.consumer_watch import ConsumerWatch
 from worker.failures import CUDA_OOM, HOST_OOM
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ class ConsumerSwitch:
         self.queues: tuple[str, ...] | None = None  # what -Q chose, read at the first start
         self.consuming = True
         self._failing = False
+        self.watch = ConsumerWatch(settings, node)
 
     def reason(self) -> str | None:
         with transaction(self._settings.resolved_database_url) as session:
@@ -217,6 +219,8 @@ class ConsumerSwitch:
                 consumer.add_task_queue(queue)
             self.consuming = True
             log.warning("node %s: consuming %s again", self._node, ",".join(queues))
+        # A node that should consume but takes nothing (worker/consumer_watch.py).
+        self.watch.tick(consumer, queues, self.consuming)
 
 
 # The main process's switch, set up before the consumer starts (worker/celery_worker.py).

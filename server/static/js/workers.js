@@ -242,6 +242,13 @@
       items.push(h("li", { className: "node-control node-not-consuming" },
         h("strong", { text: node.not_consuming }), " (restart the worker)"));
     }
+    const restarts = node.consumer_restarts;
+    if (restarts) {
+      const times = `${restarts.count} time${restarts.count === 1 ? "" : "s"}`;
+      const ago = duration(secondsSince(restarts.last_at, Date.now()));
+      items.push(h("li", { className: "node-control node-consumer-restarts", title: restarts.reason,
+        text: `consumer restarted automatically ${times}, last ${ago} ago` }));
+    }
     return items;
   }
 
