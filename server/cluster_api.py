@@ -275,6 +275,8 @@ def list_workers() -> ResponseReturnValue:
 
     A slot shows up within a few seconds of starting and disappears when it stops (or
     within 20 s if it dies). Members see a slot running another user's job as busy only.
+    A node alive but not consuming says why in `not_consuming`; nodes whose slots all
+    vanished are under `lost_nodes` ("lost", with their last jobs' fate, or "stopped").
     """
     parse_query(NoQuery)
     settings = current_app.config["TRAINYARD_SETTINGS"]
