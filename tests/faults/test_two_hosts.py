@@ -114,7 +114,9 @@ def test_a_job_killed_on_host_a_resumes_on_host_b_from_the_bucket(
     cluster: Cluster, settings: Settings, tmp_path: Path, timings: dict[str, Any]
 ) -> None:
     store = store_for(settings)
-    spec = long_spec(epochs=10)
+    # Long enough (~0.2 s an epoch here, slower under load) that the first upload,
+    # which waits for the sync thread's 2 s tick, comes well before the end.
+    spec = long_spec(epochs=40)
     host_a = Host("host-a", settings, tmp_path, timings)
     hosts = [host_a]
     try:
