@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -53,6 +54,9 @@ class User(Base):
     # An admin's per-user overrides of the role's admission limits (shared/settings.py);
     # None: the role's defaults.
     limits: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # May submit script jobs (their own code, run by the workers): granted by an admin;
+    # admins always may (docs/architecture.md, "Script jobs").
+    can_run_code: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ApiToken(Base):
@@ -228,6 +232,34 @@ class Upload(Base):
     # uploads are kept in a compact typed form (shared/job_files.py).
     storage_format: Mapped[str] = mapped_column(String(32), default="csv", server_default="csv")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class CodeBundle(Base):
+    """A `.tar.gz` or `.zip` of a team's code for script jobs. The archive is stored once
+    by its SHA-256 (shared/artifact_store.py: bundle_key); each owner who uploaded it
+    has a row, so bundles are owned (and listed, and deleted) like uploads."""
+
+    __tablename__ = "code_bundles"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    owner_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id"))
+    sha256: Mapped[str] = mapped_column(String(64))
+    # "tar.gz" or "zip"
+    archive_format: Mapped[str] = mapped_column(String(16))
+    filename: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    unpacked_bytes: Mapped[int] = mapped_column(BigInteger)
+    file_count: Mapped[int] = mapped_column(Integer)
+    # The bundle's Python files and whether it has a requirements.txt, so a submission
+    # can check its entry point without opening the archive (shared/code_bundle.py).
+    python_files: Mapped[list[str]] = mapped_column(JSON)
+    has_requirements: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_code_bundles_owner_sha256", "owner_id", "sha256", unique=True),
+        Index("ix_code_bundles_sha256", "sha256"),
+    )
 
 
 class WorkerNode(Base):

@@ -1,6 +1,7 @@
 """The JobSpec: one pydantic schema for the API, the form, the CLI and the worker.
 
-`parse_spec` is the single entry point. It returns a TrainSpec or EvaluateSpec, or
+`parse_spec` is the single entry point. It returns a TrainSpec, EvaluateSpec or
+ScriptSpec (a team's own code: docs/architecture.md, "Script jobs"), or
 raises SpecError whose `fields` maps dotted field names ("model.params.hidden") to a
 message a person can act on. Given a CatalogContext it also resolves the dataset
 (files present, upload known) and checks the model, loss and recipe against it, so a
@@ -9,6 +10,8 @@ job that cannot work is refused at submission, not in the worker.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -22,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from shared.dataset_cache import DATASET_DIRS
 from shared.dataset_catalog import DATASETS, CatalogContext, DatasetInfo, resolve_dataset
 from shared.invisible_chars import first_invisible, strip_invisible
 from shared.metric_catalog import direction
@@ -321,6 +325,14 @@ class Resources(StrictModel):
         "GPUs do take the job",
     )
 
+    memory_gb: float | None = Field(
+        None,
+        gt=0,
+        le=65_536,
+        description="the most host memory the job may allocate, in GB (10^9 bytes); "
+        "default and upper bound: the worker slot's share (TRAINYARD_SLOT_MEMORY_BYTES)",
+    )
+
     @model_validator(mode="after")
     def _one_parallel_mode(self) -> Resources:
         if self.gpu_memory_gb is not None and self.gpus < 1:
@@ -449,15 +461,110 @@ class EvaluateSpec(_Common):
         return self
 
 
-JobSpec = Annotated[TrainSpec | EvaluateSpec, Field(discriminator="kind")]
-_adapter: TypeAdapter[TrainSpec | EvaluateSpec] = TypeAdapter(JobSpec)
+# A script's entry point: a file of the bundle ("train.py", "src/train.py") or a
+# function of one of its modules ("package.module:function").
+ENTRY_FILE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)*[A-Za-z0-9_][A-Za-z0-9_.-]*\.py")
+ENTRY_FUNCTION = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*"
+)
+MAX_ARGS = 256
+MAX_ARG_CHARS = 4096
+MAX_PARAMS_BYTES = 64 * 1024
+
+
+def _entry(value: str) -> str:
+    if ENTRY_FILE.fullmatch(value) or ENTRY_FUNCTION.fullmatch(value):
+        return value
+    raise ValueError(
+        "must be a .py file of the bundle, relative to its top (train.py, src/train.py), "
+        "or package.module:function"
+    )
+
+
+def _arg(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("contains a NUL character, which no command line can carry")
+    return value
+
+
+class ScriptDatasetSpec(StrictModel):
+    """A catalogue dataset whose files the worker puts on its disk for the script."""
+
+    name: str = Field(description="a dataset with files: " + ", ".join(DATASET_DIRS))
+
+    @field_validator("name")
+    @classmethod
+    def _with_files(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(DATASET_DIRS)}")
+        if v not in DATASET_DIRS:
+            raise ValueError(
+                f"{v!r} has no files to hand to a script (it is built in or generated); "
+                f"choose one of: {', '.join(DATASET_DIRS)}, or load it in the script"
+            )
+        return v
+
+
+class ScriptSpec(_Common):
+    """A team's own PyTorch code: a bundle of files, run as a child process of the
+    worker under the job's lease (worker/script_job.py)."""
+
+    kind: Literal["script"]
+    bundle_id: int = Field(
+        ge=1, le=2**63 - 1, description="a code bundle uploaded with POST /api/v1/bundles"
+    )
+    entry: Annotated[str, AfterValidator(_entry)] = Field(
+        max_length=300, description="train.py (a file of the bundle) or package.module:function"
+    )
+    args: list[Annotated[str, Field(max_length=MAX_ARG_CHARS), AfterValidator(_arg)]] = Field(
+        default_factory=list, max_length=MAX_ARGS, description="the script's command line"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="any JSON object; the script reads it from TRAINYARD_PARAMS_FILE",
+    )
+    dataset: ScriptDatasetSpec | None = Field(
+        None, description="put this catalogue dataset's files on the worker's disk"
+    )
+    stop_grace_s: int = Field(
+        30,
+        ge=1,
+        le=600,
+        description="after asking the script to stop (SIGTERM: checkpoint and exit), how "
+        "long to wait before killing it",
+    )
+
+    @field_validator("params")
+    @classmethod
+    def _small_params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            size = len(json.dumps(v, allow_nan=False))
+        except ValueError:
+            raise ValueError("must be JSON: no NaN or infinities") from None
+        if size > MAX_PARAMS_BYTES:
+            raise ValueError(f"is {size} bytes as JSON; at most {MAX_PARAMS_BYTES}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_process(self) -> ScriptSpec:
+        if self.resources.processes > 1:
+            raise CatalogError(
+                "resources.processes",
+                "a script job runs one process (it may start its own); leave it at 1",
+            )
+        return self
+
+
+JobSpec = Annotated[TrainSpec | EvaluateSpec | ScriptSpec, Field(discriminator="kind")]
+AnySpec = TrainSpec | EvaluateSpec | ScriptSpec
+_adapter: TypeAdapter[AnySpec] = TypeAdapter(JobSpec)
 
 # ---------------------------------------------------------------- errors
 
 # Discriminated unions put the tag into the error location ("model", "cnn", "params");
 # users name fields, not tags, so those are dropped.
 _TAGS_AFTER: dict[tuple[str, ...], set[str]] = {
-    (): {"train", "evaluate"},
+    (): {"train", "evaluate", "script"},
     ("model",): set(MODELS),
     ("dataset",): set(DATASETS),
     ("optimizer",): {"adam", "adamw", "sgd", "adagrad", "rmsprop"},
@@ -554,7 +661,7 @@ def _check_train(spec: TrainSpec, ctx: CatalogContext) -> None:
         raise SpecError(problems)
 
 
-def parse_spec(data: Any, ctx: CatalogContext | None = None) -> TrainSpec | EvaluateSpec:
+def parse_spec(data: Any, ctx: CatalogContext | None = None) -> AnySpec:
     """Validate a submitted spec; SpecError names every bad field.
 
     With `ctx`, train specs are also checked against their resolved dataset (and get
@@ -568,14 +675,20 @@ def parse_spec(data: Any, ctx: CatalogContext | None = None) -> TrainSpec | Eval
         raise SpecError(_error_fields(exc)) from None
     if isinstance(spec, TrainSpec) and ctx is not None:
         _check_train(spec, ctx)
+    if isinstance(spec, ScriptSpec) and spec.dataset is not None and ctx is not None:
+        name = spec.dataset.name
+        try:  # the files are there (or in the bucket the web syncs them from)
+            resolve_dataset(name, DATASETS[name].params(), ctx)
+        except CatalogError as exc:
+            raise SpecError({"dataset.name": exc.message}) from None
     return spec
 
 
-def spec_to_json(spec: TrainSpec | EvaluateSpec) -> dict[str, Any]:
+def spec_to_json(spec: AnySpec) -> dict[str, Any]:
     return spec.model_dump(mode="json")
 
 
-def load_stored_spec(data: dict[str, Any]) -> TrainSpec | EvaluateSpec:
+def load_stored_spec(data: dict[str, Any]) -> AnySpec:
     """Rebuild a spec that was validated (and completed) at submission."""
     return _adapter.validate_python(data, context={_STORED: True})
 
