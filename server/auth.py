@@ -60,10 +60,18 @@ class Principal(UserMixin):
     # role, disable) ends every session, and a session ends `session_hours` after login.
     session_version: int
     issued_at: int
+    # users.can_run_code as of this request (admins may anyway: see may_run_code).
+    can_run_code: bool = False
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def may_run_code(self) -> bool:
+        """May submit script jobs and upload code bundles: docs/architecture.md,
+        "Script jobs" (running code on the workers is a privilege)."""
+        return self.is_admin or self.can_run_code
 
     def get_id(self) -> str:
         return f"{self.id}.{self.session_version}.{self.issued_at}"
@@ -76,6 +84,7 @@ def principal(user: User, issued_at: int | None = None) -> Principal:
         role=user.role,
         session_version=user.session_version or 0,
         issued_at=int(clock()) if issued_at is None else issued_at,
+        can_run_code=bool(user.can_run_code),
     )
 
 

@@ -80,6 +80,18 @@ def upload_key(upload_id: int, storage_format: str) -> str:
     return f"uploads/{int(upload_id)}{job_files.UPLOAD_SUFFIXES[storage_format]}"
 
 
+BUNDLE_FORMATS = ("tar.gz", "zip")
+
+
+def bundle_key(sha256: str, archive_format: str) -> str:
+    """A code bundle's archive, once per content (every owner's row points here)."""
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ValueError(f"not a SHA-256 hex digest: {sha256!r}")
+    if archive_format not in BUNDLE_FORMATS:
+        raise ValueError(f"not a bundle format: {archive_format!r}")
+    return f"bundles/{sha256}.{archive_format}"
+
+
 @dataclass(frozen=True)
 class Download:
     """An object opened for reading: its size and its bytes in chunks."""
