@@ -110,6 +110,18 @@ class Settings(BaseSettings):
     max_upload_bytes_per_user: int = Field(default=2_000_000_000, ge=1024)
     max_uploads_per_user: int = Field(default=200, ge=1)
     max_tokens_per_user: int = Field(default=20, ge=1)
+    # Code bundles of script jobs (shared/code_bundle.py): the archive, what it unpacks
+    # to (a zip bomb stops here), its files; bundles kept per user.
+    max_bundle_bytes: int = Field(default=50_000_000, ge=1024)
+    max_bundle_unpacked_bytes: int = Field(default=500_000_000, ge=1024)
+    max_bundle_files: int = Field(default=20_000, ge=1)
+    max_bundles_per_user: int = Field(default=100, ge=1)
+    # A script job's child process (worker/script_job.py): the stdout/stderr kept in the
+    # job log (the first bytes, then the last TRAINYARD_SCRIPT_LOG_TAIL_BYTES), and its
+    # open-files limit (RLIMIT_NOFILE).
+    script_log_max_bytes: int = Field(default=5_000_000, ge=1024)
+    script_log_tail_bytes: int = Field(default=500_000, ge=1024)
+    script_open_files: int = Field(default=4096, ge=64)
     upload_rate_limit: str = "30/hour"
     token_rate_limit: str = "10/hour"
     # The largest dataset file (an IDX file once decompressed, a CIFAR-10 batch) the
