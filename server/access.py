@@ -13,7 +13,7 @@ from sqlalchemy import Select
 from server.auth import Principal, api_user
 from server.database import get_session
 from server.errors import ApiError
-from shared.orm import Job, Upload
+from shared.orm import CodeBundle, Job, Upload
 
 S = TypeVar("S", bound=Select)
 
@@ -45,3 +45,8 @@ def visible_job(job_id: int) -> Job:
 def find_visible_upload(upload_id: int) -> Upload | None:
     upload = get_session().get(Upload, upload_id)
     return upload if upload is not None and can_see(upload.owner_id) else None
+
+
+def find_visible_bundle(bundle_id: int) -> CodeBundle | None:
+    bundle = get_session().get(CodeBundle, bundle_id)
+    return bundle if bundle is not None and can_see(bundle.owner_id) else None
