@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     script_log_max_bytes: int = Field(default=5_000_000, ge=1024)
     script_log_tail_bytes: int = Field(default=500_000, ge=1024)
     script_open_files: int = Field(default=4096, ge=64)
+    # A script bundle's requirements.txt is installed into a virtual environment cached
+    # per host (worker/script_env.py): pip may take this long before the job fails (a
+    # hung index or a huge build must not hold a slot forever), and this many such
+    # environments are kept, the least recently used removed first (each can be GBs).
+    script_env_install_seconds: float = Field(default=1800.0, gt=0)
+    script_envs_kept: int = Field(default=20, ge=1)
     upload_rate_limit: str = "30/hour"
     token_rate_limit: str = "10/hour"
     # The largest dataset file (an IDX file once decompressed, a CIFAR-10 batch) the
