@@ -115,6 +115,8 @@ _JOB_CREATED_HEADERS = {"Location": {"$ref": "#/components/headers/Location"}}
     headers=schemas.IdempotencyHeaders,
     ok={201: schemas.JobResponse, 200: schemas.JobResponse},
     errors={
+        403: "A `script` job from a user without the `can_run_code` permission "
+        "(`error.fields.can_run_code` says so).",
         413: "",
         415: "",
         422: "The spec is invalid (`invalid_spec`), or over one of your account's limits "
@@ -175,7 +177,7 @@ def submit_job() -> ResponseReturnValue:
     tag="jobs",
     json=schemas.JobSpecBody,
     ok={200: schemas.JobEstimate},
-    errors=(413, 415, 422),
+    errors={403: "A `script` job from a user without `can_run_code`.", 413: "", 415: "", 422: ""},
     validate=False,  # the body is checked by parse_spec, against the catalogs
 )
 def estimate_job() -> ResponseReturnValue:
@@ -272,7 +274,15 @@ def cancel_job(job_id: int) -> ResponseReturnValue:
 @operation(
     tag="jobs",
     ok={201: schemas.JobResponse},
-    errors={404: "", 409: "The job has not finished yet.", 413: "", 429: ""},
+    errors={
+        403: "A `script` job, and the caller lacks `can_run_code`.",
+        404: "",
+        409: "The job has not finished yet.",
+        413: "",
+        422: "The spec is no longer valid (a deleted upload or bundle) or over the "
+        "caller's limits; `error.fields` names each field.",
+        429: "",
+    },
     extra={"responses": {"201": {"description": "The new job", "headers": _JOB_CREATED_HEADERS}}},
 )
 def retry_job(job_id: int) -> ResponseReturnValue:

@@ -30,7 +30,7 @@ def _no_default(schema: dict[str, Any]) -> None:
 
 
 class JobSpecBody(RootModel[JobSpec]):  # type: ignore[valid-type]
-    """A JobSpec: a `train` or an `evaluate` job, told apart by `kind`.
+    """A JobSpec: a `train`, an `evaluate` or a `script` job, told apart by `kind`.
 
     The server validates it with the catalogs in hand (datasets present, uploads known,
     model fits the data), which a schema cannot say; each problem is named in a 422.
@@ -108,7 +108,7 @@ class Placement(ResponseModel):
 
 class JobResponse(ResponseModel):
     id: int
-    kind: Literal["train", "evaluate"]
+    kind: Literal["train", "evaluate", "script"]
     name: str | None
     state: JobStateName
     owner: str | None = Field(description="username of the submitter")
@@ -316,6 +316,24 @@ class Me(ResponseModel):
     id: int
     username: str
     role: Literal["admin", "member"]
+    may_run_code: bool = Field(description="may submit script jobs and upload code bundles")
+
+
+class UserPermissions(ResponseModel):
+    username: str
+    role: Literal["admin", "member"]
+    can_run_code: bool = Field(description="granted by an admin")
+    may_run_code: bool = Field(description="can_run_code, or an admin (who always may)")
+
+
+class PermissionsChange(BaseModel):
+    """Permissions to change; those not named keep their value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    can_run_code: bool | None = Field(
+        default=None, description="may submit script jobs (their own code, run by the workers)"
+    )
 
 
 class Token(ResponseModel):

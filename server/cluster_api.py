@@ -56,7 +56,7 @@ _BROKER_ERROR = "why Redis could not be read (the registry and depths are then u
 class SlotJob(ResponseModel):
     id: int
     name: str | None
-    kind: Literal["train", "evaluate"]
+    kind: Literal["train", "evaluate", "script"]
     owner: str | None
     started_at: datetime | None
     progress: float | None = Field(description="fraction of its steps done, 0 to 1")
@@ -232,7 +232,7 @@ class QueueStatus(ResponseModel):
 class WaitingJob(ResponseModel):
     id: int
     name: str | None
-    kind: Literal["train", "evaluate"]
+    kind: Literal["train", "evaluate", "script"]
     owner: str | None
     queue: str
     priority: int

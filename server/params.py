@@ -53,7 +53,9 @@ class NoQuery(QueryModel):
 
 class JobListQuery(QueryModel):
     state: JobStateName | None = Field(default=None, description="only jobs in this state")
-    kind: Literal["train", "evaluate"] | None = Field(default=None, description="only this kind")
+    kind: Literal["train", "evaluate", "script"] | None = Field(
+        default=None, description="only this kind"
+    )
     model: QueryText | None = Field(default=None, max_length=64, description="model name")
     dataset: QueryText | None = Field(default=None, max_length=64, description="dataset name")
     owner: QueryText | None = Field(

@@ -16,7 +16,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import select
 
-from server.access import find_visible_job
+from server.access import find_visible_bundle, find_visible_job
 from server.auth import Principal, submit_limits
 from server.catalog import catalog_context
 from server.database import get_session
@@ -26,10 +26,13 @@ from shared.dataset_catalog import resolve_dataset
 from shared.job_estimate import JobEstimate, estimate_evaluate, estimate_train
 from shared.job_states import JobState, is_finished
 from shared.limits import SUBMISSION_LIMITS, apply_defaults, check_job, effective_limits
-from shared.orm import Job, JobTag, User
+from shared.orm import CodeBundle, Job, JobTag, User
 from shared.schema_base import CatalogError
 from shared.spec import (
+    ENTRY_FILE,
+    AnySpec,
     EvaluateSpec,
+    ScriptSpec,
     SpecError,
     TrainSpec,
     eval_dataset_params,
@@ -44,7 +47,7 @@ def invalid(fields: dict[str, str]) -> ApiError:
     return ApiError(422, "invalid_spec", "invalid job spec", fields)
 
 
-def parse_job_spec(data: Any) -> TrainSpec | EvaluateSpec:
+def parse_job_spec(data: Any) -> AnySpec:
     """A JobSpec from JSON-like data, checked against the catalogs; 422 naming fields."""
     try:
         return parse_spec(data, catalog_context())
@@ -86,6 +89,50 @@ def check_evaluate_source(spec: EvaluateSpec) -> Job:
     return source
 
 
+CODE_PERMISSION = "can_run_code"
+
+
+def forbidden_code(user: Principal) -> ApiError:
+    return ApiError(
+        403,
+        "forbidden",
+        "running your own code on the workers needs the can_run_code permission",
+        {
+            CODE_PERMISSION: f"{user.username!r} does not have it; an admin grants it with "
+            f"`trainyard user grant-code {user.username}`"
+        },
+    )
+
+
+def entry_files(entry: str) -> tuple[str, ...]:
+    """The bundle files that make `entry` runnable: the file itself, or the module of
+    package.module:function as a file or a package."""
+    if ENTRY_FILE.fullmatch(entry):
+        return (entry,)
+    module = entry.split(":", 1)[0].replace(".", "/")
+    return (f"{module}.py", f"{module}/__init__.py")
+
+
+def check_script(spec: ScriptSpec, user: Principal) -> CodeBundle:
+    """A script job needs the permission, a bundle its owner may use, and an entry
+    point that is in the bundle."""
+    if not user.may_run_code:
+        raise forbidden_code(user)
+    bundle = find_visible_bundle(spec.bundle_id)
+    if bundle is None:
+        raise invalid({"bundle_id": f"bundle {spec.bundle_id} does not exist"})
+    if not set(entry_files(spec.entry)) & set(bundle.python_files):
+        shown = ", ".join(bundle.python_files[:10]) or "none"
+        more = f" and {len(bundle.python_files) - 10} more" if len(bundle.python_files) > 10 else ""
+        raise invalid(
+            {
+                "entry": f"{spec.entry!r} is not in bundle {bundle.id} "
+                f"(its Python files: {shown}{more})"
+            }
+        )
+    return bundle
+
+
 def user_limits(user: Principal) -> dict[str, int | float]:
     """The user's limits: the role's settings with an admin's overrides on top."""
     row = get_session().get(User, user.id)
@@ -93,9 +140,11 @@ def user_limits(user: Principal) -> dict[str, int | float]:
     return effective_limits(settings, user.role, row.limits if row is not None else None)
 
 
-def estimate_job(spec: TrainSpec | EvaluateSpec, source: Job | None) -> JobEstimate | None:
+def estimate_job(spec: AnySpec, source: Job | None) -> JobEstimate | None:
     """The job's size and memory; None when its dataset cannot be resolved (the spec's
-    own check reports that)."""
+    own check reports that), or for a script, whose model nobody knows before it runs."""
+    if isinstance(spec, ScriptSpec):
+        return None
     ctx = catalog_context()
     try:
         if isinstance(spec, TrainSpec):
@@ -116,7 +165,7 @@ class Admission:
     limits: dict[str, int | float]
     over: dict[str, str]  # {field: message} for each limit exceeded
 
-    def to_json(self, spec: TrainSpec | EvaluateSpec) -> dict[str, Any]:
+    def to_json(self, spec: AnySpec) -> dict[str, Any]:
         """The estimate endpoint's answer."""
         empty = {"params": None, "batch": None, "memory_bytes": None, "memory_gib": None}
         return {
@@ -128,7 +177,7 @@ class Admission:
         }
 
 
-def admit(spec: TrainSpec | EvaluateSpec, user: Principal, source: Job | None) -> Admission:
+def admit(spec: AnySpec, user: Principal, source: Job | None) -> Admission:
     """Fill in the defaults the user's limits decide, estimate the job, and say which
     limits it exceeds."""
     limits = user_limits(user)
@@ -137,17 +186,19 @@ def admit(spec: TrainSpec | EvaluateSpec, user: Principal, source: Job | None) -
     return Admission(estimate, limits, check_job(spec, estimate, limits))
 
 
-def estimate(spec: TrainSpec | EvaluateSpec, user: Principal) -> Admission:
+def estimate(spec: AnySpec, user: Principal) -> Admission:
     """What `build_job` would decide about a spec, without storing anything."""
     source = check_evaluate_source(spec) if isinstance(spec, EvaluateSpec) else None
+    if isinstance(spec, ScriptSpec):
+        check_script(spec, user)
     return admit(spec, user, source)
 
 
-def build_job(
-    spec: TrainSpec | EvaluateSpec, user: Principal, idempotency_key: str | None = None
-) -> Job:
+def build_job(spec: AnySpec, user: Principal, idempotency_key: str | None = None) -> Job:
     """The (unsaved) row for a validated spec, after the source check and the limits."""
     source = check_evaluate_source(spec) if isinstance(spec, EvaluateSpec) else None
+    if isinstance(spec, ScriptSpec):
+        check_script(spec, user)
     admission = admit(spec, user, source)
     if admission.over:
         raise ApiError(
@@ -156,6 +207,9 @@ def build_job(
     submit_limits().check(user)
     if isinstance(spec, TrainSpec):
         model_name, dataset_name = spec.model.name, spec.dataset.name
+    elif isinstance(spec, ScriptSpec):
+        # The model is whatever the script builds; the dataset, if it named one.
+        model_name, dataset_name = None, spec.dataset.name if spec.dataset else None
     else:
         assert source is not None
         model_name = source.model_name
@@ -188,7 +242,7 @@ def store_and_enqueue(job: Job) -> Job:
     return job
 
 
-def submit(spec: TrainSpec | EvaluateSpec, user: Principal) -> Job:
+def submit(spec: AnySpec, user: Principal) -> Job:
     """Validate-then-store for callers without an idempotency key (forms, retry)."""
     return store_and_enqueue(build_job(spec, user))
 

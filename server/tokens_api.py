@@ -54,7 +54,14 @@ def me() -> ResponseReturnValue:
     """Who the credentials belong to."""
     parse_query(NoQuery)
     user = api_user()
-    return jsonify({"id": user.id, "username": user.username, "role": user.role})
+    return jsonify(
+        {
+            "id": user.id,
+            "username": user.username,
+            "role": user.role,
+            "may_run_code": user.may_run_code,
+        }
+    )
 
 
 @bp.get("/tokens")

@@ -1,4 +1,5 @@
-"""Users' limits, for admins: GET/PATCH /api/v1/users/<username>/limits.
+"""Users' limits and permissions, for admins: GET/PATCH /api/v1/users/<username>/limits
+and /api/v1/users/<username>/permissions (can_run_code: may submit script jobs).
 
 The limits themselves and how an override is stored are shared/limits.py's;
 `trainyard user limits` changes the same users.limits column from the server host.
@@ -10,6 +11,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify
 from flask.typing import ResponseReturnValue
+from pydantic import ValidationError
 
 from server import api_schemas as schemas
 from server.auth import api_user, authenticate_api_request
@@ -33,7 +35,9 @@ bp.before_request(authenticate_api_request)
 
 def _admin_only() -> None:
     if not api_user().is_admin:
-        raise ApiError(403, "forbidden", "only admins can see or change users' limits", {})
+        raise ApiError(
+            403, "forbidden", "only admins can see or change users' limits and permissions", {}
+        )
 
 
 def _user(username: str) -> User:
@@ -95,3 +99,51 @@ def change_limits(username: str) -> ResponseReturnValue:
         raise ApiError(422, "invalid_limits", "invalid limits", {exc.field: exc.message}) from None
     get_session().commit()
     return jsonify(limits_to_json(user))
+
+
+def permissions_to_json(user: User) -> dict[str, Any]:
+    return {
+        "username": user.username,
+        "role": user.role,
+        "can_run_code": bool(user.can_run_code),
+        "may_run_code": user.role == "admin" or bool(user.can_run_code),
+    }
+
+
+@bp.get("/<username>/permissions")
+@operation(tag="account", ok={200: schemas.UserPermissions}, errors=(403, 404))
+def get_permissions(username: str) -> ResponseReturnValue:
+    """A user's permissions (admins only)."""
+    parse_query(NoQuery)
+    _admin_only()
+    return jsonify(permissions_to_json(_user(username)))
+
+
+@bp.patch("/<username>/permissions")
+@operation(
+    tag="account",
+    json=schemas.PermissionsChange,
+    ok={200: schemas.UserPermissions},
+    errors=(403, 404, 413, 415, 422),
+    validate=False,  # the body goes through json_body's checks first
+)
+def change_permissions(username: str) -> ResponseReturnValue:
+    """Grant or take back a user's permissions (admins only).
+
+    `can_run_code` lets a member submit script jobs: their own code, run by the workers
+    with the workers' OS user and network (README, "Script jobs: trust model").
+    """
+    parse_query(NoQuery)
+    _admin_only()
+    try:
+        change = schemas.PermissionsChange.model_validate(
+            json_body("invalid_body", "invalid permissions")
+        )
+    except ValidationError as exc:
+        fields = {".".join(str(p) for p in e["loc"]) or "body": e["msg"] for e in exc.errors()}
+        raise ApiError(422, "invalid_body", "invalid permissions", fields) from None
+    user = _user(username)
+    if change.can_run_code is not None:
+        accounts.set_can_run_code(user, change.can_run_code)
+    get_session().commit()
+    return jsonify(permissions_to_json(user))

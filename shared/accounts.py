@@ -122,6 +122,12 @@ def set_role(user: User, role: str) -> None:
         end_sessions(user)
 
 
+def set_can_run_code(user: User, allowed: bool) -> None:
+    """Whether the user may submit script jobs. Not a session change: the permission is
+    read from the row on every request, so it takes effect on the next one."""
+    user.can_run_code = allowed
+
+
 def set_active(user: User, active: bool) -> None:
     """Enable or disable the account; any change ends its sessions, so a session from
     before `disable` stays dead after `enable`."""

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     # Only for annotations: the CLI imports this module to name its options, and
     # the spec's pydantic models would slow every `trainyard` command's start.
     from shared.job_estimate import JobEstimate
-    from shared.spec import EvaluateSpec, TrainSpec
+    from shared.spec import AnySpec
 
 GIB = 1024**3
 
@@ -155,7 +155,7 @@ def apply_changes(
 # ---------------------------------------------------------------- submission
 
 
-def apply_defaults(spec: TrainSpec | EvaluateSpec, limits: Mapping[str, int | float]) -> None:
+def apply_defaults(spec: AnySpec, limits: Mapping[str, int | float]) -> None:
     """Fill in what the limits decide for a spec that leaves it open (max_runtime_s)."""
     if spec.max_runtime_s is None:
         spec.max_runtime_s = int(min(limits["default_runtime_s"], limits["max_runtime_s"]))
@@ -183,7 +183,7 @@ def memory_text(estimate: JobEstimate) -> str:
 
 
 def check_job(
-    spec: TrainSpec | EvaluateSpec,
+    spec: AnySpec,
     estimate: JobEstimate | None,
     limits: Mapping[str, int | float],
 ) -> dict[str, str]:
@@ -219,10 +219,18 @@ def check_job(
                 f"the job would need about {size_text(estimate.total_bytes)} of memory "
                 f"({memory_text(estimate)}); the limit is {limits['max_memory_gib']:g} GiB",
             )
-    if spec.batch_size > limits["max_batch_size"]:
+    memory_gb = spec.resources.memory_gb
+    if memory_gb is not None and memory_gb * 1e9 > limits["max_memory_gib"] * GIB:
+        # What a script job asks for is all there is to hold it to (no estimate).
+        add(
+            "resources.memory_gb",
+            f"{memory_gb:g} GB is over the limit of {limits['max_memory_gib']:g} GiB",
+        )
+    batch_size = getattr(spec, "batch_size", None)  # script jobs have none
+    if batch_size is not None and batch_size > limits["max_batch_size"]:
         add(
             "batch_size",
-            f"{spec.batch_size:,} is over the limit of {int(limits['max_batch_size']):,}",
+            f"{batch_size:,} is over the limit of {int(limits['max_batch_size']):,}",
         )
     if spec.kind == "train" and spec.epochs > limits["max_epochs"]:
         add("epochs", f"{spec.epochs:,} is over the limit of {int(limits['max_epochs']):,}")

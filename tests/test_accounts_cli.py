@@ -557,3 +557,21 @@ def test_the_http_client_imports_no_sqlalchemy() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_grant_code_and_revoke_code(env: dict[str, str | None], db: str) -> None:
+    assert (
+        run(env, "user", "create", "carol", "--password-stdin", stdin="longenough1\n").exit_code
+        == 0
+    )
+    result = run(env, "user", "grant-code", "carol")
+    assert result.exit_code == 0, result.output
+    assert "'carol' may submit script jobs." in result.output
+    user = get_user(db, "carol")
+    assert user is not None and user.can_run_code
+    assert "yes" in run(env, "user", "list").output
+    result = run(env, "user", "revoke-code", "carol")
+    assert result.exit_code == 0 and "'carol' may not submit script jobs." in result.output
+    user = get_user(db, "carol")
+    assert user is not None and not user.can_run_code
+    assert run(env, "user", "grant-code", "nobody").exit_code != 0

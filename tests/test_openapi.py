@@ -138,8 +138,8 @@ def test_job_submission_is_documented_with_the_spec_union(document: dict[str, An
     body = submit["requestBody"]["content"]["application/json"]["schema"]
     spec = document["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
     assert spec["discriminator"]["propertyName"] == "kind"
-    assert set(spec["discriminator"]["mapping"]) == {"train", "evaluate"}
-    assert {"201", "200", "422", "429"} <= set(submit["responses"])
+    assert set(spec["discriminator"]["mapping"]) == {"train", "evaluate", "script"}
+    assert {"201", "200", "403", "422", "429"} <= set(submit["responses"])
     assert [p["name"] for p in submit["parameters"] if p["in"] == "header"] == ["Idempotency-Key"]
     schemes = document["components"]["securitySchemes"]
     assert schemes["bearer"] == {

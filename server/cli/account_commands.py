@@ -380,6 +380,37 @@ def user_set_role(username: str, role: str) -> None:
         click.echo(f"{username!r} is now {'an' if role == 'admin' else 'a'} {role} (was {before}).")
 
 
+def _set_code_permission(username: str, allowed: bool) -> None:
+    from shared.accounts import set_can_run_code
+    from shared.db import transaction
+
+    with transaction(_database_url()) as session:
+        user = _require_user(session, username)
+        before, role = bool(user.can_run_code), user.role
+        set_can_run_code(user, allowed)
+    state = "may" if allowed else "may not"
+    unchanged = " (unchanged)" if before == allowed else ""
+    note = " (an admin, who may anyway)" if role == "admin" and not allowed else ""
+    click.echo(f"{username!r} {state} submit script jobs{unchanged}{note}.")
+
+
+@user_group.command("grant-code")
+@click.argument("username", metavar="NAME")
+@account_command
+def user_grant_code(username: str) -> None:
+    """Let NAME submit script jobs: their own code, run by the workers with the
+    workers' OS user and network (README, "Script jobs: trust model")."""
+    _set_code_permission(username, True)
+
+
+@user_group.command("revoke-code")
+@click.argument("username", metavar="NAME")
+@account_command
+def user_revoke_code(username: str) -> None:
+    """Take back NAME's permission to submit script jobs (running ones go on)."""
+    _set_code_permission(username, False)
+
+
 @user_group.command("disable")
 @click.argument("username", metavar="NAME")
 @account_command
@@ -442,6 +473,7 @@ def user_list() -> None:
     table.add_column("status", no_wrap=True)
     table.add_column("password", no_wrap=True)
     table.add_column("tokens", justify="right", no_wrap=True)
+    table.add_column("code", no_wrap=True)
     table.add_column("created (UTC)", no_wrap=True)
     for user in users:
         table.add_row(
@@ -451,6 +483,7 @@ def user_list() -> None:
             "active" if user.is_active else "[red]disabled[/]",
             "set" if user.password_hash else "-",
             str(live.get(user.id, 0)),
+            "yes" if user.role == "admin" or user.can_run_code else "-",
             _fmt_time(user.created_at),
         )
     console.print(table)

@@ -29,14 +29,19 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
+from pydantic import Field as SchemaField
 from pydantic import TypeAdapter
 
 from server.params import MAX_ID
 from shared.dataset_catalog import DATASETS
 from shared.model_catalog import MODELS
-from shared.spec import JobSpec
+from shared.spec import EvaluateSpec, TrainSpec
+
+# The kinds this form builds. A script job has a page of its own (server/web/script_submit.py):
+# its code is a file to upload, its params a JSON object, neither a field of this walker.
+FormSpec = Annotated[TrainSpec | EvaluateSpec, SchemaField(discriminator="kind")]
 
 Widget = Literal["number", "text", "select", "checkbox", "radio", "list", "file", "column"]
 ValueType = Literal[
@@ -610,8 +615,9 @@ def _mark_image_only(nodes: list[Node], dataset_selector: str | None) -> list[No
 
 @cache
 def job_form() -> JobForm:
-    """The form for JobSpec (built once: it depends only on the code's schemas)."""
-    schema = TypeAdapter(JobSpec).json_schema()
+    """The form for train and evaluate JobSpecs (built once: it depends only on the
+    code's schemas)."""
+    schema = TypeAdapter(FormSpec).json_schema()
     b = _Builder(schema)
     nodes = b.union(schema, "", [], (), selector_label=humanize("kind"))
     kind_selector = nodes[0]
