@@ -478,3 +478,35 @@ def test_cursor_refuses_anything_but_a_cursor() -> None:
     for junk in (None, "", "[]", '{"log": -1}', '{"log": 1e3}', '{"extra": 1}', "{" * 10_000,
                  '{"metrics": {"": 1}}', f'{{"event": {2**64}}}'):  # fmt: skip
         assert StreamCursor.parse(junk) is None, junk
+
+
+@sqlite_only
+def test_script_job_page_shows_its_code_arguments_custom_charts_and_results(
+    app: Flask, settings: Settings, db_url: str, users: Any
+) -> None:
+    from tests.test_script_submission import add_bundle, grant
+
+    grant(db_url, "alice")
+    bundle = add_bundle(db_url, users.alice.id)
+    spec = {"kind": "script", "bundle_id": bundle, "entry": "train.py",
+            "args": ["--lr", "0.01", "two words"], "params": {"width": 64}}  # fmt: skip
+    resp = as_user(app, users.alice).post("/api/v1/jobs", json=spec)
+    assert resp.status_code == 201, resp.get_json()
+    job_id = resp.get_json()["id"]
+    metrics = {"val_accuracy": 0.875, "precision": 0.86, "recall": 0.85, "my_score": 3.5}
+    set_state(db_url, job_id, state="succeeded", attempt=1, started_at=utcnow(),
+              finished_at=utcnow(), result={"metrics": metrics})  # fmt: skip
+    with transaction(db_url) as s:
+        s.execute(insert(MetricPoint), points(job_id, "my_loss", range(1, 6)))
+    page = html(session_client(app, db_url, users.alice).get(f"/jobs/{job_id}"))
+    assert f"bundle {bundle}, entry train.py" in page
+    assert "--lr 0.01 &#39;two words&#39;" in page  # as a shell would take it
+    assert "{&#34;width&#34;: 64}" in page
+    for figure in ("val_accuracy", "precision", "recall"):
+        assert f'data-metric="{figure}"' in page
+    # A name that says no better direction is a result all the same, in the table.
+    assert 'data-metric="my_score"' not in page and "my_score" in page
+    # Its own series come from the API like any job's, to be charted by key.
+    got = as_user(app, users.alice).get(f"/api/v1/jobs/{job_id}/metrics").get_json()
+    assert "my_loss" in json.dumps(got)
+    assert 'id="job-charts"' in page  # its series are charted (by key) like any job's

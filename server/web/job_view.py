@@ -6,6 +6,7 @@ no request handling here, so each piece is easy to test and to reuse.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,6 +19,7 @@ from shared.metric_catalog import (
     BEST_METRIC,
     BEST_METRIC_VALUE,
     METRICS,
+    direction,
     finite_number,
     key_metric,
     metric_info,
@@ -195,6 +197,7 @@ def confusion_matrix(matrix: Any, class_names: Any = None) -> ConfusionMatrix | 
 
 # A train job's result leads with this many figures; an evaluation's shows all its scores.
 TRAIN_FIGURES = 3
+SCRIPT_FIGURES = 6
 
 
 def scalar_items(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -214,9 +217,14 @@ def headline(kind: str, metrics: dict[str, Any]) -> list[str]:
         for m in METRICS.values()
         if m.direction is not None and m.series != "step" and m.kind == kind and m.key in metrics
     ]
+    if kind == "script":
+        # Its own names: every score or loss it reported (the direction is read from
+        # the name, shared/metric_catalog.py), in display order.
+        scored = [k for k, v in scalar_items(metrics) if direction(k) and not isinstance(v, str)]
+        keys = scored[:SCRIPT_FIGURES]
     if first is not None:
         keys = [first[0]] + [k for k in keys if k != first[0]]
-    return keys if kind == "evaluate" else keys[:TRAIN_FIGURES]
+    return keys if kind in ("evaluate", "script") else keys[:TRAIN_FIGURES]
 
 
 def class_label(index: Any, names: Any) -> str:
@@ -241,7 +249,9 @@ def results(job: Job) -> Results | None:
         return None
     leading = headline(job.kind, metrics)
     figures = [Figure(k, metrics[k], metric_info(k).hint) for k in leading]
-    if job.kind == "evaluate":
+    if job.kind in ("evaluate", "script"):
+        # A script may report evaluation-style results (per_class, confusion_matrix,
+        # class_names): they are drawn the same way.
         items = [(k, v) for k, v in scalar_items(metrics) if k not in leading]
         raw_matrix = metrics.get("confusion_matrix")
         per_class = metrics.get("per_class")
@@ -296,6 +306,19 @@ def spec_summary(job: Job) -> list[tuple[str, str]]:
         for key, label in (("epochs", "epochs"), ("batch_size", "batch size"), ("seed", "seed")):
             if spec.get(key) is not None:
                 out.append((label, str(spec[key])))
+    elif job.kind == "script":
+        out.append(("code", f"bundle {spec.get('bundle_id', '?')}, entry {spec.get('entry', '?')}"))
+        args = spec.get("args") or []
+        if args:
+            out.append(("arguments", shlex.join(str(a) for a in args)))
+        params = spec.get("params") or {}
+        if params:
+            out.append(("params", json.dumps(params, ensure_ascii=False)[:500]))
+        dataset = spec.get("dataset") or {}
+        if dataset.get("name"):
+            out.append(("dataset", str(dataset["name"])))
+        if (spec.get("resources") or {}).get("memory_gb"):
+            out.append(("memory limit", f"{spec['resources']['memory_gb']:g} GB"))
     else:
         dataset = spec.get("dataset") or {}
         out.append(("checkpoint", str(spec.get("checkpoint", "best"))))

@@ -429,7 +429,7 @@
     let fraction = typeof p.fraction === "number" ? p.fraction : null;
     if (job.state === "succeeded") fraction = 1;
     if (bar && fraction !== null) bar.value = Math.min(Math.max(fraction, 0), 1);
-    if (root.dataset.kind === "train" && p.epoch !== undefined) {
+    if (root.dataset.kind !== "evaluate" && p.epoch !== undefined) {
       setText("progress-epoch", `${p.epoch} / ${p.epochs}`);
       setText("progress-step", `${formatNumber(p.step)} / ${formatNumber(p.steps_total)}`);
       const live = job.state === "running";
