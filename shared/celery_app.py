@@ -16,7 +16,8 @@ from shared.spec import CPU_QUEUE, GPU_QUEUE
 QUEUES = (GPU_QUEUE, CPU_QUEUE)
 TRAIN_TASK = "trainyard.train"
 EVALUATE_TASK = "trainyard.evaluate"
-TASK_NAMES = {"train": TRAIN_TASK, "evaluate": EVALUATE_TASK}
+SCRIPT_TASK = "trainyard.script"
+TASK_NAMES = {"train": TRAIN_TASK, "evaluate": EVALUATE_TASK, "script": SCRIPT_TASK}
 
 
 def task_id_for(job_id: int) -> str:

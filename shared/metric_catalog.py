@@ -320,6 +320,8 @@ def final_metrics(result: Any) -> dict[str, float]:
 KEY_METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "train": (VAL_ACCURACY, VAL_LOSS),
     "evaluate": (ACCURACY, MSE),
+    # A script names its own metrics: the common names, held-out data first.
+    "script": (VAL_ACCURACY, ACCURACY, VAL_LOSS, LOSS),
 }
 
 

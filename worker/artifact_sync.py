@@ -13,8 +13,9 @@ upload: every method here does nothing.
 
 Resume and evaluation go the other way: `fetch_resume_checkpoint` downloads the newest
 `last.pt` an earlier attempt uploaded (objects exist only once their upload completed,
-so a half-uploaded checkpoint is never picked), and `fetch_checkpoint_dir` a finished
-job's checkpoints.
+so a half-uploaded checkpoint is never picked), `fetch_resume_dir` the newest earlier
+attempt's whole directory (a script job's, whose files have names of its own), and
+`fetch_checkpoint_dir` a finished job's checkpoints.
 """
 
 from __future__ import annotations
@@ -216,6 +217,36 @@ def _fetch_resume_checkpoint(
             store.get_file(f"{attempt_prefix(job_id, earlier)}/best.pt", directory / "best.pt")
             return directory / "last.pt"
     return None
+
+
+def fetch_resume_dir(
+    store: ArtifactStore, settings: Settings, job_id: int, attempt: int
+) -> Path | None:
+    """The newest earlier attempt's directory that holds files, on this host's disk: what
+    a script job resumes from (it names its own checkpoint files, so any file counts).
+
+    Locally: the directory itself. With a bucket: that attempt's objects, downloaded
+    (objects exist only once uploaded whole, so none is half a file)."""
+    with store_errors(f"downloading the checkpoints of job {job_id} from {store.url}"):
+        for earlier in range(attempt - 1, 0, -1):
+            directory = job_dir(settings, job_id) / f"attempt-{earlier}"
+            if store.is_local:
+                if _has_files(directory):
+                    return directory
+                continue
+            prefix = attempt_prefix(job_id, earlier)
+            listed = store.list(prefix)
+            if listed:
+                for item in listed:
+                    store.get_file(f"{prefix}/{item['path']}", directory / item["path"])
+                return directory
+    return None
+
+
+def _has_files(directory: Path) -> bool:
+    return directory.is_dir() and any(
+        p.is_file() and not p.name.endswith(TMP_SUFFIX) for p in directory.rglob("*")
+    )
 
 
 def fetch_checkpoint_dir(

@@ -29,7 +29,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,13 +46,14 @@ from shared.claim_limits import Deferred, claim_within_limits
 from shared.dataset_cache import sync_dataset
 from shared.db import transaction
 from shared.job_events import add_event
-from shared.job_files import job_dir, log_path
+from shared.job_files import TMP_SUFFIX, job_dir, log_path
 from shared.orm import Job
 from shared.redaction import DETAIL_MARK, ERROR_DETAIL, Redactor, redactor_for
 from shared.scheduling import candidates_for
 from shared.settings import Settings
 from shared.spec import (
     EvaluateSpec,
+    ScriptSpec,
     TrainSpec,
     eval_dataset_params,
     load_stored_spec,
@@ -74,6 +75,7 @@ from worker.artifact_sync import (
     fetch_checkpoint_dir,
     fetch_log,
     fetch_resume_checkpoint,
+    fetch_resume_dir,
     fetch_upload,
     store_errors,
 )
@@ -82,6 +84,7 @@ from worker.job_log import EpochLogSink, JobLog, format_metrics
 from worker.lease import LeaseKeeper, StopReason
 from worker.memory_limit import AppliedLimit, current_budget, format_bytes, job_memory_limit
 from worker.metric_sink import MetricSink
+from worker.script_job import run_script
 from worker.training import JobCancelled, Sink, UserError, evaluate_job, pick_device, train_job
 from worker.training.datasets import DataPaths
 from worker.training.device import device_name, job_devices
@@ -147,13 +150,14 @@ def describe_device(device: torch.device) -> str:
 
 
 def _execute(
-    spec: TrainSpec | EvaluateSpec,
+    spec: TrainSpec | EvaluateSpec | ScriptSpec,
     settings: Settings,
     claim: Claim,
     device: torch.device,
     sink: Sink,
     should_stop: Callable[[], bool],
     job_log: JobLog,
+    stop_reason: Callable[[], StopReason | None] = lambda: None,
 ) -> tuple[dict[str, Any], Path | None]:
     """Run the job body; returns (result, checkpoint directory)."""
     paths = DataPaths(
@@ -166,6 +170,19 @@ def _execute(
     # Refuses (NotEnoughDevices, the job fails) a slot with fewer GPUs than the job asks
     # for, rather than training on fewer: docs/architecture.md, "Data-parallel jobs".
     devices = job_devices(spec.resources.gpus, spec.resources.processes)
+    if isinstance(spec, ScriptSpec):  # a team's own code (worker/script_job.py)
+        if spec.dataset is not None:
+            _fetch_dataset_files(spec.dataset.name, None, settings)
+        directory = checkpoint_dir(settings, claim.job_id, claim.attempt)
+        resume_dir = fetch_resume_dir(store_for(settings), settings, claim.job_id, claim.attempt)
+        if resume_dir is not None:
+            job_log.event(f"resuming from the checkpoints in {resume_dir}")
+            _timeline_resumed(settings.resolved_database_url, claim, resume_dir)
+        metrics = run_script(
+            spec, settings, claim, sink, should_stop, job_log, device_type=device.type,
+            resume_dir=resume_dir, checkpoint_dir=directory, stop_reason=stop_reason,
+        )  # fmt: skip
+        return {**base, "metrics": metrics}, directory
     if isinstance(spec, TrainSpec):
         _fetch_dataset_files(spec.dataset.name, spec.dataset.params, settings)
         directory = checkpoint_dir(settings, claim.job_id, claim.attempt)
@@ -221,7 +238,11 @@ def _timeline_resumed(url: str, claim: Claim, checkpoint: Path) -> None:
     try:
         with transaction(url) as session:
             if still_owns(session, claim.job_id, claim.attempt):
-                relative = f"{checkpoint.parent.name}/{checkpoint.name}"
+                # A file (attempt-1/last.pt), or a script job's directory (attempt-1).
+                relative = (
+                    checkpoint.name if checkpoint.is_dir()
+                    else f"{checkpoint.parent.name}/{checkpoint.name}"
+                )  # fmt: skip
                 add_event(session, claim.job_id, "resumed", attempt=claim.attempt, message=relative)
     except Exception:  # noqa: BLE001 - the lease keeper notices a database that stays down
         log.warning("job %s: could not record the resume event", claim.job_id, exc_info=True)
@@ -355,19 +376,29 @@ def _attempt(
     with lease:
         try:
             spec = load_stored_spec(claim.spec)
-            train = isinstance(spec, TrainSpec)
+            script = isinstance(spec, ScriptSpec)
+            # The telemetry's process sample counts descendants: a script's child too.
+            charted = script or isinstance(spec, TrainSpec)
+            # A script's limit is set on its own process (worker/script_job.py), not on
+            # this one, whose limit the child would inherit through fork and exec.
+            limit = (
+                nullcontext(AppliedLimit(None, "in the worker; the script has its own"))
+                if script else job_memory_limit(current_budget(), device)
+            )  # fmt: skip
             with (
                 sink,
-                job_memory_limit(current_budget(), device) as memory,
-                telemetry.for_job(sink, settings, claim.job_id, claim.attempt, train=train),
+                limit as memory,
+                telemetry.for_job(sink, settings, claim.job_id, claim.attempt, train=charted),
             ):
                 job_log.event(memory.describe())
                 result, directory = _execute(
                     spec, settings, claim, device, EpochLogSink(sink, job_log),
-                    lease.should_stop, job_log,
+                    lease.should_stop, job_log, lambda: lease.stop_reason,
                 )  # fmt: skip
             # The checkpoints are in the store before the job counts as succeeded.
             sync.flush()
+            if script and directory is not None and not _has_checkpoint(directory, claim.kind):
+                directory = None  # the script saved nothing
             checkpoint = (
                 None if directory is None
                 else checkpoint_location(sync.store, directory, claim.job_id, claim.attempt)
@@ -412,10 +443,20 @@ _STOP_EVENTS = {
 }
 
 
+def _has_checkpoint(directory: Path, kind: str) -> bool:
+    """Whether an attempt wrote a checkpoint: last.pt for a built-in job, any file for a
+    script job (which names its own files)."""
+    if kind != "script":
+        return (directory / "last.pt").is_file()
+    return directory.is_dir() and any(
+        p.is_file() and not p.name.endswith(TMP_SUFFIX) for p in directory.rglob("*")
+    )
+
+
 def _flush_stopped(sync: AttemptSync, directory: Path, claim: Claim) -> str | None:
     """Upload what a stopped attempt wrote; where its checkpoint is, if it has one (the
     next attempt resumes from the newest one in the store, whatever this says)."""
-    if not (directory / "last.pt").is_file():
+    if not _has_checkpoint(directory, claim.kind):
         return None
     try:
         sync.flush()
