@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -29,7 +30,7 @@ from shared.settings import Settings
 from shared.state_machine import request_cancel
 from tests.conftest import REPO
 from tests.script_jobs import add_bundle, insert_script_job
-from worker import script_launch
+from worker import script_launch, shutdown
 from worker.job_log import JobLog
 from worker.runner import checkpoint_dir, run_job
 from worker.script_job import Channel, ScriptOutput
@@ -651,3 +652,59 @@ def test_a_script_job_through_a_real_worker(
         "wJalrXUtnFEMI/K7MDENG/bPxRfiCYWORKER",
     ]  # fmt: skip
     assert not [k for k, v in env.items() if any(s in v for s in worker_secrets)]
+
+
+def test_with_a_bucket_the_bundle_and_the_resume_dir_come_from_it(s3_settings: Settings) -> None:
+    """Another host's attempt: nothing of the job on this disk, all of it in the bucket."""
+    settings = s3_settings
+    script = """
+        from worker import sdk
+        if sdk.resume_from is None:
+            sdk.save_checkpoint(b"epoch 3", name="nested/state.txt")
+            raise SystemExit(0)
+        sdk.finish({"resumed_with": (sdk.resume_from / "nested" / "state.txt").read_text()})
+    """
+    job_id = insert_script_job(settings, add_bundle(settings, {"train.py": script}))
+    assert run_job(job_id, settings) == "succeeded"
+    job = job_row(settings, job_id)
+    assert job.checkpoint_path and job.checkpoint_path.startswith("s3://")
+    # Uploaded, then dropped from this disk; and the bundle cache goes too.
+    assert not checkpoint_dir(settings, job_id, 1).exists()
+    shutil.rmtree(settings.home / "bundle-cache")
+    with transaction(settings.resolved_database_url) as s:
+        row = s.get(Job, job_id)
+        row.state, row.finished_at, row.max_attempts = "queued", None, 3
+    assert run_job(job_id, settings) == "succeeded"
+    assert job_row(settings, job_id).result["metrics"] == {"resumed_with": "epoch 3"}
+
+
+def test_a_worker_shutdown_hands_the_script_job_back_with_its_checkpoint(
+    settings: Settings,
+) -> None:
+    job_id = insert_script_job(settings, add_bundle(settings, {"train.py": STOPPABLE}))
+    thread, outcome = in_thread(job_id, settings)
+    sleeper = grandchild(settings, job_id)
+    wait_until(lambda: points(settings, job_id, "loss") > 0, 30, "the first points")
+    shutdown.request_shutdown()
+    try:
+        thread.join(30)
+    finally:
+        shutdown.reset_for_tests()
+    assert outcome == ["requeued"]
+    job = job_row(settings, job_id)
+    assert (job.state, job.error_message) == ("queued", "worker shutting down; requeued")
+    assert (checkpoint_dir(settings, job_id, 1) / "last.pt").is_file() and gone(sleeper)
+
+
+def test_a_lost_lease_kills_the_script_at_once(settings: Settings) -> None:
+    bundle = add_bundle(settings, {"train.py": STOPPABLE})
+    job_id = insert_script_job(settings, bundle, stop_grace_s=600)
+    thread, outcome = in_thread(job_id, settings)
+    sleeper = grandchild(settings, job_id)
+    with transaction(settings.resolved_database_url) as s:
+        s.get(Job, job_id).attempt = 2  # another attempt owns the job now
+    thread.join(30)
+    assert outcome == ["lost"] and gone(sleeper)
+    log_text = job_log_text(settings, job_id)
+    assert "lease lost: killing the script at once" in log_text
+    assert "stopping at step" not in log_text  # no grace: it was not asked
