@@ -54,6 +54,10 @@ class UploadForm(BaseModel):
     file: bytes = Field(description="the CSV file (UTF-8)")
 
 
+class BundleForm(BaseModel):
+    file: bytes = Field(description="the code bundle: a .tar.gz or .zip of a folder")
+
+
 # ---------------------------------------------------------------- responses
 
 
@@ -367,6 +371,42 @@ class UploadResponse(ResponseModel):
     rows: int
     columns: list[UploadColumn]
     created_at: datetime
+
+
+class Bundle(ResponseModel):
+    """A code bundle for script jobs (shared/code_bundle.py)."""
+
+    id: int
+    sha256: str = Field(description="of the archive's bytes: the same content is stored once")
+    archive_format: Literal["tar.gz", "zip"]
+    filename: str
+    size_bytes: int = Field(description="the archive's size")
+    unpacked_bytes: int = Field(description="what its files take unpacked")
+    file_count: int = Field(description="files and links (folders not counted)")
+    has_requirements: bool = Field(
+        description="a requirements.txt at its top: the worker installs it into a "
+        "virtual environment for the job"
+    )
+    created_at: datetime
+
+
+class BundleDetail(Bundle):
+    python_files: list[str] = Field(
+        description="paths of its .py files, sorted: what a script job's `entry` may name"
+    )
+
+
+class Bundles(ResponseModel):
+    bundles: list[Bundle]
+
+
+class BundleDeleted(ResponseModel):
+    id: int
+    deleted: bool
+    freed_bytes: int = Field(
+        description="bytes of stored archive freed: 0 while another owner's bundle has the "
+        "same content"
+    )
 
 
 class Health(ResponseModel):

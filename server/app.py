@@ -14,6 +14,7 @@ from server import (
     api,
     artifacts_api,
     auth,
+    bundles_api,
     cluster_api,
     database,
     enqueue,
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     register_error_handlers(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(uploads_api.bp)
+    app.register_blueprint(bundles_api.bp)
     app.register_blueprint(artifacts_api.bp)
     app.register_blueprint(tokens_api.bp)
     app.register_blueprint(users_api.bp)

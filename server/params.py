@@ -124,6 +124,26 @@ class UploadQuery(QueryModel):
     )
 
 
+class BundleQuery(QueryModel):
+    filename: QueryText | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="the name to keep for a raw archive body (a multipart file has its own)",
+    )
+
+
+class BundleListQuery(QueryModel):
+    all: bool = Field(default=False, description="every user's bundles (admins only)")
+    sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="only the bundle with this content (lowercase hex SHA-256 of the "
+        "archive): how a client learns it need not upload again",
+    )
+    limit: int = Field(default=200, ge=1, le=1000, description="at most this many, newest first")
+
+
 def query_error(exc: ValidationError) -> ApiError:
     """A failed query model validation as the API's 400, naming every bad parameter."""
     fields = {}

@@ -1,5 +1,5 @@
-"""Per-user quotas on stored things (upload bytes, uploads, API tokens) and the rates of
-uploads and token creation.
+"""Per-user quotas on stored things (upload bytes, uploads, code bundles, API tokens) and
+the rates of uploads (CSVs and bundles) and token creation.
 
 Quotas count what a user keeps: deleting an upload or revoking a token gives its share
 back. Rates are moving windows in Redis through the submission limiter's storage
@@ -21,10 +21,15 @@ from sqlalchemy import func, select
 from server.auth import Principal, submit_limits
 from server.database import get_session
 from server.errors import ApiError
-from shared.orm import ApiToken, Upload, User
+from shared.orm import ApiToken, CodeBundle, Upload, User
 from shared.settings import Settings
 
-QUOTA_SETTINGS = ("max_upload_bytes_per_user", "max_uploads_per_user", "max_tokens_per_user")
+QUOTA_SETTINGS = (
+    "max_upload_bytes_per_user",
+    "max_uploads_per_user",
+    "max_tokens_per_user",
+    "max_bundles_per_user",
+)
 
 
 def check_rate_settings(settings: Settings) -> None:
@@ -109,6 +114,28 @@ def check_upload_bytes(user: Principal, incoming_bytes: int, used: int | None = 
             f"this upload ({incoming_bytes:,} bytes) would take your uploads to "
             f"{used + incoming_bytes:,} bytes; the quota is {quota:,}. Delete some uploads first",
             {"max_upload_bytes_per_user": f"at most {quota:,} bytes of uploads per user"},
+        )
+
+
+def check_bundle_rate(user: Principal) -> None:
+    """Before reading a bundle's body: TRAINYARD_UPLOAD_RATE_LIMIT, counted apart from
+    CSV uploads (a bundle, like a CSV, is a file a person sends now and then)."""
+    _rate(user, "bundle", "upload_rate_limit", "bundle uploads")
+
+
+def check_bundle_count(user: Principal) -> None:
+    """Before keeping a new bundle (a repeated one is not new, so it is checked once the
+    content is known): the count of the user's bundles."""
+    count = get_session().scalar(
+        select(func.count()).select_from(CodeBundle).where(CodeBundle.owner_id == user.id)
+    )
+    max_count = user_limit(user, "max_bundles_per_user")
+    if count is not None and count >= max_count:
+        raise ApiError(
+            409,
+            "quota_exceeded",
+            f"you keep {count} code bundles, the limit is {max_count}; delete some first",
+            {"max_bundles_per_user": f"at most {max_count} bundles per user"},
         )
 
 

@@ -57,8 +57,12 @@ def upload_to_json(upload: Upload) -> dict[str, Any]:
     }
 
 
-def _upload_stream(query: UploadQuery) -> tuple[str, BinaryIO]:
-    """(filename, a stream of the file) from a multipart `file` field or a raw text/csv body.
+def request_file(
+    filename: str | None, body_types: tuple[str, ...], what: str
+) -> tuple[str | None, BinaryIO]:
+    """(filename, a stream of the file) from a multipart `file` field, or from a raw body
+    of one of `body_types` (named by the query's `filename`). `what` names the file in
+    errors ("the CSV"). Shared with code bundles (server/bundles_api.py).
 
     Neither is read into memory here: werkzeug spools a multipart file to disk, and a
     raw body is read from the socket as it is copied.
@@ -70,25 +74,27 @@ def _upload_stream(query: UploadQuery) -> tuple[str, BinaryIO]:
                 400,
                 "missing_file",
                 "no file in the request",
-                {"file": "send the CSV as the form field 'file'"},
+                {"file": f"send {what} as the form field 'file'"},
             )
-        return file.filename or "upload.csv", file.stream
-    if request.mimetype in CSV_BODY_TYPES:
-        return query.filename or "upload.csv", request.stream
+        return file.filename, file.stream
+    if request.mimetype in body_types:
+        return filename, request.stream
+    raw = " or ".join(t for t in body_types if t != "application/octet-stream")
     raise ApiError(
-        415, "unsupported_media_type", "send multipart/form-data with a 'file' field, or a text/csv body",
+        415, "unsupported_media_type", f"send multipart/form-data with a 'file' field, or a {raw} body",
         {"Content-Type": f"unsupported content type {request.mimetype or 'none'!r}; "
-                         "use multipart/form-data or text/csv"},
+                         f"use multipart/form-data or {raw}"},
     )  # fmt: skip
 
 
-def _clean_filename(filename: str) -> str:
+def clean_filename(filename: str | None, default: str) -> str:
+    """A sent file's name as stored and shown (`default` when nothing is left of it)."""
     # Invisible formatting characters (bidi overrides, zero-width ones) would let the
     # shown name disguise the file: the stored display name goes without them.
-    name = strip_invisible(_CONTROL_CHARS.sub("", os.path.basename(filename)))
+    name = strip_invisible(_CONTROL_CHARS.sub("", os.path.basename(filename or "")))
     # Unpaired surrogates (from a percent-encoded multipart header) cannot be stored.
     name = name.encode("utf-8", "replace").decode("utf-8")
-    return name[:255] or "upload.csv"
+    return name[:255] or default
 
 
 _CSV_SCHEMA = {"type": "string", "format": "binary", "description": "the CSV file (UTF-8)"}
@@ -133,7 +139,7 @@ def create_upload() -> ResponseReturnValue:
     raw_body = request.mimetype in CSV_BODY_TYPES
     quotas.check_upload_allowed(user, request.content_length if raw_body else None)
     request.max_content_length = settings.max_upload_bytes
-    filename, stream = _upload_stream(query)
+    filename, stream = request_file(query.filename, CSV_BODY_TYPES, "the CSV")
     uploads_dir = settings.uploads_dir
     try:
         incoming, size = job_files.receive_upload(stream, uploads_dir, settings.max_upload_bytes)
@@ -145,7 +151,7 @@ def create_upload() -> ResponseReturnValue:
         session = get_session()
         upload = Upload(
             owner_id=user.id,
-            filename=_clean_filename(filename),
+            filename=clean_filename(filename, "upload.csv"),
             size_bytes=size,
             rows=profile.rows,
             columns=[
