@@ -708,3 +708,21 @@ def test_a_lost_lease_kills_the_script_at_once(settings: Settings) -> None:
     log_text = job_log_text(settings, job_id)
     assert "lease lost: killing the script at once" in log_text
     assert "stopping at step" not in log_text  # no grace: it was not asked
+
+
+def test_a_script_over_its_memory_limit_fails_saying_so(settings: Settings) -> None:
+    script = """
+        import resource
+        print("limit", resource.getrlimit(resource.RLIMIT_DATA))
+        hog = bytearray(1_000_000_000)
+    """
+    bundle = add_bundle(settings, {"train.py": script})
+    job_id = insert_script_job(settings, bundle, resources={"memory_gb": 0.5})
+    assert run_job(job_id, settings) == "failed"
+    job = job_row(settings, job_id)
+    assert job.error_type == "ScriptFailed"
+    assert job.error_message.startswith(
+        "the script exited with code 1 (out of memory: its limit is 477 MiB); its last lines:"
+    ), job.error_message
+    assert job.error_message.endswith("MemoryError")
+    assert "limit (500000000, 500000000)" in job_log_text(settings, job_id)
