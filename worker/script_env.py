@@ -10,9 +10,10 @@ own, so torch, numpy and `worker.sdk` come from the worker while a pinned packag
 requirements wins. (`venv --system-site-packages` run from inside the worker's venv
 would give the *base* interpreter's packages, not the worker venv's: hence the .pth.)
 
-pip is the worker's own (`pip --python <env>`), so environments need no pip of their own,
-and it reads the host's pip configuration (pip.conf, PIP_* variables): a private index
-is configured once per host, not per bundle. A bundle cannot point pip elsewhere (index
+pip is the worker's own, run by the environment's Python (which finds it through the
+layer, just as `pip --python <env>` would, but as one process: see _PIP_LAUNCHER), so
+environments need no pip of their own, and it reads the host's pip configuration
+(pip.conf, PIP_* variables): a private index is configured once per host, not per bundle. A bundle cannot point pip elsewhere (index
 options, local paths, editable installs and nested files are refused, see
 `check_requirements`), and pip sees none of the worker's other environment.
 
@@ -125,6 +126,21 @@ _REFUSED_OPTIONS = {
 }
 _ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz")
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Runs pip in the environment's Python so that it dies with the worker (PR_SET_PDEATHSIG
+# survives the exec): a pip left running by a SIGKILLed worker would go on writing into
+# the directory that the next build of the same environment starts afresh. Not
+# `pip --python`: that runs the installing pip as a child of the first, which would
+# outlive it. argv[1] is the worker's pid: if it died before the prctl, nobody is there
+# to kill us.
+_PIP_LAUNCHER = """\
+import ctypes, os, signal, sys
+prctl = getattr(ctypes.CDLL(None), "prctl", None)
+if prctl is not None:
+    prctl(1, signal.SIGKILL, 0, 0, 0)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("trainyard: the worker is gone")
+os.execv(sys.executable, [sys.executable, "-m", "pip", *sys.argv[2:]])
+"""
 # pip's own comment rule: '#' at the start of a line or after whitespace.
 _COMMENT_RE = re.compile(r"(^|\s+)#.*$")
 
@@ -169,9 +185,14 @@ def python_for_bundle(
             return env_python(env_dir)
         _build(env_dir, lock_path, lines, settings, note, cancelled)
         _touch(env_dir / LAST_USED)
-    removed = prune_envs(root, settings.script_envs_kept)
-    if removed:
-        note(f"removed {len(removed)} least recently used environment(s): {', '.join(removed)}")
+    try:
+        removed = prune_envs(root, settings.script_envs_kept)
+    except OSError as exc:  # housekeeping: the job has its environment either way
+        note(f"could not remove old environments: {exc}")
+    else:
+        if removed:
+            names = ", ".join(removed)
+            note(f"removed {len(removed)} least recently used environment(s): {names}")
     return env_python(env_dir)
 
 
@@ -405,11 +426,10 @@ except OSError:
 
 def _pip_install(env_dir: Path, timeout: float, cancelled: Callable[[], bool] | None) -> None:
     command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "--python",
         str(env_python(env_dir)),
+        "-c",
+        _PIP_LAUNCHER,
+        str(os.getpid()),
         "install",
         "--no-input",
         "--progress-bar",
