@@ -141,6 +141,15 @@ def test_a_bundle_without_requirements_runs_with_the_workers_python(tmp_path: Pa
     assert not envs_root(settings).exists()
 
 
+def test_a_requirements_file_naming_no_package_needs_no_env(tmp_path: Path) -> None:
+    notes: list[str] = []
+    bundle = make_bundle(tmp_path / "bundle", "# nothing yet\n\n--prefer-binary\n")
+    settings = settings_for(tmp_path)
+    assert python_for_bundle(bundle, settings, notes.append) == Path(sys.executable)
+    assert notes == ["requirements.txt names no package: running with the worker's Python"]
+    assert not envs_root(settings).exists()
+
+
 def test_env_is_layered_on_the_workers_and_reused(tmp_path: Path, offline_pip: Path) -> None:
     notes: list[str] = []
     bundle = make_bundle(

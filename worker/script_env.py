@@ -168,6 +168,9 @@ def python_for_bundle(
     if not requirements_file.is_file():
         return Path(sys.executable)
     lines = check_requirements(_read_requirements(requirements_file))
+    if not any(not line.startswith("-") for line in lines):
+        note(f"{REQUIREMENTS} names no package: running with the worker's Python")
+        return Path(sys.executable)
     key = env_key(lines)
     root = settings.home.resolve() / ENVS_DIRNAME
     root.mkdir(parents=True, exist_ok=True)
