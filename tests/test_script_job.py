@@ -726,3 +726,27 @@ def test_a_script_over_its_memory_limit_fails_saying_so(settings: Settings) -> N
     ), job.error_message
     assert job.error_message.endswith("MemoryError")
     assert "limit (500000000, 500000000)" in job_log_text(settings, job_id)
+
+
+def test_a_bundle_with_requirements_runs_in_its_own_environment(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """worker/script_env.py builds the venv (from a local wheel: no network); the
+    launcher and the SDK run in it."""
+    from tests.test_script_env import write_wheel
+
+    (tmp_path / "wheels").mkdir()
+    write_wheel(tmp_path / "wheels", "tinyscriptdep", "1.0", "VALUE = 'from the wheel'\n")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "wheels"))
+    script = """
+        import sys, tinyscriptdep
+        from worker import sdk
+        sdk.finish({"dep": tinyscriptdep.VALUE, "prefix": sys.prefix})
+    """
+    files = {"train.py": script, "requirements.txt": "tinyscriptdep==1.0\n"}
+    job_id = insert_script_job(settings, add_bundle(settings, files))
+    assert run_job(job_id, settings) == "succeeded", job_row(settings, job_id).error_message
+    metrics = job_row(settings, job_id).result["metrics"]
+    assert metrics["dep"] == "from the wheel"
+    assert Path(metrics["prefix"]).parent == (settings.home / "script-envs").resolve()
