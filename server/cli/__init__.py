@@ -2,7 +2,8 @@
 
 Two kinds of subcommand, each in its own module:
 
-- client commands (`submit`, `jobs`, `show`, `watch`, `cancel`: job_commands) talk to the
+- client commands (`submit`, `jobs`, `show`, `watch`, `cancel`: job_commands; `bundles`:
+  bundle_commands; `upload`, `artifacts`: storage_commands) talk to the
   HTTP API only, never to the database, so they work from any machine that can reach
   the server;
 - process commands (`web`, `worker`, `reconcile`, `db upgrade`: process_commands; `up`:
@@ -24,6 +25,7 @@ from __future__ import annotations
 import click
 
 from server.cli.account_commands import token_group, user_group
+from server.cli.bundle_commands import bundles_group
 from server.cli.job_commands import cancel, jobs_command, show, submit, watch
 from server.cli.local.up_command import up
 from server.cli.node_commands import NODE_COMMANDS
@@ -58,6 +60,7 @@ for _command in (
     token_group,
     upload_group,
     artifacts_group,
+    bundles_group,
 ):
     main.add_command(_command)
 

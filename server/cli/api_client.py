@@ -85,14 +85,17 @@ class ApiClient:
     def delete(self, path: str) -> Any:
         return self._request("DELETE", path)
 
-    def post_file(self, path: str, file: IO[bytes], filename: str) -> Any:
-        """POST a file as a raw text/csv body, streamed (never read into memory here)."""
+    def post_file(
+        self, path: str, file: IO[bytes], filename: str, content_type: str = "text/csv"
+    ) -> Any:
+        """POST a file as a raw body (a CSV, a code bundle), streamed (never read into
+        memory here)."""
         return self._request(
             "POST",
             path,
             params={"filename": filename},
             data=file,
-            headers={"Content-Type": "text/csv"},
+            headers={"Content-Type": content_type},
             timeout=(self.timeout[0], 600.0),
         )
 

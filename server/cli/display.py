@@ -35,6 +35,16 @@ def make_console() -> Console:
     return console
 
 
+def fmt_bytes(n: int) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as the settings' byte limits are written)."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
 def state_text(state: str) -> str:
     return f"[{STATE_STYLES.get(state, 'white')}]{escape(state)}[/]"
 

@@ -1,4 +1,5 @@
-"""The client commands: submit, jobs, show, watch, cancel. They speak HTTP only.
+"""The client commands: submit, jobs, show, watch, cancel. They speak HTTP only
+(`submit --code` also packs a folder: server/cli/code_bundles.py).
 
 Each sends an API token: --token, else TRAINYARD_TOKEN, else the file `trainyard up` writes.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import IO
+from typing import Any
 
 import click
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
@@ -18,6 +19,7 @@ from server.cli.api_client import (
     api_command,
     check_token,
 )
+from server.cli.code_bundles import ScriptOptions, script_options, script_spec, upload_folder
 from server.cli.display import (
     jobs_table,
     make_console,
@@ -87,7 +89,8 @@ url_option, token_option = _url_option, _token_option
 
 
 @click.command()
-@click.argument("spec_file", type=click.File("r", encoding="utf-8"), metavar="SPEC_FILE")
+@click.argument("arguments", nargs=-1, metavar="[SPEC_FILE | --code DIR --entry FILE -- ARGS...]")
+@script_options
 @click.option("--watch", "-w", "then_watch", is_flag=True, help="Follow the job until it finishes.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the job id (for scripts).")
 @click.option(
@@ -96,15 +99,36 @@ url_option, token_option = _url_option, _token_option
 @_url_option
 @_token_option
 @api_command
+@click.pass_context
 def submit(
-    spec_file: IO[str], then_watch: bool, quiet: bool, interval: float, url: str, token: str | None
+    ctx: click.Context,
+    arguments: tuple[str, ...],
+    then_watch: bool,
+    quiet: bool,
+    interval: float,
+    url: str,
+    token: str | None,
+    **script: Any,
 ) -> None:
-    """Submit the job described by SPEC_FILE (JSON; `-` reads stdin)."""
-    try:
-        spec = json.load(spec_file)
-    except json.JSONDecodeError as exc:
-        raise click.ClickException(f"{spec_file.name} is not valid JSON: {exc}") from None
+    """Submit the job described by SPEC_FILE (JSON; `-` reads stdin), or run your own
+    code: `trainyard submit --code ./project --entry train.py -- --lr 0.01` packs the
+    folder, uploads it unless the server has it already, and submits a script job
+    (ARGS after `--` are the script's command line)."""
+    options = ScriptOptions(**script)
     client = ApiClient(url, token=token)
+    if options.code_dir is not None:
+        bundle = upload_folder(client, options.code_dir, None if quiet else make_console())
+        spec = script_spec(options, int(bundle["id"]), arguments)
+    else:
+        if options.given_without_code():
+            raise click.UsageError(f"{', '.join(options.given_without_code())} need --code DIR")
+        if len(arguments) != 1:
+            raise click.UsageError("give one SPEC_FILE, or --code DIR --entry FILE")
+        spec_file = click.File("r", encoding="utf-8").convert(arguments[0], None, ctx)
+        try:
+            spec = json.load(spec_file)
+        except json.JSONDecodeError as exc:
+            raise click.ClickException(f"{spec_file.name} is not valid JSON: {exc}") from None
     job = client.post("/jobs", spec)
     if quiet:
         click.echo(job["id"])

@@ -11,17 +11,9 @@ from pathlib import Path
 import click
 
 from server.cli.api_client import ApiClient, api_command
+from server.cli.display import fmt_bytes as _size
 from server.cli.display import make_console
 from server.cli.job_commands import token_option, url_option
-
-
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
 
 
 @click.group("upload")
