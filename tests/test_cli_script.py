@@ -175,3 +175,39 @@ def test_bundles_commands(cli: Any, users: TestUsers, db_url: str, tmp_path: Pat
     assert declined.exit_code == 1 and "Aborted" in declined.output
     deleted = cli("bundles", "delete", str(bundle_id), "--yes")
     assert deleted.exit_code == 0 and f"Deleted bundle {bundle_id}" in deleted.output
+
+
+HELLO = """\
+import argparse
+
+from worker import sdk
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--lr", type=float, default=0.1)
+parser.add_argument("--steps", type=int, default=sdk.params.get("steps", 50))
+args = parser.parse_args()
+loss = 1.0
+for step in range(1, args.steps + 1):
+    loss *= 1 - args.lr
+    sdk.log("train_loss", loss, step=step)
+sdk.finish({"final_loss": round(loss, 6), "steps": args.steps})
+"""
+
+
+@pytest.mark.integration
+def test_submit_code_runs_on_a_real_worker(
+    cli: Any, start_worker: Any, users: TestUsers, db_url: str, tmp_path: Path
+) -> None:
+    """The folder packed here is the folder the worker runs: the CLI's pack, the API's
+    check and store, and the worker's unpack agree."""
+    grant(db_url, "alice")
+    project = tmp_path / "hello"
+    project.mkdir()
+    (project / "train.py").write_text(HELLO)
+    (project / "checkpoints").mkdir()  # what a local run leaves: not packed
+    (project / "checkpoints" / "last.pt").write_bytes(b"\0" * 1000)
+    start_worker()
+    done = cli("submit", "--code", str(project), "--entry", "train.py", "--param", "steps=4",
+               "--watch", "--", "--lr", "0.5")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert "succeeded" in done.output and "final_loss" in done.output and "0.0625" in done.output
