@@ -142,7 +142,7 @@ def submit(
 
 @click.command("jobs")
 @click.option("--state", type=click.Choice(ALL_STATES), help="Only jobs in this state.")
-@click.option("--kind", metavar="KIND", help="Only jobs of this kind (train, evaluate).")
+@click.option("--kind", metavar="KIND", help="Only jobs of this kind (train, evaluate, script).")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--before", type=int, metavar="ID", help="Jobs older than this id (the next page).")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw API answer.")
