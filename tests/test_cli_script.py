@@ -166,7 +166,7 @@ def test_bundles_commands(cli: Any, users: TestUsers, db_url: str, tmp_path: Pat
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("main.py", "print(1)\n")
     zipped = cli("bundles", "add", str(archive))
-    assert zipped.exit_code == 0 and "other.zip, 1 files" in zipped.output, zipped.output
+    assert zipped.exit_code == 0 and "other.zip, 1 file " in zipped.output, zipped.output
     # Bob sees none of them.
     assert "No bundles." in cli("bundles", "list", token=users.bob.token).output
     hidden = cli("bundles", "show", str(bundle_id), token=users.bob.token)

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from server.cli.api_client import ApiClient, api_command
-from server.cli.code_bundles import upload_archive, upload_folder
+from server.cli.code_bundles import files, upload_archive, upload_folder
 from server.cli.display import fmt_bytes, make_console
 from server.cli.job_commands import token_option, url_option
 
@@ -42,7 +42,7 @@ def bundles_add(path: Path, quiet: bool, url: str, token: str | None) -> None:
         if not quiet:
             console.print(
                 f"Bundle {bundle['id']}: {escape(bundle['filename'])}, "
-                f"{bundle['file_count']} files ({fmt_bytes(bundle['size_bytes'])})"
+                f"{files(bundle['file_count'])} ({fmt_bytes(bundle['size_bytes'])})"
             )
     if quiet:
         click.echo(bundle["id"])

@@ -175,6 +175,10 @@ def script_spec(options: ScriptOptions, bundle_id: int, args: tuple[str, ...]) -
     return spec
 
 
+def files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
+
+
 def upload_folder(client: ApiClient, folder: Path, console: Console | None) -> dict[str, Any]:
     """The caller's bundle of `folder`'s packed contents: found by its hash, else uploaded.
     `console` None prints nothing (--quiet)."""
@@ -191,7 +195,7 @@ def upload_folder(client: ApiClient, folder: Path, console: Console | None) -> d
             if console is not None:
                 console.print(
                     f"Bundle {bundle['id']} has this code already "
-                    f"({packed.file_count} files, sha256 {packed.sha256[:12]}): not uploaded again"
+                    f"({files(packed.file_count)}, sha256 {packed.sha256[:12]}): not uploaded again"
                 )
             return bundle
         with packed.path.open("rb") as f:
@@ -199,7 +203,7 @@ def upload_folder(client: ApiClient, folder: Path, console: Console | None) -> d
     if console is not None:
         console.print(
             f"Uploaded {escape(str(folder))} as bundle {bundle['id']} "
-            f"({bundle['file_count']} files, {fmt_bytes(bundle['size_bytes'])})"
+            f"({files(bundle['file_count'])}, {fmt_bytes(bundle['size_bytes'])})"
         )
     return bundle
 
