@@ -323,3 +323,19 @@ def test_uploading_again_puts_back_a_missing_object(
     store_for(settings).delete(key)
     assert post_bundle(alice, body).status_code == 200
     assert store_for(settings).size(key) == len(body)
+
+
+def test_a_bundle_larger_than_a_json_body_is_taken(
+    app: Flask, settings: Settings, users: TestUsers, db_url: str
+) -> None:
+    """The app refuses bodies over TRAINYARD_MAX_BODY_BYTES (1 MB); a bundle's limit is
+    its own, for a raw body and a multipart form alike."""
+    assert settings.max_body_bytes < 3_000_000 < settings.max_bundle_bytes
+    grant(db_url, "alice")
+    alice = as_user(app, users.alice)
+    body = _tar_gz(("weights.bin", os.urandom(3_000_000)))
+    raw = post_bundle(alice, body)
+    assert raw.status_code == 201, raw.get_json()
+    assert raw.get_json()["size_bytes"] == len(body)
+    form = post_bundle(alice, _tar_gz(("other.bin", os.urandom(3_000_000))), multipart=True)
+    assert form.status_code == 201, form.get_json()
