@@ -385,8 +385,14 @@ def _zip_entry_count(f: IO[bytes], size: int) -> int:
     tail_len = min(size, 22 + 65_535)
     f.seek(size - tail_len)
     tail = f.read(tail_len)
+    # The record is the last 22 bytes plus its comment; a comment may itself hold the
+    # signature, so the one whose comment length reaches the end of the file is it.
     at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) - at < 22:
+    while at >= 0 and (
+        len(tail) - at < 22 or at + 22 + struct.unpack_from("<H", tail, at + 20)[0] != len(tail)
+    ):
+        at = tail.rfind(b"PK\x05\x06", 0, at)
+    if at < 0:
         raise BundleError("not a readable .zip: no end of central directory")
     cd_size, cd_offset = struct.unpack_from("<LL", tail, at + 12)
     end = size - tail_len + at  # where the central directory ends (zip64: its locator)
