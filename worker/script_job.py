@@ -62,7 +62,7 @@ from shared.orm import CodeBundle
 from shared.settings import Settings
 from shared.spec import ScriptSpec
 from shared.state_machine import Claim
-from worker import script_launch
+from worker import script_launch, script_leftovers
 from worker.artifact_sync import StoreUnavailable, store_errors
 from worker.job_log import JobLog
 from worker.lease import StopReason
@@ -500,8 +500,12 @@ def run_script(
         resume_dir, device_type, child_limits(spec, settings, device_type),
     )  # fmt: skip
     shutil.rmtree(run.work, ignore_errors=True)  # a killed worker's leftover of this attempt
+    swept = script_leftovers.sweep(run.work.parent)
+    if swept:
+        job_log.event(f"killed {swept} process(es) a dead worker's script job left on this host")
     try:
         run.tmp_dir.mkdir(parents=True)
+        script_leftovers.claim_dir(run.work)
         try:
             manifest = unpack_bundle(archive, run.code_dir, BundleLimits.from_settings(settings))
         except BundleError as exc:

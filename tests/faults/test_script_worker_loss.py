@@ -21,7 +21,7 @@ EPOCHS = 20
 # One epoch every 0.3 s, a checkpoint after each: 6 s in all, time enough to kill the
 # worker after a few epochs and see another finish the rest.
 RESUMABLE = """
-    import json, os, time
+    import json, os, subprocess, time
     from worker import sdk
 
     epochs = sdk.params["epochs"]
@@ -29,6 +29,10 @@ RESUMABLE = """
     if sdk.resume_from is not None:
         start = json.loads((sdk.resume_from / "state.json").read_text())["epoch"]
     sdk.save_checkpoint(str(os.getpid()).encode(), name="pid")
+    # A process of the script's own (in its group, with its environment): the death
+    # signal is the script's only, so this one outlives a killed worker.
+    helper = subprocess.Popen(["sleep", "1000"])
+    sdk.save_checkpoint(str(helper.pid).encode(), name="helper-pid")
     for epoch in range(start + 1, epochs + 1):
         time.sleep(0.3)
         sdk.log("val_loss", 1.0 / epoch, step=epoch, epoch=epoch)
@@ -65,7 +69,8 @@ def test_a_killed_workers_script_dies_and_the_job_resumes_elsewhere(cluster: Clu
         "attempt 1's script to checkpoint two epochs",
     )
     script_pid = int((attempt_1 / "pid").read_text())
-    assert not gone(script_pid)
+    helper_pid = int((attempt_1 / "helper-pid").read_text())
+    assert not gone(script_pid) and not gone(helper_pid)
     victim = cluster.worker_holding(cluster.job(job_id), workers)
     os.killpg(victim.proc.pid, signal.SIGKILL)  # the worker's group: not the script's
     victim.proc.wait(10)
@@ -75,6 +80,10 @@ def test_a_killed_workers_script_dies_and_the_job_resumes_elsewhere(cluster: Clu
 
     job = cluster.wait_state(job_id, TERMINAL, timeout=120)
     assert (job.state, job.attempt) == ("succeeded", 2), cluster.describe(job_id)
+    # The next script attempt on this host swept what the dead worker's left behind:
+    # its script's own process, and its work directory.
+    assert gone(helper_pid)
+    assert not list((cluster.settings.home / "script-work").glob(f"job-{job_id}-attempt-1"))
     resumed = job.result["metrics"]["resumed_from_epoch"]
     assert resumed >= 2, job.result
     # Attempt 2 picked up after the checkpoint it was handed, and went on to the end.
