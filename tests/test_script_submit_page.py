@@ -113,3 +113,33 @@ def test_problems_are_shown_next_to_the_input(
     assert says in error[1].split("</p>", 1)[0]
     with transaction(db_url) as s:
         assert s.query(Job).count() == 0
+
+
+def test_clone_and_edit_fills_the_page_from_a_script_job(
+    app: Flask, db_url: str, users: Any
+) -> None:
+    grant(db_url, "alice")
+    grant(db_url, "bob")
+    client = session_client(app, db_url, users.alice)
+    code = bundle_bytes({"train.py": b""})
+    got = post(client, {
+        "file": (io.BytesIO(code), "p.tar.gz"), "entry": "train.py",
+        "args": "--note 'two words'", "params": '{"lr": 0.5}', "gpus": "1",
+        "memory_gb": "1.5", "priority": "8", "tags": "a, b", "name": "orig",
+    })  # fmt: skip
+    assert got.status_code == 303
+    job_id = int(got.headers["Location"].rsplit("/", 1)[1])
+    assert f'href="/submit/script?clone={job_id}"' in client.get(f"/jobs/{job_id}").get_data(
+        as_text=True
+    )
+    page = client.get(f"/submit/script?clone={job_id}").get_data(as_text=True)
+    for name, value in (("args", "--note &#39;two words&#39;"), ("gpus", "1"),
+                        ("memory_gb", "1.5"), ("priority", "8"), ("tags", "a, b"),
+                        ("name", "orig")):  # fmt: skip
+        assert f'id="s-{name}" name="{name}" value="{value}"' in page, name
+    assert "{&#34;lr&#34;: 0.5}</textarea>" in page
+    # Someone else's job, a missing one and a train job all read alike.
+    bob = session_client(app, db_url, users.bob)
+    assert bob.get(f"/submit/script?clone={job_id}").status_code == 404
+    assert client.get("/submit/script?clone=99999").status_code == 404
+    assert client.get("/submit/script?clone=abc").status_code == 404

@@ -23,8 +23,10 @@ from sqlalchemy import select
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from server import bundles_api, submission
+from server.access import find_visible_job
 from server.database import get_session
 from server.errors import ApiError
+from server.params import MAX_ID
 from server.web import bp
 from shared.code_bundle import BundleLimits
 from shared.dataset_cache import DATASET_DIRS
@@ -89,7 +91,38 @@ def script_submit_page() -> ResponseReturnValue:
     _use_session_user()
     if not g.user.may_run_code:
         return _render(ScriptPage(), status=403)
-    return _render(ScriptPage(values={"entry": "train.py", "priority": "5"}))
+    clone = request.args.get("clone")
+    if clone is None:
+        return _render(ScriptPage(values={"entry": "train.py", "priority": "5"}))
+    job = find_visible_job(int(clone)) if clone.isdigit() and 0 < int(clone) <= MAX_ID else None
+    if job is None or job.kind != "script":
+        # Someone else's job reads exactly like one that does not exist.
+        page = ScriptPage(values={"entry": "train.py", "priority": "5"})
+        page.message = f"Job {clone} is not a script job of yours."
+        return _render(page, status=404)
+    page = ScriptPage(values=values_from_spec(job.spec))
+    page.message = f"Every input is filled from job {job.id}; submitting creates a new job."
+    return _render(page)
+
+
+def values_from_spec(spec: dict[str, Any]) -> dict[str, str]:
+    """The inputs of a stored script spec (clone and edit)."""
+    resources = spec.get("resources") or {}
+    dataset = spec.get("dataset") or {}
+    values = {
+        "bundle_id": str(spec.get("bundle_id", "")),
+        "entry": str(spec.get("entry", "")),
+        "args": shlex.join(str(a) for a in spec.get("args") or []),
+        "params": json.dumps(spec["params"]) if spec.get("params") else "",
+        "dataset": str(dataset.get("name") or ""),
+        "gpus": str(resources["gpus"]) if resources.get("gpus") else "",
+        "memory_gb": f"{resources['memory_gb']:g}" if resources.get("memory_gb") else "",
+        "priority": str(spec.get("priority", 5)),
+        "max_runtime_s": str(spec.get("max_runtime_s") or ""),
+        "name": str(spec.get("name") or ""),
+        "tags": ", ".join(str(t) for t in spec.get("tags") or []),
+    }
+    return values
 
 
 @bp.post("/submit/script")
