@@ -15,7 +15,11 @@ run by hand, or on a lent GPU machine, whenever one is available. It:
    samples/s, and its GPU utilization from the telemetry metrics (`gpu_util`) where the
    worker records them; then checks that no two jobs that ran at the same time shared a
    GPU, that every job succeeded, and that the bf16 job learned (finite loss, accuracy
-   well above chance). Exit 0 when every check passed, 1 otherwise.
+   well above chance);
+5. runs a script job (a team's own code, worker/script_job.py) asking for one GPU and
+   checks, from what the script itself reports, that it trained on CUDA seeing exactly
+   one GPU, the slot's (CUDA_VISIBLE_DEVICES handed down by the runner).
+Exit 0 when every check passed, 1 otherwise.
 
     python bench/gpu_check.py [--epochs 5] [--out summary.json] [--redis-url URL]
     python bench/gpu_check.py --smoke     # 1 epoch; on a host without GPUs: says so, exit 0
@@ -70,6 +74,44 @@ def _job_spec(name: str, epochs: int, gpus: int = 1, **extra: Any) -> dict[str, 
         "resources": {"gpus": gpus},
         **extra,
     }
+
+
+# The script job's code: trains a few steps on the device the runner hands it and says
+# what it saw.
+GPU_SCRIPT = b"""
+import os
+import torch
+from worker import sdk
+
+device = torch.device(sdk.device)
+x = torch.randn(256, 64, device=device)
+w = torch.randn(64, 10, device=device, requires_grad=True)
+opt = torch.optim.SGD([w], lr=0.1)
+for step in range(20):
+    loss = (x @ w).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sdk.log("train_loss", loss.item(), step=step)
+sdk.finish({
+    "device": sdk.device,
+    "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    "train_loss": loss.item(),
+})
+"""
+
+
+def _script_bundle() -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("train.py")
+        info.size = len(GPU_SCRIPT)
+        tar.addfile(info, io.BytesIO(GPU_SCRIPT))
+    return buffer.getvalue()
 
 
 def _parse() -> argparse.Namespace:
@@ -265,10 +307,28 @@ def main() -> int:
                 raise SystemExit(f"submitting {spec['name']}: {resp.status_code} {resp.get_json()}")
             return int(resp.get_json()["id"])
 
+        bundle = client.post(
+            "/api/v1/bundles?filename=gpu-check.tar.gz", data=_script_bundle(),
+            headers={**headers, "Content-Type": "application/gzip"},
+        )  # fmt: skip
+        if bundle.status_code not in (200, 201):
+            raise SystemExit(
+                f"uploading the script bundle: {bundle.status_code} {bundle.get_json()}"
+            )
         jobs = {
             "1-gpu-a": submit(_job_spec("gpu-check 1-GPU a", epochs, job_gpus)),
             "1-gpu-b": submit(_job_spec("gpu-check 1-GPU b", epochs, job_gpus)),
             "bf16": submit(_job_spec("gpu-check bf16", epochs, job_gpus, precision="bf16")),
+            "script": submit(
+                {
+                    "kind": "script",
+                    "name": "gpu-check script",
+                    "tags": ["gpu-check"],
+                    "bundle_id": bundle.get_json()["id"],
+                    "entry": "train.py",
+                    "resources": {"gpus": job_gpus},
+                }
+            ),  # fmt: skip
         }
         if beside:
             jobs["2-gpu"] = submit(_job_spec("gpu-check 2-GPU", epochs, gpus=2))
@@ -364,6 +424,19 @@ def main() -> int:
             isinstance(accuracy, (int, float)) and accuracy >= learned,
             f"bf16: val_accuracy {accuracy} >= {learned} (chance is 0.1)",
         )
+        script = rows["script"]["metrics"]
+        if as_if:
+            _say(f"  script job: ran on {script.get('device')} (as-if GPUs: no CUDA to check)")
+        else:
+            check(
+                script.get("device") == "cuda",
+                f"script job: trained on cuda ({script.get('device')})",
+            )
+            check(
+                script.get("cuda_devices") == 1,
+                f"script job: saw exactly one GPU ({script.get('cuda_devices')}, "
+                f"CUDA_VISIBLE_DEVICES={script.get('visible')!r})",
+            )
         util_seen = [r["gpu_util_mean"] for r in rows.values() if r["gpu_util_mean"] is not None]
         _say(
             "  GPU utilization: "

@@ -396,8 +396,11 @@ def test_the_gpu_check_runs_end_to_end_on_a_worker_as_if_it_had_two_gpus(
         label: [g["index"] for g in job["placement"]["gpus"]]
         for label, job in summary["jobs"].items()
     }
-    assert set(placed) == {"1-gpu-a", "1-gpu-b", "bf16"}
+    assert set(placed) == {"1-gpu-a", "1-gpu-b", "bf16", "script"}
     assert all(len(gpus) == 1 and gpus[0] in (0, 1) for gpus in placed.values()), placed
+    # The script job ran its own code on the slot (the GPU checks need real GPUs).
+    script = summary["jobs"]["script"]
+    assert script["state"] == "succeeded" and script["metrics"]["device"] == "cpu", script
 
 
 # ----------------------------------------------- where it ran: API, job page, workers
