@@ -132,6 +132,8 @@ def test_clone_and_edit_fills_the_page_from_a_script_job(
     assert f'href="/submit/script?clone={job_id}"' in client.get(f"/jobs/{job_id}").get_data(
         as_text=True
     )
+    listed = client.get("/?kind=script").get_data(as_text=True)
+    assert f"#{job_id}</span>" in listed and '<option value="script" selected' in listed
     page = client.get(f"/submit/script?clone={job_id}").get_data(as_text=True)
     for name, value in (("args", "--note &#39;two words&#39;"), ("gpus", "1"),
                         ("memory_gb", "1.5"), ("priority", "8"), ("tags", "a, b"),
