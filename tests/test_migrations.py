@@ -52,3 +52,44 @@ def test_sqlite_file_uses_wal(tmp_path: Path) -> None:
         assert conn.execute(sa.text("PRAGMA journal_mode")).scalar_one() == "wal"
     engine.dispose()
     assert os.path.exists(tmp_path / "wal.db")
+
+
+def test_code_bundles_migration_keeps_a_populated_database(empty_db_url: str) -> None:
+    """0012 on a database that holds users with tokens, jobs and uploads pointing at
+    them: a batch copy of `users` failed here on SQLite (dropping the old table broke
+    its foreign keys); up and down again, the rows stay."""
+    from alembic import command
+
+    from shared.migrate import alembic_config
+
+    config = alembic_config(empty_db_url)
+    upgrade_database(empty_db_url, "0011")
+    engine = make_engine(empty_db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO users (id, username, role, is_active, created_at, session_version) "
+                "VALUES (1, 'alice', 'member', true, CURRENT_TIMESTAMP, 0)"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO api_tokens (id, user_id, name, token_hash, prefix, created_at) "
+                "VALUES (1, 1, 't', 'h', 'p', CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(sa.text(
+            "INSERT INTO jobs (id, owner_id, kind, state, queue, priority, spec, attempt, "
+            "max_attempts, cancel_requested, created_at, updated_at) VALUES (1, 1, 'train', "
+            "'queued', 'cpu', 5, '{}', 0, 3, false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+        ))  # fmt: skip
+    upgrade_database(empty_db_url)
+    with engine.begin() as conn:
+        row = conn.execute(sa.text("SELECT username, can_run_code FROM users")).one()
+        assert (row.username, bool(row.can_run_code)) == ("alice", False)
+        assert conn.execute(sa.text("SELECT count(*) FROM api_tokens")).scalar() == 1
+    command.downgrade(config, "0011")
+    with engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT username FROM users")).scalar() == "alice"
+        assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 1
+    engine.dispose()

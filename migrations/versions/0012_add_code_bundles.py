@@ -17,10 +17,13 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("users") as batch:
-        batch.add_column(
-            sa.Column("can_run_code", sa.Boolean(), nullable=False, server_default=sa.false())
-        )
+    # A plain ADD COLUMN (SQLite takes it with a constant default), not a batch copy: a
+    # batch recreates `users`, and dropping the old table fails its foreign keys
+    # (api_tokens, jobs, uploads point at it) once the database holds rows.
+    op.add_column(
+        "users",
+        sa.Column("can_run_code", sa.Boolean(), nullable=False, server_default=sa.false()),
+    )
     op.create_table(
         "code_bundles",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
@@ -47,5 +50,4 @@ def downgrade() -> None:
     op.drop_index("ix_code_bundles_sha256", "code_bundles")
     op.drop_index("ix_code_bundles_owner_sha256", "code_bundles")
     op.drop_table("code_bundles")
-    with op.batch_alter_table("users") as batch:
-        batch.drop_column("can_run_code")
+    op.drop_column("users", "can_run_code")  # SQLite >= 3.35 drops a column in place
