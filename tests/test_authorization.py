@@ -20,8 +20,10 @@ session and must answer the same.
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ from werkzeug.test import TestResponse
 from server.auth import principal
 from shared import accounts, job_files
 from shared.db import transaction, utcnow
-from shared.orm import Job, MetricPoint, Upload, User, WorkerNode
+from shared.orm import CodeBundle, Job, MetricPoint, Upload, User, WorkerNode
 from shared.settings import Settings
 from tests.conftest import as_user
 from tests.helpers import evaluate_spec, train_spec
@@ -92,6 +94,8 @@ class World:
     sessions: dict[str, FlaskClient] = field(default_factory=dict)
     spare_upload: int = 0  # a second upload of alice's (the one the page deletes)
     done: int = 0  # alice's finished job whose files the delete rows remove
+    bundle: int = 0  # alice's code bundle (from when she could run code)
+    spare_bundle: int = 0  # another of hers (the one to delete)
 
     def user(self, identity: str) -> Any:
         return {ALICE: self.users.alice, BOB: self.users.bob, ADMIN: self.users.admin}[identity]
@@ -104,6 +108,8 @@ class World:
             "upload": self.upload,
             "spare_upload": self.spare_upload,
             "done": self.done,
+            "bundle": self.bundle,
+            "spare_bundle": self.spare_bundle,
             "token": self.spare_token,
             "artifact": ARTIFACT,
         }
@@ -173,6 +179,18 @@ def make_world(app: Flask, settings: Settings, db_url: str, users: Any) -> World
     done_file = job_files.job_dir(settings, world.done) / ARTIFACT
     done_file.parent.mkdir(parents=True)
     done_file.write_bytes(ARTIFACT_BYTES)
+    # Alice's bundles, from when she had can_run_code (she has not now: the upload row
+    # below shows the gate).
+    with transaction(db_url) as s:
+        made = [
+            CodeBundle(owner_id=users.alice.id, sha256=digit * 64, archive_format="tar.gz",
+                       filename=f"{digit}.tar.gz", size_bytes=10, unpacked_bytes=10,
+                       file_count=1, python_files=["train.py"], has_requirements=False)
+            for digit in "12"
+        ]  # fmt: skip
+        s.add_all(made)
+        s.flush()
+        world.bundle, world.spare_bundle = made[0].id, made[1].id
     world.clients = {ANON: as_user(app, None)} | {
         i: as_user(app, world.user(i)) for i in IDENTITIES[1:]
     }
@@ -326,7 +344,53 @@ def check_revoke(resp: TestResponse, who: str, w: World) -> None:
 
 def check_me(resp: TestResponse, who: str, w: World) -> None:
     user = w.user(who)
-    assert resp.get_json() == {"id": user.id, "username": user.username, "role": user.role}
+    assert resp.get_json() == {"id": user.id, "username": user.username, "role": user.role,
+                               "may_run_code": who == ADMIN}  # fmt: skip
+
+
+def bundle_bytes() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("train.py")
+        tar.addfile(info, io.BytesIO(b""))
+    return buffer.getvalue()
+
+
+def check_new_bundle(resp: TestResponse, who: str, w: World) -> None:
+    with transaction(w.db_url) as s:
+        owners = {b.owner_id for b in s.query(CodeBundle).filter(CodeBundle.id != w.bundle)}
+    # Only the admin's upload got through (members lack can_run_code).
+    assert owners == ({w.users.alice.id, w.users.admin.id} if who == ADMIN
+                      else {w.users.alice.id}), owners  # fmt: skip
+
+
+def check_bundle_list(resp: TestResponse, who: str, w: World) -> None:
+    ids = {b["id"] for b in resp.get_json()["bundles"]}
+    assert (w.bundle in ids) == (who == ALICE), ids  # one's own; admins: ?all=true
+
+
+def check_bundle_deleted(resp: TestResponse, who: str, w: World) -> None:
+    with transaction(w.db_url) as s:
+        exists = s.get(CodeBundle, w.spare_bundle) is not None
+    assert exists == (who in (ANON, BOB))
+
+
+def check_permissions(resp: TestResponse, who: str, w: World) -> None:
+    with transaction(w.db_url) as s:
+        granted = s.get(User, w.users.alice.id).can_run_code
+    assert granted == (who == ADMIN)
+
+
+def check_script_page(resp: TestResponse, who: str, w: World) -> None:
+    # Members are told which permission they lack; the admin gets the form; nothing is
+    # created either way (the POST names no bundle).
+    text = resp.get_data(as_text=True)
+    if who in (ALICE, BOB):
+        assert "can_run_code" in text
+    elif who == ADMIN:
+        assert 'id="script-form"' in text
+    with transaction(w.db_url) as s:
+        assert s.query(Job).filter(Job.kind == "script").count() == 0
 
 
 def check_queues(resp: TestResponse, who: str, w: World) -> None:
@@ -570,6 +634,20 @@ MATRIX: tuple[Row, ...] = (
     Row("PATCH", "/api/v1/users/<username>/limits",
         {ANON: 401, ALICE: 403, BOB: 403, ADMIN: 200}, "/api/v1/users/alice/limits",
         json={"max_epochs": 500}, check=check_limits_change, check_all=True),
+    # who may run code (server/users_api.py): admins only
+    Row("GET", "/api/v1/users/<username>/permissions", ADMIN_ONLY,
+        "/api/v1/users/alice/permissions"),
+    Row("PATCH", "/api/v1/users/<username>/permissions", ADMIN_ONLY,
+        "/api/v1/users/alice/permissions", json={"can_run_code": True}, check=check_permissions,
+        check_all=True),
+    # code bundles (server/bundles_api.py): uploads need can_run_code, which admins have
+    Row("POST", "/api/v1/bundles", {ANON: 401, ALICE: 403, BOB: 403, ADMIN: 201},
+        "/api/v1/bundles?filename=m.tar.gz", data=bundle_bytes(),
+        content_type="application/gzip", check=check_new_bundle, check_all=True),
+    Row("GET", "/api/v1/bundles", any_user(), check=check_bundle_list),
+    Row("GET", "/api/v1/bundles/<int:bundle_id>", owned(), "/api/v1/bundles/{bundle}"),
+    Row("DELETE", "/api/v1/bundles/<int:bundle_id>", owned(), "/api/v1/bundles/{spare_bundle}",
+        check=check_bundle_deleted, check_all=True),
     # registries and health
     Row("GET", "/api/v1/models", any_user()),
     Row("GET", "/api/v1/datasets", any_user()),
@@ -611,6 +689,11 @@ MATRIX: tuple[Row, ...] = (
         check=check_clone_page, check_all=True, page=True, note="clone alice's job"),
     Row("POST", "/submit", page(302), page=True, data=b"kind=train&name=matrix-form",
         check=check_form_job, check_all=True),
+    # The "Run your code" page (server/web/script_submit.py): can_run_code, as the API.
+    Row("GET", "/submit/script", {ANON: 302, ALICE: 403, BOB: 403, ADMIN: 200}, page=True,
+        check=check_script_page, check_all=True),
+    Row("POST", "/submit/script", {ANON: 302, ALICE: 403, BOB: 403, ADMIN: 422}, page=True,
+        data=b"entry=train.py", check=check_script_page, check_all=True),
     # The submit form's live estimate (server/web/submit.py): the form's fields in, JSON out.
     Row("POST", "/submit/estimate", page(), page=True, data=b"kind=train", check=check_estimate),
     Row("GET", "/login", {ANON: 200, ALICE: 302, BOB: 302, ADMIN: 302}, check=check_login_page,
