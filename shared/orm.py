@@ -262,6 +262,60 @@ class CodeBundle(Base):
     )
 
 
+class Sweep(Base):
+    """A hyperparameter or architecture search: its spec (shared/sweep_spec.py) and
+    state. Its trials are ordinary jobs (SweepTrial links them); the controller that
+    creates and prunes them holds the sweep by a lease with a fencing counter, like a
+    worker holds a job, so two controllers never act on one sweep at once."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    owner_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id"))
+    owner: Mapped[User | None] = relationship()
+    name: Mapped[str | None] = mapped_column(String(200))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # running | cancelled | succeeded | failed
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    error_message: Mapped[str | None] = mapped_column(Text)
+    # The controller holding the sweep now, until when, and how many times it was taken
+    # (every write of a controller names the count it took it with).
+    controller: Mapped[str | None] = mapped_column(String(200))
+    controller_lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    controller_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (
+        Index("ix_sweeps_state_id", "state", "id"),
+        Index("ix_sweeps_owner_id", "owner_id", "id"),
+    )
+
+
+class SweepTrial(Base):
+    """One trial of a sweep: its number (unique in the sweep, so a trial is never
+    created twice), its parameters and the job that runs it."""
+
+    __tablename__ = "sweep_trials"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    sweep_id: Mapped[int] = mapped_column(BigId, ForeignKey("sweeps.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id"))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Set when early stopping stopped it: its job ends cancelled, the trial counts as
+    # pruned (neither failed nor cancelled).
+    pruned_at_epoch: Mapped[int | None] = mapped_column(Integer)
+    prune_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_sweep_trials_sweep_number", "sweep_id", "number", unique=True),
+        Index("ix_sweep_trials_job_id", "job_id", unique=True),
+    )
+
+
 class WorkerNode(Base):
     """An admin's say over one worker node (a `trainyard worker` process, by its Celery
     node name): cordoned (takes no new jobs) and draining (its running jobs finish, or
