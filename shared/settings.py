@@ -221,6 +221,13 @@ class Settings(BaseSettings):
     # A node whose slots all vanished without a clean shutdown is shown "lost" (and one
     # stopped cleanly "stopped") for this long after it was last seen, then forgotten.
     lost_worker_hours: float = Field(default=24.0, gt=0)
+    # Sweeps (shared/sweep_spec.py): the most trials one sweep may ask for; each trial is
+    # a job, so this bounds what one request can put on the queue.
+    sweep_max_trials: int = Field(default=1000, ge=1)
+    # A sweep's space is checked at creation by validating a finite set of its points as
+    # job specs (about 40 microseconds each); a space needing more checks than this is
+    # refused, so one request cannot hold a web thread for long.
+    sweep_max_points_checked: int = Field(default=10_000, ge=1)
 
     @field_validator("worker_gpus")
     @classmethod
