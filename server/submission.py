@@ -23,10 +23,11 @@ from server.database import get_session
 from server.enqueue import enqueue_job
 from server.errors import ApiError
 from shared.dataset_catalog import resolve_dataset
+from shared.job_builder import new_job
 from shared.job_estimate import JobEstimate, estimate_evaluate, estimate_train
 from shared.job_states import JobState, is_finished
 from shared.limits import SUBMISSION_LIMITS, apply_defaults, check_job, effective_limits
-from shared.orm import CodeBundle, Job, JobTag, User
+from shared.orm import CodeBundle, Job, User
 from shared.schema_base import CatalogError
 from shared.spec import (
     ENTRY_FILE,
@@ -39,7 +40,6 @@ from shared.spec import (
     load_stored_spec,
     parse_spec,
     resolve_train_dataset,
-    spec_to_json,
 )
 
 
@@ -205,30 +205,12 @@ def build_job(spec: AnySpec, user: Principal, idempotency_key: str | None = None
             422, "over_limit", "the job exceeds the limits of your account", admission.over
         )
     submit_limits().check(user)
-    if isinstance(spec, TrainSpec):
-        model_name, dataset_name = spec.model.name, spec.dataset.name
-    elif isinstance(spec, ScriptSpec):
-        # The model is whatever the script builds; the dataset, if it named one.
-        model_name, dataset_name = None, spec.dataset.name if spec.dataset else None
-    else:
-        assert source is not None
-        model_name = source.model_name
-        dataset_name = spec.dataset.name or source.dataset_name
-    return Job(
-        kind=spec.kind,
-        name=spec.name,
-        state=JobState.QUEUED.value,
-        queue=spec.queue,
-        priority=spec.priority,
-        spec=spec_to_json(spec),
-        model_name=model_name,
-        dataset_name=dataset_name,
-        source_job_id=source.id if source else None,
-        max_attempts=current_app.config["TRAINYARD_SETTINGS"].max_attempts,
+    return new_job(
+        spec,
+        user.id,
+        current_app.config["TRAINYARD_SETTINGS"].max_attempts,
+        source=source,
         idempotency_key=idempotency_key,
-        owner_id=user.id,
-        # dict.fromkeys: a spec may repeat a tag; the (job_id, tag) key takes it once.
-        tag_rows=[JobTag(tag=tag) for tag in dict.fromkeys(spec.tags)],
     )
 
 

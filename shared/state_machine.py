@@ -429,13 +429,15 @@ def fail_killed_attempt(session: Session, job_id: int, worker: str, reason: str)
 # ----------------------------------------------------------------------------- users
 
 
-def request_cancel(session: Session, job_id: int) -> str | None:
+def request_cancel(session: Session, job_id: int, reason: str | None = None) -> str | None:
     """Cancel a job: a queued one ends at once, a running one is flagged for its worker.
+    `reason` (a sweep pruning its trial) goes on the timeline and, for a queued job,
+    into its error message.
 
     Returns the state the job is in afterwards, or None if there is no such job.
     """
     now = utcnow()
-    message = "cancelled before it started"
+    message = reason or "cancelled before it started"
     stmt = CANCEL_QUEUED.update(
         Job.id == job_id, **_finished(now, cancel_requested=True, error_message=message)
     )
@@ -450,7 +452,7 @@ def request_cancel(session: Session, job_id: int) -> str | None:
         updated_at=now,
     )
     if session.execute(flag).rowcount:
-        add_event(session, job_id, "cancel_requested")
+        add_event(session, job_id, "cancel_requested", message=reason)
     return session.execute(select(Job.state).where(Job.id == job_id)).scalar_one_or_none()
 
 
