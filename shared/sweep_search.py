@@ -179,8 +179,8 @@ def dimensions(space: Mapping[str, Any] | Sequence[Dimension]) -> tuple[Dimensio
 def _dimension(path: str, dist: Any) -> Dimension:
     if isinstance(dist, Dimension):
         return dist
-    if hasattr(dist, "model_dump"):
-        dist = dist.model_dump(exclude_none=True)
+    if hasattr(dist, "to_json"):  # shared/sweep_spec.py's typed distributions
+        dist = dist.to_json()
     if not isinstance(dist, Mapping):
         raise SearchSpaceError(path, f"not a distribution: {dist!r}")
     if "choice" in dist:
@@ -200,8 +200,8 @@ def _dimension(path: str, dist: Any) -> Dimension:
 
 
 def _option(path: str, option: Any) -> Option:
-    if hasattr(option, "model_dump"):
-        option = option.model_dump(exclude_none=True)
+    if hasattr(option, "to_json"):
+        option = option.to_json()
     if isinstance(option, Mapping) and "value" in option:
         return Option(option["value"], dimensions(option.get("space") or {}))
     return Option(option)
