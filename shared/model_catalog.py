@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 
@@ -18,6 +18,19 @@ from shared.schema_base import StrictModel
 
 RESNET_DEPTHS = (8, 14, 20, 32, 44, 56, 18, 34)
 
+# Every family's nonlinearity is a param, so a sweep can search it (issue 15). The torch
+# modules for these names live in worker/training/models/activations.py.
+Activation = Literal["relu", "gelu", "tanh", "sigmoid", "silu", "leaky_relu"]
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+# Those the ResNet applies in place, as it always has ReLU: their backward reads their
+# output, so overwriting the input costs autograd nothing. The others keep one more
+# tensor per use, which the ResNet's activation count adds.
+IN_PLACE_ACTIVATIONS = frozenset({"relu", "leaky_relu"})
+
+
+def _activation_field(default: str, where: str) -> Any:
+    return Field(default, description=f"nonlinearity {where}")
+
 
 class MLPParams(StrictModel):
     """Fully connected network over the flattened input."""
@@ -25,7 +38,7 @@ class MLPParams(StrictModel):
     hidden: int = Field(128, ge=1, le=8192, description="units in each hidden layer")
     layers: int = Field(2, ge=1, le=16, description="number of hidden layers")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after each hidden layer")
-    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    activation: Activation = _activation_field("relu", "after each hidden layer")
 
 
 class CNNParams(StrictModel):
@@ -43,6 +56,9 @@ class CNNParams(StrictModel):
         3, ge=1, le=7, description="odd conv kernel size (padding keeps the size)"
     )
     batch_norm: bool = Field(False, description="BatchNorm after each conv")
+    activation: Activation = _activation_field(
+        "relu", "after each conv (and BatchNorm) and after the dense layer"
+    )
 
 
 class ResNetParams(StrictModel):
@@ -55,6 +71,9 @@ class ResNetParams(StrictModel):
         16, ge=4, le=256, description="channels of the first stage; doubled at each stage"
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier")
+    activation: Activation = _activation_field(
+        "relu", "after the stem, inside each block and after each residual sum"
+    )
 
 
 class RNNParams(StrictModel):
@@ -67,6 +86,13 @@ class RNNParams(StrictModel):
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="between recurrent layers and before the classifier"
     )
+    # None is the model as it was before activations were a param: the final hidden
+    # state goes to the classifier as it is, so earlier jobs and checkpoints behave the same.
+    activation: Activation | None = Field(
+        None,
+        description="nonlinearity on the final hidden state before the classifier (the "
+        "head); none by default. The LSTM/GRU cells keep their own tanh and sigmoid gates",
+    )
 
 
 class TransformerParams(StrictModel):
@@ -78,6 +104,7 @@ class TransformerParams(StrictModel):
     ff_dim: int = Field(128, ge=8, le=16384)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     pooling: Literal["mean", "cls"] = "mean"
+    activation: Activation = _activation_field("relu", "in each layer's feed-forward block")
 
 
 Check = Callable[[Any, DatasetInfo], dict[str, str]]
@@ -146,12 +173,12 @@ def _cnn_size(p: CNNParams, info: DatasetInfo) -> ModelSize:
     for i in range(p.blocks):
         out = p.channels * 2**i
         params += channels * out * k * k + (2 * out if p.batch_norm else out)
-        # conv, (BatchNorm), ReLU at full size; the pool's output and its int64 indices.
+        # conv, (BatchNorm), activation at full size; the pool's output and its int64 indices.
         acts += out * h * w * (3 if p.batch_norm else 2) + 3 * out * (h // 2) * (w // 2)
         channels, h, w = out, h // 2, w // 2
     flat = channels * h * w
     params += flat * p.hidden + p.hidden + p.hidden * info.output_dim + info.output_dim
-    acts += 3 * p.hidden + info.output_dim  # Linear, ReLU, Dropout; the logits
+    acts += 3 * p.hidden + info.output_dim  # Linear, activation, Dropout; the logits
     field = "model.params.hidden" if flat * p.hidden * 2 > params else "model.params.channels"
     return ModelSize(params, acts, field)
 
@@ -169,8 +196,11 @@ def resnet_layout(depth: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def _resnet_size(p: ResNetParams, info: DatasetInfo) -> ModelSize:
     channels, h, w = info.input_shape
     width = p.width
+    # Each use of an activation not applied in place keeps one more output.
+    act = 0 if p.activation in IN_PLACE_ACTIVATIONS else 1
     params = channels * width * 9 + 2 * width  # stem conv3x3 + BatchNorm
-    acts = math.prod(info.input_shape) + 2 * width * h * w  # input; stem conv, BN (ReLU in place)
+    # input; stem conv, BN (and activation)
+    acts = math.prod(info.input_shape) + (2 + act) * width * h * w
     channels = width
     for i, (blocks, stride) in enumerate(zip(*resnet_layout(p.depth), strict=True)):
         out = width * 2**i
@@ -178,8 +208,8 @@ def _resnet_size(p: ResNetParams, info: DatasetInfo) -> ModelSize:
             s = stride if b == 0 else 1
             h, w = (h - 1) // s + 1, (w - 1) // s + 1  # 3x3 pad 1 (and 1x1 pad 0) at stride s
             params += channels * out * 9 + out * out * 9 + 4 * out  # two convs, two BNs
-            # conv1, bn1, conv2, bn2, the sum (ReLUs in place)
-            acts += 5 * out * h * w
+            # conv1, bn1, conv2, bn2, the sum (and the two activations)
+            acts += (5 + 2 * act) * out * h * w
             if s != 1 or channels != out:
                 params += channels * out + 2 * out  # 1x1 projection + BN
                 acts += 2 * out * h * w
@@ -207,7 +237,8 @@ def _rnn_size(p: RNNParams, info: DatasetInfo, gates: int, step_vectors: int) ->
         # torch's dropout between layers: its output and mask of every layer but the top
         acts += (p.layers - 1) * 2 * seq_len * dirs * h
     params += dirs * h * info.output_dim + info.output_dim
-    acts += 2 * dirs * h + info.output_dim
+    head = 3 if p.activation else 2  # final states, (activation,) dropout
+    acts += head * dirs * h + info.output_dim
     return ModelSize(params, acts, "model.params.hidden")
 
 
@@ -234,7 +265,7 @@ def _transformer_size(p: TransformerParams, info: DatasetInfo) -> ModelSize:
     params += d * info.output_dim + info.output_dim
     layer_acts = (
         11 * t * d  # norms, q/k/v, attention output and projection, dropouts, residuals
-        + 3 * t * ff  # feed-forward hidden, ReLU, dropout
+        + 3 * t * ff  # feed-forward hidden, activation, dropout
         + 3 * p.heads * t * t  # scores, softmax, dropout (math attention)
     )
     acts = 2 * t * d + p.layers * layer_acts + t * d + d + info.output_dim

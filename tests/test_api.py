@@ -69,6 +69,10 @@ def test_job_is_kept_when_the_broker_is_down(settings: Settings, auth_headers) -
         (train_spec(epochs=0), "epochs"),
         (train_spec(optimizer={"name": "adam", "lr": -1}), "optimizer.lr"),
         (train_spec(optimizer={"name": "sgd", "lr": 0}), "optimizer.lr"),
+        (
+            train_spec(model={"name": "cnn", "params": {"activation": "swish"}}),
+            "model.params.activation",
+        ),
     ],
 )
 def test_bad_specs_are_422_naming_the_field(client, redis_url: str, spec: dict, field: str) -> None:  # type: ignore[no-untyped-def]

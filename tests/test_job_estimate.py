@@ -73,6 +73,21 @@ CASES: list[tuple[str, dict[str, Any], DatasetInfo]] = [
     ("transformer", {"d_model": 128, "heads": 8, "layers": 2, "ff_dim": 512}, tokens(64, 50)),
     ("transformer", {"d_model": 24, "heads": 3, "layers": 1, "ff_dim": 8, "dropout": 0.0},
      tokens(9, 1000, classes=2)),
+    # Activations have no weights; those not applied in place keep more (the ResNet's).
+    ("mlp", {"hidden": 32, "activation": "sigmoid"}, table(6)),
+    ("cnn", {"channels": 4, "hidden": 16, "activation": "silu"}, image(1, 8, 8)),
+    ("cnn", {"channels": 4, "blocks": 3, "batch_norm": True, "activation": "leaky_relu"},
+     image(3, 16, 16)),
+    ("resnet", {"depth": 8, "width": 4, "activation": "gelu"}, image(3, 16, 16)),
+    ("resnet", {"depth": 18, "width": 4, "activation": "leaky_relu"}, image(3, 16, 16)),
+    ("resnet", {"depth": 14, "width": 8, "activation": "tanh"}, image(1, 15, 15, 0)),
+    ("lstm", {"hidden": 48, "layers": 2, "bidirectional": True, "activation": "tanh"},
+     tokens(16, 100)),
+    ("gru", {"layers": 2, "activation": "relu", "dropout": 0.2}, tokens(20, 64)),
+    ("transformer", {"d_model": 32, "heads": 4, "layers": 2, "ff_dim": 64, "activation": "gelu"},
+     tokens(20, 50)),
+    ("transformer", {"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32, "activation": "sigmoid"},
+     tokens(12, 40)),
 ]  # fmt: skip
 FAMILIES = {"mlp", "cnn", "resnet", "lstm", "gru", "transformer"}
 OPTIMIZERS: list[dict[str, Any]] = [

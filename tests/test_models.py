@@ -20,6 +20,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from shared.dataset_catalog import DatasetInfo  # noqa: E402
 from shared.model_catalog import (  # noqa: E402
+    ACTIVATIONS,
     MODELS,
     CNNParams,
     MLPParams,
@@ -27,7 +28,9 @@ from shared.model_catalog import (  # noqa: E402
     RNNParams,
     TransformerParams,
 )
+from shared.spec import SpecError, parse_spec  # noqa: E402
 from worker.training.models import BUILDERS, build_model, count_parameters  # noqa: E402
+from worker.training.models.activations import MODULES  # noqa: E402
 from worker.training.models.resnet import BasicBlock  # noqa: E402
 
 VOCAB = 20
@@ -224,6 +227,87 @@ def test_bidirectional_rnn_reads_both_directions_final_states() -> None:
     model(x)
     # forward half: after the last token; backward half: after the first token.
     assert torch.allclose(features[0], torch.cat([out[:, -1, :5], out[:, 0, 5:]], dim=1))
+
+
+# ---------------------------------------------------------------- activations
+
+# What each TINY model computed before `activation` was a param (commit 52fb85e): its
+# parameter count and the first logits of one training-mode forward pass on
+# inputs(DATA[name], 3) after torch.manual_seed(0). The default must still build this
+# model, so that earlier jobs rerun and earlier checkpoints load and score the same.
+BEFORE_ACTIVATIONS: dict[str, tuple[int, list[float]]] = {
+    "mlp": (452, [0.073593, -0.229898, 0.154499, 0.045061]),
+    "cnn": (932, [0.261615, 0.048229, 0.174807, -0.282765]),
+    "resnet": (5112, [-0.436739, -0.439849, -0.18938, 0.186198]),
+    "lstm": (1892, [-0.125817, -0.180189, -0.06551, 0.174376]),
+    "gru": (1476, [0.305381, 0.392111, -0.113055, -0.263733]),
+    "transformer": (2772, [0.854905, 0.504556, -1.512298, 0.499299]),
+}
+# The RNNs' head had no activation, so their default is None; the others used ReLU.
+DEFAULT_ACTIVATION = {"mlp": "relu", "cnn": "relu", "resnet": "relu",
+                      "lstm": None, "gru": None, "transformer": "relu"}  # fmt: skip
+
+
+def test_every_activation_has_a_module() -> None:
+    assert set(MODULES) == set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_default_activation_builds_the_model_as_before(name: str) -> None:
+    assert MODELS[name].params().activation == DEFAULT_ACTIVATION[name]  # type: ignore[attr-defined]
+    params, first_logits = BEFORE_ACTIVATIONS[name]
+    torch.manual_seed(0)
+    model = build_model(spec(name, **TINY[name]), DATA[name])
+    assert count_parameters(model) == params
+    out = model(inputs(DATA[name], 3))
+    torch.testing.assert_close(out.flatten()[:4], torch.tensor(first_logits), atol=1e-5, rtol=0)
+
+
+def _activation_modules(model: nn.Module) -> set[type[nn.Module]]:
+    kinds = set(MODULES.values())
+    found = {type(m) for m in model.modules() if type(m) in kinds}
+    # nn.TransformerEncoderLayer keeps its activation as a plain attribute too.
+    found |= {
+        type(m.activation) for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)
+    }
+    return found
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("name", list(TINY))
+def test_each_family_trains_a_step_with_each_activation(name: str, activation: str) -> None:
+    info = DATA[name]
+    torch.manual_seed(0)
+    model = build_model(spec(name, **TINY[name], activation=activation), info)
+    assert _activation_modules(model) == {MODULES[activation]}
+    # No activation has weights: the same parameters, under the same state-dict keys.
+    torch.manual_seed(0)
+    default = build_model(spec(name, **TINY[name]), info)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in default.state_dict().items()
+    }
+    x, y = inputs(info, 4), torch.arange(4) % CLASSES
+    out = model(x)
+    assert out.shape == (4, CLASSES) and torch.isfinite(out).all()
+    # The activation is wired in: the same weights compute something else.
+    if activation != DEFAULT_ACTIVATION[name]:
+        assert not torch.allclose(out, default(x))
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = _fit(model, x, lambda logits: F.cross_entropy(logits, y), steps=1)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_an_unknown_activation_names_the_field(name: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(
+            {"kind": "train", "dataset": {"name": "digits"},
+             "model": {"name": name, "params": {"activation": "swish"}}}
+        )  # fmt: skip
+    assert "model.params.activation" in info.value.fields
+    assert "relu" in info.value.fields["model.params.activation"]
 
 
 # ---------------------------------------------------------------- the submission checks

@@ -24,7 +24,7 @@ from werkzeug.test import TestResponse
 from shared import job_files
 from shared.dataset_catalog import DATASETS
 from shared.db import transaction, utcnow
-from shared.model_catalog import MODELS
+from shared.model_catalog import ACTIVATIONS, MODELS
 from shared.orm import Job, Upload
 from shared.settings import Settings
 from tests.conftest import as_user
@@ -258,6 +258,30 @@ def test_submitting_creates_a_job_owned_by_the_user(alice: FlaskClient, db_url: 
                                  "nesterov": True}  # fmt: skip
     assert spec["early_stopping"]["patience"] == 3 and spec["grad_clip_norm"] == 1.5
     assert spec["max_runtime_s"] == 6 * 3600  # left empty: a member's default (shared/limits.py)
+
+
+@SQLITE_ONLY
+def test_every_model_offers_each_activation(alice: FlaskClient, db_url: str) -> None:
+    resp, form = page(alice)
+    html = resp.get_data(as_text=True)
+    for model in MODELS:
+        control = form.control(f"f-train-model-{model}-params-activation")
+        # The RNNs' head had no activation: "none" (null) is their default.
+        rnn = model in ("lstm", "gru")
+        assert [v for v, _ in control.options] == [""] * rnn + list(ACTIVATIONS), model
+        assert control.value == ("" if rnn else "relu"), model
+    assert re.search(r'<option value="leaky_relu"[^>]*>\s*Leaky ReLU\s*</option>', html)
+    assert re.search(r'<option value=""[^>]*>\s*none\s*</option>', html)
+
+    for chosen, expected in (("gelu", "gelu"), ("", None)):
+        fields = form.fields(js=False)
+        set_name(fields, "dataset.name", "synthetic_sequences")
+        set_name(fields, "model.name", "lstm")
+        set_value(fields, "f-train-model-lstm-params-activation", chosen)
+        set_value(fields, "f-train-model-cnn-params-activation", "tanh")  # not the chosen model's
+        spec = job_from(post(alice, fields), db_url).spec
+        assert spec["model"]["name"] == "lstm"
+        assert spec["model"]["params"]["activation"] == expected
 
 
 @SQLITE_ONLY

@@ -119,6 +119,12 @@ HELP = {
     "file": "a UTF-8 CSV with a header row",
 }
 RADIO_LABELS = {"train": "Train a model", "evaluate": "Evaluate a trained model"}
+# Select options where the value alone reads badly, keyed by the last path segment: the
+# values' labels, and "" for what the unset (null) option means.
+OPTION_LABELS = {
+    "activation": {"": "none", "relu": "ReLU", "gelu": "GELU", "silu": "SiLU (swish)",
+                   "leaky_relu": "Leaky ReLU"},
+}  # fmt: skip
 
 # Page sections: (id, title, kind it belongs to or None, collapsed, top-level spec keys).
 # A spec key no section lists lands in the last section of its kind ("advanced" for
@@ -309,9 +315,10 @@ class _Builder:
         )
         if "enum" in s or "const" in s:
             values = s.get("enum") or [s["const"]]
-            options = tuple(Option(str(v), str(v)) for v in values)
+            labels = OPTION_LABELS.get(path.rsplit(".", 1)[-1], {})
+            options = tuple(Option(str(v), labels.get(str(v), str(v))) for v in values)
             if nullable:
-                options = (Option("", "—"), *options)
+                options = (Option("", labels.get("", "—")), *options)
             return self.add(
                 Field(
                     **common, widget="select", value_type="choice", default=to_raw(default),

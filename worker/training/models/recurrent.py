@@ -7,10 +7,15 @@ from torch import nn
 
 from shared.dataset_catalog import DatasetInfo
 from shared.model_catalog import RNNParams
+from worker.training.models.activations import make_activation
 
 
 class RecurrentClassifier(nn.Module):
-    """Embedding -> LSTM/GRU stack -> final hidden state(s) -> Dropout -> Linear."""
+    """Embedding -> LSTM/GRU stack -> final hidden state(s) -> [activation] -> Dropout -> Linear.
+
+    The activation (none unless asked for) is the head's: torch's LSTM and GRU fix their
+    cells' tanh and sigmoid gates.
+    """
 
     def __init__(
         self,
@@ -32,6 +37,8 @@ class RecurrentClassifier(nn.Module):
         )
         self.is_lstm = cell is nn.LSTM
         self.directions = 2 if params.bidirectional else 1
+        # Identity has no parameters: the state-dict keys stay as they were without it.
+        self.activation = make_activation(params.activation) if params.activation else nn.Identity()
         self.dropout = nn.Dropout(params.dropout)
         self.classifier = nn.Linear(self.directions * params.hidden, num_outputs)
 
@@ -42,7 +49,7 @@ class RecurrentClassifier(nn.Module):
         # step's output) and, when bidirectional, backward after the first token. The
         # backward half of output[:, -1] would have seen only one token.
         last = h_n[-self.directions :].transpose(0, 1).reshape(tokens.shape[0], -1)
-        return self.classifier(self.dropout(last))
+        return self.classifier(self.dropout(self.activation(last)))
 
 
 def vocab_size_of(info: DatasetInfo) -> int:

@@ -15,6 +15,7 @@ from torch import nn
 
 from shared.dataset_catalog import DatasetInfo
 from shared.model_catalog import ResNetParams
+from worker.training.models.activations import make_activation
 
 # depth -> blocks per stage for the ImageNet-style layouts
 _WIDE_LAYOUTS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -26,15 +27,17 @@ def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN plus the shortcut, then ReLU."""
+    """conv3x3-BN-act-conv3x3-BN plus the shortcut, then act (ReLU in the paper)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, activation: str) -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_channels, out_channels, stride)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = _conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
+        # One module used twice, as torchvision's `relu`; it has no parameters, so the
+        # state-dict keys stay what they were when this was always ReLU.
+        self.act = make_activation(activation, inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
@@ -43,9 +46,9 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.act(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        return self.act(out + self.shortcut(x))
 
 
 class ResNet(nn.Module):
@@ -57,17 +60,20 @@ class ResNet(nn.Module):
         strides: tuple[int, ...],
         num_outputs: int,
         dropout: float,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            _conv3x3(in_channels, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+            _conv3x3(in_channels, width),
+            nn.BatchNorm2d(width),
+            make_activation(activation, inplace=True),
         )
         stages: list[nn.Module] = []
         channels = width
         for i, (n, stride) in enumerate(zip(blocks_per_stage, strides, strict=True)):
             out = width * 2**i
-            blocks = [BasicBlock(channels, out, stride)]
-            blocks += [BasicBlock(out, out, 1) for _ in range(n - 1)]
+            blocks = [BasicBlock(channels, out, stride, activation)]
+            blocks += [BasicBlock(out, out, 1, activation) for _ in range(n - 1)]
             stages.append(nn.Sequential(*blocks))
             channels = out
         self.stages = nn.Sequential(*stages)
@@ -82,6 +88,8 @@ class ResNet(nn.Module):
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
+                # ReLU's gain for every activation: BatchNorm follows each conv, so the
+                # scale a gain would fix is normalized away at once.
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -104,5 +112,6 @@ def build_resnet(params: ResNetParams, info: DatasetInfo) -> nn.Module:
         n = (params.depth - 2) // 6  # two layers per block, plus the stem conv and the classifier
         layout, strides = (n, n, n), (1, 2, 2)
     return ResNet(
-        info.input_shape[0], params.width, layout, strides, info.output_dim, params.dropout
-    )
+        info.input_shape[0], params.width, layout, strides, info.output_dim, params.dropout,
+        params.activation,
+    )  # fmt: skip

@@ -13,6 +13,7 @@ from torch import nn
 
 from shared.dataset_catalog import DatasetInfo
 from shared.model_catalog import TransformerParams
+from worker.training.models.activations import make_activation
 from worker.training.models.recurrent import vocab_size_of
 
 
@@ -30,6 +31,9 @@ class TransformerClassifier(nn.Module):
             params.heads,
             params.ff_dim,
             params.dropout,
+            # A ReLU or GELU module still takes torch's fused inference path, as the
+            # string names did.
+            activation=make_activation(params.activation),
             batch_first=True,
             norm_first=True,
         )
