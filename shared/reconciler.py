@@ -67,6 +67,7 @@ from shared.state_machine import (
     mark_for_republish,
     settle_unclaimable,
 )
+from shared.sweep_controller import controller_pass
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +348,12 @@ def run_forever(
             preempt_pass(settings, token)
         except Exception:  # noqa: BLE001 - preemption waits for the next pass
             log.warning("preemption pass failed", exc_info=True)
+        try:
+            # Sweeps' controllers (shared/sweep_controller.py): each holds its sweep by a
+            # lease, so reconcilers on several hosts never act on one sweep twice.
+            controller_pass(settings, token, celery)
+        except Exception:  # noqa: BLE001 - the next pass starts again from the database
+            log.warning("sweep controller pass failed", exc_info=True)
         if alive_file is not None:
             _touch(alive_file)
         stop_event.wait(settings.reconcile_seconds)
