@@ -456,11 +456,16 @@ def _blame(
     if not matching:
         return None
     path = max(matching, key=len)
-    value = point[path]
-    return (
-        f"space.{path}",
-        f"{dists[path].describe()} can produce {format_value(value)}, which {field} refuses: {message}",
+    text = (
+        f"{dists[path].describe()} can produce {format_value(point[path])}, which {field} "
+        f"refuses: {message}"
     )
+    chosen = [(p, v) for p, v in point.items() if p != path and isinstance(dists[p], Choice)]
+    if message == "unknown field" and chosen:
+        # A field one model (optimizer, dataset) has and another has not: say which.
+        where = ", ".join(f"{p}={format_value(v)}" for p, v in chosen)
+        text += f" (with {where}; a sub-space under that choice sets it only where it applies)"
+    return f"space.{path}", text
 
 
 def _train_metrics(task: str) -> list[str]:

@@ -590,6 +590,17 @@ def test_a_choice_value_the_spec_refuses_is_named() -> None:
     assert "can produce transformer, which model.name refuses" in fields["space.model.name"]
 
 
+def test_a_field_only_some_choices_take_points_to_a_sub_space() -> None:
+    fields = invalid_points(
+        sweep({"model.name": "choice([mlp, resnet])", "model.params.hidden": "int(16, 64)"})
+    )
+    assert fields == {
+        "space.model.params.hidden": "int(16, 64) can produce 16, which model.params.hidden "
+        "refuses: unknown field (with model.name=resnet; a sub-space under that choice sets it "
+        "only where it applies)"
+    }
+
+
 def test_a_conditional_sub_space_is_checked_with_its_value_only() -> None:
     space = {
         "model.name": {
