@@ -2,12 +2,12 @@
 
 `propose(spec, trials, count)` is a pure function of the sweep's spec and its trial rows
 (as `TrialRecord`s): the controller may die between two calls, and the next one, given
-the same rows, proposes the same points. Nothing is remembered between calls.
+the same rows, proposes the same points. Nothing is remembered between calls. The space
+is shared/sweep_space.py's typed form.
 
-- grid: the combinations in a fixed order (the first dimension varies slowest, a choice's
-  sub-space inside its value), skipping every point a trial already has; none when all
-  are used. A cancelled trial's point counts as unused, so resuming a cancelled sweep
-  runs it again.
+- grid: the combinations in the space's fixed order (shared/sweep_space.expand), skipping
+  every point a trial already holds; none when all are used. A cancelled trial's point
+  counts as unused, so resuming a cancelled sweep runs it again.
 - random: trial number N's point is drawn from a generator seeded by (seed, N), so it
   does not depend on which other trials exist or on a restart.
 - tpe: Optuna's TPESampler used as a library in ask/tell mode. The study is rebuilt in
@@ -21,7 +21,8 @@ Parameters are named by their dotted paths (a path that occurs in two branches o
 conditional space gets its branch appended for Optuna, which refuses one name with two
 kinds of distribution). Conditional sub-spaces follow define-by-run: the choice is
 suggested first, then the chosen option's sub-space, so a sub-space's parameters exist
-only in trials that chose its value.
+only in trials that chose its value. Choices are suggested as option indices, so any
+JSON value (a list of layer widths) can be one.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,22 +46,26 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
+from shared.sweep_space import (
+    Choice,
+    Distribution,
+    IntRange,
+    LogUniform,
+    SweepSpecError,
+    Uniform,
+    expand,
+    grid_problems,
+    parse_space,
+)
+
 Method = Literal["grid", "random", "tpe"]
 Direction = Literal["max", "min"]
 TrialStateName = Literal["queued", "running", "succeeded", "failed", "pruned", "cancelled"]
+Space = Mapping[str, Distribution]
 
 # A point already proposed to a trial: grid never proposes it again.
 _HOLDS_ITS_POINT = frozenset({"queued", "running", "succeeded", "failed", "pruned"})
 _PENDING = frozenset({"queued", "running"})
-
-
-class SearchSpaceError(ValueError):
-    """A space the method cannot search (a continuous dimension in a grid, a bad range);
-    `path` names the dimension."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
 
 
 @dataclass(frozen=True)
@@ -77,50 +82,11 @@ class TrialRecord:
 
 
 @dataclass(frozen=True)
-class Option:
-    """One value of a choice, with the sub-space that applies only when it is chosen."""
-
-    value: Any
-    space: tuple[Dimension, ...] = ()
-
-
-@dataclass(frozen=True)
-class Dimension:
-    """One searched field, by dotted path. `low`/`high` bound uniform, loguniform and int
-    (both ends included); `log`/`step` apply to int; `options` to choice."""
-
-    path: str
-    kind: Literal["uniform", "loguniform", "int", "choice"]
-    low: float = 0.0
-    high: float = 0.0
-    log: bool = False
-    step: int = 1
-    options: tuple[Option, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.kind == "choice":
-            if not self.options:
-                raise SearchSpaceError(self.path, "a choice needs at least one value")
-            return
-        if not self.low <= self.high:
-            raise SearchSpaceError(self.path, f"low {self.low} is above high {self.high}")
-        if self.kind == "loguniform" and self.low <= 0:
-            raise SearchSpaceError(self.path, "loguniform needs a positive low end")
-        if self.kind == "int":
-            if self.low != int(self.low) or self.high != int(self.high):
-                raise SearchSpaceError(self.path, "int needs whole-number ends")
-            if self.step < 1:
-                raise SearchSpaceError(self.path, "int needs a step of at least 1")
-            if self.log and (self.low < 1 or self.step != 1):
-                raise SearchSpaceError(self.path, "a log int needs low >= 1 and step 1")
-
-
-@dataclass(frozen=True)
 class SearchSpec:
-    """What a search needs of a sweep spec."""
+    """What a search needs of a sweep spec (shared/sweep_spec.SweepSpec has all of it)."""
 
     method: Method
-    space: tuple[Dimension, ...]
+    space: Space
     direction: Direction = "max"
     seed: int = 0
     max_trials: int = 20
@@ -134,8 +100,9 @@ def next_trial_number(trials: Sequence[TrialRecord]) -> int:
 
 def propose(spec: Any, trials: Sequence[TrialRecord], count: int) -> list[dict[str, Any]]:
     """Up to `count` new parameter dicts (dotted path -> value) for the trials numbered
-    from `next_trial_number(trials)` on. Grid returns fewer when it runs out. Keeping to
-    `max_trials` and `parallelism` is the caller's job: this only says which points."""
+    from `next_trial_number(trials)` on. `spec`: a SweepSpec or a SearchSpec. Grid returns
+    fewer when it runs out. Keeping to `max_trials` and `parallelism` is the caller's job:
+    this only says which points."""
     search = as_search_spec(spec)
     if count <= 0:
         return []
@@ -149,102 +116,62 @@ def propose(spec: Any, trials: Sequence[TrialRecord], count: int) -> list[dict[s
     raise ValueError(f"unknown search method {search.method!r}")
 
 
-# --- the spec, as dimensions ---------------------------------------------------------
-
-
 def as_search_spec(spec: Any) -> SearchSpec:
     """A SearchSpec from one, or from anything with method, space, direction, seed and
-    max_trials attributes whose space maps dotted paths to distributions as JSON objects
-    ({"uniform": [lo, hi]}, {"loguniform": [lo, hi]}, {"int": [lo, hi], "log": b,
-    "step": n}, {"choice": [v, {"value": v, "space": {...}}, ...]}) or Dimensions."""
+    max_trials (a SweepSpec); a space not yet typed is parsed (shared/sweep_space)."""
     if isinstance(spec, SearchSpec):
         return spec
-    seed = getattr(spec, "seed", None)
+    space = spec.space
+    if not all(isinstance(d, Uniform | IntRange | Choice) for d in space.values()):
+        space = parse_space(space)
     return SearchSpec(
         method=spec.method,
-        space=dimensions(spec.space),
+        space=space,
         direction=getattr(spec, "direction", None) or "max",
-        seed=0 if seed is None else int(seed),
+        seed=int(getattr(spec, "seed", None) or 0),
         max_trials=int(getattr(spec, "max_trials", 20)),
     )
 
 
-def dimensions(space: Mapping[str, Any] | Sequence[Dimension]) -> tuple[Dimension, ...]:
-    """The dimensions of a space given as path -> distribution, in its order."""
-    if not isinstance(space, Mapping):
-        return tuple(space)
-    return tuple(_dimension(path, dist) for path, dist in space.items())
-
-
-def _dimension(path: str, dist: Any) -> Dimension:
-    if isinstance(dist, Dimension):
-        return dist
-    if hasattr(dist, "to_json"):  # shared/sweep_spec.py's typed distributions
-        dist = dist.to_json()
-    if not isinstance(dist, Mapping):
-        raise SearchSpaceError(path, f"not a distribution: {dist!r}")
-    if "choice" in dist:
-        return Dimension(path, "choice", options=tuple(_option(path, o) for o in dist["choice"]))
-    for kind in ("uniform", "loguniform", "int"):
-        if kind in dist:
-            low, high = dist[kind]
-            return Dimension(
-                path,
-                kind,
-                low=low,
-                high=high,
-                log=bool(dist.get("log", False)),
-                step=int(dist.get("step") or 1),
-            )
-    raise SearchSpaceError(path, f"not a distribution: {dict(dist)!r}")
-
-
-def _option(path: str, option: Any) -> Option:
-    if hasattr(option, "to_json"):
-        option = option.to_json()
-    if isinstance(option, Mapping) and "value" in option:
-        return Option(option["value"], dimensions(option.get("space") or {}))
-    return Option(option)
-
-
 # --- walking a space -----------------------------------------------------------------
 
-# Picks a value for a dimension, given its Optuna name; for a choice it returns the
+# Picks a value for a parameter (path, distribution, Optuna name); for a choice, the
 # option's index.
-_Pick = Callable[[Dimension, str], Any]
+_Pick = Callable[[str, Distribution, str], Any]
 
 
-def _walk(space: Sequence[Dimension], pick: _Pick) -> dict[str, Any]:
-    """The point that `pick` chooses, dimension by dimension: a choice first, then the
+def _walk(space: Space, pick: _Pick) -> dict[str, Any]:
+    """The point that `pick` chooses, parameter by parameter: a choice first, then the
     sub-space of the option it chose (define-by-run)."""
     names = _optuna_names(space)
     point: dict[str, Any] = {}
 
-    def visit(dims: Sequence[Dimension], branch: str) -> None:
-        for dim in dims:
-            name = names[(dim.path, branch)]
-            if dim.kind != "choice":
-                point[dim.path] = pick(dim, name)
+    def visit(sub: Space, branch: str) -> None:
+        for path, dist in sub.items():
+            name = names[(path, branch)]
+            if not isinstance(dist, Choice):
+                point[path] = pick(path, dist, name)
                 continue
-            index = pick(dim, name)
-            option = dim.options[index]
-            point[dim.path] = option.value
-            visit(option.space, f"{branch}{dim.path}={index};")
+            index = pick(path, dist, name)
+            option = dist.options[index]
+            point[path] = option.value
+            visit(option.space, f"{branch}{path}={index};")
 
     visit(space, "")
     return point
 
 
-def _optuna_names(space: Sequence[Dimension]) -> dict[tuple[str, str], str]:
+def _optuna_names(space: Space) -> dict[tuple[str, str], str]:
     """(path, branch) -> the parameter's name for Optuna: the dotted path, with its branch
     appended only where the path occurs more than once in the space."""
     found: list[tuple[str, str]] = []
 
-    def visit(dims: Sequence[Dimension], branch: str) -> None:
-        for dim in dims:
-            found.append((dim.path, branch))
-            for index, option in enumerate(dim.options):
-                visit(option.space, f"{branch}{dim.path}={index};")
+    def visit(sub: Space, branch: str) -> None:
+        for path, dist in sub.items():
+            found.append((path, branch))
+            if isinstance(dist, Choice):
+                for index, option in enumerate(dist.options):
+                    visit(option.space, f"{branch}{path}={index};")
 
     visit(space, "")
     counts = Counter(path for path, _ in found)
@@ -255,7 +182,8 @@ def _optuna_names(space: Sequence[Dimension]) -> dict[tuple[str, str], str]:
 
 
 def _key(value: Any) -> str:
-    """A value's identity across a JSON round trip (1.0 stored may come back as 1)."""
+    """A value's identity as the job spec sees it, across a JSON round trip: 1 and 1.0
+    are one number (a stored 1.0 may come back as 1), true is not 1."""
 
     def norm(v: Any) -> Any:
         if isinstance(v, float) and v.is_integer():
@@ -269,46 +197,29 @@ def _key(value: Any) -> str:
     return json.dumps(norm(value), sort_keys=True)
 
 
-def _option_index(dim: Dimension, value: Any) -> int | None:
+def _option_index(choice: Choice, value: Any) -> int | None:
     key = _key(value)
-    return next((i for i, o in enumerate(dim.options) if _key(o.value) == key), None)
+    return next((i for i, o in enumerate(choice.options) if _key(o.value) == key), None)
 
 
 # --- grid ----------------------------------------------------------------------------
 
 
 def _grid(search: SearchSpec, trials: Sequence[TrialRecord], count: int) -> list[dict]:
+    problems = grid_problems(search.space)
+    if problems:
+        raise SweepSpecError(problems)
     used = {_key(dict(t.params)) for t in trials if t.state in _HOLDS_ITS_POINT}
     out: list[dict[str, Any]] = []
-    for point in grid_points(search.space):
-        if len(out) == count:
-            break
+    # The grid is walked lazily: a sweep far into a large grid skips its used points
+    # without building the rest.
+    for slots in expand(list(search.space.items()), ints=True):
+        point = {path: value for path, _, value in slots}
         if _key(point) not in used:
             out.append(point)
+            if len(out) == count:
+                break
     return out
-
-
-def grid_points(space: Sequence[Dimension]) -> Iterator[dict[str, Any]]:
-    """Every combination of the space, the first dimension varying slowest; a choice's
-    sub-space is crossed with its value only."""
-    if not space:
-        yield {}
-        return
-    first, rest = space[0], tuple(space[1:])
-    for value, sub in _grid_values(first):
-        for tail in grid_points(sub + rest):
-            yield {first.path: value, **tail}
-
-
-def _grid_values(dim: Dimension) -> Iterator[tuple[Any, tuple[Dimension, ...]]]:
-    if dim.kind == "choice":
-        for option in dim.options:
-            yield option.value, option.space
-    elif dim.kind == "int":
-        for value in range(int(dim.low), int(dim.high) + 1, dim.step):
-            yield value, ()
-    else:
-        raise SearchSpaceError(dim.path, f"a grid cannot enumerate {dim.kind}; use int or choice")
 
 
 # --- random --------------------------------------------------------------------------
@@ -323,24 +234,22 @@ def _derived_seed(seed: int, number: int) -> int:
 
 def _random_point(search: SearchSpec, number: int) -> dict[str, Any]:
     rng = random.Random(_derived_seed(search.seed, number))
-    return _walk(search.space, lambda dim, _name: _sample(rng, dim))
+    return _walk(search.space, lambda _path, dist, _name: _sample(rng, dist))
 
 
-def _sample(rng: random.Random, dim: Dimension) -> Any:
-    if dim.kind == "choice":
-        return rng.randrange(len(dim.options))
-    if dim.kind == "uniform":
-        return rng.uniform(dim.low, dim.high)
-    if dim.kind == "loguniform":
-        return min(
-            dim.high, max(dim.low, math.exp(rng.uniform(math.log(dim.low), math.log(dim.high))))
-        )
-    low, high = int(dim.low), int(dim.high)
-    if dim.log:
+def _sample(rng: random.Random, dist: Distribution) -> Any:
+    if isinstance(dist, Choice):
+        return rng.randrange(len(dist.options))
+    if isinstance(dist, LogUniform):
+        drawn = math.exp(rng.uniform(math.log(dist.low), math.log(dist.high)))
+        return min(dist.high, max(dist.low, drawn))
+    if isinstance(dist, Uniform):
+        return rng.uniform(dist.low, dist.high)
+    if dist.log:
         # Each integer owns the stretch of log-space around it, as Optuna draws log ints.
-        drawn = math.exp(rng.uniform(math.log(low - 0.5), math.log(high + 0.5)))
-        return min(high, max(low, round(drawn)))
-    return low + dim.step * rng.randint(0, (high - low) // dim.step)
+        drawn = math.exp(rng.uniform(math.log(dist.low - 0.5), math.log(dist.high + 0.5)))
+        return min(dist.high, max(dist.low, round(drawn)))
+    return dist.low + dist.step * rng.randint(0, (dist.high - dist.low) // dist.step)
 
 
 # --- tpe -----------------------------------------------------------------------------
@@ -356,20 +265,20 @@ def startup_trials(max_trials: int) -> int:
     return max(4, min(10, max_trials // 4))
 
 
-def _distribution(dim: Dimension) -> BaseDistribution:
-    if dim.kind == "choice":
-        return CategoricalDistribution(list(range(len(dim.options))))
-    if dim.kind == "int":
-        return IntDistribution(int(dim.low), int(dim.high), log=dim.log, step=dim.step)
-    return FloatDistribution(dim.low, dim.high, log=dim.kind == "loguniform")
+def _distribution(dist: Distribution) -> BaseDistribution:
+    if isinstance(dist, Choice):
+        return CategoricalDistribution(list(range(len(dist.options))))
+    if isinstance(dist, IntRange):
+        return IntDistribution(dist.low, dist.high, log=dist.log, step=dist.step)
+    return FloatDistribution(dist.low, dist.high, log=isinstance(dist, LogUniform))
 
 
-def _suggest(trial: optuna.Trial, dim: Dimension, name: str) -> Any:
-    if dim.kind == "choice":
-        return trial.suggest_categorical(name, list(range(len(dim.options))))
-    if dim.kind == "int":
-        return trial.suggest_int(name, int(dim.low), int(dim.high), step=dim.step, log=dim.log)
-    return trial.suggest_float(name, dim.low, dim.high, log=dim.kind == "loguniform")
+def _suggest(trial: optuna.Trial, _path: str, dist: Distribution, name: str) -> Any:
+    if isinstance(dist, Choice):
+        return trial.suggest_categorical(name, list(range(len(dist.options))))
+    if isinstance(dist, IntRange):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_float(name, dist.low, dist.high, log=isinstance(dist, LogUniform))
 
 
 class _DoesNotFit(Exception):
@@ -377,28 +286,25 @@ class _DoesNotFit(Exception):
 
 
 def _as_optuna(
-    space: Sequence[Dimension], params: Mapping[str, Any]
+    space: Space, params: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, BaseDistribution]] | None:
     """A record's parameters as Optuna's (name -> internal value, name -> distribution),
     or None when they do not fit the space (a value missing or out of range)."""
     values: dict[str, Any] = {}
     dists: dict[str, BaseDistribution] = {}
 
-    def pick(dim: Dimension, name: str) -> Any:
-        if dim.path not in params:
+    def pick(path: str, dist: Distribution, name: str) -> Any:
+        if path not in params:
             raise _DoesNotFit
-        if dim.kind == "choice":
-            value = _option_index(dim, params[dim.path])
-        else:
-            value = params[dim.path]
-            if isinstance(value, bool) or not isinstance(value, int | float):
+        value = params[path]
+        if isinstance(dist, Choice):
+            value = _option_index(dist, value)
+            if value is None:
                 raise _DoesNotFit
-            if dim.kind == "int" and value != int(value):
-                raise _DoesNotFit
-        if value is None or not _contains(dim, value):
+        elif not _within(dist, value):
             raise _DoesNotFit
-        values[name] = int(value) if dim.kind == "int" else value
-        dists[name] = _distribution(dim)
+        values[name] = int(value) if isinstance(dist, IntRange) else value
+        dists[name] = _distribution(dist)
         return value
 
     try:
@@ -408,12 +314,14 @@ def _as_optuna(
     return values, dists
 
 
-def _contains(dim: Dimension, value: Any) -> bool:
-    if dim.kind == "choice":
-        return 0 <= value < len(dim.options)
-    if not dim.low <= value <= dim.high:
+def _within(dist: Uniform | IntRange, value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    return dim.kind != "int" or (int(value) - int(dim.low)) % dim.step == 0
+    if not dist.low <= value <= dist.high:
+        return False
+    if isinstance(dist, IntRange):
+        return value == int(value) and (int(value) - dist.low) % dist.step == 0
+    return True
 
 
 def _tpe(

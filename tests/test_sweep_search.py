@@ -8,16 +8,15 @@ import pytest
 from optuna.trial import TrialState
 
 from shared.sweep_search import (
-    SearchSpaceError,
     SearchSpec,
     TrialRecord,
-    dimensions,
-    grid_points,
     next_trial_number,
     propose,
     rebuild_study,
     startup_trials,
 )
+from shared.sweep_space import SweepSpecError, parse_space
+from shared.sweep_spec import iter_grid, load_sweep_spec, parse_sweep_spec, sweep_to_json
 
 GRID_2X2 = {"optimizer.lr": {"choice": [0.1, 0.01]}, "model.params.layers": {"int": [1, 2]}}
 
@@ -33,7 +32,7 @@ CONDITIONAL = {
 
 
 def spec(method: str, space: dict, **kw) -> SearchSpec:
-    return SearchSpec(method=method, space=dimensions(space), **kw)
+    return SearchSpec(method=method, space=parse_space(space), **kw)
 
 
 def rec(number: int, params: dict, state: str = "succeeded", value=None, **kw) -> TrialRecord:
@@ -84,20 +83,44 @@ def test_grid_offers_a_cancelled_trials_point_again():
     assert propose(s, trials, 4) == [first[1]]
 
 
-def test_grid_refuses_a_continuous_dimension_naming_it():
-    with pytest.raises(SearchSpaceError) as err:
-        propose(spec("grid", {"optimizer.lr": {"loguniform": [1e-4, 1e-1]}}), [], 1)
-    assert err.value.path == "optimizer.lr"
+def test_grid_refuses_a_continuous_parameter_naming_it():
+    with pytest.raises(SweepSpecError) as err:
+        propose(spec("grid", {"optimizer.lr": "loguniform(1e-4, 1e-1)"}), [], 1)
+    assert list(err.value.fields) == ["space.optimizer.lr"]
 
 
 def test_grid_crosses_a_sub_space_with_its_value_only():
-    space = dimensions({"model.name": CONDITIONAL["model.name"]})
-    assert list(grid_points(space)) == [
+    assert propose(spec("grid", {"model.name": CONDITIONAL["model.name"]}), [], 10) == [
         {"model.name": "mlp"},
         {"model.name": "cnn", "model.params.channels": 8},
         {"model.name": "cnn", "model.params.channels": 9},
         {"model.name": "cnn", "model.params.channels": 10},
     ]
+
+
+def sweep(method: str, space: dict, **kw) -> dict:
+    return {
+        "base": {"kind": "train"},
+        "metric": "val_accuracy",
+        "method": method,
+        "space": space,
+        **kw,
+    }
+
+
+def test_a_sweep_spec_is_searched_as_given():
+    """The controller passes the SweepSpec (or one loaded back from its row): the grid is
+    sweep_spec's own order, random and TPE read its seed and direction."""
+    grid = parse_sweep_spec(sweep("grid", {**GRID_2X2, "model.name": CONDITIONAL["model.name"]}))
+    assert propose(grid, [], 100) == list(iter_grid(grid))
+    stored = load_sweep_spec(sweep_to_json(grid))
+    assert propose(stored, [], 100) == list(iter_grid(grid))
+
+    raw = sweep("tpe", {"x": "uniform(0, 1)"}, seed=4, max_trials=20, direction="min")
+    tpe = load_sweep_spec(sweep_to_json(parse_sweep_spec(raw)))
+    ours = spec("tpe", X, seed=4, max_trials=20, direction="min")
+    assert propose(tpe, line(12), 3) == propose(ours, line(12), 3)
+    assert all(p["x"] < 0.3 for p in propose(tpe, line(12), 3))
 
 
 # --- random --------------------------------------------------------------------------
@@ -263,11 +286,3 @@ def test_startup_trials_fit_small_sweeps():
     assert startup_trials(20) == 5
     assert startup_trials(40) == 10
     assert startup_trials(1000) == 10
-
-
-def test_a_bad_space_names_the_dimension():
-    with pytest.raises(SearchSpaceError) as err:
-        dimensions({"optimizer.lr": {"loguniform": [0, 1]}})
-    assert err.value.path == "optimizer.lr"
-    with pytest.raises(SearchSpaceError):
-        dimensions({"model.params.width": {"int": [16, 256], "log": True, "step": 2}})
