@@ -417,3 +417,53 @@ class Health(ResponseModel):
 
 class OpenApiDocument(RootModel[dict[str, Any]]):
     """This document."""
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+class SweepTrial(ResponseModel):
+    number: int
+    job_id: int
+    state: Literal["queued", "running", "succeeded", "failed", "pruned", "cancelled"]
+    params: dict[str, Any] = Field(description="dotted path -> value, the point it ran")
+    value: float | None = Field(description="the sweep's metric in its result")
+    pruned_at_epoch: int | None
+    prune_reason: str | None
+    num_parameters: float | None = Field(description="the model's size (train trials)")
+    samples_per_s: float | None = Field(description="its training speed (train trials)")
+
+
+class SweepSummary(ResponseModel):
+    id: int
+    name: str | None
+    owner: str | None
+    state: Literal["running", "cancelled", "succeeded", "failed"]
+    error: str | None
+    method: str
+    metric: str
+    direction: Literal["max", "min"]
+    max_trials: int
+    parallelism: int
+    counts: dict[str, int] = Field(
+        description="trials by state: queued, running, succeeded, pruned, failed, cancelled"
+    )
+    best: SweepTrial | None = Field(description="the succeeded trial with the best value")
+    created_at: str
+    finished_at: str | None
+
+
+class SweepDetail(SweepSummary):
+    spec: dict[str, Any] = Field(description="the sweep spec, defaults filled in")
+    trials: list[SweepTrial] = Field(description="by number")
+
+
+class Sweeps(ResponseModel):
+    sweeps: list[SweepSummary]
+
+
+class SweepSpecBody(RootModel[dict[str, Any]]):
+    """A sweep: `base` (a train or script JobSpec), `space` (dotted path -> distribution:
+    `loguniform(1e-4, 1e-1)`, `int(1, 4)`, `choice([relu, gelu])`, or JSON objects),
+    `method` (grid, random, tpe), `metric`, `direction`, `max_trials`, `parallelism`,
+    `time_budget_s`, `early_stopping` (median or asha), `seed`."""

@@ -20,6 +20,7 @@ from server import (
     enqueue,
     openapi,
     quotas,
+    sweeps_api,
     timeline_api,
     tokens_api,
     uploads_api,
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     app.register_blueprint(api.bp)
     app.register_blueprint(uploads_api.bp)
     app.register_blueprint(bundles_api.bp)
+    app.register_blueprint(sweeps_api.bp)
     app.register_blueprint(artifacts_api.bp)
     app.register_blueprint(tokens_api.bp)
     app.register_blueprint(users_api.bp)

@@ -55,6 +55,7 @@ TAGS = {
         Tag(name="registry", description="The models and datasets a spec can name"),
         Tag(name="uploads", description="CSV files for the `csv` dataset"),
         Tag(name="bundles", description="Code bundles: a team's own code for `script` jobs"),
+        Tag(name="sweeps", description="Hyperparameter and architecture searches: trials are jobs"),
         Tag(name="account", description="The caller and their API tokens"),
         Tag(name="meta", description="This document and the health check"),
     )

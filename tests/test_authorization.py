@@ -37,8 +37,9 @@ from werkzeug.test import TestResponse
 from server.auth import principal
 from shared import accounts, job_files
 from shared.db import transaction, utcnow
-from shared.orm import CodeBundle, Job, MetricPoint, Upload, User, WorkerNode
+from shared.orm import CodeBundle, Job, MetricPoint, Sweep, Upload, User, WorkerNode
 from shared.settings import Settings
+from shared.sweep_spec import parse_sweep_spec, sweep_to_json
 from tests.conftest import as_user
 from tests.helpers import evaluate_spec, train_spec
 
@@ -96,6 +97,8 @@ class World:
     done: int = 0  # alice's finished job whose files the delete rows remove
     bundle: int = 0  # alice's code bundle (from when she could run code)
     spare_bundle: int = 0  # another of hers (the one to delete)
+    sweep: int = 0  # alice's running sweep (the one to cancel)
+    cancelled_sweep: int = 0  # alice's cancelled sweep (the one to resume)
 
     def user(self, identity: str) -> Any:
         return {ALICE: self.users.alice, BOB: self.users.bob, ADMIN: self.users.admin}[identity]
@@ -110,6 +113,8 @@ class World:
             "done": self.done,
             "bundle": self.bundle,
             "spare_bundle": self.spare_bundle,
+            "sweep": self.sweep,
+            "cancelled_sweep": self.cancelled_sweep,
             "token": self.spare_token,
             "artifact": ARTIFACT,
         }
@@ -191,6 +196,12 @@ def make_world(app: Flask, settings: Settings, db_url: str, users: Any) -> World
         s.add_all(made)
         s.flush()
         world.bundle, world.spare_bundle = made[0].id, made[1].id
+        stored = sweep_to_json(parse_sweep_spec(SWEEP))
+        sweeps = [Sweep(owner_id=users.alice.id, name=f"alice-{state}", spec=stored, state=state)
+                  for state in ("running", "cancelled")]  # fmt: skip
+        s.add_all(sweeps)
+        s.flush()
+        world.sweep, world.cancelled_sweep = sweeps[0].id, sweeps[1].id
     world.clients = {ANON: as_user(app, None)} | {
         i: as_user(app, world.user(i)) for i in IDENTITIES[1:]
     }
@@ -373,6 +384,34 @@ def check_bundle_deleted(resp: TestResponse, who: str, w: World) -> None:
     with transaction(w.db_url) as s:
         exists = s.get(CodeBundle, w.spare_bundle) is not None
     assert exists == (who in (ANON, BOB))
+
+
+SWEEP = {
+    "base": train_spec(epochs=2),
+    "space": {"optimizer.lr": "choice([0.001, 0.01])"},
+    "method": "grid",
+    "metric": "val_accuracy",
+}
+
+
+def check_new_sweep(resp: TestResponse, who: str, w: World) -> None:
+    with transaction(w.db_url) as s:
+        sweep = s.get(Sweep, resp.get_json()["id"])
+        assert sweep.owner_id == w.user(who).id
+
+
+def check_sweep_list(resp: TestResponse, who: str, w: World) -> None:
+    ids = {x["id"] for x in resp.get_json()["sweeps"]}
+    assert (w.sweep in ids) == (who == ALICE), ids
+
+
+def check_sweep_state(sweep_attr: str, expected: str) -> Callable[[TestResponse, str, World], None]:
+    def check(resp: TestResponse, who: str, w: World) -> None:
+        with transaction(w.db_url) as s:
+            state = s.get(Sweep, getattr(w, sweep_attr)).state
+        assert (state == expected) == (who in (ALICE, ADMIN)), state
+
+    return check
 
 
 def check_permissions(resp: TestResponse, who: str, w: World) -> None:
@@ -648,6 +687,15 @@ MATRIX: tuple[Row, ...] = (
     Row("GET", "/api/v1/bundles/<int:bundle_id>", owned(), "/api/v1/bundles/{bundle}"),
     Row("DELETE", "/api/v1/bundles/<int:bundle_id>", owned(), "/api/v1/bundles/{spare_bundle}",
         check=check_bundle_deleted, check_all=True),
+    # sweeps (server/sweeps_api.py): owned like jobs
+    Row("POST", "/api/v1/sweeps", any_user(201), json=SWEEP, check=check_new_sweep),
+    Row("GET", "/api/v1/sweeps", any_user(), check=check_sweep_list),
+    Row("GET", "/api/v1/sweeps/<int:sweep_id>", owned(), "/api/v1/sweeps/{sweep}"),
+    Row("POST", "/api/v1/sweeps/<int:sweep_id>/cancel", owned(), "/api/v1/sweeps/{sweep}/cancel",
+        check=check_sweep_state("sweep", "cancelled"), check_all=True),
+    Row("POST", "/api/v1/sweeps/<int:sweep_id>/resume", owned(),
+        "/api/v1/sweeps/{cancelled_sweep}/resume",
+        check=check_sweep_state("cancelled_sweep", "running"), check_all=True),
     # registries and health
     Row("GET", "/api/v1/models", any_user()),
     Row("GET", "/api/v1/datasets", any_user()),
