@@ -31,6 +31,7 @@ from server.cli.local.up_command import up
 from server.cli.node_commands import NODE_COMMANDS
 from server.cli.process_commands import db, reconcile, web, worker
 from server.cli.storage_commands import artifacts_group, upload_group
+from server.cli.sweep_commands import sweep_group
 
 __all__ = ["main"]
 
@@ -61,6 +62,7 @@ for _command in (
     upload_group,
     artifacts_group,
     bundles_group,
+    sweep_group,
 ):
     main.add_command(_command)
 
