@@ -222,7 +222,8 @@ class ScriptRun:
 
     @property
     def tmp_dir(self) -> Path:
-        return self.work / "tmp"
+        # Also how a dead worker's leftovers are recognised (worker/script_leftovers.py).
+        return self.work / script_leftovers.TMP_NAME
 
     @property
     def params_file(self) -> Path:

@@ -7,9 +7,11 @@ attempt's work directory. Each attempt therefore writes `owner.json` (the pool
 process's pid and start time) into its work directory; before a script attempt
 starts, `sweep` looks at every work directory of this host's home whose owner is gone,
 kills the processes that still carry that attempt's TRAINYARD_JOB_ID and
-TRAINYARD_ATTEMPT (the contract's environment, which they inherited), and removes
-the directory. Matching on the environment rather than a saved process group id
-means a recycled pid is never mistaken for a survivor.
+TRAINYARD_ATTEMPT and its TMPDIR, a directory inside that very work directory (the
+contract's environment, which they inherited), and removes the directory. Matching on
+the environment rather than a saved process group id means a recycled pid is never
+mistaken for a survivor; matching the TMPDIR too means another deployment's job with
+the same number on the same host (or another test's) is never touched.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import psutil
 log = logging.getLogger(__name__)
 
 OWNER_FILE = "owner.json"
+# The attempt's TMPDIR, inside its work directory (worker/script_job.py hands it over).
+TMP_NAME = "tmp"
 _ATTEMPT_DIR = re.compile(r"job-(\d+)-attempt-(\d+)")
 
 
@@ -51,9 +55,13 @@ def _owner_alive(work: Path) -> bool:
         return False
 
 
-def _survivors(job_id: int, attempt: int) -> list[psutil.Process]:
+def _survivors(work: Path, job_id: int, attempt: int) -> list[psutil.Process]:
     found = []
-    wanted = {"TRAINYARD_JOB_ID": str(job_id), "TRAINYARD_ATTEMPT": str(attempt)}
+    wanted = {
+        "TRAINYARD_JOB_ID": str(job_id),
+        "TRAINYARD_ATTEMPT": str(attempt),
+        "TMPDIR": str(work / TMP_NAME),
+    }
     for proc in psutil.process_iter():
         if proc.pid == os.getpid():
             continue
@@ -78,7 +86,7 @@ def sweep(root: Path) -> int:
             continue
         job_id, attempt = int(match.group(1)), int(match.group(2))
         killed = 0
-        for proc in _survivors(job_id, attempt):
+        for proc in _survivors(work, job_id, attempt):
             try:
                 proc.kill()
                 killed += 1
