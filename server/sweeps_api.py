@@ -112,13 +112,20 @@ def create_sweep() -> ResponseReturnValue:
 
 
 @bp.get("")
-@operation(tag="sweeps", query=UploadListQuery, ok={200: schemas.Sweeps})
+@operation(
+    tag="sweeps",
+    query=UploadListQuery,
+    ok={200: schemas.Sweeps},
+    errors={403: "`all=true` from a caller who is not an admin."},
+)
 def list_sweeps() -> ResponseReturnValue:
     """Your sweeps, newest first (`all=true`: everyone's, admins)."""
     query = parse_query(UploadListQuery)
     user = api_user()
     if query.all and not user.is_admin:
-        raise ApiError(403, "forbidden", "only admins can list every user's sweeps", {})
+        raise ApiError(
+            403, "forbidden", "only admins can list every user's sweeps", {"all": "admins only"}
+        )
     stmt = select(Sweep).order_by(Sweep.id.desc()).limit(query.limit)
     if not query.all:
         stmt = stmt.where(Sweep.owner_id == user.id)

@@ -35,7 +35,9 @@ space:
 @pytest.fixture
 def cli(live_server: str, users: TestUsers):  # type: ignore[no-untyped-def]
     def run(*args: str) -> Result:
-        env = {"TRAINYARD_URL": live_server, "TRAINYARD_TOKEN": users.alice.token}
+        # A wide terminal: rich fits the table to the width and would elide headers.
+        env = {"TRAINYARD_URL": live_server, "TRAINYARD_TOKEN": users.alice.token,
+               "COLUMNS": "200"}  # fmt: skip
         return CliRunner().invoke(main, list(args), env=env)
 
     return run
