@@ -9,8 +9,7 @@ from flask import current_app
 from server.access import find_visible_upload
 from shared.artifact_store import ArtifactStoreError, store_for
 from shared.dataset_cache import DATASET_DIRS, RECHECK_S, DatasetCopyError, sync_dataset
-from shared.dataset_catalog import CatalogContext, ColumnInfo, UploadInfo
-from shared.orm import Upload
+from shared.dataset_catalog import CatalogContext, UploadInfo, upload_info
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,18 +26,6 @@ def _sync_datasets(settings: Settings) -> None:
             sync_dataset(store, settings.resolved_data_dir, name, recheck_s=RECHECK_S)
         except (ArtifactStoreError, DatasetCopyError, OSError):
             log.warning("dataset %s: could not copy it from %s", name, store.url, exc_info=True)
-
-
-def upload_info(upload: Upload) -> UploadInfo:
-    return UploadInfo(
-        id=upload.id,
-        filename=upload.filename,
-        rows=upload.rows,
-        columns=tuple(
-            ColumnInfo(c["name"], c["numeric"], c["distinct"], c.get("missing", 0))
-            for c in upload.columns
-        ),
-    )
 
 
 def _find_upload(upload_id: int) -> UploadInfo | None:

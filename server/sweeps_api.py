@@ -10,11 +10,13 @@ sweep reads as missing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from server import api_schemas as schemas
 from server import submission
@@ -154,16 +156,7 @@ def get_sweep(sweep_id: int) -> ResponseReturnValue:
 )
 def cancel(sweep_id: int) -> ResponseReturnValue:
     """Cancel a sweep: no new trials, queued ones cancelled, running ones stop."""
-    parse_query(NoQuery)
-    sweep = visible_sweep(sweep_id)
-    session = get_session()
-    if not cancel_sweep(session, sweep.id):
-        raise ApiError(
-            409, "not_running", f"sweep {sweep.id} is {sweep.state}", {"state": sweep.state}
-        )
-    session.commit()
-    session.refresh(sweep)
-    return jsonify(sweep_json(sweep, detail=True))
+    return _change(sweep_id, cancel_sweep, "not_running", "")
 
 
 @bp.post("/<int:sweep_id>/resume")
@@ -172,12 +165,20 @@ def cancel(sweep_id: int) -> ResponseReturnValue:
 )
 def resume(sweep_id: int) -> ResponseReturnValue:
     """Resume a cancelled sweep where it stopped (finished trials are not run again)."""
+    return _change(sweep_id, resume_sweep, "not_cancelled", "; only a cancelled sweep resumes")
+
+
+def _change(
+    sweep_id: int, change: Callable[[Session, int], bool], code: str, hint: str
+) -> ResponseReturnValue:
+    """Cancel or resume (shared/sweep_controller.py); 409 when the state does not allow it."""
     parse_query(NoQuery)
     sweep = visible_sweep(sweep_id)
     session = get_session()
-    if not resume_sweep(session, sweep.id):
-        raise ApiError(409, "not_cancelled", f"sweep {sweep.id} is {sweep.state}; only a "
-                       "cancelled sweep resumes", {"state": sweep.state})  # fmt: skip
+    if not change(session, sweep.id):
+        raise ApiError(
+            409, code, f"sweep {sweep.id} is {sweep.state}{hint}", {"state": sweep.state}
+        )
     session.commit()
     session.refresh(sweep)
     return jsonify(sweep_json(sweep, detail=True))

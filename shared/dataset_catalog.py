@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -28,6 +28,9 @@ MAX_CSV_CLASSES = 1000
 # The most a dataset file may hold once decompressed, unless the settings say otherwise
 # (TRAINYARD_MAX_DATASET_FILE_BYTES): the official MNIST training images are 47 MB.
 DEFAULT_MAX_DATASET_FILE_BYTES = 1 << 30
+
+if TYPE_CHECKING:
+    from shared.orm import Upload
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,20 @@ class UploadInfo:
 
     def column(self, name: str) -> ColumnInfo | None:
         return next((c for c in self.columns if c.name == name), None)
+
+
+def upload_info(upload: Upload) -> UploadInfo:
+    """What resolution needs of an uploads row (the web's catalogue and the sweep
+    controller's, each finding the rows its caller may see)."""
+    return UploadInfo(
+        id=upload.id,
+        filename=upload.filename,
+        rows=upload.rows,
+        columns=tuple(
+            ColumnInfo(c["name"], c["numeric"], c["distinct"], c.get("missing", 0))
+            for c in upload.columns
+        ),
+    )
 
 
 @dataclass(frozen=True)

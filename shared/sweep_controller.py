@@ -35,7 +35,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared.celery_app import publish_job
-from shared.dataset_catalog import CatalogContext, ColumnInfo, UploadInfo
+from shared.dataset_catalog import CatalogContext, UploadInfo, upload_info
 from shared.db import transaction, utcnow
 from shared.job_builder import new_job
 from shared.job_events import add_event
@@ -352,11 +352,7 @@ def owner_context(session: Session, settings: Settings, owner_id: int | None) ->
         upload = session.get(Upload, upload_id)
         if upload is None or (owner_id is not None and upload.owner_id != owner_id):
             return None
-        return UploadInfo(
-            id=upload.id, filename=upload.filename, rows=upload.rows,
-            columns=tuple(ColumnInfo(c["name"], c["numeric"], c["distinct"], c.get("missing", 0))
-                          for c in upload.columns),
-        )  # fmt: skip
+        return upload_info(upload)
 
     return CatalogContext(
         data_dir=settings.resolved_data_dir,

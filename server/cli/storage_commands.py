@@ -11,8 +11,7 @@ from pathlib import Path
 import click
 
 from server.cli.api_client import ApiClient, api_command
-from server.cli.display import fmt_bytes as _size
-from server.cli.display import make_console
+from server.cli.display import fmt_bytes, make_console
 from server.cli.job_commands import token_option, url_option
 
 
@@ -37,7 +36,7 @@ def upload_add(path: Path, name: str | None, quiet: bool, url: str, token: str |
         return
     make_console().print(
         f"Upload {body['id']}: {body['filename']}, {body['rows']:,} rows, "
-        f"{len(body['columns'])} columns ({_size(body['size_bytes'])})"
+        f"{len(body['columns'])} columns ({fmt_bytes(body['size_bytes'])})"
     )
 
 
@@ -56,7 +55,7 @@ def upload_list(all_users: bool, url: str, token: str | None) -> None:
     for u in uploads:
         click.echo(
             f"{u['id']:>6}  {u['filename']}  {u['rows']:,} rows  {len(u['columns'])} columns  "
-            f"{_size(u['size_bytes'])}  {u['created_at']}"
+            f"{fmt_bytes(u['size_bytes'])}  {u['created_at']}"
         )
 
 
@@ -71,7 +70,7 @@ def upload_delete(upload_id: int, yes: bool, url: str, token: str | None) -> Non
     if not yes:
         click.confirm(f"Delete upload {upload_id}? It cannot be recovered", abort=True)
     body = ApiClient(url, token=token).delete(f"/uploads/{upload_id}")
-    click.echo(f"Deleted upload {upload_id} ({_size(body['freed_bytes'])} freed).")
+    click.echo(f"Deleted upload {upload_id} ({fmt_bytes(body['freed_bytes'])} freed).")
 
 
 @click.group("artifacts")
@@ -94,7 +93,7 @@ def artifacts_delete(job_id: int, yes: bool, url: str, token: str | None) -> Non
             abort=True,
         )
     body = ApiClient(url, token=token).delete(f"/jobs/{job_id}/artifacts")
-    click.echo(f"Deleted the files of job {job_id} ({_size(body['freed_bytes'])} freed).")
+    click.echo(f"Deleted the files of job {job_id} ({fmt_bytes(body['freed_bytes'])} freed).")
 
 
 __all__ = ["artifacts_group", "upload_group"]
