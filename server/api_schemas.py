@@ -430,8 +430,9 @@ class SweepTrial(ResponseModel):
     value: float | None = Field(description="the sweep's metric in its result")
     pruned_at_epoch: int | None
     prune_reason: str | None
-    num_parameters: float | None = Field(description="the model's size (train trials)")
+    num_parameters: int | float | None = Field(description="the model's size (train trials)")
     samples_per_s: float | None = Field(description="its training speed (train trials)")
+    finished_at: str | None = Field(description="when its job ended")
 
 
 class SweepSummary(ResponseModel):

@@ -94,8 +94,15 @@ def _check_limits(spec: SweepSpec) -> None:
 def create_sweep() -> ResponseReturnValue:
     """Create a sweep; its trials start within a reconciler pass."""
     parse_query(NoQuery)
+    sweep = create_sweep_from(json_body("invalid_sweep", "invalid sweep spec"))
+    return jsonify(sweep_json(sweep, detail=True)), 201, {"Location": f"/api/v1/sweeps/{sweep.id}"}
+
+
+def create_sweep_from(body: Any) -> Sweep:
+    """Check a sweep spec (already parsed from JSON or YAML) for api_user() and store it;
+    ApiError (422 naming the field, 403, 429) when it cannot run. The sweep form page
+    (server/web/sweep_pages.py) creates through here too."""
     settings = current_app.config["TRAINYARD_SETTINGS"]
-    body = json_body("invalid_sweep", "invalid sweep spec")
     try:
         spec = parse_sweep_spec(body, max_trials_cap=settings.sweep_max_trials)
         validate(
@@ -110,7 +117,7 @@ def create_sweep() -> ResponseReturnValue:
     session = get_session()
     session.add(sweep)
     session.commit()
-    return jsonify(sweep_json(sweep, detail=True)), 201, {"Location": f"/api/v1/sweeps/{sweep.id}"}
+    return sweep
 
 
 @bp.get("")
@@ -187,6 +194,11 @@ def _change(
 # ---------------------------------------------------------------- serializing
 
 
+def _whole(value: float | None) -> int | float | None:
+    """A count as an integer (9034, not 9034.0: the metric sink stores floats)."""
+    return int(value) if value is not None and value.is_integer() else value
+
+
 def _trial_json(trial: SweepTrial, job: Job, metric: str) -> dict[str, Any]:
     metrics = (job.result or {}).get("metrics") or {}
     state = "pruned" if trial.pruned_at_epoch is not None else job.state
@@ -198,8 +210,9 @@ def _trial_json(trial: SweepTrial, job: Job, metric: str) -> dict[str, Any]:
         "value": finite_number(metrics.get(metric)),
         "pruned_at_epoch": trial.pruned_at_epoch,
         "prune_reason": trial.prune_reason,
-        "num_parameters": finite_number(metrics.get("num_parameters")),
+        "num_parameters": _whole(finite_number(metrics.get("num_parameters"))),
         "samples_per_s": finite_number(metrics.get("samples_per_s")),
+        "finished_at": iso(job.finished_at),
     }
 
 

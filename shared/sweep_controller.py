@@ -7,8 +7,9 @@ a job: `controller_epoch` is the fencing count every later write names), then:
    metric_points and asks shared/sweep_pruning.py; a trial to prune is marked (once:
    `pruned_at_epoch IS NULL`) and its job cancelled through the normal cooperative
    path with the reason on its timeline ("pruned by the sweep at epoch N ...");
-2. creates trials: while fewer than `parallelism` trials are queued or running and
-   fewer than `max_trials` count, asks shared/sweep_search.py for the next points and
+2. creates trials: while fewer than `parallelism` trials have a job queued or running
+   (a pruned trial's too, until its worker stopped it) and fewer than `max_trials`
+   count, asks shared/sweep_search.py for the next points and
    inserts each trial's job (shared/job_builder.py) and its `sweep_trials` row in one
    transaction that re-checks the lease; the trial number is unique per sweep, so even
    a controller that lost its lease meanwhile cannot create a trial twice;
@@ -111,7 +112,14 @@ class TrialView:
 
     @property
     def active(self) -> bool:
-        return self.job_state in ACTIVE_JOB_STATES and self.row.pruned_at_epoch is None
+        """Still to be judged by early stopping: queued or running and not pruned."""
+        return self.holds_slot and self.row.pruned_at_epoch is None
+
+    @property
+    def holds_slot(self) -> bool:
+        """Its job is queued or running, pruned or not: a pruned trial's job runs until
+        its worker sees the cancel, and until then it is one of `parallelism`."""
+        return self.job_state in ACTIVE_JOB_STATES
 
     @property
     def counts(self) -> bool:
@@ -260,9 +268,9 @@ def _create(
 ) -> list[int]:
     if _budget_spent(spec, created_at, now):
         return []
-    active = sum(v.active for v in views)
+    busy = sum(v.holds_slot for v in views)
     counted = sum(v.counts for v in views)
-    wanted = min(spec.parallelism - active, spec.max_trials - counted)
+    wanted = min(spec.parallelism - busy, spec.max_trials - counted)
     if wanted <= 0:
         return []
     points = propose(spec, records(views), wanted)
@@ -325,7 +333,7 @@ def _finish_if_done(
     created_at: datetime,
     now: datetime,
 ) -> str | None:
-    if any(v.active for v in views):
+    if any(v.holds_slot for v in views):
         return None
     counted = sum(v.counts for v in views)
     exhausted = spec.method == "grid" and not propose(spec, records(views), 1)

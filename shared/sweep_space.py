@@ -194,6 +194,34 @@ def space_to_json(space: Mapping[str, Distribution]) -> dict[str, Any]:
     return {path: dist.to_json() for path, dist in space.items()}
 
 
+def axes(space: Mapping[str, Distribution]) -> list[dict[str, Any]]:
+    """One axis per parameter, sub-spaces flattened in space order, for a chart of the
+    trials: {"path", "type": "number" | "choice", "log", "low", "high", "values"}. A path
+    that several sub-spaces set (layers for two models) gets one axis spanning them."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def add(path: str, dist: Distribution) -> None:
+        if isinstance(dist, Choice):
+            axis = found.setdefault(path, {"path": path, "type": "choice", "values": []})
+            for option in dist.options:
+                if axis["type"] == "choice" and option.value not in axis["values"]:
+                    axis["values"].append(option.value)
+                for sub_path, sub in option.space.items():
+                    add(sub_path, sub)
+            return
+        log = isinstance(dist, LogUniform) or (isinstance(dist, IntRange) and dist.log)
+        low, high = dist.ends()
+        axis = found.setdefault(path, {"path": path, "type": "number", "log": log,
+                                       "low": low, "high": high})  # fmt: skip
+        if axis["type"] == "number":
+            axis["low"], axis["high"] = min(axis["low"], low), max(axis["high"], high)
+            axis["log"] = axis["log"] and log
+
+    for path, dist in space.items():
+        add(path, dist)
+    return list(found.values())
+
+
 # ---------------------------------------------------------------- parsing the space
 
 _PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")

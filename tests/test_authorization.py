@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from flask import Flask
@@ -99,6 +100,8 @@ class World:
     spare_bundle: int = 0  # another of hers (the one to delete)
     sweep: int = 0  # alice's running sweep (the one to cancel)
     cancelled_sweep: int = 0  # alice's cancelled sweep (the one to resume)
+    page_sweep: int = 0  # the same two for the sweep page's buttons
+    page_cancelled_sweep: int = 0
 
     def user(self, identity: str) -> Any:
         return {ALICE: self.users.alice, BOB: self.users.bob, ADMIN: self.users.admin}[identity]
@@ -115,6 +118,8 @@ class World:
             "spare_bundle": self.spare_bundle,
             "sweep": self.sweep,
             "cancelled_sweep": self.cancelled_sweep,
+            "page_sweep": self.page_sweep,
+            "page_cancelled_sweep": self.page_cancelled_sweep,
             "token": self.spare_token,
             "artifact": ARTIFACT,
         }
@@ -198,10 +203,11 @@ def make_world(app: Flask, settings: Settings, db_url: str, users: Any) -> World
         world.bundle, world.spare_bundle = made[0].id, made[1].id
         stored = sweep_to_json(parse_sweep_spec(SWEEP))
         sweeps = [Sweep(owner_id=users.alice.id, name=f"alice-{state}", spec=stored, state=state)
-                  for state in ("running", "cancelled")]  # fmt: skip
+                  for state in ("running", "cancelled", "running", "cancelled")]  # fmt: skip
         s.add_all(sweeps)
         s.flush()
         world.sweep, world.cancelled_sweep = sweeps[0].id, sweeps[1].id
+        world.page_sweep, world.page_cancelled_sweep = sweeps[2].id, sweeps[3].id
     world.clients = {ANON: as_user(app, None)} | {
         i: as_user(app, world.user(i)) for i in IDENTITIES[1:]
     }
@@ -398,6 +404,17 @@ def check_new_sweep(resp: TestResponse, who: str, w: World) -> None:
     with transaction(w.db_url) as s:
         sweep = s.get(Sweep, resp.get_json()["id"])
         assert sweep.owner_id == w.user(who).id
+
+
+def check_page_new_sweep(resp: TestResponse, who: str, w: World) -> None:
+    sweep_id = int(resp.headers["Location"].removeprefix("/sweeps/"))
+    with transaction(w.db_url) as s:
+        assert s.get(Sweep, sweep_id).owner_id == w.user(who).id
+
+
+def check_sweeps_page(resp: TestResponse, who: str, w: World) -> None:
+    listed = f'data-sweep-id="{w.sweep}"' in resp.get_data(as_text=True)
+    assert listed == (who in (ALICE, ADMIN))
 
 
 def check_sweep_list(resp: TestResponse, who: str, w: World) -> None:
@@ -696,6 +713,19 @@ MATRIX: tuple[Row, ...] = (
     Row("POST", "/api/v1/sweeps/<int:sweep_id>/resume", owned(),
         "/api/v1/sweeps/{cancelled_sweep}/resume",
         check=check_sweep_state("cancelled_sweep", "running"), check_all=True),
+    # the sweep pages (server/web/sweep_pages.py)
+    Row("GET", "/sweeps", page(), check=check_sweeps_page, page=True),
+    Row("GET", "/sweeps/new", page(), page=True),
+    Row("GET", "/sweeps/new", {ANON: 302, ALICE: 200, BOB: 404, ADMIN: 200},
+        "/sweeps/new?from_job={job}", check_all=True, page=True, note="from alice's job"),
+    Row("POST", "/sweeps/new", page(303), data=b"spec=" + quote(json.dumps(SWEEP)).encode(),
+        check=check_page_new_sweep, page=True),
+    Row("GET", "/sweeps/<int:sweep_id>", owned_page(), "/sweeps/{sweep}", page=True),
+    Row("POST", "/sweeps/<int:sweep_id>/cancel", owned_page(303), "/sweeps/{page_sweep}/cancel",
+        check=check_sweep_state("page_sweep", "cancelled"), check_all=True, page=True),
+    Row("POST", "/sweeps/<int:sweep_id>/resume", owned_page(303),
+        "/sweeps/{page_cancelled_sweep}/resume",
+        check=check_sweep_state("page_cancelled_sweep", "running"), check_all=True, page=True),
     # registries and health
     Row("GET", "/api/v1/models", any_user()),
     Row("GET", "/api/v1/datasets", any_user()),

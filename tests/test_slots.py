@@ -203,8 +203,12 @@ def _seen(settings: Settings, job_id: int) -> list[tuple[int, str]]:
     """(attempt, CUDA_VISIBLE_DEVICES) for each attempt, as the job's own process logged it."""
     from shared.job_files import log_path
 
+    path = log_path(settings, job_id)
+    # "running" is written at claim time, a moment before the job's first log line.
+    if not path.exists():
+        return []
     found = []
-    for line in log_path(settings, job_id).read_text().splitlines():
+    for line in path.read_text().splitlines():
         match = _CLAIMED.search(line)
         if match and "claimed by" in line:
             attempt = int(re.search(r"\[attempt (\d+)\]", line).group(1))  # type: ignore[union-attr]

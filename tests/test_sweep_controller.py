@@ -199,3 +199,20 @@ def test_cancel_then_resume_continues_without_rerunning_finished_trials(
     made = trials(settings, sweep_id)
     assert made[2][0].params == second[0].params
     assert sum(j.state == "succeeded" for _, j in made) == 1  # trial 0 is not run again
+
+
+def test_a_pruned_trial_holds_its_slot_until_its_job_has_stopped(settings: Settings) -> None:
+    """Pruning asks the job to stop; until its worker has stopped it, its job is still
+    one of the `parallelism` queued or running (found on real workers under load)."""
+    sweep_id = new_sweep(settings, method="random", space={"optimizer.lr": "loguniform(1e-4, 1e-1)"},
+                         max_trials=4, parallelism=2)  # fmt: skip
+    assert run(settings, sweep_id).created == [0, 1]
+    (first, job), _ = trials(settings, sweep_id)
+    with transaction(settings.resolved_database_url) as s:
+        s.execute(
+            update(Job).where(Job.id == job.id).values(state="running", cancel_requested=True)
+        )
+        s.execute(update(SweepTrial).where(SweepTrial.id == first.id).values(pruned_at_epoch=1))
+    assert run(settings, sweep_id).created == []
+    finish(settings, job.id, 0.1, state="cancelled")
+    assert run(settings, sweep_id).created == [2]

@@ -16,6 +16,7 @@ from server.web import (  # noqa: E402,F401
     pages,
     script_submit,
     submit,
+    sweep_pages,
     uploads_page,
     workers,
 )

@@ -29,6 +29,7 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required
 from flask_wtf import FlaskForm
+from sqlalchemy import select
 from wtforms import SelectField
 from wtforms.fields.choices import SelectChoice
 
@@ -47,7 +48,7 @@ from shared.artifact_store import ArtifactStoreError, job_prefix, log_key, store
 from shared.dataset_catalog import DATASETS
 from shared.job_events import job_events
 from shared.metric_catalog import final_metrics, key_metric
-from shared.orm import Job
+from shared.orm import Job, Sweep, SweepTrial
 from shared.settings import Settings
 from shared.state_machine import JobState, request_cancel
 
@@ -91,6 +92,16 @@ def _find_job(job_id: int) -> Job | None:
 def _not_found(job_id: int) -> ResponseReturnValue:
     # The same page for a missing job and another user's: ids do not reveal what exists.
     return render_template("job_not_found.html", job_id=job_id), 404
+
+
+def trial_of(job_id: int) -> tuple[int, int, str | None] | None:
+    """(sweep id, trial number, sweep name) when the job is a trial of a sweep."""
+    row = get_session().execute(
+        select(SweepTrial.sweep_id, SweepTrial.number, Sweep.name)
+        .join(Sweep, Sweep.id == SweepTrial.sweep_id)
+        .where(SweepTrial.job_id == job_id)
+    ).first()  # fmt: skip
+    return (row[0], row[1], row[2]) if row is not None else None
 
 
 def _evaluate_form(job: Job) -> EvaluateForm:
@@ -163,6 +174,7 @@ def _page(
         "spec_json": job_view.spec_json(job.spec or {}),
         "spec_summary": job_view.spec_summary(job),
         "source": source,
+        "sweep_trial": trial_of(job.id),
         "can_cancel": job.state in ("queued", "running") and not job.cancel_requested,
         "can_retry": job_view.is_final(job),
         "can_evaluate": can_evaluate,

@@ -118,3 +118,34 @@ def test_a_killed_controller_is_replaced_without_a_repeated_or_lost_trial(
     assert {state for _, state in rows} == {"succeeded"}
     assert len(jobs) == 5
     assert sweep_state(cluster, sweep_id) == "succeeded"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_median_stopping_prunes_a_clearly_worse_trial_and_keeps_the_best(cluster: Cluster) -> None:
+    """A grid (in order, one trial at a time) of three modest learning rates, one that
+    cannot learn (1e-7) and the best (0.003): once three trials completed, the median
+    rule stops the fourth through the cancel path and lets the fifth run to its end. A
+    trial is judged at an epoch the completed trials reached (as Optuna's
+    MedianPruner), so every trial is long enough (a CNN, ~0.15 s an epoch) to be looked
+    at while it runs."""
+    cluster.start_workers(1)
+    cluster.start_reconciler()
+    sweep_id = create(
+        cluster, base=train_spec(epochs=10), method="grid", metric="val_accuracy",
+        space={"optimizer.lr": "choice([0.001, 0.0003, 0.0001, 1e-7, 0.003])"}, parallelism=1,
+        early_stopping={"rule": "median", "min_epochs": 1, "min_trials": 3},
+    )  # fmt: skip
+    watch_until_done(cluster, sweep_id, parallelism=1, timeout=300)
+    sweep = cluster.http.get(f"{cluster.url}/api/v1/sweeps/{sweep_id}", timeout=30).json()
+    states = [(t["number"], t["state"]) for t in sweep["trials"]]
+    assert states == [(0, "succeeded"), (1, "succeeded"), (2, "succeeded"), (3, "pruned"),
+                      (4, "succeeded")], sweep["trials"]  # fmt: skip
+    pruned = sweep["trials"][3]
+    assert pruned["pruned_at_epoch"] is not None and pruned["pruned_at_epoch"] < 10
+    assert f"pruned by the sweep at epoch {pruned['pruned_at_epoch']}" in pruned["prune_reason"]
+    assert sweep["counts"] == {"queued": 0, "running": 0, "succeeded": 4, "pruned": 1,
+                               "failed": 0, "cancelled": 0}  # fmt: skip
+    assert sweep["best"]["number"] == 4 and sweep["trials"][4]["pruned_at_epoch"] is None
+    with transaction(cluster.db_url) as s:
+        job = s.get(Job, pruned["job_id"])
+        assert job.state == "cancelled" and job.progress["epoch"] < 10
