@@ -468,3 +468,100 @@ class SweepSpecBody(RootModel[dict[str, Any]]):
     `loguniform(1e-4, 1e-1)`, `int(1, 4)`, `choice([relu, gelu])`, or JSON objects),
     `method` (grid, random, tpe), `metric`, `direction`, `max_trials`, `parallelism`,
     `time_budget_s`, `early_stopping` (median or asha), `seed`."""
+
+
+# ---------------------------------------------------------------- model registry
+
+RegistryStage = Literal["none", "staging", "production", "archived"]
+
+
+class PromoteRequest(BaseModel):
+    """Register a succeeded job's model as the next version of the model in the path
+    (created, yours, if it does not exist)."""
+
+    # Strict: "7" is not a job id (the fuzzer's negative cases must be refused).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    job_id: int = Field(
+        ge=1,
+        le=2**63 - 1,
+        description="a succeeded train, prune, quantize or export job of yours (admins: anyone's)",
+    )
+    description: str | None = Field(
+        default=None, max_length=2000, description="what this version is, for people"
+    )
+    stage: Literal["none", "staging", "production"] = Field(
+        default="none",
+        description="its first stage; production archives the model's production version",
+    )
+    model_description: str | None = Field(
+        default=None, max_length=2000, description="sets the model's own description"
+    )
+
+
+class StageRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    stage: RegistryStage = Field(
+        description="production archives the model's production version (recorded too)"
+    )
+    note: str | None = Field(default=None, max_length=2000, description="why, for the history")
+
+
+class RegistryFile(ResponseModel):
+    name: str = Field(description="relative to the job's checkpoint directory")
+    sha256: str = Field(description="of the file's bytes at registration")
+    size_bytes: int
+
+
+class RegistryStageEvent(ResponseModel):
+    version: int
+    from_stage: RegistryStage | None = Field(description="null: the version's registration")
+    to_stage: RegistryStage
+    user: str | None = Field(description="who moved it")
+    at: str
+    note: str | None
+
+
+class RegistryVersion(ResponseModel):
+    model: str = Field(description="the model's name")
+    version: int = Field(description="1, 2, ... per model; never reused")
+    stage: RegistryStage
+    job_id: int
+    job_kind: Literal["train", "prune", "quantize", "export"]
+    job_name: str | None
+    model_file: str = Field(description="the file the prediction server loads")
+    sha256: str = Field(description="of the model file")
+    size_bytes: int = Field(description="of the model file")
+    files: list[RegistryFile] = Field(
+        description="every file the version pins, the model file first"
+    )
+    description: str | None
+    created_by: str | None
+    created_at: str
+
+
+class RegistryVersionDetail(RegistryVersion):
+    history: list[RegistryStageEvent] = Field(description="its stage moves, newest first")
+
+
+class RegistryModel(ResponseModel):
+    name: str
+    owner: str | None
+    description: str | None
+    created_at: str
+    latest_version: int | None
+    version_count: int
+    production: int | None = Field(description="the version in production")
+    staging: list[int] = Field(description="versions in staging, newest first")
+
+
+class RegistryModelDetail(RegistryModel):
+    versions: list[RegistryVersion] = Field(description="newest first")
+    history: list[RegistryStageEvent] = Field(
+        description="every stage move of its versions, newest first"
+    )
+
+
+class RegistryModels(ResponseModel):
+    models: list[RegistryModel]

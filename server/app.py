@@ -20,6 +20,7 @@ from server import (
     enqueue,
     openapi,
     quotas,
+    registry_api,
     sweeps_api,
     timeline_api,
     tokens_api,
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     app.register_blueprint(uploads_api.bp)
     app.register_blueprint(bundles_api.bp)
     app.register_blueprint(sweeps_api.bp)
+    app.register_blueprint(registry_api.bp)
     app.register_blueprint(artifacts_api.bp)
     app.register_blueprint(tokens_api.bp)
     app.register_blueprint(users_api.bp)

@@ -23,7 +23,8 @@ bp.before_request(check_path_ids)
     ok={200: schemas.ArtifactsDeleted},
     errors={
         404: "",
-        409: "The job has not finished, or a queued or running evaluate job uses its checkpoint.",
+        409: "The job has not finished, a queued or running evaluate job uses its checkpoint, "
+        "or a registered model version pins its files.",
         413: "",
     },
 )

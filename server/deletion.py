@@ -3,7 +3,8 @@
 Shared by the API (DELETE /api/v1/uploads/{id}, DELETE /api/v1/jobs/{id}/artifacts),
 the web pages' delete buttons and, through the API, the CLI. Another user's upload or
 job reads as missing (404), exactly like one that does not exist; admins may delete
-anything. Something a queued or running job still needs is refused with 409.
+anything. Something a queued or running job still needs is refused with 409, and so
+are a job's files while a registered model version pins them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from server.errors import ApiError
 from shared import job_files
 from shared.artifact_store import job_prefix, store_for, upload_key
 from shared.job_states import FINISHED_STATES, JobState
+from shared.model_registry import pinning_versions
 from shared.orm import Job
 from shared.settings import Settings
 from shared.state_machine import mark_artifacts_deleted
@@ -92,6 +94,17 @@ def delete_job_artifacts(job_id: int) -> tuple[Job, int]:
             "artifacts_in_use",
             f"job {job_id}'s checkpoint is used by queued or running evaluate jobs ({listed})",
             {"job_id": f"in use by job(s) {listed}"},
+        )
+    # A registered model version pins the files it hashed (shared/model_registry.py);
+    # the job's row is locked first, as a promotion locks it, so the two cannot cross.
+    pins = pinning_versions(session, job_id, lock=True)
+    if pins:
+        listed = ", ".join(f"{name} version {number}" for name, number in pins[:10])
+        raise ApiError(
+            409,
+            "artifacts_pinned",
+            f"job {job_id}'s files are pinned by registered model versions ({listed})",
+            {"job_id": f"pinned by model version(s) {listed}"},
         )
     if job.artifacts_deleted_at is None:
         mark_artifacts_deleted(session, job_id)

@@ -56,6 +56,10 @@ TAGS = {
         Tag(name="uploads", description="CSV files for the `csv` dataset"),
         Tag(name="bundles", description="Code bundles: a team's own code for `script` jobs"),
         Tag(name="sweeps", description="Hyperparameter and architecture searches: trials are jobs"),
+        Tag(
+            name="model-registry",
+            description="Named, immutable model versions of succeeded jobs, with stages",
+        ),
         Tag(name="account", description="The caller and their API tokens"),
         Tag(name="meta", description="This document and the health check"),
     )

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -349,3 +350,86 @@ class WorkerSlotGuard(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
     stopped_reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class RegisteredModel(Base):
+    """A named model in the registry (shared/model_registry.py): its versions are
+    succeeded jobs' model files, pinned by hash. Names are unique across all users, so
+    the prediction server can resolve a name alone."""
+
+    __tablename__ = "registered_models"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    owner_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id"))
+    owner: Mapped[User | None] = relationship()
+    description: Mapped[str | None] = mapped_column(Text)
+    # The last version number handed out, incremented in the promotion's transaction
+    # (an UPDATE that also locks the row), so a number is never given twice, even if a
+    # version row were ever deleted.
+    last_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_registered_models_name", "name", unique=True),
+        Index("ix_registered_models_owner_id", "owner_id", "id"),
+    )
+
+
+class ModelVersion(Base):
+    """One immutable version of a registered model: the job it came from, its model file
+    and every file pinned with it ({name, sha256, size_bytes}), hashed at promotion; only
+    `stage` ever changes, each change a ModelStageEvent."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("registered_models.id", ondelete="CASCADE")
+    )
+    version: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id"))
+    job_kind: Mapped[str] = mapped_column(String(16))
+    model_file: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    files: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    # none | staging | production | archived; at most one production per model.
+    stage: Mapped[str] = mapped_column(String(16), default="none")
+    description: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_model_versions_model_version", "model_id", "version", unique=True),
+        # Deleting a job's files asks whether a version pins them.
+        Index("ix_model_versions_job_id", "job_id"),
+        # One production version per model, held by the database itself: two
+        # concurrent moves to production cannot both commit.
+        Index(
+            "ix_model_versions_one_production",
+            "model_id",
+            unique=True,
+            postgresql_where=text("stage = 'production'"),
+            sqlite_where=text("stage = 'production'"),
+        ),
+    )
+
+
+class ModelStageEvent(Base):
+    """A version's move from one stage to another: who, when, why. The first event of a
+    version (from_stage NULL) is its registration."""
+
+    __tablename__ = "model_stage_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    version_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("model_versions.id", ondelete="CASCADE")
+    )
+    from_stage: Mapped[str | None] = mapped_column(String(16))
+    to_stage: Mapped[str] = mapped_column(String(16))
+    user_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id"))
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    note: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_model_stage_events_version_id", "version_id", "id"),)

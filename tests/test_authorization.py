@@ -37,8 +37,20 @@ from werkzeug.test import TestResponse
 
 from server.auth import principal
 from shared import accounts, job_files
-from shared.db import transaction, utcnow
-from shared.orm import CodeBundle, Job, MetricPoint, Sweep, Upload, User, WorkerNode
+from shared import model_registry as registry
+from shared.artifact_store import store_for
+from shared.db import session_factory, transaction, utcnow
+from shared.orm import (
+    CodeBundle,
+    Job,
+    MetricPoint,
+    ModelVersion,
+    RegisteredModel,
+    Sweep,
+    Upload,
+    User,
+    WorkerNode,
+)
 from shared.settings import Settings
 from shared.sweep_spec import parse_sweep_spec, sweep_to_json
 from tests.conftest import as_user
@@ -214,6 +226,7 @@ def make_world(app: Flask, settings: Settings, db_url: str, users: Any) -> World
     world.sessions = {ANON: session_client(app, db_url, None)} | {
         i: session_client(app, db_url, world.user(i)) for i in IDENTITIES[1:]
     }
+    seed_registry(world)
     return world
 
 
@@ -429,6 +442,79 @@ def check_sweep_state(sweep_attr: str, expected: str) -> Callable[[TestResponse,
         assert (state == expected) == (who in (ALICE, ADMIN)), state
 
     return check
+
+
+# The model registry (server/registry_api.py, server/web/registry_pages.py): alice's
+# model "alice-model", version 1 her job `job`, registered through its rules.
+REGISTRY = "/api/v1/registry/models"
+
+
+def seed_registry(w: World) -> None:
+    actor = registry.Actor(w.users.alice.id, False)
+    with session_factory(w.db_url)() as session:
+        registry.promote(session, store_for(w.settings), actor, "alice-model", w.job)
+
+
+def _model_names(resp: TestResponse) -> set[str]:
+    return {m["name"] for m in resp.get_json()["models"]}
+
+
+def check_model_list(resp: TestResponse, who: str, w: World) -> None:
+    # One's own (the admin's too: ?all=true lists everyone's).
+    assert ("alice-model" in _model_names(resp)) == (who == ALICE)
+
+
+def check_all_models(resp: TestResponse, who: str, w: World) -> None:
+    assert "alice-model" in _model_names(resp)
+
+
+def check_new_model_version(resp: TestResponse, who: str, w: World) -> None:
+    # alice's job under a new name: hers and the admin's to register (the model is then
+    # the registrant's); for bob her job reads as missing (422 naming job_id).
+    if who in (ALICE, ADMIN):
+        body = resp.get_json()
+        assert (body["model"], body["version"], body["job_id"]) == ("alice-second", 1, w.job)
+        assert body["created_by"] == w.user(who).username
+    elif who == BOB:
+        assert resp.get_json()["error"]["fields"] == {"job_id": f"job {w.job} does not exist"}
+
+
+def check_registry_refusal(resp: TestResponse, who: str, w: World) -> None:
+    # bob's queued job into alice's name: the name is taken for bob (409 naming name);
+    # alice and the admin may write to her model but the job is not a succeeded one of
+    # theirs (422 naming job_id). Either way her model keeps its one version.
+    if who != ANON:
+        fields = set(resp.get_json()["error"]["fields"])
+        assert fields == ({"name"} if who == BOB else {"job_id"}), fields
+    assert [v.version for v in _alice_model_versions(w)] == [1]
+
+
+def _alice_model_versions(w: World) -> list[ModelVersion]:
+    with transaction(w.db_url) as s:
+        model = s.query(RegisteredModel).filter(RegisteredModel.name == "alice-model").one()
+        return s.query(ModelVersion).filter(ModelVersion.model_id == model.id).all()
+
+
+def check_alice_model_stage(expected: str) -> Callable[[TestResponse, str, World], None]:
+    def check(resp: TestResponse, who: str, w: World) -> None:
+        [version] = _alice_model_versions(w)
+        stage = version.stage
+        assert stage == (expected if who in (ALICE, ADMIN) else "none"), stage
+
+    return check
+
+
+def check_registry_page(resp: TestResponse, who: str, w: World) -> None:
+    listed = 'data-model="alice-model"' in resp.get_data(as_text=True)
+    assert listed == (who in (ALICE, ADMIN))  # an admin's page lists everyone's
+
+
+def check_page_registered(resp: TestResponse, who: str, w: World) -> None:
+    with transaction(w.db_url) as s:
+        made = s.query(RegisteredModel).filter(RegisteredModel.name == "alice-page-model").first()
+    assert (made is not None) == (who in (ALICE, ADMIN))
+    if who in (ALICE, ADMIN):
+        assert resp.headers["Location"] == "/registry/alice-page-model"
 
 
 def check_permissions(resp: TestResponse, who: str, w: World) -> None:
@@ -726,6 +812,32 @@ MATRIX: tuple[Row, ...] = (
     Row("POST", "/sweeps/<int:sweep_id>/resume", owned_page(303),
         "/sweeps/{page_cancelled_sweep}/resume",
         check=check_sweep_state("page_cancelled_sweep", "running"), check_all=True, page=True),
+    # the model registry (server/registry_api.py, server/web/registry_pages.py): alice's
+    # "alice-model" (seed_registry) is owned like a job; names are global, so bob cannot
+    # add a version to hers (409), and her job is missing for him (422 naming job_id).
+    Row("GET", REGISTRY, any_user(), check=check_model_list),
+    Row("GET", REGISTRY, {ANON: 401, ALICE: 403, BOB: 403, ADMIN: 200}, REGISTRY + "?all=true",
+        check=check_all_models),
+    Row("GET", REGISTRY + "/<name>", owned(), REGISTRY + "/alice-model"),
+    Row("GET", REGISTRY + "/<name>/versions/<int:version>", owned(),
+        REGISTRY + "/alice-model/versions/1"),
+    Row("POST", REGISTRY + "/<name>/versions", {ANON: 401, ALICE: 201, BOB: 422, ADMIN: 201},
+        REGISTRY + "/alice-second/versions", json={"job_id": "{job}"},
+        check=check_new_model_version, check_all=True, note="alice's job, a new name"),
+    Row("POST", REGISTRY + "/<name>/versions", {ANON: 401, ALICE: 422, BOB: 409, ADMIN: 422},
+        REGISTRY + "/alice-model/versions", json={"job_id": "{bob_job}"},
+        check=check_registry_refusal, check_all=True, note="bob's queued job, alice's name"),
+    Row("POST", REGISTRY + "/<name>/versions/<int:version>/stage", owned(),
+        REGISTRY + "/alice-model/versions/1/stage", json={"stage": "staging"},
+        check=check_alice_model_stage("staging"), check_all=True),
+    Row("GET", "/registry", page(), check=check_registry_page, page=True),
+    Row("GET", "/registry/<name>", owned_page(), "/registry/alice-model", page=True),
+    Row("POST", "/registry/<name>/versions/<int:version>/stage", owned_page(303),
+        "/registry/alice-model/versions/1/stage", data=b"stage=production",
+        check=check_alice_model_stage("production"), check_all=True, page=True),
+    Row("POST", "/jobs/<int:job_id>/register", owned_page(303), "/jobs/{job}/register",
+        data=b"name=alice-page-model&stage=none", check=check_page_registered, check_all=True,
+        page=True),
     # registries and health
     Row("GET", "/api/v1/models", any_user()),
     Row("GET", "/api/v1/datasets", any_user()),

@@ -3,7 +3,8 @@
 Two kinds of subcommand, each in its own module:
 
 - client commands (`submit`, `jobs`, `show`, `watch`, `cancel`: job_commands; `bundles`:
-  bundle_commands; `upload`, `artifacts`: storage_commands) talk to the
+  bundle_commands; `upload`, `artifacts`: storage_commands; `sweep`: sweep_commands;
+  `model`: model_commands) talk to the
   HTTP API only, never to the database, so they work from any machine that can reach
   the server;
 - process commands (`web`, `worker`, `reconcile`, `db upgrade`: process_commands; `up`:
@@ -28,6 +29,7 @@ from server.cli.account_commands import token_group, user_group
 from server.cli.bundle_commands import bundles_group
 from server.cli.job_commands import cancel, jobs_command, show, submit, watch
 from server.cli.local.up_command import up
+from server.cli.model_commands import model_group
 from server.cli.node_commands import NODE_COMMANDS
 from server.cli.process_commands import db, reconcile, web, worker
 from server.cli.storage_commands import artifacts_group, upload_group
@@ -63,6 +65,7 @@ for _command in (
     artifacts_group,
     bundles_group,
     sweep_group,
+    model_group,
 ):
     main.add_command(_command)
 

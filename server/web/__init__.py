@@ -14,6 +14,7 @@ from server.web import (  # noqa: E402,F401
     leaderboard,
     login,
     pages,
+    registry_pages,
     script_submit,
     submit,
     sweep_pages,
