@@ -40,6 +40,14 @@ bp.before_request(authenticate_api_request)
 bp.before_request(check_path_ids)
 
 _STATUS = {"not_found": 404, "invalid": 422, "conflict": 409}
+# The error's message says what failed; its field says why (the registry's words).
+_SUMMARY = {
+    "invalid_job": "the job's model cannot be registered",
+    "invalid_name": "invalid model name",
+    "invalid_stage": "invalid stage",
+    "name_taken": "the model name is taken",
+    "already_registered": "the job is already a version of this model",
+}
 
 
 class ModelListQuery(QueryModel):
@@ -69,7 +77,8 @@ def actor_of(user: Principal) -> registry.Actor:
 
 
 def api_error(exc: registry.RegistryError) -> ApiError:
-    return ApiError(_STATUS[exc.kind], exc.code, exc.message, {exc.field: exc.message})
+    summary = _SUMMARY.get(exc.code, exc.message)
+    return ApiError(_STATUS[exc.kind], exc.code, summary, {exc.field: exc.message})
 
 
 def model_not_found(name: str) -> ApiError:

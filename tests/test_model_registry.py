@@ -272,7 +272,8 @@ def test_a_job_that_cannot_be_registered_is_a_422_naming_job_id(
     for job_id, message in cases.items():
         got = promote(alice, "refused", job_id)
         assert got.status_code == 422, (job_id, got.get_json())
-        assert got.get_json()["error"]["fields"] == {"job_id": message}
+        assert got.get_json()["error"] == {"code": "invalid_job", "fields": {"job_id": message},
+                                           "message": "the job's model cannot be registered"}  # fmt: skip
     # Nothing was created by any of them.
     assert alice.get(f"{API}/refused").status_code == 404
     # The body and the name are checked too, each naming its field.
