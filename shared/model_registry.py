@@ -56,7 +56,6 @@ PROMOTABLE_KINDS: tuple[str, ...] = tuple(MODEL_FILE)
 PIN_WHOLE_DIRECTORY = frozenset({"export"})
 
 STAGES: tuple[str, ...] = ("none", "staging", "production", "archived")
-Stage = Literal["none", "staging", "production", "archived"]
 # A new version starts in one of these (archiving is for versions that served).
 INITIAL_STAGES: tuple[str, ...] = ("none", "staging", "production")
 
