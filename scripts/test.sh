@@ -54,5 +54,7 @@ processes=${TRAINYARD_TEST_PROCESSES:-2}
 if [ "$processes" = "0" ]; then
   exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
 fi
-# The slowest tests are listed at the end: the suite must stay under 15 minutes on 2 cores.
-exec .venv/bin/python -m pytest -p no:cacheprovider -n "$processes" --dist worksteal --durations=15 "$@"
+# The slowest tests are listed at the end, and every test's time is in
+# test-artifacts/junit.xml: the suite must stay under 15 minutes on 2 cores.
+exec .venv/bin/python -m pytest -p no:cacheprovider -n "$processes" --dist worksteal --durations=15 \
+  --junitxml=test-artifacts/junit.xml "$@"

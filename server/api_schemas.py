@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from server.params import JobStateName
-from shared.spec import JobSpec
+from shared.spec import JobKindName, JobSpec
 
 
 def _no_default(schema: dict[str, Any]) -> None:
@@ -30,7 +30,8 @@ def _no_default(schema: dict[str, Any]) -> None:
 
 
 class JobSpecBody(RootModel[JobSpec]):  # type: ignore[valid-type]
-    """A JobSpec: a `train`, an `evaluate` or a `script` job, told apart by `kind`.
+    """A JobSpec, told apart by `kind`: `train`, `evaluate`, `script`, or a model made from a
+    succeeded job: `prune`, `quantize`, `export`.
 
     The server validates it with the catalogs in hand (datasets present, uploads known,
     model fits the data), which a schema cannot say; each problem is named in a 422.
@@ -112,7 +113,7 @@ class Placement(ResponseModel):
 
 class JobResponse(ResponseModel):
     id: int
-    kind: Literal["train", "evaluate", "script"]
+    kind: JobKindName
     name: str | None
     state: JobStateName
     owner: str | None = Field(description="username of the submitter")

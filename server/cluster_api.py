@@ -30,6 +30,7 @@ from server.database import get_session
 from server.errors import ApiError
 from server.openapi import operation
 from server.params import NoQuery, QueryModel, parse_query
+from shared.spec import JobKindName
 from shared.worker_nodes import (
     Action,
     check_node_name,
@@ -56,7 +57,7 @@ _BROKER_ERROR = "why Redis could not be read (the registry and depths are then u
 class SlotJob(ResponseModel):
     id: int
     name: str | None
-    kind: Literal["train", "evaluate", "script"]
+    kind: JobKindName
     owner: str | None
     started_at: datetime | None
     progress: float | None = Field(description="fraction of its steps done, 0 to 1")
@@ -232,7 +233,7 @@ class QueueStatus(ResponseModel):
 class WaitingJob(ResponseModel):
     id: int
     name: str | None
-    kind: Literal["train", "evaluate", "script"]
+    kind: JobKindName
     owner: str | None
     queue: str
     priority: int

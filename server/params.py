@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.errors import ApiError
 from shared.job_states import ALL_STATES
+from shared.spec import JobKindName
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -53,9 +54,7 @@ class NoQuery(QueryModel):
 
 class JobListQuery(QueryModel):
     state: JobStateName | None = Field(default=None, description="only jobs in this state")
-    kind: Literal["train", "evaluate", "script"] | None = Field(
-        default=None, description="only this kind"
-    )
+    kind: JobKindName | None = Field(default=None, description="only this kind")
     model: QueryText | None = Field(default=None, max_length=64, description="model name")
     dataset: QueryText | None = Field(default=None, max_length=64, description="dataset name")
     owner: QueryText | None = Field(

@@ -1,6 +1,6 @@
 """Creating jobs: the one path for the API, the submit form, retry and evaluate.
 
-Checks an evaluate job's source, holds the job to its owner's admission limits (the
+Checks an evaluate (or prune, quantize, export) job's source, holds the job to its owner's admission limits (the
 estimated size and memory, batch, epochs, runtime: shared/limits.py) and fills in the
 default max_runtime_s, applies the per-user rate limits, stores the row (owner,
 denormalised model/dataset names), commits, and only then enqueues (docs/architecture.md, "Reliability" R1).
@@ -24,14 +24,17 @@ from server.enqueue import enqueue_job
 from server.errors import ApiError
 from shared.dataset_catalog import resolve_dataset
 from shared.job_builder import new_job
-from shared.job_estimate import JobEstimate, estimate_evaluate, estimate_train
+from shared.job_estimate import JobEstimate, estimate_derived, estimate_evaluate, estimate_train
 from shared.job_states import JobState, is_finished
 from shared.limits import SUBMISSION_LIMITS, apply_defaults, check_job, effective_limits
+from shared.lineage import MAX_CHAIN, chain_length, root_train_spec
 from shared.orm import CodeBundle, Job, User
 from shared.schema_base import CatalogError
 from shared.spec import (
+    DERIVED_SOURCES,
     ENTRY_FILE,
     AnySpec,
+    DerivedSpec,
     EvaluateSpec,
     ScriptSpec,
     SpecError,
@@ -87,6 +90,38 @@ def check_evaluate_source(spec: EvaluateSpec) -> Job:
     if problem:
         raise invalid({"dataset.name": f"{problem} (job {source.id})"})
     return source
+
+
+def check_derived_source(spec: DerivedSpec) -> Job:
+    """A prune, quantize or export job must name a succeeded job of a kind it can read
+    (shared/spec.py DERIVED_SOURCES) whose files are still there."""
+    field = "source_job_id"
+    source = find_visible_job(spec.source_job_id)
+    if source is None:
+        raise invalid({field: f"job {spec.source_job_id} does not exist"})
+    kinds = DERIVED_SOURCES[spec.kind]
+    if source.kind not in kinds:
+        raise invalid({field: f"job {source.id} is a {source.kind} job; a {spec.kind} job "
+                              f"reads a {' or '.join(kinds)} job's model"})  # fmt: skip
+    if source.artifacts_deleted_at is not None:
+        raise invalid({field: f"job {source.id}'s files, its model among them, were deleted"})
+    if source.state != JobState.SUCCEEDED.value or not source.checkpoint_path:
+        raise invalid({field: f"job {source.id} is {source.state}; only a succeeded job's "
+                              "model can be used"})  # fmt: skip
+    session = get_session()
+    if root_train_spec(session, source) is None or chain_length(session, source) >= MAX_CHAIN:
+        raise invalid({field: f"job {source.id}'s model does not lead back to a train job "
+                              f"within {MAX_CHAIN} steps"})  # fmt: skip
+    return source
+
+
+def check_source(spec: AnySpec) -> Job | None:
+    """The source job an evaluate or derived spec names, checked; None for the others."""
+    if isinstance(spec, EvaluateSpec):
+        return check_evaluate_source(spec)
+    if isinstance(spec, DerivedSpec):
+        return check_derived_source(spec)
+    return None
 
 
 CODE_PERMISSION = "can_run_code"
@@ -150,6 +185,10 @@ def estimate_job(spec: AnySpec, source: Job | None) -> JobEstimate | None:
         if isinstance(spec, TrainSpec):
             return estimate_train(spec, resolve_train_dataset(spec, ctx))
         assert source is not None
+        if isinstance(spec, DerivedSpec):
+            root = root_train_spec(get_session(), source)
+            assert root is not None  # check_derived_source
+            return estimate_derived(spec, root, resolve_train_dataset(root, ctx))
         source_spec = load_stored_spec(source.spec)
         assert isinstance(source_spec, TrainSpec)
         name, params = eval_dataset_params(spec, source_spec)
@@ -188,7 +227,7 @@ def admit(spec: AnySpec, user: Principal, source: Job | None) -> Admission:
 
 def estimate(spec: AnySpec, user: Principal) -> Admission:
     """What `build_job` would decide about a spec, without storing anything."""
-    source = check_evaluate_source(spec) if isinstance(spec, EvaluateSpec) else None
+    source = check_source(spec)
     if isinstance(spec, ScriptSpec):
         check_script(spec, user)
     return admit(spec, user, source)
@@ -196,7 +235,7 @@ def estimate(spec: AnySpec, user: Principal) -> Admission:
 
 def build_job(spec: AnySpec, user: Principal, idempotency_key: str | None = None) -> Job:
     """The (unsaved) row for a validated spec, after the source check and the limits."""
-    source = check_evaluate_source(spec) if isinstance(spec, EvaluateSpec) else None
+    source = check_source(spec)
     if isinstance(spec, ScriptSpec):
         check_script(spec, user)
     admission = admit(spec, user, source)

@@ -17,7 +17,9 @@ QUEUES = (GPU_QUEUE, CPU_QUEUE)
 TRAIN_TASK = "trainyard.train"
 EVALUATE_TASK = "trainyard.evaluate"
 SCRIPT_TASK = "trainyard.script"
-TASK_NAMES = {"train": TRAIN_TASK, "evaluate": EVALUATE_TASK, "script": SCRIPT_TASK}
+DERIVE_TASK = "trainyard.derive"  # prune, quantize, export: a model made from another job's
+TASK_NAMES = {"train": TRAIN_TASK, "evaluate": EVALUATE_TASK, "script": SCRIPT_TASK,
+              "prune": DERIVE_TASK, "quantize": DERIVE_TASK, "export": DERIVE_TASK}  # fmt: skip
 
 
 def task_id_for(job_id: int) -> str:

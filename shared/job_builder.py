@@ -22,16 +22,18 @@ def new_job(
     source: Job | None = None,
     idempotency_key: str | None = None,
 ) -> Job:
-    """The unsaved, queued row for `spec` (an evaluate spec needs its `source` job)."""
+    """The unsaved, queued row for `spec` (evaluate, prune, quantize and export specs
+    need their `source` job)."""
     if isinstance(spec, TrainSpec):
         model_name, dataset_name = spec.model.name, spec.dataset.name
     elif isinstance(spec, ScriptSpec):
         # The model is whatever the script builds; the dataset, if it named one.
         model_name, dataset_name = None, spec.dataset.name if spec.dataset else None
     else:
-        assert source is not None, "an evaluate job needs its source"
+        assert source is not None, f"a {spec.kind} job needs its source"
         model_name = source.model_name
-        dataset_name = spec.dataset.name or source.dataset_name
+        dataset = getattr(spec, "dataset", None)  # an evaluation may score other data
+        dataset_name = (dataset.name if dataset is not None else None) or source.dataset_name
     return Job(
         kind=spec.kind,
         name=spec.name,

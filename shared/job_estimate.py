@@ -39,7 +39,9 @@ from shared.spec import (
     AdagradSpec,
     AdamSpec,
     AdamWSpec,
+    DerivedSpec,
     EvaluateSpec,
+    PruneSpec,
     RMSpropSpec,
     SGDSpec,
     TrainSpec,
@@ -120,6 +122,26 @@ def estimate_train(spec: TrainSpec, info: DatasetInfo) -> JobEstimate:
         weights=weights,
         gradients=weights,
         optimizer_state=weights * optimizer_state_values(spec.optimizer),
+        activations=size.activations * batch * FLOAT_BYTES,
+        data=data_bytes(info),
+        batch=batch,
+        size_field=size.size_field,
+    )
+
+
+def estimate_derived(spec: DerivedSpec, root: TrainSpec, info: DatasetInfo) -> JobEstimate:
+    """A prune, quantize or export job: the model of its chain's train job, a batch of
+    `spec.batch_size`; fine-tuning a pruned model adds gradients and the optimizer's
+    state as training would."""
+    size = MODELS[root.model.name].model_size(root.model.params, info)
+    batch = _batch(spec.batch_size, info)
+    weights = size.params * FLOAT_BYTES
+    tunes = isinstance(spec, PruneSpec) and spec.fine_tune_epochs > 0
+    return JobEstimate(
+        params=size.params,
+        weights=weights,
+        gradients=weights if tunes else 0,
+        optimizer_state=weights * optimizer_state_values(root.optimizer) if tunes else 0,
         activations=size.activations * batch * FLOAT_BYTES,
         data=data_bytes(info),
         batch=batch,

@@ -234,6 +234,9 @@ def check_job(
         )
     if spec.kind == "train" and spec.epochs > limits["max_epochs"]:
         add("epochs", f"{spec.epochs:,} is over the limit of {int(limits['max_epochs']):,}")
+    tune = getattr(spec, "fine_tune_epochs", 0)  # a prune job's fine-tuning is training
+    if tune > limits["max_epochs"]:
+        add("fine_tune_epochs", f"{tune:,} is over the limit of {int(limits['max_epochs']):,}")
     if spec.max_runtime_s is not None and spec.max_runtime_s > limits["max_runtime_s"]:
         add(
             "max_runtime_s",

@@ -75,6 +75,22 @@ SPLIT = "split"
 DATASET = "dataset"
 CHECKPOINT = "checkpoint"
 CHECKPOINT_EPOCH = "checkpoint_epoch"
+# A derived model (prune, quantize, export: worker/training/derive.py). The measures come
+# as before_<key> / after_<key> pairs (BEFORE, AFTER); an export reports them once.
+BEFORE, AFTER = "before_", "after_"
+SIZE_BYTES = "size_bytes"
+NONZERO_FRACTION = "nonzero_fraction"
+LATENCY_MS = "latency_ms"
+SPARSITY_TARGET = "sparsity_target"
+SPARSITY_ACHIEVED = "sparsity_achieved"
+PRUNED_TENSORS = "pruned_tensors"
+PRUNED_CHANNELS = "pruned_channels"
+FINE_TUNE_EPOCHS = "fine_tune_epochs"
+FINE_TUNE_LR = "fine_tune_lr"
+QUANTIZED_LAYERS = "quantized_layers"
+FLOAT_LAYERS = "float_layers"
+# An export's check of each format: <format>_max_abs_diff, <format>_size_bytes.
+MAX_ABS_DIFF_SUFFIX = "_max_abs_diff"
 # Both kinds.
 DURATION_S = "duration_s"
 DEVICE = "device"
@@ -164,6 +180,21 @@ _DEFINED = (
     _m(DATASET, "dataset", None, "any", "evaluate", "final"),
     _m(CHECKPOINT, "checkpoint", None, "any", "evaluate", "final"),
     _m(CHECKPOINT_EPOCH, "checkpoint epoch", None, "any", "evaluate", "final"),
+    _m(SIZE_BYTES, "size on disk", None, "any", "any", "final", unit="bytes",
+       hint="the saved weights (torch.save of the state_dict)"),
+    _m(NONZERO_FRACTION, "non-zero weights", None, "any", "any", "final",
+       hint="share of the parameters that are not zero"),
+    _m(LATENCY_MS, "CPU latency per batch", None, "any", "any", "final", unit="ms",
+       hint="median of repeated forward passes of one batch"),
+    _m(SPARSITY_TARGET, "target sparsity", None, "any", "any", "final"),
+    _m(SPARSITY_ACHIEVED, "sparsity reached", None, "any", "any", "final",
+       hint="share of the prunable weights that are zero"),
+    _m(PRUNED_TENSORS, "pruned weight tensors", None, "any", "any", "final"),
+    _m(PRUNED_CHANNELS, "pruned conv channels", None, "any", "any", "final"),
+    _m(FINE_TUNE_EPOCHS, "fine-tuning epochs", None, "any", "any", "final"),
+    _m(FINE_TUNE_LR, "fine-tuning learning rate", None, "any", "any", "final"),
+    _m(QUANTIZED_LAYERS, "int8 layers", None, "any", "any", "final"),
+    _m(FLOAT_LAYERS, "layers left in float", None, "any", "any", "final"),
     _m(DEVICE, "device", None, "any", "any", "final"),
     _m(TORCH_VERSION, "torch version", None, "any", "train", "final"),
     _system(GPU_UTIL, "GPU utilization", "%",

@@ -461,6 +461,111 @@ class EvaluateSpec(_Common):
         return self
 
 
+# ---------------------------------------------------------------- derived models
+
+# Which succeeded jobs each post-training kind takes as its source. An export of a
+# quantized model is not offered: torch.export and ONNX do not carry eager dynamic
+# quantization (docs/architecture.md, "Derived models").
+DERIVED_SOURCES: dict[str, tuple[str, ...]] = {
+    "prune": ("train", "prune"),
+    "quantize": ("train", "prune"),
+    "export": ("train", "prune"),
+}
+EXPORT_FORMATS = ("state_dict", "torch_export", "onnx")
+
+
+class _DerivedCommon(_Common):
+    """A post-training job: it reads a succeeded job's checkpoint, writes a new model
+    file, and measures the model before and after on the source's test split."""
+
+    source_job_id: int = Field(
+        ge=1, le=2**63 - 1, description="a succeeded train (or prune) job of yours"
+    )
+    checkpoint: Literal["best", "last"] = Field(
+        "best", description="the source job's best or last checkpoint"
+    )
+    batch_size: int = Field(
+        256, ge=1, le=65_536, description="batch for measuring (and fine-tuning)"
+    )
+
+    @model_validator(mode="after")
+    def _one_process(self) -> _DerivedCommon:
+        if self.resources.processes > 1:
+            raise CatalogError("resources.processes", f"a {self.kind} job runs in one process")  # type: ignore[attr-defined]
+        if self.resources.gpus > 1:
+            raise CatalogError("resources.gpus", f"a {self.kind} job runs on one GPU; ask for 1")  # type: ignore[attr-defined]
+        return self
+
+
+class PruneSpec(_DerivedCommon):
+    kind: Literal["prune"]
+    sparsity: float = Field(
+        gt=0,
+        lt=1,
+        description="fraction of the prunable weights (Linear, Conv, LSTM/GRU) set to zero",
+    )
+    scope: Literal["global", "layer"] = Field(
+        "global",
+        description="global: the smallest weights of the whole model; layer: each layer alike",
+    )
+    structured: bool = Field(
+        False,
+        description="conv layers lose whole output channels (smallest L2 norm), layer by layer; "
+        "other layers are pruned unstructured",
+    )
+    fine_tune_epochs: int = Field(
+        0, ge=0, le=1000, description="epochs of training after pruning, masks held"
+    )
+    fine_tune_lr: float | None = Field(
+        None, gt=0, le=10, description="default: a tenth of the source's learning rate"
+    )
+
+    @model_validator(mode="after")
+    def _structured_per_layer(self) -> PruneSpec:
+        if self.structured and self.scope == "global":
+            raise CatalogError(
+                "scope",
+                "structured (channel) pruning ranks channels within a layer; use scope: layer",
+            )
+        return self
+
+
+class QuantizeSpec(_DerivedCommon):
+    kind: Literal["quantize"]
+    method: Literal["dynamic_int8"] = Field(
+        "dynamic_int8",
+        description="int8 weights, activations quantized per batch on the fly (CPU); "
+        "Linear, LSTM and GRU layers",
+    )
+
+
+class ExportSpec(_DerivedCommon):
+    kind: Literal["export"]
+    formats: list[Literal["state_dict", "torch_export", "onnx"]] = Field(
+        default_factory=lambda: list(EXPORT_FORMATS), min_length=1, max_length=3,
+        description="state_dict (+ model card), torch_export (.pt2), onnx",
+    )  # fmt: skip
+    tolerance: float = Field(
+        1e-4,
+        gt=0,
+        le=1,
+        description="largest difference allowed between the exported and the original outputs",
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("lists a format twice")
+        return v
+
+
+DerivedSpec = PruneSpec | QuantizeSpec | ExportSpec
+# Every job kind, for the API's filters and answers.
+JobKindName = Literal["train", "evaluate", "script", "prune", "quantize", "export"]
+JOB_KINDS: tuple[str, ...] = ("train", "evaluate", "script", "prune", "quantize", "export")
+
+
 # A script's entry point: a file of the bundle ("train.py", "src/train.py") or a
 # function of one of its modules ("package.module:function").
 ENTRY_FILE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)*[A-Za-z0-9_][A-Za-z0-9_.-]*\.py")
@@ -555,8 +660,11 @@ class ScriptSpec(_Common):
         return self
 
 
-JobSpec = Annotated[TrainSpec | EvaluateSpec | ScriptSpec, Field(discriminator="kind")]
-AnySpec = TrainSpec | EvaluateSpec | ScriptSpec
+JobSpec = Annotated[
+    TrainSpec | EvaluateSpec | ScriptSpec | PruneSpec | QuantizeSpec | ExportSpec,
+    Field(discriminator="kind"),
+]
+AnySpec = TrainSpec | EvaluateSpec | ScriptSpec | PruneSpec | QuantizeSpec | ExportSpec
 _adapter: TypeAdapter[AnySpec] = TypeAdapter(JobSpec)
 
 # ---------------------------------------------------------------- errors
@@ -564,7 +672,7 @@ _adapter: TypeAdapter[AnySpec] = TypeAdapter(JobSpec)
 # Discriminated unions put the tag into the error location ("model", "cnn", "params");
 # users name fields, not tags, so those are dropped.
 _TAGS_AFTER: dict[tuple[str, ...], set[str]] = {
-    (): {"train", "evaluate", "script"},
+    (): {"train", "evaluate", "script", "prune", "quantize", "export"},
     ("model",): set(MODELS),
     ("dataset",): set(DATASETS),
     ("optimizer",): {"adam", "adamw", "sgd", "adagrad", "rmsprop"},

@@ -47,6 +47,11 @@ REPO = Path(__file__).resolve().parent.parent
 DB_PARAMS = (
     ["sqlite"] if os.environ.get("TRAINYARD_TEST_SKIP_PG") == "1" else ["sqlite", "postgresql"]
 )
+# For a real-worker test whose subject is not the database (a script's process group, a
+# pip environment): run once, on SQLite. Each such file keeps a PostgreSQL run of its
+# tests that write through the database (claims, metric points, outcomes), so both
+# backends see every kind of write; the suite's 15-minute budget pays for the rest.
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
 class PgDatabases:

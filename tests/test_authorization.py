@@ -867,6 +867,8 @@ MATRIX: tuple[Row, ...] = (
         check=check_page_new_job, page=True),
     Row("POST", "/jobs/<int:job_id>/evaluate", owned_page(303), "/jobs/{job}/evaluate",
         data=b"split=test&checkpoint=best&dataset=", check=check_page_new_job, page=True),
+    Row("POST", "/jobs/<int:job_id>/derive", owned_page(303), "/jobs/{job}/derive",
+        data=b"kind=quantize", check=check_page_new_job, page=True),
     Row("GET", "/compare", {ANON: 302, ALICE: 200, BOB: 404, ADMIN: 200}, "/compare?ids={job}",
         check=check_compare, check_all=True, page=True),
     Row("GET", "/leaderboard", page(), check=check_leaderboard, page=True),

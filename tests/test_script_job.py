@@ -28,7 +28,7 @@ from shared.job_files import log_path
 from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from shared.state_machine import request_cancel
-from tests.conftest import REPO
+from tests.conftest import REPO, SQLITE_ONLY
 from tests.script_jobs import add_bundle, insert_script_job
 from worker import script_launch, shutdown
 from worker.job_log import JobLog
@@ -398,6 +398,7 @@ def test_a_script_job_stores_its_metrics_and_result(settings: Settings) -> None:
     assert len(list((settings.home / "bundle-cache").iterdir())) == 1
 
 
+@SQLITE_ONLY
 def test_without_finish_the_result_is_the_last_value_of_each_key(settings: Settings) -> None:
     script = """
         from worker import sdk
@@ -412,6 +413,7 @@ def test_without_finish_the_result_is_the_last_value_of_each_key(settings: Setti
     assert job.checkpoint_path is None  # it saved nothing
 
 
+@SQLITE_ONLY
 def test_a_failing_script_fails_at_once_with_its_last_lines(settings: Settings) -> None:
     script = """
         import sys
@@ -432,6 +434,7 @@ def test_a_failing_script_fails_at_once_with_its_last_lines(settings: Settings) 
     assert "line 0" in job_log_text(settings, job_id)  # the whole output is in the log
 
 
+@SQLITE_ONLY
 def test_the_child_environment_holds_none_of_the_workers_secrets(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -490,6 +493,7 @@ def grandchild(settings: Settings, job_id: int) -> int:
     return int(wait_until(lambda: path.is_file() and path.read_text(), 30, "the script to start"))
 
 
+@SQLITE_ONLY
 def test_cancel_stops_the_script_within_seconds_and_kills_its_children(settings: Settings) -> None:
     job_id = insert_script_job(settings, add_bundle(settings, {"train.py": STOPPABLE}))
     thread, outcome = in_thread(job_id, settings)
@@ -510,6 +514,7 @@ def test_cancel_stops_the_script_within_seconds_and_kills_its_children(settings:
     assert "stopping at step" in job_log_text(settings, job_id)
 
 
+@SQLITE_ONLY
 def test_a_script_that_ignores_the_stop_is_killed_after_its_grace(settings: Settings) -> None:
     script = """
         import signal, time
@@ -534,6 +539,7 @@ def test_a_script_that_ignores_the_stop_is_killed_after_its_grace(settings: Sett
     assert "was killed by signal 9 (SIGKILL)" in log_text
 
 
+@SQLITE_ONLY
 def test_a_time_limit_stops_the_script(settings: Settings) -> None:
     # No SDK: SIGTERM's default action ends it.
     script = "import time\nprint('working', flush=True)\ntime.sleep(1000)\n"
@@ -585,6 +591,7 @@ def test_a_thousand_metrics_a_second_lose_no_points_and_the_lease_goes_on(
     assert len(leases) >= 4, sorted(leases)
 
 
+@SQLITE_ONLY
 def test_a_bundle_that_is_gone_fails_the_job(settings: Settings) -> None:
     bundle = add_bundle(settings, {"train.py": "print(1)"})
     job_id = insert_script_job(settings, bundle)
@@ -600,6 +607,7 @@ def test_a_bundle_that_is_gone_fails_the_job(settings: Settings) -> None:
     )
 
 
+@SQLITE_ONLY
 def test_a_later_attempt_gets_the_earlier_attempts_checkpoints(settings: Settings) -> None:
     script = """
         import os
@@ -654,6 +662,7 @@ def test_a_script_job_through_a_real_worker(
     assert not [k for k, v in env.items() if any(s in v for s in worker_secrets)]
 
 
+@SQLITE_ONLY
 def test_with_a_bucket_the_bundle_and_the_resume_dir_come_from_it(s3_settings: Settings) -> None:
     """Another host's attempt: nothing of the job on this disk, all of it in the bucket."""
     settings = s3_settings
@@ -678,6 +687,7 @@ def test_with_a_bucket_the_bundle_and_the_resume_dir_come_from_it(s3_settings: S
     assert job_row(settings, job_id).result["metrics"] == {"resumed_with": "epoch 3"}
 
 
+@SQLITE_ONLY
 def test_a_worker_shutdown_hands_the_script_job_back_with_its_checkpoint(
     settings: Settings,
 ) -> None:
@@ -696,6 +706,7 @@ def test_a_worker_shutdown_hands_the_script_job_back_with_its_checkpoint(
     assert (checkpoint_dir(settings, job_id, 1) / "last.pt").is_file() and gone(sleeper)
 
 
+@SQLITE_ONLY
 def test_a_lost_lease_kills_the_script_at_once(settings: Settings) -> None:
     bundle = add_bundle(settings, {"train.py": STOPPABLE})
     job_id = insert_script_job(settings, bundle, stop_grace_s=600)
@@ -710,6 +721,7 @@ def test_a_lost_lease_kills_the_script_at_once(settings: Settings) -> None:
     assert "stopping at step" not in log_text  # no grace: it was not asked
 
 
+@SQLITE_ONLY
 def test_a_script_over_its_memory_limit_fails_saying_so(settings: Settings) -> None:
     script = """
         import resource
@@ -728,6 +740,7 @@ def test_a_script_over_its_memory_limit_fails_saying_so(settings: Settings) -> N
     assert "limit (500000000, 500000000)" in job_log_text(settings, job_id)
 
 
+@SQLITE_ONLY
 def test_a_bundle_with_requirements_runs_in_its_own_environment(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

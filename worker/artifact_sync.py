@@ -250,15 +250,20 @@ def _has_files(directory: Path) -> bool:
 
 
 def fetch_checkpoint_dir(
-    store: ArtifactStore, settings: Settings, job_id: int, checkpoint_path: str
+    store: ArtifactStore,
+    settings: Settings,
+    job_id: int,
+    checkpoint_path: str,
+    names: tuple[str, ...] = CHECKPOINT_NAMES,
 ) -> Path:
     """A finished job's checkpoint directory on this host (`checkpoint_path` as the job
-    row holds it: a local directory or a store URL ending in attempt-<n>)."""
+    row holds it: a local directory or a store URL ending in attempt-<n>), with `names`
+    downloaded into it from a bucket."""
     attempt_name = checkpoint_path.rstrip("/").rsplit("/", 1)[-1]
     local = job_dir(settings, job_id) / attempt_name
     if not store.is_local:
         with store_errors(f"downloading job {job_id}'s checkpoints from {store.url}"):
-            for name in CHECKPOINT_NAMES:
+            for name in names:
                 store.get_file(f"jobs/{int(job_id)}/{attempt_name}/{name}", local / name)
         return local
     return Path(checkpoint_path)

@@ -47,12 +47,16 @@ from shared.dataset_cache import sync_dataset
 from shared.db import transaction
 from shared.job_events import add_event
 from shared.job_files import TMP_SUFFIX, job_dir, log_path
+from shared.lineage import root_train_spec
 from shared.orm import Job
 from shared.redaction import DETAIL_MARK, ERROR_DETAIL, Redactor, redactor_for
 from shared.scheduling import candidates_for
 from shared.settings import Settings
 from shared.spec import (
-    EvaluateSpec,
+    AnySpec,
+    DerivedSpec,
+    PruneSpec,
+    QuantizeSpec,
     ScriptSpec,
     TrainSpec,
     eval_dataset_params,
@@ -87,6 +91,7 @@ from worker.metric_sink import MetricSink
 from worker.script_job import run_script
 from worker.training import JobCancelled, Sink, UserError, evaluate_job, pick_device, train_job
 from worker.training.datasets import DataPaths
+from worker.training.derive import export_job, prune_job, quantize_job
 from worker.training.device import device_name, job_devices
 from worker.training.distributed import train_data_parallel
 
@@ -134,6 +139,23 @@ def _load_source(settings: Settings, job_id: int) -> SourceCheckpoint:
     return SourceCheckpoint(spec=spec, directory=directory)
 
 
+def _load_derived_source(settings: Settings, spec: DerivedSpec) -> tuple[Path, TrainSpec]:
+    """The source's model file on this host and the train spec its chain started from.
+    A prune job's model is its best.pt whichever checkpoint was asked for (it writes no
+    other)."""
+    with transaction(settings.resolved_database_url) as session:
+        source = session.get(Job, spec.source_job_id)
+        if source is None or not source.checkpoint_path:
+            raise UserError(f"job {spec.source_job_id} has no model file")
+        root = root_train_spec(session, source)
+        if root is None:
+            raise UserError(f"job {source.id}'s model does not lead back to a train job")
+        name = "best.pt" if source.kind == "prune" else f"{spec.checkpoint}.pt"
+        stored, job_id = source.checkpoint_path, source.id
+    directory = fetch_checkpoint_dir(store_for(settings), settings, job_id, stored, (name,))
+    return directory / name, root
+
+
 def checkpoint_dir(settings: Settings, job_id: int, attempt: int) -> Path:
     """One directory per attempt: a zombie attempt can never overwrite a newer one's files."""
     return job_dir(settings, job_id) / f"attempt-{attempt}"
@@ -150,7 +172,7 @@ def describe_device(device: torch.device) -> str:
 
 
 def _execute(
-    spec: TrainSpec | EvaluateSpec | ScriptSpec,
+    spec: AnySpec,
     settings: Settings,
     claim: Claim,
     device: torch.device,
@@ -214,6 +236,19 @@ def _execute(
                 resume_from=resume_from,
             )
         return {**base, "metrics": metrics}, directory
+    if isinstance(spec, DerivedSpec):  # prune, quantize, export (worker/training/derive.py)
+        model_file, root = _load_derived_source(settings, spec)
+        _fetch_dataset_files(root.dataset.name, root.dataset.params, settings)
+        directory = checkpoint_dir(settings, claim.job_id, claim.attempt)
+        directory.mkdir(parents=True, exist_ok=True)
+        if isinstance(spec, PruneSpec):
+            metrics = prune_job(spec, model_file, directory, device, paths=paths, sink=sink,
+                                should_stop=should_stop)  # fmt: skip
+        elif isinstance(spec, QuantizeSpec):
+            metrics = quantize_job(spec, model_file, directory, device, paths=paths)
+        else:
+            metrics = export_job(spec, model_file, directory, device, paths=paths)
+        return {**base, "source_job_id": spec.source_job_id, "metrics": metrics}, directory
     source = _load_source(settings, spec.source_job_id)
     _fetch_dataset_files(*eval_dataset_params(spec, source.spec), settings)
     metrics = evaluate_job(spec, source.spec, source.directory, device, paths=paths)

@@ -13,7 +13,7 @@ from celery import Celery
 from celery.exceptions import Reject
 from celery.worker.request import Request
 
-from shared.celery_app import EVALUATE_TASK, SCRIPT_TASK, TRAIN_TASK
+from shared.celery_app import DERIVE_TASK, EVALUATE_TASK, SCRIPT_TASK, TRAIN_TASK
 from shared.settings import Settings
 from shared.worker_registry import SlotHeartbeat
 from worker import node_control
@@ -102,4 +102,8 @@ def register_tasks(app: Celery, settings: Settings) -> None:
 
     @app.task(name=SCRIPT_TASK, ignore_result=True, shared=False, Request=request_class)
     def script(job_id: int) -> str:
+        return run(job_id)
+
+    @app.task(name=DERIVE_TASK, ignore_result=True, shared=False, Request=request_class)
+    def derive(job_id: int) -> str:
         return run(job_id)

@@ -9,6 +9,7 @@ bp = Blueprint("web", __name__)
 # Route modules register on `bp` when imported; app.py imports this package.
 from server.web import (  # noqa: E402,F401
     compare,
+    derive_form,
     filters,
     job_page,
     leaderboard,

@@ -34,7 +34,7 @@ from wtforms import SelectField
 from wtforms.fields.choices import SelectChoice
 
 from server import job_errors, submission
-from server.access import find_visible_job
+from server.access import can_see, find_visible_job
 from server.database import get_session
 from server.errors import ApiError
 from server.job_errors import viewer_is_admin
@@ -47,6 +47,7 @@ from shared import job_files
 from shared.artifact_store import ArtifactStoreError, job_prefix, log_key, store_for
 from shared.dataset_catalog import DATASETS
 from shared.job_events import job_events
+from shared.lineage import derived_from
 from shared.metric_catalog import final_metrics, key_metric
 from shared.orm import Job, Sweep, SweepTrial
 from shared.settings import Settings
@@ -175,6 +176,11 @@ def _page(
         "spec_summary": job_view.spec_summary(job),
         "source": source,
         "sweep_trial": trial_of(job.id),
+        "derived": [d for d in derived_from(session, job.id) if can_see(d.owner_id)],
+        "can_derive": job.kind in ("train", "prune")
+        and job.state == JobState.SUCCEEDED.value
+        and bool(job.checkpoint_path)
+        and job.artifacts_deleted_at is None,
         "can_cancel": job.state in ("queued", "running") and not job.cancel_requested,
         "can_retry": job_view.is_final(job),
         "can_evaluate": can_evaluate,

@@ -15,6 +15,8 @@ from server.timeline_api import event_label
 from shared.job_events import EVENT_KINDS
 from shared.job_states import FINISHED_STATES, is_finished
 from shared.metric_catalog import (
+    AFTER,
+    BEFORE,
     BEST_EPOCH,
     BEST_METRIC,
     BEST_METRIC_VALUE,
@@ -234,6 +236,16 @@ def class_label(index: Any, names: Any) -> str:
     return str(index)
 
 
+@dataclass(frozen=True)
+class Compared:
+    """One measure of a derived model next to its source's: size, latency, accuracy."""
+
+    key: str  # the measure, e.g. size_bytes
+    before: Any
+    after: Any
+    change: str  # "-74.8%", "" when not comparable
+
+
 @dataclass
 class Results:
     figures: list[Figure]
@@ -241,6 +253,29 @@ class Results:
     per_class: list[dict[str, Any]]
     matrix: ConfusionMatrix | None
     matrix_classes: int  # classes in the stored matrix (to say why it is not drawn)
+    compared: list[Compared] = field(default_factory=list)
+
+
+DERIVED_KINDS = ("prune", "quantize", "export")
+
+
+def before_after(metrics: dict[str, Any]) -> list[Compared]:
+    """The `before_X` / `after_X` pairs a prune, quantize or export job reports (worker/
+    training/derive.py), side by side, in the order the job reported them."""
+    rows = []
+    for key, before in metrics.items():
+        if not key.startswith(BEFORE):
+            continue
+        name = key.removeprefix(BEFORE)
+        after = metrics.get(f"{AFTER}{name}")
+        change = ""
+        numbers = all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in (before, after)
+        )
+        if numbers and before:
+            change = f"{(after - before) / abs(before):+.1%}"
+        rows.append(Compared(name, before, after, change))
+    return rows
 
 
 def results(job: Job) -> Results | None:
@@ -267,6 +302,12 @@ def results(job: Job) -> Results | None:
             matrix=confusion_matrix(raw_matrix, names),
             matrix_classes=len(raw_matrix) if isinstance(raw_matrix, list) else 0,
         )
+    if job.kind in DERIVED_KINDS:
+        compared = before_after(metrics)
+        paired = {f"{p}{c.key}" for c in compared for p in (BEFORE, AFTER)}
+        items = [(k, v) for k, v in scalar_items(metrics) if k not in paired]
+        return Results(figures=[], items=items, per_class=[], matrix=None, matrix_classes=0,
+                       compared=compared)  # fmt: skip
     if metrics.get(BEST_METRIC) and metrics.get(BEST_EPOCH) is not None:
         figures.append(
             Figure(
@@ -319,6 +360,18 @@ def spec_summary(job: Job) -> list[tuple[str, str]]:
             out.append(("dataset", str(dataset["name"])))
         if (spec.get("resources") or {}).get("memory_gb"):
             out.append(("memory limit", f"{spec['resources']['memory_gb']:g} GB"))
+    elif job.kind in DERIVED_KINDS:
+        out.append(("checkpoint", str(spec.get("checkpoint", "best"))))
+        if job.kind == "prune":
+            how = "structured (conv channels)" if spec.get("structured") else "unstructured"
+            out.append(("sparsity", f"{spec.get('sparsity')} {spec.get('scope', 'global')}, {how}"))
+            if spec.get("fine_tune_epochs"):
+                out.append(("fine-tuning", f"{spec['fine_tune_epochs']} epochs"))
+        elif job.kind == "quantize":
+            out.append(("method", str(spec.get("method", "dynamic_int8"))))
+        else:
+            out.append(("formats", ", ".join(map(str, spec.get("formats") or []))))
+            out.append(("tolerance", str(spec.get("tolerance"))))
     else:
         dataset = spec.get("dataset") or {}
         out.append(("checkpoint", str(spec.get("checkpoint", "best"))))

@@ -29,6 +29,7 @@ from shared.job_states import ALL_STATES
 from shared.metric_catalog import final_metrics, key_metric
 from shared.model_catalog import MODELS
 from shared.orm import Job, User
+from shared.spec import JOB_KINDS
 
 PAGE_SIZE = 50
 # The page's query parameters: the API's list parameters but the page size and the
@@ -176,6 +177,7 @@ def home() -> ResponseReturnValue:
         filtered=filtered,
         clear_url=_page_url(JobListQuery(limit=PAGE_SIZE, sort=sort)),
         states=ALL_STATES,
+        kinds=JOB_KINDS,
         models=sorted(MODELS),
         datasets=sorted(DATASETS),
         owners=_owner_choices(),

@@ -57,15 +57,15 @@ log = logging.getLogger(__name__)
 
 CPU = torch.device("cpu")
 QUANTIZED_FILE = "model.pt"
-# Prune keys besides before_/after_ (the lead lists them in shared/metric_catalog.py).
-SPARSITY_TARGET = "sparsity_target"
-SPARSITY_ACHIEVED = "sparsity_achieved"
-PRUNED_TENSORS = "pruned_tensors"
-PRUNED_CHANNELS = "pruned_channels"
-FINE_TUNE_EPOCHS = "fine_tune_epochs"
-FINE_TUNE_LR = "fine_tune_lr"
-QUANTIZED_LAYERS = "quantized_layers"
-FLOAT_LAYERS = "float_layers"
+# The keys besides before_/after_ live in shared/metric_catalog.py.
+SPARSITY_TARGET = mc.SPARSITY_TARGET
+SPARSITY_ACHIEVED = mc.SPARSITY_ACHIEVED
+PRUNED_TENSORS = mc.PRUNED_TENSORS
+PRUNED_CHANNELS = mc.PRUNED_CHANNELS
+FINE_TUNE_EPOCHS = mc.FINE_TUNE_EPOCHS
+FINE_TUNE_LR = mc.FINE_TUNE_LR
+QUANTIZED_LAYERS = mc.QUANTIZED_LAYERS
+FLOAT_LAYERS = mc.FLOAT_LAYERS
 # The per-epoch series a fine-tuning logs: train.py's, without the (constant) lr.
 CLASSIFICATION_EPOCH_KEYS = (mc.TRAIN_LOSS, mc.VAL_LOSS, mc.VAL_ACCURACY, mc.VAL_F1)
 REGRESSION_EPOCH_KEYS = (mc.TRAIN_LOSS, mc.VAL_LOSS, mc.VAL_MSE, mc.VAL_MAE, mc.VAL_R2)
@@ -116,8 +116,8 @@ def _measure(
 
 def _before_after(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return {
-        **{f"before_{k}": v for k, v in before.items()},
-        **{f"after_{k}": v for k, v in after.items()},
+        **{f"{mc.BEFORE}{k}": v for k, v in before.items()},
+        **{f"{mc.AFTER}{k}": v for k, v in after.items()},
     }
 
 
@@ -326,7 +326,7 @@ def quantize_job(
         stats=source.stats,
         quantized=QUANTIZED_METHOD,
         extra={
-            "quantized_layers": quantized,
+            QUANTIZED_LAYERS: quantized,
             "float_layers": kept_float,
             "derived_from": _derived_from(source_ckpt, source),
         },
@@ -399,8 +399,8 @@ def export_job(
     )
     result: dict[str, Any] = dict(measured)
     for fmt, checked in formats.items():
-        result[f"{fmt}_size_bytes"] = checked["size_bytes"]
-        result[f"{fmt}_max_abs_diff"] = checked["max_abs_diff"]
+        result[f"{fmt}_{mc.SIZE_BYTES}"] = checked["size_bytes"]
+        result[f"{fmt}{mc.MAX_ABS_DIFF_SUFFIX}"] = checked["max_abs_diff"]
     result.update(_common(source, splits, started, CPU))
     log.info("exported %s as %s: %s", source_ckpt, list(formats), result)
     return result

@@ -21,9 +21,9 @@ from worker.training.metrics import classification_metrics, regression_metrics
 
 WARMUP_PASSES = 3
 # The measure() keys, in order: derive.py prefixes them with before_/after_.
-SIZE_BYTES = "size_bytes"
-NONZERO_FRACTION = "nonzero_fraction"
-LATENCY_MS = "latency_ms"
+SIZE_BYTES = mc.SIZE_BYTES
+NONZERO_FRACTION = mc.NONZERO_FRACTION
+LATENCY_MS = mc.LATENCY_MS
 COST_KEYS = (SIZE_BYTES, mc.NUM_PARAMETERS, NONZERO_FRACTION, LATENCY_MS)
 CLASSIFICATION_KEYS = (mc.ACCURACY, mc.F1)
 REGRESSION_KEYS = (mc.R2, mc.MSE, mc.MAE)
