@@ -318,3 +318,44 @@ def take_stream_slot(client: redis.Redis, user_id: int, token: str, cap: int, tt
 def release_stream_slot(client: redis.Redis, user_id: int, token: str) -> None:
     """Give a slot back (a no-op when it already expired). Raises RedisError."""
     client.zrem(stream_slots_key(user_id), token)
+
+
+# ----------------------------------------------------------------------------- serving
+
+# The prediction servers' statistics (worker/serving/stats.py), read by the web's Models
+# page: one hash per model, a field per serve process ("host:pid") holding its JSON
+# snapshot of that model's versions, with the time it was taken. The hash expires when
+# no serve process has written it for SERVE_STATS_TTL_S; a process that stopped leaves
+# a stale field that readers skip by its time.
+SERVE_STATS_PREFIX = "trainyard:serve:stats:"
+SERVE_STATS_TTL_S = 300
+
+
+def serve_stats_key(model_name: str) -> str:
+    return f"{SERVE_STATS_PREFIX}{model_name}"
+
+
+def publish_serve_stats(
+    client: redis.Redis, instance: str, by_model: dict[str, dict[str, Any]]
+) -> None:
+    """Write this serve process's snapshot of each model. Raises RedisError."""
+    if not by_model:
+        return
+    pipe = client.pipeline(transaction=False)
+    for name, snapshot in by_model.items():
+        key = serve_stats_key(name)
+        pipe.hset(key, instance, json.dumps(snapshot, separators=(",", ":")))
+        pipe.expire(key, SERVE_STATS_TTL_S)
+    pipe.execute()
+
+
+def read_serve_stats(client: redis.Redis, model_name: str) -> dict[str, dict[str, Any]]:
+    """Each serve process's last snapshot of the model: instance -> snapshot. Raises
+    RedisError."""
+    found = {}
+    for instance, raw in client.hgetall(serve_stats_key(model_name)).items():
+        try:
+            found[_text(instance)] = json.loads(raw)
+        except ValueError:
+            continue
+    return found

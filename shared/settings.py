@@ -228,6 +228,24 @@ class Settings(BaseSettings):
     # job specs (about 40 microseconds each); a space needing more checks than this is
     # refused, so one request cannot hold a web thread for long.
     sweep_max_points_checked: int = Field(default=10_000, ge=1)
+    # The prediction server (`trainyard serve`, worker/serving/; README "Serving
+    # predictions"). Loaded model versions are kept up to this many bytes of weights
+    # (least recently used leave first); concurrent requests for one version are
+    # gathered into one forward pass of up to serve_max_batch rows, waiting at most
+    # serve_max_wait_ms for more; at most serve_queue_limit requests wait per version
+    # (more: 503 with Retry-After). serve_batching off runs each request's own forward
+    # pass (the benchmark's baseline). A name's production (or staging) version is
+    # looked up again after serve_resolve_seconds, so a promotion is served without a
+    # restart; tokens are re-checked as often. Stats go to Redis every
+    # serve_stats_seconds for the Models page.
+    serve_cache_bytes: int = Field(default=2 << 30, ge=1)
+    serve_max_batch: int = Field(default=64, ge=1, le=65_536)
+    serve_max_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
+    serve_queue_limit: int = Field(default=256, ge=1)
+    serve_batching: bool = True
+    serve_max_rows: int = Field(default=1024, ge=1)
+    serve_resolve_seconds: float = Field(default=2.0, ge=0, le=3600)
+    serve_stats_seconds: float = Field(default=5.0, gt=0, le=3600)
 
     @field_validator("worker_gpus")
     @classmethod

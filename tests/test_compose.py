@@ -20,7 +20,8 @@ from server.cli import main
 from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICES = {"redis", "postgres", "migrate", "web", "proxy", "worker", "worker-gpu", "reconciler"}
+SERVICES = {"redis", "postgres", "migrate", "web", "proxy", "worker", "worker-gpu", "reconciler",
+            "serve"}  # fmt: skip
 ONE_SHOT = {"migrate", "minio-init"}
 # Started only with their profile (tests/test_deploy_files.py checks which).
 OPTIONAL = {"worker-gpu", "worker-gpu0", "worker-gpu1", "flower", "minio", "minio-init"}
@@ -99,6 +100,7 @@ def test_every_trainyard_command_is_real(services: dict[str, dict[str, Any]]) ->
         "worker-gpu0": "worker",
         "worker-gpu1": "worker",
         "reconciler": "reconcile",
+        "serve": "serve",
     }
 
 
@@ -186,7 +188,7 @@ def test_depends_on_is_sane(services: dict[str, dict[str, Any]]) -> None:
 
     # What must be ready before each app service starts.
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("web", "worker", "worker-gpu", "reconciler"):
+    for name in ("web", "worker", "worker-gpu", "reconciler", "serve"):
         deps = services[name]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
         assert deps["redis"]["condition"] == "service_healthy", name
@@ -215,7 +217,7 @@ def test_app_services_share_settings_and_artifacts(compose: dict[str, Any]) -> N
         "TRAINYARD_ARTIFACTS_DIR": "/data/artifacts",
     }
     fields = set(Settings.model_fields)
-    for name in ("migrate", "web", "worker", "worker-gpu", "reconciler"):
+    for name in ("migrate", "web", "worker", "worker-gpu", "reconciler", "serve"):
         env = services[name]["environment"]
         assert {k: env.get(k) for k in expected} == expected, name
         for key in env:
@@ -271,3 +273,18 @@ def test_dockerfile() -> None:
         assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, re.M), path
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".trainyard" in ignored and ".git" in ignored
+
+
+def test_serve_scales_behind_the_proxy(services: dict[str, dict[str, Any]]) -> None:
+    """`--scale serve=N`: no fixed name or host port; nginx routes predictions to it."""
+    serve = services["serve"]
+    assert "container_name" not in serve and "ports" not in serve
+    argv = _argv(serve["command"])
+    port = argv[argv.index("--port") + 1]
+    assert serve["expose"] == [port]
+    assert f"127.0.0.1:{port}/healthz" in " ".join(_argv(serve["healthcheck"]["test"]))
+    assert services["proxy"]["depends_on"]["serve"]["condition"] == "service_healthy"
+    text = (REPO / "deploy" / "nginx.conf").read_text()
+    assert f"server serve:{port};" in text
+    route = text[text.index("location ~ ^/api/v1/models/") :]
+    assert "proxy_pass http://trainyard_serve;" in route[: route.index("}")]

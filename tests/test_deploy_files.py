@@ -192,7 +192,7 @@ def test_every_trainyard_command_is_real() -> None:
         argv = container["command"]
         assert argv[0] == "trainyard", container["name"]
         used.append(("k8s", container["name"], _check_trainyard_command(argv[1:])))
-    assert {sub for *_, sub in used} == {"db upgrade", "web", "worker", "reconcile"}
+    assert {sub for *_, sub in used} == {"db upgrade", "web", "worker", "reconcile", "serve"}
     assert len([u for u in used if u[0] == _rel(WORKER_HOST)]) == 2
 
 

@@ -7,8 +7,9 @@ Two kinds of subcommand, each in its own module:
   `model`: model_commands) talk to the
   HTTP API only, never to the database, so they work from any machine that can reach
   the server;
-- process commands (`web`, `worker`, `reconcile`, `db upgrade`: process_commands; `up`:
-  local mode, the package local/) start the parts of Trainyard;
+- process commands (`web`, `worker`, `reconcile`, `db upgrade`: process_commands;
+  `serve`: serve_command; `up`: local mode, the package local/) start the parts of
+  Trainyard;
 - operator commands (`user`, `token`: account_commands) change accounts in the database
   directly, so they run where the database is reachable; they make the first token.
   `worker cordon|drain|uncordon|clear NODE` (node_commands) likewise act on a worker
@@ -32,6 +33,7 @@ from server.cli.local.up_command import up
 from server.cli.model_commands import model_group
 from server.cli.node_commands import NODE_COMMANDS
 from server.cli.process_commands import db, reconcile, web, worker
+from server.cli.serve_command import serve
 from server.cli.storage_commands import artifacts_group, upload_group
 from server.cli.sweep_commands import sweep_group
 
@@ -66,6 +68,7 @@ for _command in (
     bundles_group,
     sweep_group,
     model_group,
+    serve,
 ):
     main.add_command(_command)
 

@@ -9,10 +9,12 @@ the same words. Another user's model and a missing one get the same 404 page.
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from typing import Any
 
-from flask import flash, g, redirect, render_template, request, url_for
+from flask import current_app, flash, g, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from flask_login import login_required
 from flask_wtf import FlaskForm
@@ -28,9 +30,12 @@ from server.registry_api import (
     promote_job,
 )
 from server.web import bp, job_view
+from shared import broker
 from shared import model_registry as registry
 from shared.job_states import JobState
 from shared.orm import Job
+
+log = logging.getLogger(__name__)
 
 LIST_LIMIT = 200
 NOTE_CHARS = 2000
@@ -70,6 +75,69 @@ def register_model_form(job: Job) -> dict[str, Any] | None:
     }
 
 
+# ---------------------------------------------------------------- serving
+
+
+def _quantile(buckets: list[Any], counts: list[int], q: float) -> float | None:
+    total = sum(counts)
+    seen = 0
+    for bound, count in zip(buckets, counts, strict=False):
+        seen += count
+        if total and seen >= q * total:
+            return float(bound) if bound != "inf" else None
+    return None
+
+
+def serving_summary(name: str) -> dict[str, Any] | None:
+    """What the prediction servers (`trainyard serve`) published about this model
+    (shared/broker.py, "serving"), summed over every serve process heard from lately:
+    per version, requests, errors, latency quantiles (bucket bounds) and batch sizes.
+    None when no serve process has served it; {"error": ...} when Redis cannot be read."""
+    settings = current_app.config["TRAINYARD_SETTINGS"]
+    if not settings.redis_url:
+        return None
+    client = broker.redis_client(settings.redis_url, timeout_s=1.0)
+    try:
+        snapshots = broker.read_serve_stats(client, name)
+    except Exception as exc:  # noqa: BLE001 - the page renders without the block
+        log.warning("serving stats of %s not read: %s", name, exc)
+        return {"error": f"cannot reach Redis ({type(exc).__name__})", "versions": []}
+    finally:
+        client.close()
+    fresh_s = max(30.0, 3 * settings.serve_stats_seconds)
+    live = [s for s in snapshots.values() if time.time() - float(s.get("at", 0)) <= fresh_s]
+    if not live:
+        return None
+    merged: dict[int, dict[str, Any]] = {}
+    for snap in live:
+        for number, v in snap.get("versions", {}).items():
+            m = merged.setdefault(int(number), {"requests": 0, "errors": 0, "counts": None,
+                                                "buckets": None, "sizes": {}})  # fmt: skip
+            m["requests"] += v["requests"]
+            m["errors"] += sum(v["errors"].values())
+            lat = v["latency_ms"]
+            m["buckets"] = lat["buckets"]
+            m["counts"] = [a + b for a, b in zip(m["counts"] or [0] * len(lat["counts"]),
+                                                 lat["counts"], strict=True)]  # fmt: skip
+            for size, n in v["batches"]["sizes"].items():
+                m["sizes"][int(size)] = m["sizes"].get(int(size), 0) + n
+    versions = []
+    for number, m in sorted(merged.items(), reverse=True):
+        passes = sum(m["sizes"].values())
+        versions.append({
+            "version": number,
+            "requests": m["requests"],
+            "errors": m["errors"],
+            "p50_le": _quantile(m["buckets"], m["counts"], 0.5),
+            "p95_le": _quantile(m["buckets"], m["counts"], 0.95),
+            "forward_passes": passes,
+            "mean_batch": round(sum(k * n for k, n in m["sizes"].items()) / passes, 1)
+            if passes else None,
+            "max_batch": max(m["sizes"]) if m["sizes"] else None,
+        })  # fmt: skip
+    return {"instances": len(live), "versions": versions, "error": None}
+
+
 # ---------------------------------------------------------------- pages
 
 
@@ -100,7 +168,11 @@ def registry_model(name: str) -> ResponseReturnValue:
         for f in v["files"]:
             f["size"] = job_view.file_size(f["size_bytes"])
     return render_template(
-        "registry_model.html", model=data, stages=registry.STAGES, labels=STAGE_LABELS
+        "registry_model.html",
+        model=data,
+        stages=registry.STAGES,
+        labels=STAGE_LABELS,
+        serving=serving_summary(model.name),
     )
 
 
