@@ -12,7 +12,10 @@ as throughput) for batching off, and at the batch size batching reached (its lat
 and rows/latency) for batching on. No targets: the rows are information.
 
     .venv/bin/python bench/serve.py [--requests 6400] [--clients 32] [--max-wait-ms 2]
-        [--smoke] [--results rows.jsonl]
+        [--channels 16] [--hidden 64] [--smoke] [--results rows.jsonl]
+
+A wider CNN (`--channels 64 --hidden 1024`) makes the forward pass, not HTTP and JSON,
+the larger part of a request: that is where batching pays.
 
 `--smoke`: 96 requests per mode; proves the server starts, answers and batches
 (tests/test_benchmarks.py), nothing more.
@@ -35,7 +38,9 @@ from typing import Any
 import benchlib  # before shared/ and worker/: it puts the repository on sys.path
 
 
-def setup(tmp: Path) -> tuple[dict[str, str], str, Path, list[float]]:
+def setup(
+    tmp: Path, channels: int = 16, hidden: int = 64
+) -> tuple[dict[str, str], str, Path, list[float]]:
     """(the serve processes' environment, a token, the model file, one input row)."""
     import torch
 
@@ -55,7 +60,7 @@ def setup(tmp: Path) -> tuple[dict[str, str], str, Path, list[float]]:
     settings = Settings(home=tmp, database_url=db_url, artifacts_dir=tmp / "artifacts")
     spec = parse_spec(
         {"kind": "train", "dataset": {"name": "digits"},
-         "model": {"name": "cnn", "params": {"channels": 16, "hidden": 64}},
+         "model": {"name": "cnn", "params": {"channels": channels, "hidden": hidden}},
          "epochs": 1, "batch_size": 64, "seed": 0},
         CatalogContext(data_dir=tmp),
     )  # fmt: skip
@@ -217,6 +222,8 @@ def main() -> None:
     parser = benchlib.parser((__doc__ or "").split("\n")[0])
     parser.add_argument("--requests", type=int, help="per mode; default 6,400 (smoke: 96)")
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=16, help="the CNN's width")
+    parser.add_argument("--hidden", type=int, default=64, help="the CNN's hidden layer")
     parser.add_argument("--max-wait-ms", type=float, default=2.0,
                         help="TRAINYARD_SERVE_MAX_WAIT_MS with batching on")  # fmt: skip
     parser.add_argument(
@@ -228,8 +235,8 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        env, token, model_file, row = setup(tmp)
-        print(f"digits CNN, {args.clients} clients, {args.requests:,} single-row requests per mode, "
+        env, token, model_file, row = setup(tmp, args.channels, args.hidden)
+        print(f"digits CNN (channels {args.channels}, hidden {args.hidden}), {args.clients} clients, {args.requests:,} single-row requests per mode, "
               f"{os.cpu_count()} CPUs")  # fmt: skip
         off = run_mode(False, env, token, row, args, tmp)
         on = run_mode(True, env, token, row, args, tmp)

@@ -256,7 +256,7 @@ class ServeApp:
                              {"body": f"at most {self.settings.max_body_bytes:,} bytes"})  # fmt: skip
         try:
             return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ServeError(400, "invalid_json", "the body is not JSON",
                              {"body": f"not JSON: {exc}"}) from None  # fmt: skip
 
