@@ -25,7 +25,7 @@ from shared.code_bundle import pack_directory
 from shared.db import transaction
 from shared.orm import User
 from shared.settings import Settings
-from tests.conftest import REPO, wait_for_state
+from tests.conftest import REPO, SQLITE_ONLY, wait_for_state
 
 EXAMPLE = REPO / "examples" / "cifar_cnn"
 QUICK = ["--limit", "256", "--batch-size", "64"]
@@ -135,6 +135,7 @@ def test_sigterm_stops_it_cleanly_with_a_checkpoint(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@SQLITE_ONLY
 def test_the_example_through_the_api_and_a_real_worker(
     live_server: str, start_worker, users, settings: Settings, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]

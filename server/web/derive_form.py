@@ -13,7 +13,7 @@ from flask_login import login_required
 from server import submission
 from server.errors import ApiError
 from server.web import bp
-from server.web.job_page import ActionForm, _find_job, _not_found
+from server.web.job_page import ActionForm, find_page_job, job_not_found
 
 
 def _spec(job_id: int) -> dict[str, Any]:
@@ -40,9 +40,9 @@ def _number(text: str) -> Any:
 @bp.post("/jobs/<int:job_id>/derive")
 @login_required
 def job_derive(job_id: int) -> ResponseReturnValue:
-    job = _find_job(job_id)
+    job = find_page_job(job_id)
     if job is None:
-        return _not_found(job_id)
+        return job_not_found(job_id)
     back = redirect(url_for("web.job_detail", job_id=job.id), 303)
     if not ActionForm().validate_on_submit():
         flash("The form had expired (no valid security token); try again.", "error")

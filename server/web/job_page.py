@@ -85,12 +85,12 @@ def _settings() -> Settings:
     return current_app.config["TRAINYARD_SETTINGS"]
 
 
-def _find_job(job_id: int) -> Job | None:
+def find_page_job(job_id: int) -> Job | None:
     # Past 64 bits an id cannot exist, and PostgreSQL would refuse the parameter.
     return find_visible_job(job_id) if job_id <= MAX_ID else None
 
 
-def _not_found(job_id: int) -> ResponseReturnValue:
+def job_not_found(job_id: int) -> ResponseReturnValue:
     # The same page for a missing job and another user's: ids do not reveal what exists.
     return render_template("job_not_found.html", job_id=job_id), 404
 
@@ -196,9 +196,9 @@ def _page(
 @bp.get("/jobs/<int:job_id>")
 @login_required
 def job_detail(job_id: int) -> ResponseReturnValue:
-    job = _find_job(job_id)
+    job = find_page_job(job_id)
     if job is None:
-        return _not_found(job_id)
+        return job_not_found(job_id)
     return _page(job)
 
 
@@ -215,9 +215,9 @@ def _back(job: Job) -> ResponseReturnValue:
 @bp.post("/jobs/<int:job_id>/cancel")
 @login_required
 def job_cancel(job_id: int) -> ResponseReturnValue:
-    job = _find_job(job_id)
+    job = find_page_job(job_id)
     if job is None:
-        return _not_found(job_id)
+        return job_not_found(job_id)
     if not ActionForm().validate_on_submit():
         return _expired(job)
     before = job.state
@@ -238,9 +238,9 @@ def job_cancel(job_id: int) -> ResponseReturnValue:
 @bp.post("/jobs/<int:job_id>/retry")
 @login_required
 def job_retry(job_id: int) -> ResponseReturnValue:
-    job = _find_job(job_id)
+    job = find_page_job(job_id)
     if job is None:
-        return _not_found(job_id)
+        return job_not_found(job_id)
     if not ActionForm().validate_on_submit():
         return _expired(job)
     try:
@@ -258,9 +258,9 @@ def job_retry(job_id: int) -> ResponseReturnValue:
 @bp.post("/jobs/<int:job_id>/evaluate")
 @login_required
 def job_evaluate(job_id: int) -> ResponseReturnValue:
-    job = _find_job(job_id)
+    job = find_page_job(job_id)
     if job is None:
-        return _not_found(job_id)
+        return job_not_found(job_id)
     form = _evaluate_form(job)
     if not form.validate_on_submit():
         # No csrf_token field at all when CSRF is switched off (WTF_CSRF_ENABLED=False).
@@ -300,9 +300,9 @@ def job_evaluate(job_id: int) -> ResponseReturnValue:
 @login_required
 def job_stream(job_id: int) -> ResponseReturnValue:
     """Live updates for the job page as Server-Sent Events (server/job_stream.py)."""
-    job = _find_job(job_id)
+    job = find_page_job(job_id)
     if job is None:
-        return _not_found(job_id)
+        return job_not_found(job_id)
     # A reconnecting browser sends the id of the last message it got: resume there.
     cursor = StreamCursor.parse(request.headers.get("Last-Event-ID"))
     if cursor is None and "cursor" in request.args:

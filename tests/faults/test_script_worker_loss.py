@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from shared.celery_app import make_celery, publish_job
+from tests.conftest import SQLITE_ONLY
 from tests.faults.conftest import TERMINAL, Cluster, wait_for
 from tests.script_jobs import add_bundle, insert_script_job
 
@@ -51,6 +52,7 @@ def gone(pid: int) -> bool:
         return True
 
 
+@SQLITE_ONLY
 def test_a_killed_workers_script_dies_and_the_job_resumes_elsewhere(cluster: Cluster) -> None:
     workers = cluster.start_workers(2)
     cluster.start_reconciler()
