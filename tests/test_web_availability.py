@@ -271,6 +271,8 @@ def test_the_repositorys_nginx_config_in_front_of_gunicorn(
     port = free_port()
     config = (REPO / "deploy" / "nginx.conf").read_text()
     config = config.replace("server web:8000;", f"server 127.0.0.1:{server.port};")
+    # No prediction server in this test: its upstream only has to resolve at start.
+    config = config.replace("server serve:8100;", "server 127.0.0.1:9;")
     config = config.replace("listen 80;", f"listen 127.0.0.1:{port};")
     prefix = tmp_path / "nginx"
     prefix.mkdir()
