@@ -19,6 +19,7 @@ from server import (
     database,
     enqueue,
     openapi,
+    prometheus,
     quotas,
     registry_api,
     sweeps_api,
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     app.register_blueprint(users_api.bp)
     app.register_blueprint(timeline_api.bp)
     app.register_blueprint(cluster_api.bp)
+    app.register_blueprint(prometheus.bp)
     app.register_blueprint(web.bp)
     web.filters.init_app(app)
     app.register_blueprint(openapi.bp)

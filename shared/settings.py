@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # Signs session cookies and CSRF tokens. Every web process must share it; unset, one
     # is generated once and kept in `home`/secret-key.
     secret_key: str | None = Field(default=None, min_length=16)
+    # Prometheus scrapes GET /metrics with `Authorization: Bearer <metrics_token>`
+    # (server/prometheus.py); unset, only admins' API tokens may read it.
+    metrics_token: str | None = Field(default=None, min_length=16)
     # Session cookies only over HTTPS. Unset: on when `url` is https.
     secure_cookies: bool | None = None
     # A login lasts at most this long, however busy (absolute, counted from the login):

@@ -853,6 +853,8 @@ MATRIX: tuple[Row, ...] = (
         f"/api/v1/workers/{NODE}/uncordon", check=check_node_control, check_all=True),
     Row("POST", "/api/v1/workers/<node>/clear", ADMIN_ONLY, f"/api/v1/workers/{NODE}/clear",
         check=check_node_control, check_all=True),
+    # Prometheus (server/prometheus.py): the scrape token or an admin
+    Row("GET", "/metrics", {ANON: 401, ALICE: 403, BOB: 403, ADMIN: 200}),
     Row("GET", "/healthz", PUBLIC),
     # HTML
     Row("GET", "/", page(), check=check_home, page=True),
