@@ -9,25 +9,13 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from shared.artifact_store import ArtifactStoreError
+from shared.http_error import HttpError
 
 log = logging.getLogger(__name__)
 
 
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        fields: dict[str, str] | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.fields = fields or {}
-        self.headers = headers or {}
+class ApiError(HttpError):
+    """An API failure; answered by the handlers below."""
 
 
 def error_response(

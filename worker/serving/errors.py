@@ -3,23 +3,11 @@
 
 from __future__ import annotations
 
+from shared.http_error import HttpError
 
-class ServeError(Exception):
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        fields: dict[str, str] | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.fields = fields or {}
-        self.headers = headers or {}
 
-    def body(self) -> dict[str, object]:
-        return {"error": {"code": self.code, "message": self.message, "fields": self.fields}}
+class ServeError(HttpError):
+    """A prediction request's failure."""
 
 
 def invalid(field: str, problem: str) -> ServeError:
