@@ -28,6 +28,7 @@ from server import (
     uploads_api,
     users_api,
     web,
+    web_metrics,
 )
 from server.database import get_session
 from server.errors import register_error_handlers
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     app.add_url_rule("/healthz", "healthz", healthz)
     openapi.init_app(app)
     app.after_request(security_headers)
+    web_metrics.install(app)
     return app
 
 

@@ -10,12 +10,15 @@ web forms show them next to the field.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from flask import current_app
 from sqlalchemy import select
 
+from server import web_metrics
 from server.access import find_visible_bundle, find_visible_job
 from server.auth import Principal, submit_limits
 from server.catalog import catalog_context
@@ -33,6 +36,7 @@ from shared.schema_base import CatalogError
 from shared.spec import (
     DERIVED_SOURCES,
     ENTRY_FILE,
+    JOB_KINDS,
     AnySpec,
     DerivedSpec,
     EvaluateSpec,
@@ -55,7 +59,25 @@ def parse_job_spec(data: Any) -> AnySpec:
     try:
         return parse_spec(data, catalog_context())
     except SpecError as exc:
+        kind = data.get("kind", "train") if isinstance(data, dict) else None
+        web_metrics.count_submission(kind if kind in JOB_KINDS else "unknown", "invalid")
         raise invalid(exc.fields) from None
+
+
+@contextmanager
+def _counted(kind: str) -> Iterator[None]:
+    """Count a submission refused on the way (Prometheus: trainyard_submissions_total)."""
+    try:
+        yield
+    except ApiError as exc:
+        if exc.code in ("over_limit", "rate_limited"):
+            outcome = "limited"
+        elif exc.status in (401, 403):
+            outcome = "forbidden"
+        else:
+            outcome = "invalid"
+        web_metrics.count_submission(kind, outcome)
+        raise
 
 
 def check_evaluate_source(spec: EvaluateSpec) -> Job:
@@ -235,15 +257,16 @@ def estimate(spec: AnySpec, user: Principal) -> Admission:
 
 def build_job(spec: AnySpec, user: Principal, idempotency_key: str | None = None) -> Job:
     """The (unsaved) row for a validated spec, after the source check and the limits."""
-    source = check_source(spec)
-    if isinstance(spec, ScriptSpec):
-        check_script(spec, user)
-    admission = admit(spec, user, source)
-    if admission.over:
-        raise ApiError(
-            422, "over_limit", "the job exceeds the limits of your account", admission.over
-        )
-    submit_limits().check(user)
+    with _counted(spec.kind):
+        source = check_source(spec)
+        if isinstance(spec, ScriptSpec):
+            check_script(spec, user)
+        admission = admit(spec, user, source)
+        if admission.over:
+            raise ApiError(
+                422, "over_limit", "the job exceeds the limits of your account", admission.over
+            )
+        submit_limits().check(user)
     return new_job(
         spec,
         user.id,
@@ -259,6 +282,7 @@ def store_and_enqueue(job: Job) -> Job:
     session.add(job)
     # Commit before enqueue: a worker that picks the task up at once must find the row.
     session.commit()
+    web_metrics.count_submission(job.kind, "accepted")
     enqueue_job(job)
     return job
 

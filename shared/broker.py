@@ -359,3 +359,17 @@ def read_serve_stats(client: redis.Redis, model_name: str) -> dict[str, dict[str
         except ValueError:
             continue
     return found
+
+
+# ----------------------------------------------------------------------------- monitoring
+
+# Counters and histograms that worker slots and reconcilers count for Prometheus
+# (shared/event_metrics.py): one hash per series, named after it; its fields are the
+# series' label values (and a histogram's bucket, sum or count). No TTL: they are
+# counters, and a Redis that loses them reads as a counter reset, which Prometheus's
+# rate() already understands.
+EVENT_METRICS_PREFIX = "trainyard:prom:"
+
+
+def event_metrics_key(series_name: str) -> str:
+    return f"{EVENT_METRICS_PREFIX}{series_name}"

@@ -36,6 +36,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -46,6 +47,8 @@ from celery import Celery
 from sqlalchemy import or_, select
 from sqlalchemy.sql import ColumnElement
 
+from shared import event_metrics
+from shared import prometheus_catalog as pc
 from shared.broker import (
     QueuedMessages,
     read_messages,
@@ -318,7 +321,18 @@ def reconcile_once(
         log.info("reconcile pass: %s", report)
     else:
         log.debug("reconcile pass: nothing to do")
+    _count_pass(settings, report)
     return report
+
+
+def _count_pass(settings: Settings, report: ReconcileReport) -> None:
+    """For Prometheus (shared/event_metrics.py): what the pass did, and that it ran (an
+    alert fires when no reconciler has finished a pass for a while)."""
+    actions = ("requeued", "failed", "republished", "cancelled", "publish_errors")
+    event_metrics.count_many(
+        settings.redis_url, pc.RECONCILER_ACTIONS, {(a,): getattr(report, a) for a in actions}
+    )
+    event_metrics.set_gauge(settings.redis_url, pc.RECONCILER_LAST_PASS, time.time())
 
 
 def run_forever(
@@ -370,7 +384,11 @@ def preempt_pass(settings: Settings, token: str, *, release: bool = False) -> li
         if not take_scheduler_lock(client, token, 3 * settings.reconcile_seconds):
             return []
         try:
-            return preempt_once(settings, client)
+            done = preempt_once(settings, client)
+            event_metrics.count(
+                settings.redis_url, pc.RECONCILER_ACTIONS, ("preempted",), len(done)
+            )
+            return done
         finally:
             if release:
                 release_scheduler_lock(client, token)

@@ -139,6 +139,9 @@ class Claim:
     attempt: int
     spec: dict[str, Any]
     kind: str
+    # For the wait-time histogram (shared/event_metrics.py): where and since when it waited.
+    queue: str = ""
+    created_at: datetime | None = None
 
 
 def running_jobs_of_owner() -> ColumnElement[int]:
@@ -191,13 +194,20 @@ def claim_job(
         started_at=now,
         updated_at=now,
         preempt_requested_by=None,
-    ).returning(Job.attempt, Job.spec, Job.kind)
+    ).returning(Job.attempt, Job.spec, Job.kind, Job.queue, Job.created_at)
     row = session.execute(stmt).first()
     if row is None:
         return None
     message = f"on {device}" if device else None
     add_event(session, job_id, "claimed", attempt=row.attempt, worker=worker, message=message)
-    return Claim(job_id=job_id, attempt=row.attempt, spec=row.spec, kind=row.kind)
+    return Claim(
+        job_id=job_id,
+        attempt=row.attempt,
+        spec=row.spec,
+        kind=row.kind,
+        queue=row.queue,
+        created_at=row.created_at,
+    )
 
 
 @dataclass(frozen=True)

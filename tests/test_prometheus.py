@@ -4,16 +4,26 @@ token and admins may read it."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+import requests
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared import prometheus_catalog as pc
+from shared.celery_app import make_celery
 from shared.db import transaction, utcnow
 from shared.orm import Job
+from shared.reconciler import reconcile_once
 from shared.settings import Settings
 from tests.conftest import TestUsers, as_user
+from tests.helpers import train_spec
 from tests.job_rows import add_jobs
 
 SCRAPE_TOKEN = "scrape-token-0123456789"
@@ -71,3 +81,128 @@ def test_only_the_scrape_token_and_admins_read_it(app: Flask, users: TestUsers) 
     member = as_user(app, users.alice).get("/metrics")
     assert member.status_code == 403 and "Authorization" in member.get_json()["error"]["fields"]
     assert as_user(app, users.admin).get("/metrics").status_code == 200
+
+
+def sample(series: dict, name: str, **labels: str) -> float:
+    return series[(name, tuple(sorted(labels.items())))]
+
+
+def family_names(app: Flask) -> set[str]:
+    got = app.test_client().get("/metrics", headers={"Authorization": f"Bearer {SCRAPE_TOKEN}"})
+    return {f.name for f in text_string_to_metric_families(got.get_data(as_text=True))}
+
+
+def test_every_catalogued_family_is_exported_before_its_first_sample(app: Flask) -> None:
+    """Alert rules and dashboards (deploy/monitoring/) find every series from the start."""
+    names = family_names(app)
+    # The parser names a counter family without its _total suffix.
+    assert {s.name.removesuffix("_total") for s in pc.WEB_SERIES} <= names
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_job_on_a_real_worker_moves_the_series(
+    app: Flask, settings: Settings, db_url: str, users: TestUsers, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    """Wait and run time, attempts, metric points (counted by the worker into Redis),
+    slots and consumers (its registry entry), submissions and HTTP requests (the web's
+    own counters), the reconciler's pass."""
+    before = scrape(app)
+    assert sample(before, "trainyard_queue_consumers", queue="cpu") == 0
+    assert ("trainyard_job_wait_seconds_count", (("queue", "cpu"),)) not in before
+    start_worker("cpu")
+    client = as_user(app, users.alice)
+    refused = client.post("/api/v1/jobs", json=train_spec(epochs=0))
+    assert refused.status_code == 422
+    tiny = train_spec(model={"name": "mlp", "params": {"hidden": 16, "layers": 1}}, epochs=2)
+    created = client.post("/api/v1/jobs", json=tiny)
+    assert created.status_code == 201, created.get_data(as_text=True)
+    job_id = created.get_json()["id"]
+    deadline = time.monotonic() + 90
+    while client.get(f"/api/v1/jobs/{job_id}").get_json()["state"] != "succeeded":
+        assert time.monotonic() < deadline, client.get(f"/api/v1/jobs/{job_id}").get_json()
+        time.sleep(0.3)
+    reconcile_once(settings, make_celery(settings))
+
+    after = scrape(app)
+    done = {"queue": "cpu", "kind": "train", "outcome": "succeeded"}
+    assert sample(after, "trainyard_job_attempts_finished_total", **done) == 1
+    assert sample(after, "trainyard_job_run_seconds_count", **done) == 1
+    assert 0 < sample(after, "trainyard_job_run_seconds_sum", **done) < 90
+    assert sample(after, "trainyard_job_wait_seconds_count", queue="cpu") == 1
+    assert sample(after, "trainyard_job_wait_seconds_bucket", queue="cpu", le="+Inf") == 1
+    assert sample(after, "trainyard_metric_points_written_total") >= 2 * 3  # 2 epochs x 3+ keys
+    assert sample(after, "trainyard_submissions_total", kind="train", outcome="accepted") == 1
+    assert sample(after, "trainyard_submissions_total", kind="train", outcome="invalid") == 1
+    post = {"method": "POST", "route": "/api/v1/jobs"}
+    assert sample(after, "trainyard_http_requests_total", **post, status="201") == 1
+    assert sample(after, "trainyard_http_requests_total", **post, status="422") == 1
+    assert sample(after, "trainyard_http_request_duration_seconds_count", **post) == 2
+    host = socket.gethostname()
+    assert sample(after, "trainyard_worker_slots", host=host, queue="cpu") == 1
+    assert sample(after, "trainyard_worker_slots_busy", host=host, queue="cpu") == 0
+    assert sample(after, "trainyard_queue_consumers", queue="cpu") == 1
+    assert sample(after, "trainyard_worker_nodes", state="online") == 1
+    ages = [v for (name, _), v in after.items() if name == "trainyard_worker_heartbeat_age_seconds"]
+    assert len(ages) == 1 and 0 <= ages[0] < 20
+    assert sample(after, "trainyard_reconciler_actions_total", action="requeued") == 0
+    assert abs(sample(after, "trainyard_reconciler_last_pass_timestamp_seconds") - time.time()) < 60
+    assert sample(after, "trainyard_artifact_store_free_bytes") > 0
+    # Counters only grow: the next scrape (from any process) agrees.
+    assert scrape(app)[("trainyard_job_attempts_finished_total", tuple(sorted(done.items())))] == 1
+
+
+def _requests_to(url: str, route: str, status: str) -> float:
+    text = requests.get(
+        url + "/metrics", headers={"Authorization": f"Bearer {SCRAPE_TOKEN}"}, timeout=10
+    ).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "trainyard_http_requests_total" and s.labels == {
+                "method": "GET", "route": route, "status": status,
+            }:  # fmt: skip
+                return s.value
+    return 0.0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_counts_add_up_across_gunicorn_processes(settings: Settings, tmp_path: Path) -> None:
+    """`trainyard web`'s gunicorn with 2 processes: every scrape, whichever process
+    answers it, counts every request served by either; a killed process's counts stay;
+    a restarted server starts from zero (its directory is emptied at start)."""
+    from tests.test_web_availability import Gunicorn
+
+    prom_dir = tmp_path / "prometheus"
+    prom_dir.mkdir()
+    (prom_dir / "counter_999999.db").write_bytes(b"left over from a previous run")
+    env = {"TRAINYARD_METRICS_TOKEN": SCRAPE_TOKEN, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
+    server = Gunicorn(settings, tmp_path, **env)
+    try:
+        assert not (prom_dir / "counter_999999.db").exists()
+        base = _requests_to(server.url, "/healthz", "200")  # the start-up probes
+        with requests.Session() as http:  # keep-alive off: connections spread over both
+            for _ in range(60):
+                assert http.get(server.url + "/healthz", headers={"Connection": "close"}).ok
+        counter_files = sorted(p.name for p in prom_dir.glob("counter_*.db"))
+        assert len(counter_files) == 2, counter_files  # both processes served some
+        for _ in range(6):  # several scrapes: they land on either process
+            assert _requests_to(server.url, "/healthz", "200") == base + 60
+        # A process dies; gunicorn starts another: the dead one's requests still count.
+        pids = [int(p.removeprefix("counter_").removesuffix(".db")) for p in counter_files]
+        os.kill(pids[0], signal.SIGKILL)
+        time.sleep(1.0)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if _requests_to(server.url, "/healthz", "200") == base + 60:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        server.stop()
+    restarted = Gunicorn(settings, tmp_path, **env)
+    try:
+        assert _requests_to(restarted.url, "/healthz", "200") < 60
+    finally:
+        restarted.stop()

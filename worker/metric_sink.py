@@ -17,6 +17,8 @@ from typing import Any
 
 from sqlalchemy import insert
 
+from shared import event_metrics
+from shared import prometheus_catalog as pc
 from shared.db import transaction
 from shared.metric_catalog import finite_number
 from shared.orm import MetricPoint
@@ -38,15 +40,18 @@ class MetricSink:
         flush_seconds: float = 2.0,
         flush_points: int = 500,
         give_up: Callable[[], bool] = lambda: False,
+        redis_url: str | None = None,
     ):
         """`give_up`: checked while `close` retries a failed write; True means the points
-        can no longer be written by this attempt (its lease ran out), so stop trying."""
+        can no longer be written by this attempt (its lease ran out), so stop trying.
+        `redis_url`: where to count the points written, for Prometheus."""
         self._url = database_url
         self._job_id = job_id
         self._attempt = attempt
         self._flush_seconds = flush_seconds
         self._flush_points = flush_points
         self._give_up = give_up
+        self._redis_url = redis_url
         self._points: list[dict[str, Any]] = []
         self._progress: dict[str, Any] | None = None
         self._lock = threading.Lock()
@@ -171,6 +176,8 @@ class MetricSink:
                 if self._progress is progress:
                     self._progress = None
             self.points_written += len(points)
+            if points:
+                event_metrics.count(self._redis_url, pc.METRIC_POINTS, by=len(points))
             return len(points)
 
     def _run(self) -> None:

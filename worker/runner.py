@@ -40,11 +40,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 import shared
+from shared import event_metrics
+from shared import prometheus_catalog as pc
 from shared.artifact_store import ArtifactStore, store_for
 from shared.celery_app import make_celery, publish_job
 from shared.claim_limits import Deferred, claim_within_limits
 from shared.dataset_cache import sync_dataset
-from shared.db import transaction
+from shared.db import transaction, utcnow
 from shared.job_events import add_event
 from shared.job_files import TMP_SUFFIX, job_dir, log_path
 from shared.lineage import root_train_spec
@@ -317,6 +319,7 @@ def run_job(
     # From here on, the job this slot claimed (not necessarily the message's).
     job_id = claim.job_id
     log.info("job %s: claimed, attempt %s", job_id, claim.attempt)
+    _count_claim(claim, settings)
     store = store_for(settings)
     _fetch_log(store, settings, job_id)
     sync = AttemptSync(store, settings, job_id, claim.attempt)
@@ -324,6 +327,7 @@ def run_job(
         outcome = _attempt(claim, settings, claimed_at, job_log, device, sync)
         if outcome is None:
             job_log.event("lost the job (lease ran out or reclaimed); recorded nothing")
+            _count_end(claim, settings, LOST, time.monotonic() - claimed_at)
             return LOST
         # The row gets what members may see; the log below keeps the full text.
         shown = as_shown(outcome, redactor_for(settings))
@@ -335,6 +339,7 @@ def run_job(
     if result == REQUEUED:
         _publish(claim, settings, celery)
     log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
+    _count_end(claim, settings, result, time.monotonic() - claimed_at)
     # The crash guard (worker/node_control.py): a slot whose jobs keep dying at once stops.
     node_control.attempt_ended(
         settings,
@@ -346,6 +351,20 @@ def run_job(
         error=f"{shown.values.get('error_type')}: {shown.values.get('error_message')}",
     )
     return result
+
+
+def _count_claim(claim: Claim, settings: Settings) -> None:
+    """The wait-time histogram: from submission to the first claim (a requeued job's
+    later claims would count its earlier attempts' run time as waiting)."""
+    if claim.attempt == 1 and claim.created_at is not None:
+        waited = (utcnow() - claim.created_at.replace(tzinfo=None)).total_seconds()
+        event_metrics.observe(settings.redis_url, pc.JOB_WAIT, (claim.queue,), waited)
+
+
+def _count_end(claim: Claim, settings: Settings, result: str, ran_s: float) -> None:
+    labels = (claim.queue, claim.kind, result)
+    event_metrics.count(settings.redis_url, pc.ATTEMPTS_FINISHED, labels)
+    event_metrics.observe(settings.redis_url, pc.JOB_RUN, labels, ran_s)
 
 
 def _fetch_log(store: ArtifactStore, settings: Settings, job_id: int) -> None:
@@ -404,7 +423,7 @@ def _attempt(
     )  # fmt: skip
     sink = MetricSink(
         url, claim.job_id, claim.attempt, settings.metric_flush_seconds,
-        settings.metric_flush_points, give_up=lambda: lease.lost,
+        settings.metric_flush_points, give_up=lambda: lease.lost, redis_url=settings.redis_url,
     )  # fmt: skip
     job_log.event(f"claimed by {worker_name()} on {describe_device(device)}{_slot_note()}")
     memory = AppliedLimit(None)

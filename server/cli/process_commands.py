@@ -43,6 +43,8 @@ WORKER_CLASS = "server.gunicorn_worker.TrainyardWorker"
 def gunicorn_argv(host: str, port: int, workers: int, timeout: int) -> list[str]:
     return [
         sys.executable, "-m", "gunicorn", "server.wsgi:app",
+        # Prometheus's multiprocess directory, emptied at start (server/gunicorn_hooks.py).
+        "-c", "python:server.gunicorn_hooks",
         "-b", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "--workers", str(workers),
         "--worker-class", WORKER_CLASS,
