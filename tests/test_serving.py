@@ -350,6 +350,20 @@ def test_concurrent_requests_share_forward_passes(world: World) -> None:
                           headers={"Authorization": f"Bearer {world.bob}"}, timeout=10).json()  # fmt: skip
     assert theirs["models"] == {} and theirs["loaded"] == []
 
+    # The same figures for Prometheus (admins and the scrape token only).
+    from prometheus_client.parser import text_string_to_metric_families
+
+    scraped = requests.get(f"{world.url}/metrics", headers={"Authorization": f"Bearer {world.admin}"}, timeout=10)  # fmt: skip
+    assert scraped.status_code == 200, scraped.text
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(scraped.text) for s in f.samples}  # fmt: skip
+    v1 = (("model", "digits"), ("version", "1"))
+    assert got[("trainyard_serve_requests_total", (*v1[:1], ("status", "200"), v1[1]))] >= 32
+    assert got[("trainyard_serve_batch_size_count", v1)] >= batches["forward_passes"]
+    assert got[("trainyard_serve_request_duration_seconds_count", v1)] >= 32
+    member = requests.get(f"{world.url}/metrics", headers={"Authorization": f"Bearer {world.bob}"}, timeout=10)  # fmt: skip
+    assert member.status_code == 403
+
     # Published to Redis, and shown on the model's page in the web UI.
     from server.app import create_app
     from tests.test_authorization import session_client

@@ -4,6 +4,7 @@
          ...?stage=staging                                  the newest staging version
     POST /api/v1/models/<name>/versions/<version>/predict   exactly that version
     GET  /api/v1/serve/stats                                this process's statistics
+    GET  /metrics                                           the same, for Prometheus
     GET  /healthz                                           no token needed
 
 Tokens and ownership as in the API (server/auth.py, shared/model_registry.py): a
@@ -20,6 +21,7 @@ re-checked as often (a revoked token stops working within that time).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import threading
@@ -27,6 +29,7 @@ import time
 from typing import Any
 
 import torch
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
@@ -40,6 +43,7 @@ from worker.serving.batcher import BatcherClosed, QueueFull
 from worker.serving.cache import ModelCache, Served, VersionRef
 from worker.serving.errors import ServeError, invalid
 from worker.serving.inputs import parse_body
+from worker.serving.metrics import render as render_metrics
 from worker.serving.stats import Publisher, ServeStats
 
 log = logging.getLogger(__name__)
@@ -110,6 +114,7 @@ class ServeApp:
             [
                 Rule("/healthz", endpoint="health", methods=["GET"]),
                 Rule("/api/v1/serve/stats", endpoint="stats", methods=["GET"]),
+                Rule("/metrics", endpoint="metrics", methods=["GET"]),
                 Rule("/api/v1/models/<name>/predict", endpoint="predict", methods=["POST"]),
                 Rule(
                     "/api/v1/models/<name>/versions/<int(signed=True):version>/predict",
@@ -148,12 +153,26 @@ class ServeApp:
         endpoint, args = adapter.match()
         if endpoint == "health":
             return json_response({"status": "ok", "loaded": len(self.cache.loaded())})
+        if endpoint == "metrics":
+            self.allow_scrape(request)
+            return Response(render_metrics(self.stats), content_type=CONTENT_TYPE_LATEST)
         actor = self.authenticate(request)
         if endpoint == "stats":
             return json_response(self.stats_json(actor))
         return self.predict(request, actor, args["name"], args.get("version"))
 
     # ------------------------------------------------------------ who asks
+
+    def allow_scrape(self, request: Request) -> None:
+        """GET /metrics: the scrape token (TRAINYARD_METRICS_TOKEN), or an admin's token,
+        as on the web's own /metrics."""
+        token = self.settings.metrics_token
+        sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if token and hmac.compare_digest(sent.encode(), token.encode()):
+            return
+        if not self.authenticate(request).is_admin:
+            raise ServeError(403, "forbidden", "metrics are for admins and the scrape token",
+                             {"Authorization": "an admin's token or TRAINYARD_METRICS_TOKEN"})  # fmt: skip
 
     def authenticate(self, request: Request) -> registry.Actor:
         header = request.headers.get("Authorization")

@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,16 @@ class ServeStats:
         with self._lock:
             s = self._get(name, version)
             s.batches[rows] = s.batches.get(rows, 0) + 1
+
+    def copy(self) -> dict[tuple[str, int], VersionStats]:
+        """(model, version) -> a copy of its figures, for GET /metrics."""
+        with self._lock:
+            return {
+                key: replace(
+                    s, errors=dict(s.errors), latency=list(s.latency), batches=dict(s.batches)
+                )
+                for key, s in sorted(self._versions.items())
+            }
 
     def by_model(self) -> dict[str, dict[str, Any]]:
         """model name -> {"at", "instance", "versions": {version: stats}}."""
