@@ -23,6 +23,7 @@ from server import (
     quotas,
     registry_api,
     sweeps_api,
+    tensorboard_api,
     timeline_api,
     tokens_api,
     uploads_api,
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     app.register_blueprint(tokens_api.bp)
     app.register_blueprint(users_api.bp)
     app.register_blueprint(timeline_api.bp)
+    app.register_blueprint(tensorboard_api.bp)
     app.register_blueprint(cluster_api.bp)
     app.register_blueprint(prometheus.bp)
     app.register_blueprint(web.bp)

@@ -249,6 +249,10 @@ class Settings(BaseSettings):
     serve_max_rows: int = Field(default=1024, ge=1)
     serve_resolve_seconds: float = Field(default=2.0, ge=0, le=3600)
     serve_stats_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # A TensorBoard export (GET /api/v1/jobs/{id}/tensorboard) keeps at most this many
+    # points of each series, evenly spaced and always the last: TensorBoard itself
+    # samples 1,000 per chart, and a million points take 15 s and 55 MB to write.
+    tensorboard_max_points: int = Field(default=100_000, ge=2, le=10_000_000)
 
     @field_validator("worker_gpus")
     @classmethod

@@ -277,6 +277,12 @@ def check_download(resp: TestResponse, who: str, w: World) -> None:
     assert resp.headers["Content-Disposition"].startswith("attachment")
 
 
+def check_tensorboard(resp: TestResponse, who: str, w: World) -> None:
+    assert resp.headers["Content-Disposition"].startswith("attachment")
+    with tarfile.open(fileobj=io.BytesIO(resp.data)) as tar:
+        assert tar.getnames()[0].split("-")[:2] == ["job", str(w.job)]  # job-<id>-<name>
+
+
 def check_new_job_is_callers(resp: TestResponse, who: str, w: World) -> None:
     # A retried or submitted job belongs to whoever asked, even an admin retrying alice's.
     assert resp.get_json()["owner"] == w.user(who).username
@@ -735,6 +741,8 @@ MATRIX: tuple[Row, ...] = (
     Row("GET", J + "/artifacts", owned(), "/api/v1/jobs/{job}/artifacts", check=check_artifact_list),
     Row("GET", J + "/artifacts/<path:name>", owned(), "/api/v1/jobs/{job}/artifacts/{artifact}",
         check=check_download),
+    Row("GET", J + "/tensorboard", owned(), "/api/v1/jobs/{job}/tensorboard",
+        check=check_tensorboard),
     Row("POST", "/api/v1/jobs", any_user(201), json=train_spec(), check=check_new_job_is_callers,
         note="train"),
     # bob: 422 "job N does not exist", the answer for an id that does not exist.
@@ -1035,6 +1043,7 @@ def test_another_users_object_reads_exactly_like_a_missing_one(
         ("GET", "/api/v1/jobs/{}/logs"),
         ("GET", "/api/v1/jobs/{}/artifacts"),
         ("GET", "/api/v1/jobs/{}/artifacts/" + ARTIFACT),
+        ("GET", "/api/v1/jobs/{}/tensorboard"),
         ("POST", "/api/v1/jobs/{}/cancel"),
         ("POST", "/api/v1/jobs/{}/retry"),
         ("DELETE", "/api/v1/jobs/{}/artifacts"),

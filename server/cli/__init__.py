@@ -4,7 +4,7 @@ Two kinds of subcommand, each in its own module:
 
 - client commands (`submit`, `jobs`, `show`, `watch`, `cancel`: job_commands; `bundles`:
   bundle_commands; `upload`, `artifacts`: storage_commands; `sweep`: sweep_commands;
-  `model`: model_commands) talk to the
+  `model`: model_commands; `tensorboard export`: tensorboard_commands) talk to the
   HTTP API only, never to the database, so they work from any machine that can reach
   the server;
 - process commands (`web`, `worker`, `reconcile`, `db upgrade`: process_commands;
@@ -36,6 +36,7 @@ from server.cli.process_commands import db, reconcile, web, worker
 from server.cli.serve_command import serve
 from server.cli.storage_commands import artifacts_group, upload_group
 from server.cli.sweep_commands import sweep_group
+from server.cli.tensorboard_commands import tensorboard_group
 
 __all__ = ["main"]
 
@@ -68,6 +69,7 @@ for _command in (
     bundles_group,
     sweep_group,
     model_group,
+    tensorboard_group,
     serve,
 ):
     main.add_command(_command)

@@ -99,7 +99,14 @@ class ApiClient:
             timeout=(self.timeout[0], 600.0),
         )
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def download(self, path: str, out: IO[bytes]) -> None:
+        """GET a file (not JSON) into `out`, streamed; errors as from any request."""
+        resp = self._request("GET", path, stream=True, timeout=(self.timeout[0], 600.0), raw=True)
+        with resp:
+            for chunk in resp.iter_content(chunk_size=1 << 16):
+                out.write(chunk)
+
+    def _request(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
         url = f"{self.base_url}/api/v1{path}"
         kwargs.setdefault("timeout", self.timeout)
         try:
@@ -118,6 +125,8 @@ class ApiClient:
             error = ApiError.from_response(resp)
             error.token_sent = self.token is not None
             raise error
+        if raw:
+            return resp
         try:
             return resp.json()
         except ValueError:
