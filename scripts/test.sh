@@ -42,6 +42,30 @@ if [ "${TRAINYARD_TEST_SKIP_NGINX:-0}" != "1" ] && ! command -v nginx >/dev/null
   fi
 fi
 
+# tests/test_monitoring_files.py checks deploy/monitoring with promtool, from Debian's
+# `prometheus` package. Installing that package would also start a Prometheus server:
+# a policy-rc.d answering 101 ("not allowed") keeps it from starting any service, and
+# --no-install-recommends keeps out the node exporter.
+if [ "${TRAINYARD_TEST_SKIP_PROMTOOL:-0}" != "1" ] && ! command -v promtool >/dev/null 2>&1 && [ ! -x /usr/bin/promtool ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test: installing promtool for the alert-rule tests (apt-get, package prometheus, not started)"
+    made_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made_policy=1
+    fi
+    installed=0
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null && installed=1
+    if [ "$made_policy" = "1" ]; then rm -f /usr/sbin/policy-rc.d; fi
+    if [ "$installed" != "1" ]; then
+      echo "test: installing the 'prometheus' package failed; set TRAINYARD_TEST_SKIP_PROMTOOL=1 to skip its tests" >&2
+      exit 1
+    fi
+  else
+    echo "test: no promtool; install the 'prometheus' package (its service need not run) or set TRAINYARD_TEST_SKIP_PROMTOOL=1" >&2
+    exit 1
+  fi
+fi
+
 # The suite starts hundreds of Python processes (workers, CLI, reconcilers): let them
 # cache the project's compiled modules, whatever the machine's default.
 unset PYTHONDONTWRITEBYTECODE

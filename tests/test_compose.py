@@ -24,7 +24,8 @@ SERVICES = {"redis", "postgres", "migrate", "web", "proxy", "worker", "worker-gp
             "serve"}  # fmt: skip
 ONE_SHOT = {"migrate", "minio-init"}
 # Started only with their profile (tests/test_deploy_files.py checks which).
-OPTIONAL = {"worker-gpu", "worker-gpu0", "worker-gpu1", "flower", "minio", "minio-init"}
+OPTIONAL = {"worker-gpu", "worker-gpu0", "worker-gpu1", "flower", "prometheus", "grafana",
+            "minio", "minio-init"}  # fmt: skip
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
 

@@ -56,6 +56,8 @@ PROFILES = {
         "worker-gpu0": ["gpu-per-device"],
         "worker-gpu1": ["gpu-per-device"],
         "flower": ["monitoring"],
+        "prometheus": ["monitoring"],
+        "grafana": ["monitoring"],
         "minio": ["minio"],
         "minio-init": ["minio"],
     },
