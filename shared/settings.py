@@ -253,6 +253,9 @@ class Settings(BaseSettings):
     # points of each series, evenly spaced and always the last: TensorBoard itself
     # samples 1,000 per chart, and a million points take 15 s and 55 MB to write.
     tensorboard_max_points: int = Field(default=100_000, ge=2, le=10_000_000)
+    # Workers also write each train job's metrics as TensorBoard event files while it
+    # runs, in `<attempt dir>/tensorboard/` beside its checkpoints (worker/tensorboard_live.py).
+    tensorboard_live: bool = False
 
     @field_validator("worker_gpus")
     @classmethod

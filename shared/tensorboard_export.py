@@ -16,8 +16,9 @@ lines the runs up in one table. Nothing depends on the clock or the host: file n
 come from the job, so exporting the same job twice gives the same bytes.
 
 The records are framed by TensorBoard's own RecordWriter and built from its protos;
-the tests read them back with TensorBoard's EventAccumulator. Only the web process and
-the CLI import this module (lazily: the protobuf modules take half a second to load).
+the tests read them back with TensorBoard's EventAccumulator. The web process, the CLI
+and a worker writing live files (LiveRun) import this module, each lazily: the protobuf
+modules take half a second to load.
 """
 
 from __future__ import annotations
@@ -116,21 +117,27 @@ def series_tags(keys: Iterable[str]) -> dict[str, str]:
     two keys would meet on one tag, the later one (by name) keeps its key as the tag.
     """
     ordered = sorted(set(keys))
-    tags: dict[str, str] = {}
     # Keys with a slash first: they are named as their authors meant, and win ties.
-    for key in ordered:
-        if "/" in key:
-            tags[key] = f"series/{key}" if key.startswith(_RESERVED) else key
+    tags = {key: _own_tag(key) for key in ordered if "/" in key}
     taken = set(tags.values())
     for key in ordered:
-        if key in tags:
-            continue
-        tag = _grouped(key)
-        if tag in taken:
-            tag = key
-        tags[key] = tag
-        taken.add(tag)
+        if key not in tags:
+            tags[key] = _free_tag(key, taken)
     return tags
+
+
+def _own_tag(key: str) -> str:
+    return f"series/{key}" if key.startswith(_RESERVED) else key
+
+
+def _free_tag(key: str, taken: set[str]) -> str:
+    """The grouped tag for a key without a slash, or the key itself if that is taken;
+    adds it to `taken`."""
+    tag = _grouped(key)
+    if tag in taken:
+        tag = key
+    taken.add(tag)
+    return tag
 
 
 def _grouped(key: str) -> str:
@@ -243,8 +250,8 @@ def run_events(run: RunData) -> Iterable[Event]:
         yield end
 
 
-def _write_events(path: Path, events: Iterable[Event]) -> None:
-    with path.open("wb") as f:
+def _write_events(path: Path, events: Iterable[Event], mode: str = "wb") -> None:
+    with path.open(mode) as f:
         writer = RecordWriter(f)
         for event in events:
             writer.write(event.SerializeToString())
@@ -258,6 +265,47 @@ def write_run(run: RunData, logdir: Path) -> Path:
         old.unlink()  # a re-export replaces the job's file rather than adding a second
     _write_events(run_dir / event_file_name(run.job_id, run.created_at), run_events(run))
     return run_dir
+
+
+class LiveRun:
+    """A running attempt's event file, appended to as its points are stored
+    (TRAINYARD_TENSORBOARD_LIVE), so `tensorboard --logdir` on the worker's job
+    directory follows the job while it trains.
+
+    One file per attempt (a resumed job starts a new one beside it); the session start
+    comes first, scalars as the metric sink writes them. No session end: the outcome is
+    recorded after the last points, and the download has it.
+    """
+
+    def __init__(self, directory: Path, job_id: int, attempt: int, spec: Mapping[str, Any],
+                 started_at: float) -> None:  # fmt: skip
+        self.run = RunData(job_id, spec.get("name"), "running", spec, None, started_at)
+        self.path = directory / f"{event_file_name(job_id, started_at)}.attempt-{attempt}"
+        self._tags: dict[str, str] = {}
+
+    def _tag(self, key: str) -> str:
+        tag = self._tags.get(key)
+        if tag is None:
+            taken = set(self._tags.values())
+            tag = self._tags[key] = _own_tag(key) if "/" in key else _free_tag(key, taken)
+        return tag
+
+    def write(self, points: Iterable[Mapping[str, Any]]) -> None:
+        """Append points ({"key", "step", "value", "wall_time"}, as stored). A new
+        file starts with the version and the session start."""
+        events: list[Event] = []
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            events += [
+                Event(wall_time=self.run.created_at, step=0, file_version=_FILE_VERSION),
+                _session_start(self.run),
+            ]
+        for p in points:
+            events.append(
+                _scalar_event(self._tag(p["key"]), (p["step"], p["value"], p["wall_time"]))
+            )
+        # Opened per batch: nothing to close when the attempt ends, however it ends.
+        _write_events(self.path, events, "ab")
 
 
 @dataclass(frozen=True)

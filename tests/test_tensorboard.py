@@ -40,10 +40,17 @@ from shared.tensorboard_export import (
     write_run,
 )
 from tests.conftest import SQLITE_ONLY, TestUsers, as_user
+from tests.helpers import train_spec
 from tests.job_rows import add_jobs, job_spec
 from tests.test_authorization import session_client
 
 T0 = 1_790_000_000.0  # wall time of the first point
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """Workers started here write live event files too (the real run below)."""
+    return settings.model_copy(update={"tensorboard_live": True})
 
 
 def add_points(db_url: str, job_id: int, key: str, steps: list[int], attempt: int = 1) -> None:
@@ -277,3 +284,79 @@ def test_hparams_flatten_the_spec(tmp_path: Path) -> None:
     assert math.isnan(acc.Scalars("train/loss")[0].value)
     end = acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_END_INFO_TAG]
     assert metadata.parse_session_end_info_plugin_data(end).status == api_pb2.STATUS_FAILURE
+
+
+@SQLITE_ONLY
+def test_live_files_hold_what_the_sink_stored(
+    client: Any, db_url: str, settings: Settings, tmp_path: Path
+) -> None:
+    from shared.state_machine import claim_job
+    from worker import tensorboard_live
+    from worker.metric_sink import MetricSink
+
+    job = client.post("/api/v1/jobs", json=train_spec()).get_json()
+    with transaction(db_url) as s:
+        claim = claim_job(s, job["id"], "w:1", 60)
+    assert claim is not None
+    attempt_dir = tmp_path / "attempt-1"
+    off = settings.model_copy(update={"tensorboard_live": False})
+    assert tensorboard_live.writer(off, claim, attempt_dir) is None
+    sink = MetricSink(
+        db_url,
+        job["id"],
+        attempt=1,
+        on_written=tensorboard_live.writer(settings, claim, attempt_dir),
+    )
+    sink.log("train_loss", 0.5, step=1, epoch=1)
+    assert sink.flush() == 1
+    sink.log("train_loss", 0.25, step=2, epoch=2)
+    sink.log("val_accuracy", 0.75, step=2, epoch=2)
+    sink.log("gpu_util", 40.0, step=3)
+    assert sink.flush() == 3
+
+    acc = accumulator(attempt_dir / tensorboard_live.LIVE_DIR)
+    api = client.get(f"/api/v1/jobs/{job['id']}/metrics").get_json()["series"]
+    with transaction(db_url) as s:
+        rows = s.execute(
+            select(MetricPoint.key, MetricPoint.wall_time).order_by(MetricPoint.id)
+        ).all()
+    tags = series_tags(api)
+    assert set(acc.Tags()["scalars"]) == set(tags.values()) == {
+        "train/loss", "val/accuracy", "system/gpu_util",
+    }  # fmt: skip
+    for key, series in api.items():
+        events = acc.Scalars(tags[key])
+        assert [(e.step, e.value) for e in events] == list(
+            zip(series["step"], series["value"], strict=True)
+        )
+        assert [e.wall_time for e in events] == [w for k, w in rows if k == key]
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["optimizer.lr"].number_value == train_spec()["optimizer"]["lr"]
+
+
+@SQLITE_ONLY
+def test_a_real_run_live_and_downloaded(
+    client: Any, start_worker: Any, settings: Settings, tmp_path: Path
+) -> None:
+    from shared.job_files import job_dir
+    from tests.conftest import wait_for_state
+    from worker.tensorboard_live import LIVE_DIR
+
+    start_worker()
+    job = client.post("/api/v1/jobs", json=train_spec(epochs=1)).get_json()
+    done = wait_for_state(lambda path: client.get(path).get_json(), job["id"], {"succeeded"})
+    api = client.get(f"/api/v1/jobs/{job['id']}/metrics").get_json()["series"]
+    assert {"train_loss", "val_loss", "val_accuracy", "lr", "step_loss"} <= set(api)
+    downloaded = accumulator(unpack(client.get(f"/api/v1/jobs/{job['id']}/tensorboard").data,
+                                    tmp_path))  # fmt: skip
+    live = accumulator(job_dir(settings, job["id"]) / "attempt-1" / LIVE_DIR)
+    tags = series_tags(api)
+    for key, series in api.items():
+        expected = list(zip(series["step"], series["value"], strict=True))
+        got = [(e.step, e.value) for e in downloaded.Scalars(tags[key])]
+        assert got == [(s, pytest.approx(v, rel=1e-6)) for s, v in expected], key
+        # The live file has the same points, at the same wall times.
+        assert live.Scalars(tags[key]) == downloaded.Scalars(tags[key]), key
+    (final,) = downloaded.Scalars("final/val_accuracy")
+    assert final.value == pytest.approx(done["result"]["metrics"]["val_accuracy"], rel=1e-6)

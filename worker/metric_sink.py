@@ -41,10 +41,12 @@ class MetricSink:
         flush_points: int = 500,
         give_up: Callable[[], bool] = lambda: False,
         redis_url: str | None = None,
+        on_written: Callable[[list[dict[str, Any]]], None] | None = None,
     ):
         """`give_up`: checked while `close` retries a failed write; True means the points
         can no longer be written by this attempt (its lease ran out), so stop trying.
-        `redis_url`: where to count the points written, for Prometheus."""
+        `redis_url`: where to count the points written, for Prometheus. `on_written`:
+        given each batch once it is stored (worker/tensorboard_live.py)."""
         self._url = database_url
         self._job_id = job_id
         self._attempt = attempt
@@ -52,6 +54,7 @@ class MetricSink:
         self._flush_points = flush_points
         self._give_up = give_up
         self._redis_url = redis_url
+        self._on_written = on_written
         self._points: list[dict[str, Any]] = []
         self._progress: dict[str, Any] | None = None
         self._lock = threading.Lock()
@@ -178,7 +181,17 @@ class MetricSink:
             self.points_written += len(points)
             if points:
                 event_metrics.count(self._redis_url, pc.METRIC_POINTS, by=len(points))
+                self._hand_on(points)
             return len(points)
+
+    def _hand_on(self, points: list[dict[str, Any]]) -> None:
+        if self._on_written is None:
+            return
+        try:
+            self._on_written(points)
+        except Exception:  # noqa: BLE001 - a side copy (a full disk) must not stop training
+            log.warning("job %s: could not hand on %d stored points", self._job_id,
+                        len(points), exc_info=True)  # fmt: skip
 
     def _run(self) -> None:
         while not self._closed.is_set():

@@ -74,7 +74,7 @@ from shared.state_machine import (
     requeue_after_failure,
     still_owns,
 )
-from worker import node_control, shutdown, slots, telemetry
+from worker import node_control, shutdown, slots, telemetry, tensorboard_live
 from worker.artifact_sync import (
     AttemptSync,
     checkpoint_location,
@@ -424,6 +424,8 @@ def _attempt(
     sink = MetricSink(
         url, claim.job_id, claim.attempt, settings.metric_flush_seconds,
         settings.metric_flush_points, give_up=lambda: lease.lost, redis_url=settings.redis_url,
+        on_written=tensorboard_live.writer(
+            settings, claim, checkpoint_dir(settings, claim.job_id, claim.attempt)),
     )  # fmt: skip
     job_log.event(f"claimed by {worker_name()} on {describe_device(device)}{_slot_note()}")
     memory = AppliedLimit(None)
