@@ -30,6 +30,7 @@ from server import (
     users_api,
     web,
     web_metrics,
+    webhooks_api,
 )
 from server.database import get_session
 from server.errors import register_error_handlers
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     app.register_blueprint(timeline_api.bp)
     app.register_blueprint(tensorboard_api.bp)
     app.register_blueprint(cluster_api.bp)
+    app.register_blueprint(webhooks_api.bp)
     app.register_blueprint(prometheus.bp)
     app.register_blueprint(web.bp)
     web.filters.init_app(app)

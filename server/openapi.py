@@ -61,6 +61,7 @@ TAGS = {
             description="Named, immutable model versions of succeeded jobs, with stages",
         ),
         Tag(name="account", description="The caller and their API tokens"),
+        Tag(name="webhooks", description="Signed notifications of jobs and sweeps, and their log"),
         Tag(name="meta", description="This document and the health check"),
     )
 }

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from shared.db import utcnow
 from shared.orm import JobEvent
+from shared.webhooks import JOB_FINISH_EVENTS, record_job_finished
 
 # kind -> what the web UI calls it. Anything else is shown by its kind.
 EVENT_KINDS = {
@@ -49,6 +50,10 @@ def add_event(
             message=message[:2000] if message else None,
         )
     )
+    if kind in JOB_FINISH_EVENTS:
+        # Every move into a finished state passes here, inside its transaction: the
+        # webhook event commits (or rolls back) with it (shared/webhooks.py).
+        record_job_finished(session, job_id, kind, attempt)
 
 
 def last_event(

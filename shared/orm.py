@@ -433,3 +433,88 @@ class ModelStageEvent(Base):
     note: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_model_stage_events_version_id", "version_id", "id"),)
+
+
+class Webhook(Base):
+    """A user's webhook (shared/webhooks.py): where their notifications are POSTed, the
+    secret that signs them, which events it wants and in which payload format."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    owner_id: Mapped[int] = mapped_column(BigId, ForeignKey("users.id", ondelete="CASCADE"))
+    owner: Mapped[User] = relationship()
+    url: Mapped[str] = mapped_column(String(2000))
+    # Kept as given (HMAC needs the secret itself, not a hash); returned once, at creation.
+    secret: Mapped[str] = mapped_column(String(128))
+    # A subset of shared/webhooks.py EVENTS.
+    events: Mapped[list[str]] = mapped_column(JSON)
+    # json | slack | teams: the body's shape (shared/webhooks.py render).
+    format: Mapped[str] = mapped_column(String(16), default="json")
+    # job.stalled: a running job whose progress has not moved for this long.
+    stall_minutes: Mapped[int] = mapped_column(Integer, default=30)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_webhooks_owner_id", "owner_id", "id"),)
+
+
+class NotificationEvent(Base):
+    """The outbox: one row per thing that happened, written in the transaction that made
+    it happen (a job's final state, a sweep's end), so an event exists exactly when its
+    cause was committed. `event_id` ("job.failed:42:2") is unique: recording an event
+    twice is a no-op. The dispatcher (shared/webhook_delivery.py) fans each row out into
+    deliveries and then sets `fanned_out_at`."""
+
+    __tablename__ = "notification_outbox"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(32))
+    owner_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id", ondelete="CASCADE"))
+    # A ping (POST /api/v1/webhooks/<id>/test) goes to that one webhook only.
+    webhook_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("webhooks.id", ondelete="CASCADE")
+    )
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    fanned_out_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (
+        Index("ix_notification_outbox_event_id", "event_id", unique=True),
+        Index("ix_notification_outbox_fanned_out_id", "fanned_out_at", "id"),
+    )
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook: sent until a 2xx (then never again) or until
+    TRAINYARD_WEBHOOK_MAX_ATTEMPTS. A dispatcher sends it only while it holds the lease
+    (`lease_token`, `lease_expires_at`), so two dispatchers never send it at once."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[int] = mapped_column(BigId, ForeignKey("webhooks.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(
+        String(200), ForeignKey("notification_outbox.event_id", ondelete="CASCADE")
+    )
+    # pending | delivered | failed (gave up)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(300))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_webhook_deliveries_webhook_event", "webhook_id", "event_id", unique=True),
+        # The dispatcher's "what is due" and the delivery log, newest first.
+        Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_webhook_id", "webhook_id", "id"),
+        Index("ix_webhook_deliveries_event_id", "event_id"),
+    )

@@ -71,6 +71,7 @@ from shared.state_machine import (
     settle_unclaimable,
 )
 from shared.sweep_controller import controller_pass
+from shared.webhook_delivery import start as start_webhook_dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +354,8 @@ def run_forever(
         settings.max_attempts,
     )
     token = f"{socket.gethostname()}:{os.getpid()}"
+    # Webhooks (shared/webhook_delivery.py) poll every second, not every pass.
+    webhooks = start_webhook_dispatcher(settings, stop_event)
     while not stop_event.is_set():
         try:
             reconcile_once(settings, celery)
@@ -371,6 +374,7 @@ def run_forever(
         if alive_file is not None:
             _touch(alive_file)
         stop_event.wait(settings.reconcile_seconds)
+    webhooks.join(2 * settings.webhook_timeout_seconds + 5)
     log.info("reconciler stopped")
 
 

@@ -249,6 +249,26 @@ class Settings(BaseSettings):
     serve_max_rows: int = Field(default=1024, ge=1)
     serve_resolve_seconds: float = Field(default=2.0, ge=0, le=3600)
     serve_stats_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # Webhooks (shared/webhooks.py, shared/webhook_delivery.py; README "Webhooks").
+    # Private, loopback, link-local (cloud metadata) and other non-public addresses are
+    # refused as webhook targets, at creation and again at every send, unless this is
+    # on. Unset: refused when `url` is https (a production-like install), allowed
+    # otherwise (local mode, whose receivers are often on this machine).
+    webhook_allow_private: bool | None = None
+    # One send waits this long for the receiver's answer; redirects are not followed.
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # Retries: retry_base * 2^(attempt-1), at most retry_max, with +-20% jitter, up to
+    # max_attempts sends in all (the defaults: about a day), then the delivery is failed.
+    webhook_retry_base_seconds: float = Field(default=10.0, gt=0)
+    webhook_retry_max_seconds: float = Field(default=3600.0, gt=0)
+    webhook_max_attempts: int = Field(default=32, ge=1, le=1000)
+    # How often the dispatcher (a thread of `trainyard reconcile`) looks for new events
+    # and due deliveries; how long a dispatcher holds a delivery it is sending.
+    webhook_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    webhook_lease_seconds: float = Field(default=60.0, gt=0)
+    # Events and their delivery log are kept this long, then deleted.
+    webhook_retention_days: float = Field(default=30.0, gt=0)
+    max_webhooks_per_user: int = Field(default=20, ge=1)
     # A TensorBoard export (GET /api/v1/jobs/{id}/tensorboard) keeps at most this many
     # points of each series, evenly spaced and always the last: TensorBoard itself
     # samples 1,000 per chart, and a million points take 15 s and 55 MB to write.
@@ -343,6 +363,12 @@ class Settings(BaseSettings):
         if self.secure_cookies is not None:
             return self.secure_cookies
         return self.url.startswith("https://")
+
+    @property
+    def webhooks_allow_private(self) -> bool:
+        if self.webhook_allow_private is not None:
+            return self.webhook_allow_private
+        return not self.url.startswith("https://")
 
     def require_redis_url(self) -> str:
         if not self.redis_url:

@@ -48,6 +48,7 @@ from shared.state_machine import request_cancel
 from shared.sweep_pruning import decisions
 from shared.sweep_search import TrialRecord, propose
 from shared.sweep_spec import SweepSpec, apply, load_sweep_spec
+from shared.webhooks import record_sweep_finished
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +348,8 @@ def _finish_if_done(
             .values(state=state, finished_at=now, updated_at=now,
                     error_message=None if state == SUCCEEDED else "no trial succeeded")
         ).rowcount  # fmt: skip
+        if done:
+            record_sweep_finished(session, sweep_id)  # its webhook event, in this transaction
     return state if done else None
 
 
@@ -423,10 +426,12 @@ def controller_pass(settings: Settings, holder: str, celery: Any) -> list[TickRe
             reports.append(tick(settings, sweep_id, holder, publish))
         except SweepFailed as exc:
             with transaction(settings.resolved_database_url) as session:
-                session.execute(
+                failed = session.execute(
                     update(Sweep).where(Sweep.id == sweep_id, Sweep.state == RUNNING)
                     .values(state=FAILED, error_message=str(exc), finished_at=utcnow())
-                )  # fmt: skip
+                ).rowcount  # fmt: skip
+                if failed:
+                    record_sweep_finished(session, sweep_id)
         except Exception:  # noqa: BLE001 - one sweep's trouble must not stop the others
             log.warning("sweep %s: controller tick failed; retried next pass", sweep_id,
                         exc_info=True)  # fmt: skip

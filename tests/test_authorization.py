@@ -33,6 +33,7 @@ from urllib.parse import quote
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import select
 from werkzeug.test import TestResponse
 
 from server.auth import principal
@@ -45,10 +46,12 @@ from shared.orm import (
     Job,
     MetricPoint,
     ModelVersion,
+    NotificationEvent,
     RegisteredModel,
     Sweep,
     Upload,
     User,
+    Webhook,
     WorkerNode,
 )
 from shared.settings import Settings
@@ -114,6 +117,9 @@ class World:
     cancelled_sweep: int = 0  # alice's cancelled sweep (the one to resume)
     page_sweep: int = 0  # the same two for the sweep page's buttons
     page_cancelled_sweep: int = 0
+    webhook: int = 0  # alice's webhook (read, changed, tested)
+    spare_webhook: int = 0  # another of hers (the API deletes it)
+    page_webhook: int = 0  # and one the settings page deletes
 
     def user(self, identity: str) -> Any:
         return {ALICE: self.users.alice, BOB: self.users.bob, ADMIN: self.users.admin}[identity]
@@ -132,6 +138,9 @@ class World:
             "cancelled_sweep": self.cancelled_sweep,
             "page_sweep": self.page_sweep,
             "page_cancelled_sweep": self.page_cancelled_sweep,
+            "webhook": self.webhook,
+            "spare_webhook": self.spare_webhook,
+            "page_webhook": self.page_webhook,
             "token": self.spare_token,
             "artifact": ARTIFACT,
         }
@@ -227,6 +236,7 @@ def make_world(app: Flask, settings: Settings, db_url: str, users: Any) -> World
         i: session_client(app, db_url, world.user(i)) for i in IDENTITIES[1:]
     }
     seed_registry(world)
+    seed_webhooks(world)
     return world
 
 
@@ -700,6 +710,71 @@ def check_node_control_page(resp: TestResponse, who: str, w: World) -> None:
         assert row is None or row.changed_by == "root", row
 
 
+# Webhooks (server/webhooks_api.py, server/web/webhook_pages.py): alice's three, owned
+# like jobs; the test settings' http URL allows loopback receivers.
+HOOK = "/api/v1/webhooks/<int:webhook_id>"
+HOOK_URL = "http://127.0.0.1:9/matrix"
+
+
+def seed_webhooks(w: World) -> None:
+    with transaction(w.db_url) as s:
+        made = [Webhook(owner_id=w.users.alice.id, url=HOOK_URL, secret=f"whsec_{i}",
+                        events=["job.failed"], format="json", stall_minutes=30, enabled=True)
+                for i in range(3)]  # fmt: skip
+        s.add_all(made)
+        s.flush()
+        w.webhook, w.spare_webhook, w.page_webhook = (h.id for h in made)
+
+
+def check_webhook_list(resp: TestResponse, who: str, w: World) -> None:
+    hooks = resp.get_json()["webhooks"]
+    assert (w.webhook in {h["id"] for h in hooks}) == (who == ALICE)  # admins: ?all=true
+    assert all("secret" not in h for h in hooks)
+
+
+def check_all_webhooks(resp: TestResponse, who: str, w: World) -> None:
+    assert w.webhook in {h["id"] for h in resp.get_json()["webhooks"]}
+
+
+def check_new_webhook(resp: TestResponse, who: str, w: World) -> None:
+    with transaction(w.db_url) as s:
+        hook = s.get(Webhook, resp.get_json()["id"])
+        assert hook.owner_id == w.user(who).id and resp.get_json()["secret"] == hook.secret
+
+
+def check_page_new_webhook(resp: TestResponse, who: str, w: World) -> None:
+    with transaction(w.db_url) as s:
+        owners = set(s.scalars(select(Webhook.owner_id).where(Webhook.url == HOOK_URL + "/page")))
+    assert owners == ({w.user(who).id} if who != ANON else set())
+
+
+def check_webhook_changed(resp: TestResponse, who: str, w: World) -> None:
+    with transaction(w.db_url) as s:
+        minutes = s.get(Webhook, w.webhook).stall_minutes
+    assert minutes == (45 if who in (ALICE, ADMIN) else 30)
+
+
+def check_webhook_gone(attr: str) -> Callable[[TestResponse, str, World], None]:
+    def check(resp: TestResponse, who: str, w: World) -> None:
+        with transaction(w.db_url) as s:
+            exists = s.get(Webhook, getattr(w, attr)) is not None
+        assert exists == (who in (ANON, BOB))
+
+    return check
+
+
+def check_ping_queued(resp: TestResponse, who: str, w: World) -> None:
+    with transaction(w.db_url) as s:
+        pings = s.scalars(select(NotificationEvent.event_id)
+                          .where(NotificationEvent.webhook_id == w.webhook)).all()  # fmt: skip
+    assert len(pings) == (1 if who in (ALICE, ADMIN) else 0), pings
+
+
+def check_webhooks_page(resp: TestResponse, who: str, w: World) -> None:
+    listed = f'data-webhook-id="{w.webhook}"' in resp.get_data(as_text=True)
+    assert listed == (who in (ALICE, ADMIN))  # an admin's page lists everyone's
+
+
 # ---------------------------------------------------------------- the matrix
 
 
@@ -861,6 +936,29 @@ MATRIX: tuple[Row, ...] = (
         f"/api/v1/workers/{NODE}/uncordon", check=check_node_control, check_all=True),
     Row("POST", "/api/v1/workers/<node>/clear", ADMIN_ONLY, f"/api/v1/workers/{NODE}/clear",
         check=check_node_control, check_all=True),
+    # webhooks (server/webhooks_api.py, server/web/webhook_pages.py)
+    Row("GET", "/api/v1/webhooks", any_user(), check=check_webhook_list),
+    Row("GET", "/api/v1/webhooks", {ANON: 401, ALICE: 403, BOB: 403, ADMIN: 200},
+        "/api/v1/webhooks?all=true", check=check_all_webhooks),
+    Row("POST", "/api/v1/webhooks", any_user(201), json={"url": HOOK_URL, "events": ["job.failed"]},
+        check=check_new_webhook),
+    Row("GET", HOOK, owned(), "/api/v1/webhooks/{webhook}"),
+    Row("GET", HOOK + "/deliveries", owned(), "/api/v1/webhooks/{webhook}/deliveries"),
+    Row("PATCH", HOOK, owned(), "/api/v1/webhooks/{webhook}", json={"stall_minutes": 45},
+        check=check_webhook_changed, check_all=True),
+    Row("POST", HOOK + "/test", owned(202), "/api/v1/webhooks/{webhook}/test",
+        check=check_ping_queued, check_all=True),
+    Row("DELETE", HOOK, owned(), "/api/v1/webhooks/{spare_webhook}",
+        check=check_webhook_gone("spare_webhook"), check_all=True),
+    Row("GET", "/settings/webhooks", page(), check=check_webhooks_page, page=True),
+    Row("POST", "/settings/webhooks", page(201), page=True, check=check_page_new_webhook,
+        check_all=True, data=b"url=" + quote(HOOK_URL + "/page", safe="").encode()
+        + b"&events=job.failed&format=json&stall_minutes=30&enabled=y"),
+    Row("POST", "/settings/webhooks/<int:webhook_id>/test", owned_page(303),
+        "/settings/webhooks/{webhook}/test", page=True),
+    Row("POST", "/settings/webhooks/<int:webhook_id>/delete", owned_page(303),
+        "/settings/webhooks/{page_webhook}/delete", check=check_webhook_gone("page_webhook"),
+        check_all=True, page=True),
     # Prometheus (server/prometheus.py): the scrape token or an admin
     Row("GET", "/metrics", {ANON: 401, ALICE: 403, BOB: 403, ADMIN: 200}),
     Row("GET", "/healthz", PUBLIC),

@@ -271,6 +271,9 @@ def reconcile(once: bool, alive_file: Path | None, loglevel: str) -> None:
         token = f"{socket.gethostname()}:{os.getpid()}:once"
         for p in preempt_pass(settings, token, release=True):
             click.echo(f"preempting job {p.victim} for job {p.preemptor}")
+        from shared import webhook_delivery
+
+        click.echo(f"webhooks: {webhook_delivery.run_once(settings)}")
         return
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

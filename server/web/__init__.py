@@ -20,5 +20,6 @@ from server.web import (  # noqa: E402,F401
     submit,
     sweep_pages,
     uploads_page,
+    webhook_pages,
     workers,
 )
