@@ -8,6 +8,7 @@ from celery import Celery
 from flask import Flask, current_app
 
 from shared.celery_app import make_celery, publish_job
+from shared.log_setup import job_fields
 from shared.orm import Job
 from shared.settings import Settings
 
@@ -26,11 +27,19 @@ def enqueue_job(job: Job) -> bool:
     """
     celery: Celery | None = current_app.extensions.get("trainyard_celery")
     if celery is None:
-        log.warning("job %s stored but not enqueued: TRAINYARD_REDIS_URL is not set", job.id)
+        log.warning(
+            "job %s stored but not enqueued: TRAINYARD_REDIS_URL is not set",
+            job.id,
+            extra=job_fields(job.id),
+        )
         return False
     try:
         publish_job(celery, job.id, job.kind, job.queue, job.spec.get("max_runtime_s"))
     except Exception:
-        log.exception("job %s stored but enqueue failed; the reconciler will retry", job.id)
+        log.exception(
+            "job %s stored but enqueue failed; the reconciler will retry",
+            job.id,
+            extra=job_fields(job.id),
+        )
         return False
     return True

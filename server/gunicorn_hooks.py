@@ -46,3 +46,12 @@ def on_exit(server: Any) -> None:
     own = os.environ.get(_OWN_DIR)
     if own:
         shutil.rmtree(own, ignore_errors=True)
+
+
+# TRAINYARD_LOG_FORMAT=json: gunicorn's own lines (start, worker boots and deaths) as JSON
+# too, like the app's (shared/log_setup.py); read from the environment, as gunicorn
+# reads this module before any setting is loaded.
+if os.environ.get("TRAINYARD_LOG_FORMAT", "").strip().lower() == "json":
+    from shared.log_setup import gunicorn_logconfig
+
+    logconfig_dict = gunicorn_logconfig("web")

@@ -59,6 +59,7 @@ from shared.broker import (
 from shared.celery_app import job_id_from_task_id, make_celery, publish_job, task_id_for
 from shared.db import transaction, utcnow
 from shared.job_events import add_event, last_event
+from shared.log_setup import job_fields
 from shared.orm import Job
 from shared.scheduling import Preemption, preempt_once
 from shared.settings import Settings
@@ -195,7 +196,12 @@ class _Publisher:
             publish_job(self._celery, row.id, row.kind, row.queue, row.max_runtime_s)
         except Exception as exc:  # noqa: BLE001 - the job is safe as `queued`; retried later
             self._report.publish_errors += 1
-            log.warning("reconciler: job %s: publish failed (%s); retrying later", row.id, exc)
+            log.warning(
+                "reconciler: job %s: publish failed (%s); retrying later",
+                row.id,
+                exc,
+                extra=job_fields(row.id),
+            )
             return False
         return True
 
@@ -300,7 +306,13 @@ def _spare_messages(url: str, view: QueuedMessages) -> dict[str, int]:
 
 def _log_action(settled: Settled, job_id: int, report: ReconcileReport) -> None:
     report.record(settled.action, job_id)
-    log.info("reconciler: job %s %s: %s", job_id, settled.action, settled.message)
+    log.info(
+        "reconciler: job %s %s: %s",
+        job_id,
+        settled.action,
+        settled.message,
+        extra=job_fields(job_id),
+    )
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -55,6 +55,7 @@ from sqlalchemy.orm import Session
 
 from shared.db import transaction, utcnow
 from shared.job_states import JobState
+from shared.log_setup import job_fields
 from shared.orm import Job
 from shared.settings import Settings
 from shared.state_machine import request_preemption
@@ -308,7 +309,12 @@ def preempt_once(
             continue
         with transaction(url) as session:
             if request_preemption(session, victim.id, victim.attempt, best.job_id):
-                log.info("scheduler: job %s preempts job %s", best.job_id, victim.id)
+                log.info(
+                    "scheduler: job %s preempts job %s",
+                    best.job_id,
+                    victim.id,
+                    extra=job_fields(victim.id),
+                )
                 done.append(Preemption(victim.id, best.job_id))
     return done
 

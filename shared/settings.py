@@ -11,6 +11,7 @@ import os
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -54,6 +55,9 @@ class Settings(BaseSettings):
     # Prometheus scrapes GET /metrics with `Authorization: Bearer <metrics_token>`
     # (server/prometheus.py); unset, only admins' API tokens may read it.
     metrics_token: str | None = Field(default=None, min_length=16)
+    # "json": every process logs one JSON object a line, with job_id/attempt on lines
+    # about a job (shared/log_setup.py); "text" for people.
+    log_format: Literal["text", "json"] = "text"
     # Session cookies only over HTTPS. Unset: on when `url` is https.
     secure_cookies: bool | None = None
     # A login lasts at most this long, however busy (absolute, counted from the login):

@@ -4,6 +4,7 @@ token and admins may read it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -31,7 +32,8 @@ SCRAPE_TOKEN = "scrape-token-0123456789"
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"metrics_token": SCRAPE_TOKEN})
+    # JSON logs too: the real worker and gunicorn below show them (shared/log_setup.py).
+    return settings.model_copy(update={"metrics_token": SCRAPE_TOKEN, "log_format": "json"})
 
 
 def scrape(app: Flask) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -109,7 +111,7 @@ def test_a_job_on_a_real_worker_moves_the_series(
     before = scrape(app)
     assert sample(before, "trainyard_queue_consumers", queue="cpu") == 0
     assert ("trainyard_job_wait_seconds_count", (("queue", "cpu"),)) not in before
-    start_worker("cpu")
+    worker = start_worker("cpu")
     client = as_user(app, users.alice)
     refused = client.post("/api/v1/jobs", json=train_spec(epochs=0))
     assert refused.status_code == 422
@@ -150,6 +152,16 @@ def test_a_job_on_a_real_worker_moves_the_series(
     # Counters only grow: the next scrape (from any process) agrees.
     assert scrape(app)[("trainyard_job_attempts_finished_total", tuple(sorted(done.items())))] == 1
 
+    # TRAINYARD_LOG_FORMAT=json: the worker's log lines are JSON objects (Celery's
+    # banner is printed, not logged), and every line about the job names it and its
+    # attempt, those of the lease and metric threads included.
+    logged = [json.loads(line) for line in worker.log_path.read_text().splitlines()
+              if line.startswith("{")]  # fmt: skip
+    about = [line for line in logged if line.get("job_id") == job_id]
+    assert any(line["message"] == f"job {job_id}: claimed, attempt 1" for line in about), logged
+    assert all(line["attempt"] == 1 and line["process"] == "worker" for line in about)
+    assert any("ready" in line["message"] for line in logged)  # Celery's own lines too
+
 
 def _requests_to(url: str, route: str, status: str) -> float:
     text = requests.get(
@@ -177,6 +189,9 @@ def test_counts_add_up_across_gunicorn_processes(settings: Settings, tmp_path: P
     env = {"TRAINYARD_METRICS_TOKEN": SCRAPE_TOKEN, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
     server = Gunicorn(settings, tmp_path, **env)
     try:
+        # TRAINYARD_LOG_FORMAT=json (the settings fixture): gunicorn's lines too.
+        booted = [json.loads(line) for line in server.log.read_text().splitlines()]
+        assert any(line["message"].startswith("Booting worker") for line in booted), booted
         assert not (prom_dir / "counter_999999.db").exists()
         base = _requests_to(server.url, "/healthz", "200")  # the start-up probes
         with requests.Session() as http:  # keep-alive off: connections spread over both

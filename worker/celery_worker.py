@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import torch._dynamo  # noqa: F401
 from celery.signals import (
     celeryd_init,
+    setup_logging,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -26,6 +27,7 @@ from celery.signals import (
 from shared.broker import redis_client
 from shared.celery_app import make_celery
 from shared.db import dispose_inherited_engines
+from shared.log_setup import configure_logging
 from shared.settings import load_settings
 from shared.worker_registry import SlotHeartbeat, SlotInfo, mark_stopped, remove_node
 from worker import memory_limit, node_control, shutdown, slots, telemetry
@@ -39,6 +41,14 @@ app = make_celery(settings)
 register_tasks(app, settings)
 # Stops consuming while an admin has this node cordoned (worker/node_control.py).
 app.steps["consumer"].add(node_control.NodeControlStep)
+
+if settings.log_format == "json":
+    # Connected, this signal replaces Celery's own logging set-up: every line of the
+    # worker and its slots, Celery's included, is then a JSON object with the job's id
+    # and attempt while one runs (shared/log_setup.py).
+    @setup_logging.connect
+    def _json_logging(loglevel: int | str | None = None, **_: Any) -> None:
+        configure_logging("json", "worker", loglevel or logging.INFO)
 
 
 def _refuse(message: str) -> NoReturn:

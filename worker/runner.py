@@ -50,6 +50,7 @@ from shared.db import transaction, utcnow
 from shared.job_events import add_event
 from shared.job_files import TMP_SUFFIX, job_dir, log_path
 from shared.lineage import root_train_spec
+from shared.log_setup import job_context, job_fields
 from shared.orm import Job
 from shared.redaction import DETAIL_MARK, ERROR_DETAIL, Redactor, redactor_for
 from shared.scheduling import candidates_for
@@ -305,20 +306,29 @@ def run_job(
     device = pick_device()
     claim = _claim(job_id, settings, describe_device(device), schedule)
     if isinstance(claim, Deferred):
-        log.info("job %s: not run now: %s", job_id, claim.reason)
+        log.info("job %s: not run now: %s", job_id, claim.reason, extra=job_fields(job_id))
         return DEFERRED
     if claim is None:
         log.info(
             "job %s: not claimable (duplicate delivery, running elsewhere, finished or "
             "cancelled); skipping",
             job_id,
+            extra=job_fields(job_id),
         )
         return DUPLICATE
     if claim.job_id != job_id:
         log.info("job %s: run by the message of job %s (ranked first)", claim.job_id, job_id)
-    # From here on, the job this slot claimed (not necessarily the message's).
+    # From here on, the job this slot claimed (not necessarily the message's); every log
+    # line of this process names it until it ends (shared/log_setup.py).
+    with job_context(claim.job_id, claim.attempt):
+        log.info("job %s: claimed, attempt %s", claim.job_id, claim.attempt)
+        return _run_claimed(claim, settings, celery, claimed_at, device)
+
+
+def _run_claimed(
+    claim: Claim, settings: Settings, celery: Celery | None, claimed_at: float, device: torch.device
+) -> str:
     job_id = claim.job_id
-    log.info("job %s: claimed, attempt %s", job_id, claim.attempt)
     _count_claim(claim, settings)
     store = store_for(settings)
     _fetch_log(store, settings, job_id)

@@ -6,7 +6,6 @@ imports `worker` or torch: the web process imports the CLI too (it is the consol
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ import click
 
 from server.cli.install_checks import require_worker_extra
 from server.cli.settings import cli_settings
+from shared.log_setup import configure_logging
 from shared.settings import Settings, parse_gpu_selection
 
 
@@ -253,11 +253,7 @@ def reconcile(once: bool, alive_file: Path | None, loglevel: str) -> None:
     settings = cli_settings()
     if not settings.redis_url:
         raise click.ClickException("TRAINYARD_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
-    logging.basicConfig(
-        level=loglevel.upper(),
-        format="%(asctime)s [reconciler] %(levelname)s %(message)s",
-        force=True,
-    )
+    configure_logging(settings.log_format, "reconciler", loglevel)
     if once:
         from sqlalchemy.exc import SQLAlchemyError
 

@@ -3,15 +3,14 @@ worker process (server/cli/serve_command.py)."""
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
+from shared.log_setup import configure_logging
 from shared.settings import load_settings
 from worker.serving.app import create_app
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s [serve] %(levelname)s %(message)s")
 _settings = load_settings()
+configure_logging(_settings.log_format, "serve")
 if _settings.torch_threads:
     torch.set_num_threads(_settings.torch_threads)
 app = create_app(_settings)
