@@ -29,7 +29,7 @@ import re
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from tensorboard.compat.proto.event_pb2 import Event
@@ -332,7 +332,10 @@ def experiment(sessions: Sequence[SessionSummary]) -> api_pb2.Experiment:
     infos = []
     for name in sorted(values):
         seen = values[name]
-        info = api_pb2.HParamInfo(name=name)
+        # TensorBoard lists the hyperparameters that differ between runs first (and
+        # keeps only those when it is asked for fewer columns).
+        differs = len({(type(v), v) for v in seen}) > 1 or len(seen) < len(sessions)
+        info = api_pb2.HParamInfo(name=name, differs=differs)
         if all(isinstance(v, bool) for v in seen):
             info.type = api_pb2.DataType.DATA_TYPE_BOOL
             info.domain_discrete.values.add().bool_value = False
@@ -396,9 +399,22 @@ def _tar_info(
 
 def extract_runs(archive: IO[bytes], logdir: Path) -> list[str]:
     """Unpack an export's .tar.gz into `logdir`; returns the run directories it held.
-    Only plain files and directories inside `logdir` (tarfile's "data" filter)."""
+    Only plain files and directories with relative names: the archive comes over the
+    network, and nothing in it may land outside `logdir`."""
     logdir.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=archive, mode="r:gz") as tar:
         members = tar.getmembers()
-        tar.extractall(logdir, members=members, filter="data")
+        for member in members:
+            parts = PurePosixPath(member.name).parts
+            if (
+                not (member.isfile() or member.isdir())
+                or member.name.startswith("/")
+                or ".." in parts
+            ):
+                raise ValueError(f"not a TensorBoard export: it holds {member.name!r}")
+        # The "data" filter also fixes modes; Pythons before 3.10.12 / 3.11.4 lack it.
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(logdir, members=members, filter="data")
+        else:
+            tar.extractall(logdir, members=members)  # the members were checked above
     return sorted({m.name.split("/", 1)[0] for m in members})

@@ -222,6 +222,12 @@ def session_groups(logdir: Path) -> list[Any]:
     return list(handler.run().session_groups)
 
 
+def experiment_of(logdir: Path) -> api_pb2.Experiment:
+    acc = accumulator(logdir)
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.EXPERIMENT_TAG]
+    return metadata.parse_experiment_plugin_data(content)
+
+
 @SQLITE_ONLY
 def test_cli_exports_several_jobs_for_the_hparams_tab(
     live_server: str, db_url: str, users: TestUsers, tmp_path: Path
@@ -248,6 +254,8 @@ def test_cli_exports_several_jobs_for_the_hparams_tab(
     metrics = {m.name.tag: m.value for m in big.metric_values}
     assert metrics == pytest.approx({"final/val_accuracy": 0.95, "final/val_loss": 0.3}, rel=1e-6)
     assert big.sessions[0].status == api_pb2.Status.STATUS_SUCCESS
+    differs = {h.name for h in experiment_of(out).hparam_infos if h.differs}
+    assert differs == {"optimizer.lr"}  # the one hyperparameter the two specs differ in
 
     refused = CliRunner().invoke(
         main, ["tensorboard", "export", str(bobs), "-o", str(out)], env=env
@@ -360,3 +368,13 @@ def test_a_real_run_live_and_downloaded(
         assert live.Scalars(tags[key]) == downloaded.Scalars(tags[key]), key
     (final,) = downloaded.Scalars("final/val_accuracy")
     assert final.value == pytest.approx(done["result"]["metrics"]["val_accuracy"], rel=1e-6)
+
+
+def test_an_archive_reaching_outside_the_log_directory_is_refused(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        tar.addfile(tarfile.TarInfo("../evil"), io.BytesIO(b""))
+    out.seek(0)
+    with pytest.raises(ValueError, match="not a TensorBoard export"):
+        extract_runs(out, tmp_path / "runs")
+    assert not (tmp_path / "evil").exists()
