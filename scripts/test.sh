@@ -42,8 +42,9 @@ if [ "${TRAINYARD_TEST_SKIP_NGINX:-0}" != "1" ] && ! command -v nginx >/dev/null
   fi
 fi
 
-# tests/test_monitoring_files.py checks deploy/monitoring with promtool, from Debian's
-# `prometheus` package. Installing that package would also start a Prometheus server:
+# tests/test_monitoring_files.py checks deploy/monitoring with promtool and runs the
+# prometheus binary itself (on a free port, for one test), both from Debian's
+# `prometheus` package. Installing that package would also start a Prometheus service:
 # a policy-rc.d answering 101 ("not allowed") keeps it from starting any service, and
 # --no-install-recommends keeps out the node exporter.
 if [ "${TRAINYARD_TEST_SKIP_PROMTOOL:-0}" != "1" ] && ! command -v promtool >/dev/null 2>&1 && [ ! -x /usr/bin/promtool ]; then
