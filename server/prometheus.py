@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import redis
 from flask import Blueprint, Response, current_app, request
@@ -135,7 +136,7 @@ class FleetCollector(Collector):
         yield from families.values()
 
     @staticmethod
-    def _add(families: dict[str, GaugeMetricFamily], status: dict) -> None:  # type: ignore[type-arg]
+    def _add(families: dict[str, GaugeMetricFamily], status: dict[str, Any]) -> None:
         online, busy, consumers = Counter(), Counter(), Counter()
         states = Counter({s: 0 for s in _NODE_STATES})
         for queue in ("cpu", "gpu"):

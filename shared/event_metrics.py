@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,7 @@ from shared.broker import event_metrics_key, redis_client
 
 if TYPE_CHECKING:
     import redis
+    from redis.client import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,14 @@ def _bucket(series: pc.Series, value: float) -> str:
     return repr(float(series.buckets[i])) if i < len(series.buckets) else "+Inf"
 
 
-def _send(url: str | None, fill: object) -> None:
+def _send(url: str | None, fill: Callable[[Pipeline], object]) -> None:
     """Run `fill(pipe)` and send it; log the first failure of a streak, never raise."""
     global _failing
     if not url:
         return
     try:
         pipe = _client(url).pipeline(transaction=False)
-        fill(pipe)  # type: ignore[operator]
+        fill(pipe)
         pipe.execute()
     except Exception as exc:  # noqa: BLE001 - monitoring must never break a job
         if not _failing:
@@ -95,7 +96,7 @@ def observe(url: str | None, series: pc.Series, labels: Sequence[str], value: fl
     key, name = event_metrics_key(series.name), _labels(series, labels)
     value = max(0.0, float(value))
 
-    def fill(pipe: redis.client.Pipeline) -> None:
+    def fill(pipe: Pipeline) -> None:
         pipe.hincrbyfloat(key, name + SEP + _bucket(series, value), 1)
         pipe.hincrbyfloat(key, name + SEP + "sum", value)
         pipe.hincrbyfloat(key, name + SEP + "count", 1)
