@@ -51,9 +51,8 @@ class JobFields(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         current = _current
         if current is not None and getattr(record, "job_id", None) is None:
-            record.job_id, attempt = current
-            if attempt is not None:
-                record.attempt = attempt
+            # As logging itself adds `extra` fields: into the record's attributes.
+            record.__dict__.update(job_fields(*current))
         return True
 
 
