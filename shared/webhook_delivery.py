@@ -332,14 +332,17 @@ def _record(
 def send_due(
     settings: Settings, report: DispatchReport, pool: ThreadPoolExecutor | None = None
 ) -> None:
-    # The lease outlives a whole batch of sends at the timeout, or a slow batch could
-    # see its deliveries taken over (and sent twice) before it records them.
-    lease = max(settings.webhook_lease_seconds, 4 * settings.webhook_timeout_seconds + 10)
+    # The lease outlives a whole batch of sends at the timeout (each sender's share of
+    # it, one after another), or a slow batch could see its last deliveries taken over
+    # and sent twice before it records them.
+    per_sender = -(-SEND_BATCH // SENDERS)
+    lease = max(settings.webhook_lease_seconds, per_sender * settings.webhook_timeout_seconds + 1)
     leased = lease_due(settings.resolved_database_url, lease, utcnow())
     if not leased:
         return
-    if pool is None:
-        outcomes = [send_leased(settings, d, t) for d, t in leased]
+    if pool is None:  # a one-off pass: the same parallelism, its own threads
+        with ThreadPoolExecutor(SENDERS, thread_name_prefix="webhook-send") as own:
+            outcomes = list(own.map(lambda dt: send_leased(settings, *dt), leased))
     else:
         outcomes = list(pool.map(lambda dt: send_leased(settings, *dt), leased))
     report.delivered += outcomes.count(DELIVERED)

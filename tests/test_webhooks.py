@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -436,3 +438,19 @@ def test_settings_page_creates_shows_the_secret_once_tests_and_deletes(
     deleted = page.post(f"/settings/webhooks/{hook.id}/delete", data={"csrf_token": token})
     assert deleted.status_code == 303
     assert 'id="webhooks-empty"' in page.get("/settings/webhooks").get_data(as_text=True)
+
+
+def test_the_readme_receiver_snippet_checks_a_real_signature() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("#### Checking a delivery") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n", 10)]
+    scope: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own code
+    check = scope["verify_trainyard"]
+    body, now = b'{"event":"ping"}', int(time.time())
+    headers = wd.signed_headers("whsec_abc", "ping:1:x", "ping", body, 1)
+    stamp, signature = headers["Trainyard-Timestamp"], headers["Trainyard-Signature"]
+    assert abs(int(stamp) - now) <= 1
+    assert check("whsec_abc", stamp, signature, body)
+    assert not check("whsec_abd", stamp, signature, body)
+    assert not check("whsec_abc", str(now - 301), sign("whsec_abc", now - 301, body), body)

@@ -1,0 +1,168 @@
+"""Webhook deliveries through real processes: a loopback receiver that fails the first
+attempts, the dispatcher in a real `trainyard reconcile` process killed with SIGKILL
+mid-retry and started again, the web app started again too, and in the end exactly one
+accepted, correctly signed delivery per event id (docs/architecture.md, "Webhooks")."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from server.app import create_app
+from shared.db import transaction
+from shared.job_states import JobState
+from shared.orm import Job, WebhookDelivery
+from shared.settings import Settings
+from shared.state_machine import claim_job, finish_job
+from shared.webhook_signing import verify
+from tests.conftest import REPO, SQLITE_ONLY, as_user, settings_env
+from tests.helpers import train_spec
+
+
+class FlakyReceiver:
+    """Answers 500 until `accept` is set, then 200; logs (headers, body, status)."""
+
+    def __init__(self) -> None:
+        self.accept = threading.Event()
+        self.log: list[tuple[dict[str, str], bytes, int]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = 200 if receiver.accept.is_set() else 500
+                receiver.log.append((dict(self.headers), body, status))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/trainyard"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[FlakyReceiver]:
+    r = FlakyReceiver()
+    yield r
+    r.close()
+
+
+def wait_until(what: str, ok: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"not within {timeout}s: {what}")
+
+
+def deliveries(db_url: str) -> list[tuple[str, str, int]]:
+    with transaction(db_url) as s:
+        rows = s.execute(select(WebhookDelivery.event_id, WebhookDelivery.status,
+                                WebhookDelivery.attempts)).all()  # fmt: skip
+    return sorted((r.event_id, r.status, r.attempts) for r in rows)
+
+
+@SQLITE_ONLY
+def test_one_signed_delivery_per_event_through_kills_and_restarts(
+    settings: Settings, users, receiver: FlakyReceiver, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    db_url = settings.resolved_database_url
+    web = create_app(settings, {"TESTING": True})
+    alice = as_user(web, users.alice)
+    made = alice.post("/api/v1/webhooks", json={
+        "url": receiver.url, "events": ["job.succeeded", "job.failed"],
+    })  # fmt: skip
+    assert made.status_code == 201, made.get_json()
+    secret, hook_id = made.get_json()["secret"], made.get_json()["id"]
+
+    # Two jobs really finishing (the state machine on real rows), and a test ping.
+    with transaction(db_url) as s:
+        jobs = [Job(owner_id=users.alice.id, kind="train", name=f"j{i}", queue="cpu",
+                    spec=train_spec()) for i in range(2)]  # fmt: skip
+        s.add_all(jobs)
+        s.flush()
+        ok, bad = (j.id for j in jobs)
+    with transaction(db_url) as s:
+        assert claim_job(s, ok, "w", 60) and claim_job(s, bad, "w", 60)
+    with transaction(db_url) as s:
+        assert finish_job(s, ok, 1, JobState.SUCCEEDED, result={"metrics": {"val_accuracy": 0.9}})
+        assert finish_job(s, bad, 1, JobState.FAILED, error_type="ValueError", error_message="x")
+    ping = alice.post(f"/api/v1/webhooks/{hook_id}/test").get_json()["event_id"]
+    expected = {f"job.succeeded:{ok}:1", f"job.failed:{bad}:1", ping}
+
+    env = {**settings_env(settings), "TRAINYARD_WEBHOOK_POLL_SECONDS": "0.1",
+           "TRAINYARD_WEBHOOK_RETRY_BASE_SECONDS": "0.2",
+           "TRAINYARD_WEBHOOK_RETRY_MAX_SECONDS": "0.4",
+           "TRAINYARD_WEBHOOK_TIMEOUT_SECONDS": "1", "TRAINYARD_WEBHOOK_LEASE_SECONDS": "1"}  # fmt: skip
+
+    def dispatcher(n: int) -> subprocess.Popen[bytes]:
+        log = open(tmp_path / f"reconcile-{n}.log", "wb")  # noqa: SIM115 - the process owns it
+        return subprocess.Popen([sys.executable, "-m", "server.cli", "reconcile"], cwd=REPO,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+    first = dispatcher(1)
+    try:
+        # Every event failed at least once (500s) and some were retried: mid-retry.
+        wait_until("each delivery failed once", lambda: len(deliveries(db_url)) == 3
+                   and all(a >= 1 for _, _, a in deliveries(db_url))
+                   and len(receiver.log) >= 4)  # fmt: skip
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    assert not any(status == 200 for _, _, status in receiver.log)
+
+    # The web app starts again (nothing of the delivery lived in it) and reports the log.
+    web = create_app(settings, {"TESTING": True})
+    log = as_user(web, users.alice).get(f"/api/v1/webhooks/{hook_id}/deliveries").get_json()
+    assert {d["status"] for d in log["deliveries"]} == {"pending"}
+    assert all(d["last_error"] == "HTTP 500" for d in log["deliveries"]), log
+
+    receiver.accept.set()
+    second = dispatcher(2)
+    try:
+        wait_until(
+            "all delivered", lambda: {st for _, st, _ in deliveries(db_url)} == {"delivered"}
+        )
+        time.sleep(1.0)  # ten more polls: nothing delivered is sent again
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(20)
+
+    accepted = [(h, body) for h, body, status in receiver.log if status == 200]
+    ids = [h["Trainyard-Event-Id"] for h, _ in accepted]
+    assert sorted(ids) == sorted(expected), ids  # exactly one accepted per event id
+    for headers, body in accepted:
+        stamp, signature = headers["Trainyard-Timestamp"], headers["Trainyard-Signature"]
+        assert verify(secret, stamp, signature, body), headers
+        # A receiver holding another secret sees the signature is not for it.
+        assert not verify(secret + "x", stamp, signature, body)
+        assert not verify("whsec_someone-else", stamp, signature, body)
+        event = json.loads(body)
+        assert event["event_id"] == headers["Trainyard-Event-Id"]
+        assert event["event"] == headers["Trainyard-Event"]
+        assert int(headers["Trainyard-Attempt"]) >= 2
+    succeeded = next(json.loads(b) for h, b in accepted if h["Trainyard-Event"] == "job.succeeded")
+    assert succeeded["job"]["key_metric"] == {"key": "val_accuracy", "value": 0.9}
+    assert succeeded["job"]["url"].endswith(f"/jobs/{ok}")
+    for n in (1, 2):
+        assert "webhook dispatch pass failed" not in (tmp_path / f"reconcile-{n}.log").read_text()
