@@ -29,7 +29,7 @@ from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 
 if TYPE_CHECKING:
-    from shared.tensorboard_export import RunData
+    from shared.tensorboard_export import RunData, ScalarPoint
 
 bp = Blueprint("tensorboard_v1", __name__, url_prefix="/api/v1")
 bp.before_request(authenticate_api_request)
@@ -60,13 +60,11 @@ def _timestamp(at: datetime | None) -> float | None:
     return None if at is None else at.replace(tzinfo=timezone.utc).timestamp()
 
 
-def _thinned(
-    rows: Iterable[tuple[int, float, float]], stride: int
-) -> list[tuple[int, float, float]]:
+def _thinned(rows: Iterable[ScalarPoint], stride: int) -> list[ScalarPoint]:
     """One point per step (a resumed attempt that logged a step again: its point wins),
     then every `stride`-th of those and always the last, without holding the rest."""
-    kept: list[tuple[int, float, float]] = []
-    pending: tuple[int, float, float] | None = None
+    kept: list[ScalarPoint] = []
+    pending: ScalarPoint | None = None
     index = 0
     for step, value, wall_time in rows:
         if pending is not None and pending[0] != step:
@@ -79,9 +77,7 @@ def _thinned(
     return kept
 
 
-def load_points(
-    session: Session, job_id: int, max_points: int
-) -> dict[str, list[tuple[int, float, float]]]:
+def load_points(session: Session, job_id: int, max_points: int) -> dict[str, list[ScalarPoint]]:
     """Each key's (step, value, wall time) in step order, at most about `max_points`."""
     counts = session.execute(
         select(MetricPoint.key, func.count())
