@@ -32,6 +32,7 @@ def tensorboard_group() -> None:
     "out",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
     help="The log directory to write the runs into (created if missing).",
 )
 @url_option
