@@ -49,10 +49,17 @@ _STALL = "job.stalled: a running job whose progress has not changed for this man
 
 
 class WebhookCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `"enabled": 0` or `"stall_minutes": "30"` is refused, as the document says.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    url: str = Field(max_length=webhooks.MAX_URL_LENGTH, description=_URL)
-    events: list[EventName] = Field(min_length=1, max_length=10, description="what to send")
+    url: str = Field(
+        max_length=webhooks.MAX_URL_LENGTH, description=_URL,
+        examples=["https://hooks.example.com/trainyard"],
+    )  # fmt: skip
+    events: list[EventName] = Field(
+        min_length=1, max_length=10, description="what to send",
+        examples=[["job.failed", "job.stalled"]],
+    )  # fmt: skip
     format: FormatName = Field(
         default="json", description="json (the event), slack or teams (a chat message)"
     )
@@ -64,7 +71,7 @@ class WebhookCreate(BaseModel):
 
 
 class WebhookChange(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     url: str | None = Field(default=None, max_length=webhooks.MAX_URL_LENGTH, description=_URL)
     events: list[EventName] | None = Field(default=None, min_length=1, max_length=10)
