@@ -104,9 +104,10 @@ def checked_addresses(
         for address in addresses:
             reason = refused_address(address)
             if reason:
+                # Not the address itself: a member must not map the internal network.
                 raise WebhookError(
                     "url",
-                    f"{host} is {address}, a {reason} address; webhooks go to public "
+                    f"{host} resolves to a {reason} address; webhooks go to public "
                     "addresses only here (TRAINYARD_WEBHOOK_ALLOW_PRIVATE)",
                 )
     return addresses
