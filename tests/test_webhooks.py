@@ -456,3 +456,64 @@ def test_the_readme_receiver_snippet_checks_a_real_signature() -> None:
     assert check("whsec_abc", stamp, signature, body)
     assert not check("whsec_abd", stamp, signature, body)
     assert not check("whsec_abc", str(now - 301), sign("whsec_abc", now - 301, body), body)
+
+
+def test_a_send_connects_to_the_checked_address_with_the_url_host_name(receiver: Receiver) -> None:
+    """DNS rebinding: the address checked is the address connected to; the request
+    still names the URL's host."""
+    port = receiver.server.server_port
+    asked: list[str] = []
+
+    def dns(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return ["127.0.0.1"]
+
+    result = wd.post(f"http://hooks.invalid:{port}/in?x=1", b"{}", {"X-Test": "1"}, timeout=2,
+                     allow_private=True, resolver=dns)  # fmt: skip
+    assert result.ok and asked == ["hooks.invalid"]
+    [(headers, _)] = receiver.requests
+    assert headers["Host"] == f"hooks.invalid:{port}" and headers["X-Test"] == "1"
+
+
+def test_https_is_verified_against_the_host_name(tmp_path: Path) -> None:
+    import ssl
+    import subprocess
+
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=hooks.invalid", "-keyout", str(tmp_path / "key.pem"), "-out",
+         str(tmp_path / "cert.pem")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    r = Receiver()
+    r.server.socket = context.wrap_socket(r.server.socket, server_side=True)
+    try:
+        result = wd.post(f"https://hooks.invalid:{r.server.server_port}/", b"{}", {}, timeout=2,
+                         allow_private=True, resolver=lambda h, p: ["127.0.0.1"])  # fmt: skip
+    finally:
+        r.close()
+    assert not result.ok and r.requests == []
+    assert result.error and result.error.startswith("TLS error: CERTIFICATE_VERIFY_FAILED")
+
+
+def test_two_dispatchers_send_each_delivery_once(
+    db_url: str, users, settings: Settings, receiver: Receiver
+) -> None:  # type: ignore[no-untyped-def]
+    """Several reconcilers may run: the lease gives each delivery to one of them."""
+    add_webhook(db_url, users.alice.id, ["job.failed"], url=receiver.url)
+    with transaction(db_url) as s:
+        for i in range(12):
+            webhooks.record_event(s, f"job.failed:{i}:1", "job.failed", users.alice.id,
+                                  {"job": {"id": i}})  # fmt: skip
+    assert wd.fan_out(db_url) == 12
+    reports = [wd.DispatchReport(), wd.DispatchReport()]
+    threads = [threading.Thread(target=wd.send_due, args=(settings, r)) for r in reports]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    ids = sorted(h["Trainyard-Event-Id"] for h, _ in receiver.requests)
+    assert ids == sorted(f"job.failed:{i}:1" for i in range(12))  # each once
+    assert reports[0].delivered + reports[1].delivered == 12
