@@ -26,6 +26,7 @@ No Flask, no torch.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -71,6 +72,9 @@ FAN_OUT_BATCH = 200
 # one sender for at most the timeout, not the whole pass.
 SEND_BATCH = 16
 SENDERS = 4
+# One send (connect, request, the answer's status and headers) takes at most this many
+# timeouts in all.
+SEND_DEADLINE = 2
 MAX_ERROR = 300
 USER_AGENT = "Trainyard-Webhooks/1"
 
@@ -119,6 +123,56 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)
 
 
+def _abort(conn: http.client.HTTPConnection, fired: threading.Event) -> None:
+    fired.set()
+    if conn.sock is not None:
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _exchange(
+    https: bool,
+    host: str,
+    port: int,
+    address: str,
+    target: str,
+    body: bytes,
+    headers: dict[str, str],
+    timeout: float,
+) -> tuple[int | None, str | None, bool]:
+    """One request to one address: (status, error, whether to stop trying addresses)."""
+    conn = (_PinnedHTTPS if https else _PinnedHTTP)(host, port, address, timeout)
+    # The socket timeout bounds each read; this bounds the whole exchange, so a receiver
+    # trickling its headers a byte at a time cannot hold a sender.
+    fired = threading.Event()
+    watchdog = threading.Timer(SEND_DEADLINE * timeout, _abort, (conn, fired))
+    watchdog.start()
+    try:
+        conn.request("POST", target, body=body, headers=headers)
+        status: int | None = conn.getresponse().status  # only the status; the body is unread
+        error, final = None, True
+    except TimeoutError:
+        status, error, final = None, f"no answer within {timeout:g} s", False
+    except ssl.SSLError as exc:
+        status, error, final = None, f"TLS error: {exc.reason or exc}", True
+    except ConnectionRefusedError:
+        status, error, final = None, f"connection refused by {address}", False
+    except OSError as exc:
+        status, error, final = (
+            None,
+            f"connection failed: {exc.strerror or type(exc).__name__}",
+            False,
+        )
+    except http.client.HTTPException as exc:
+        status, error, final = None, f"not an HTTP answer ({type(exc).__name__})", True
+    finally:
+        watchdog.cancel()
+        conn.close()
+    if fired.is_set():  # cut off: whatever was parsed is not an answer
+        return None, f"no complete answer within {SEND_DEADLINE * timeout:g} s", True
+    return status, error, final
+
+
 def post(
     url: str,
     body: bytes,
@@ -139,28 +193,13 @@ def post(
     except WebhookError as exc:
         return SendResult(False, error=f"refused: {exc.message}")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    status, error = None, None
+    status: int | None = None
+    error: str | None = None
     for address in addresses:
-        conn = (_PinnedHTTPS if https else _PinnedHTTP)(host, port, address, timeout)
-        try:
-            conn.request("POST", target, body=body, headers=headers)
-            response = conn.getresponse()
-            response.read(65536)  # the receiver's answer is not kept, only its status
-            status = response.status
+        status, error, final = _exchange(https, host, port, address, target, body, headers,
+                                         timeout)  # fmt: skip
+        if final:
             break
-        except TimeoutError:
-            error = f"no answer within {timeout:g} s"
-        except ssl.SSLError as exc:
-            error = f"TLS error: {exc.reason or exc}"
-        except ConnectionRefusedError:
-            error = f"connection refused by {address}"
-        except OSError as exc:
-            error = f"connection failed: {exc.strerror or type(exc).__name__}"
-        except http.client.HTTPException as exc:
-            error = f"not an HTTP answer ({type(exc).__name__})"
-            break
-        finally:
-            conn.close()
     if status is None:
         return SendResult(False, error=error)
     if 200 <= status < 300:
@@ -336,7 +375,8 @@ def send_due(
     # it, one after another), or a slow batch could see its last deliveries taken over
     # and sent twice before it records them.
     per_sender = -(-SEND_BATCH // SENDERS)
-    lease = max(settings.webhook_lease_seconds, per_sender * settings.webhook_timeout_seconds + 1)
+    send_s = SEND_DEADLINE * settings.webhook_timeout_seconds
+    lease = max(settings.webhook_lease_seconds, per_sender * send_s + 1)
     leased = lease_due(settings.resolved_database_url, lease, utcnow())
     if not leased:
         return

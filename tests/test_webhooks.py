@@ -517,3 +517,34 @@ def test_two_dispatchers_send_each_delivery_once(
     ids = sorted(h["Trainyard-Event-Id"] for h, _ in receiver.requests)
     assert ids == sorted(f"job.failed:{i}:1" for i in range(12))  # each once
     assert reports[0].delivered + reports[1].delivered == 12
+
+
+def test_a_receiver_trickling_its_answer_is_cut_off() -> None:
+    import socket as sockets
+
+    server = sockets.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.is_set():  # a header byte at a time, each within the timeout
+                try:
+                    conn.sendall(b"X")
+                except OSError:
+                    return
+                stop.wait(0.1)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        result = wd.post(f"http://127.0.0.1:{server.getsockname()[1]}/", b"{}", {}, timeout=0.5,
+                         allow_private=True)  # fmt: skip
+    finally:
+        stop.set()
+        server.close()
+    assert not result.ok and result.error == "no complete answer within 1 s"
+    assert time.monotonic() - started < 3
