@@ -290,7 +290,8 @@ def lease_due(
         ids = session.scalars(
             select(WebhookDelivery.id)
             .where(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now, free)
-            .order_by(WebhookDelivery.next_attempt_at).limit(limit)
+            # The id breaks ties: two dispatchers lock rows in one order, never deadlock.
+            .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id).limit(limit)
         ).all()  # fmt: skip
         for delivery_id in ids:
             token = secrets.token_hex(16)
