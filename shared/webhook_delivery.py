@@ -256,6 +256,7 @@ def fan_out(url: str, now: datetime | None = None) -> int:
             .join(User, User.id == Webhook.owner_id)
             .where(Webhook.owner_id.in_(owners), Webhook.enabled.is_(True),
                    User.is_active.is_(True))
+            .order_by(Webhook.id)  # rows inserted in one order by every dispatcher
         ).all()  # fmt: skip
         rows = []
         for event in events:
