@@ -431,14 +431,15 @@ def stalled_pass(url: str, watch: StallWatch, now: datetime | None = None) -> in
                 select(Webhook.id, Webhook.owner_id, Webhook.events, Webhook.stall_minutes)
                 .join(User, User.id == Webhook.owner_id)
                 .where(Webhook.enabled.is_(True), User.is_active.is_(True))
+                .order_by(Webhook.id)
             ) if JOB_STALLED in (h.events or ())
         ]  # fmt: skip
         jobs = []
         if hooks:
             jobs = session.execute(
-                select(*JOB_COLUMNS, Job.progress).where(
-                    Job.state == "running", Job.owner_id.in_({h.owner_id for h in hooks})
-                )
+                select(*JOB_COLUMNS, Job.progress)
+                .where(Job.state == "running", Job.owner_id.in_({h.owner_id for h in hooks}))
+                .order_by(Job.id)  # inserts in one order, as in fan_out
             ).all()
     due = []
     for job in jobs:
