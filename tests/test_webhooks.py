@@ -548,3 +548,37 @@ def test_a_receiver_trickling_its_answer_is_cut_off() -> None:
         server.close()
     assert not result.ok and result.error == "no complete answer within 1 s"
     assert time.monotonic() - started < 3
+
+
+@SQLITE_ONLY
+def test_cli_create_list_test_deliveries_delete(
+    live_server: str, users, settings: Settings, receiver: Receiver
+) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from server.cli import main
+
+    env = {"TRAINYARD_URL": live_server, "TRAINYARD_TOKEN": users.alice.token, "COLUMNS": "200"}
+
+    def cli(*args: str) -> str:
+        result = CliRunner().invoke(main, list(args), env=env)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    made = cli("webhook", "create", receiver.url, "-e", "job.failed", "-e", "sweep.finished",
+               "--format", "teams")  # fmt: skip
+    hook_id = int(re.search(r"Created webhook (\d+)", made).group(1))
+    secret = made.strip().splitlines()[-1]
+    assert secret.startswith("whsec_")
+    assert receiver.url in cli("webhook", "list") and secret not in cli("webhook", "list")
+    event_id = cli("webhook", "test", str(hook_id)).split()[1].rstrip(".")
+    wd.run_once(settings)
+    assert re.search(rf"{re.escape(event_id)}\s*│\s*delivered\s*│\s*1\s*│\s*HTTP 200",
+                     cli("webhook", "deliveries", str(hook_id)))  # fmt: skip
+    [(headers, body)] = receiver.requests
+    assert verify(secret, headers["Trainyard-Timestamp"], headers["Trainyard-Signature"], body)
+    assert json.loads(body)["@type"] == "MessageCard"
+    bad = CliRunner().invoke(main, ["webhook", "create", "ftp://x", "-e", "job.failed"], env=env)
+    assert bad.exit_code == 1 and "must start with http:// or https://" in bad.output
+    assert cli("webhook", "delete", str(hook_id)).strip() == f"Deleted webhook {hook_id}."
+    assert cli("webhook", "list").strip() == "No webhooks."

@@ -4,7 +4,8 @@ Two kinds of subcommand, each in its own module:
 
 - client commands (`submit`, `jobs`, `show`, `watch`, `cancel`: job_commands; `bundles`:
   bundle_commands; `upload`, `artifacts`: storage_commands; `sweep`: sweep_commands;
-  `model`: model_commands; `tensorboard export`: tensorboard_commands) talk to the
+  `model`: model_commands; `tensorboard export`: tensorboard_commands; `webhook`:
+  webhook_commands) talk to the
   HTTP API only, never to the database, so they work from any machine that can reach
   the server;
 - process commands (`web`, `worker`, `reconcile`, `db upgrade`: process_commands;
@@ -37,6 +38,7 @@ from server.cli.serve_command import serve
 from server.cli.storage_commands import artifacts_group, upload_group
 from server.cli.sweep_commands import sweep_group
 from server.cli.tensorboard_commands import tensorboard_group
+from server.cli.webhook_commands import webhook_group
 
 __all__ = ["main"]
 
@@ -70,6 +72,7 @@ for _command in (
     sweep_group,
     model_group,
     tensorboard_group,
+    webhook_group,
     serve,
 ):
     main.add_command(_command)
