@@ -9,12 +9,9 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -28,40 +25,12 @@ from shared.state_machine import claim_job, finish_job
 from shared.webhook_signing import verify
 from tests.conftest import REPO, SQLITE_ONLY, as_user, settings_env
 from tests.helpers import train_spec
-
-
-class FlakyReceiver:
-    """Answers 500 until `accept` is set, then 200; logs (headers, body, status)."""
-
-    def __init__(self) -> None:
-        self.accept = threading.Event()
-        self.log: list[tuple[dict[str, str], bytes, int]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                status = 200 if receiver.accept.is_set() else 500
-                receiver.log.append((dict(self.headers), body, status))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/trainyard"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+from tests.test_webhooks import Receiver
 
 
 @pytest.fixture
-def receiver() -> Iterator[FlakyReceiver]:
-    r = FlakyReceiver()
+def receiver() -> Iterator[Receiver]:
+    r = Receiver(status=500)  # until the test says otherwise
     yield r
     r.close()
 
@@ -84,7 +53,7 @@ def deliveries(db_url: str) -> list[tuple[str, str, int]]:
 
 @SQLITE_ONLY
 def test_one_signed_delivery_per_event_through_kills_and_restarts(
-    settings: Settings, users, receiver: FlakyReceiver, tmp_path: Path
+    settings: Settings, users, receiver: Receiver, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     db_url = settings.resolved_database_url
     web = create_app(settings, {"TESTING": True})
@@ -125,11 +94,11 @@ def test_one_signed_delivery_per_event_through_kills_and_restarts(
         # Every event failed at least once (500s) and some were retried: mid-retry.
         wait_until("each delivery failed once", lambda: len(deliveries(db_url)) == 3
                    and all(a >= 1 for _, _, a in deliveries(db_url))
-                   and len(receiver.log) >= 4)  # fmt: skip
+                   and len(receiver.requests) >= 4)  # fmt: skip
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(10)
-    assert not any(status == 200 for _, _, status in receiver.log)
+    assert set(receiver.answered) == {500}
 
     # The web app starts again (nothing of the delivery lived in it) and reports the log.
     web = create_app(settings, {"TESTING": True})
@@ -137,7 +106,7 @@ def test_one_signed_delivery_per_event_through_kills_and_restarts(
     assert {d["status"] for d in log["deliveries"]} == {"pending"}
     assert all(d["last_error"] == "HTTP 500" for d in log["deliveries"]), log
 
-    receiver.accept.set()
+    receiver.status = 200
     second = dispatcher(2)
     try:
         wait_until(
@@ -148,7 +117,9 @@ def test_one_signed_delivery_per_event_through_kills_and_restarts(
         second.send_signal(signal.SIGTERM)
         second.wait(20)
 
-    accepted = [(h, body) for h, body, status in receiver.log if status == 200]
+    accepted = [
+        r for r, status in zip(receiver.requests, receiver.answered, strict=True) if status == 200
+    ]
     ids = [h["Trainyard-Event-Id"] for h, _ in accepted]
     assert sorted(ids) == sorted(expected), ids  # exactly one accepted per event id
     for headers, body in accepted:

@@ -297,18 +297,22 @@ def test_a_finished_sweep_records_its_event(db_url: str, users, settings: Settin
 
 
 class Receiver:
-    """A loopback HTTP receiver answering `status`; keeps every request."""
+    """A loopback HTTP receiver answering `status` (change it at any time); keeps every
+    request and, in `answered`, the status each got."""
 
     def __init__(self, status: int = 200) -> None:
         self.status = status
         self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.answered: list[int] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = receiver.status
                 receiver.requests.append((dict(self.headers), body))
-                self.send_response(receiver.status)
+                receiver.answered.append(status)
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
