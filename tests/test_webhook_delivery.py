@@ -44,11 +44,20 @@ def wait_until(what: str, ok: Callable[[], bool], timeout: float = 30) -> None:
     raise TimeoutError(f"not within {timeout}s: {what}")
 
 
-def deliveries(db_url: str) -> list[tuple[str, str, int]]:
+def deliveries(db_url: str) -> list[tuple[str, str, int, bool]]:
+    """(event id, status, attempts, leased now) of each delivery."""
     with transaction(db_url) as s:
         rows = s.execute(select(WebhookDelivery.event_id, WebhookDelivery.status,
-                                WebhookDelivery.attempts)).all()  # fmt: skip
-    return sorted((r.event_id, r.status, r.attempts) for r in rows)
+                                WebhookDelivery.attempts, WebhookDelivery.lease_token)).all()  # fmt: skip
+    return sorted((r.event_id, r.status, r.attempts, r.lease_token is not None) for r in rows)
+
+
+def between_retries(db_url: str, receiver: Receiver) -> bool:
+    """Every delivery failed at least once, some were retried, and none is being sent
+    this moment (a kill now leaves no lease to wait out; one left anyway only delays)."""
+    rows = deliveries(db_url)
+    return (len(rows) == 3 and all(a >= 1 and not leased for _, _, a, leased in rows)
+            and len(receiver.requests) >= 4)  # fmt: skip
 
 
 @SQLITE_ONLY
@@ -91,10 +100,7 @@ def test_one_signed_delivery_per_event_through_kills_and_restarts(
 
     first = dispatcher(1)
     try:
-        # Every event failed at least once (500s) and some were retried: mid-retry.
-        wait_until("each delivery failed once", lambda: len(deliveries(db_url)) == 3
-                   and all(a >= 1 for _, _, a in deliveries(db_url))
-                   and len(receiver.requests) >= 4)  # fmt: skip
+        wait_until("each delivery failed once", lambda: between_retries(db_url, receiver))
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(10)
@@ -109,9 +115,7 @@ def test_one_signed_delivery_per_event_through_kills_and_restarts(
     receiver.status = 200
     second = dispatcher(2)
     try:
-        wait_until(
-            "all delivered", lambda: {st for _, st, _ in deliveries(db_url)} == {"delivered"}
-        )
+        wait_until("all delivered", lambda: {r[1] for r in deliveries(db_url)} == {"delivered"})
         time.sleep(1.0)  # ten more polls: nothing delivered is sent again
     finally:
         second.send_signal(signal.SIGTERM)
