@@ -253,6 +253,13 @@ class Settings(BaseSettings):
     serve_max_rows: int = Field(default=1024, ge=1)
     serve_resolve_seconds: float = Field(default=2.0, ge=0, le=3600)
     serve_stats_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # A TensorBoard export (GET /api/v1/jobs/{id}/tensorboard) keeps at most this many
+    # points of each series, evenly spaced and always the last: TensorBoard itself
+    # samples 1,000 per chart, and a million points take 15 s and 55 MB to write.
+    tensorboard_max_points: int = Field(default=100_000, ge=2, le=10_000_000)
+    # Workers also write each train job's metrics as TensorBoard event files while it
+    # runs, in `<attempt dir>/tensorboard/` beside its checkpoints (worker/tensorboard_live.py).
+    tensorboard_live: bool = False
     # Webhooks (shared/webhooks.py, shared/webhook_delivery.py; README "Webhooks").
     # Private, loopback, link-local (cloud metadata) and other non-public addresses are
     # refused as webhook targets, at creation and again at every send, unless this is
@@ -273,13 +280,6 @@ class Settings(BaseSettings):
     # Events and their delivery log are kept this long, then deleted.
     webhook_retention_days: float = Field(default=30.0, gt=0)
     max_webhooks_per_user: int = Field(default=20, ge=1)
-    # A TensorBoard export (GET /api/v1/jobs/{id}/tensorboard) keeps at most this many
-    # points of each series, evenly spaced and always the last: TensorBoard itself
-    # samples 1,000 per chart, and a million points take 15 s and 55 MB to write.
-    tensorboard_max_points: int = Field(default=100_000, ge=2, le=10_000_000)
-    # Workers also write each train job's metrics as TensorBoard event files while it
-    # runs, in `<attempt dir>/tensorboard/` beside its checkpoints (worker/tensorboard_live.py).
-    tensorboard_live: bool = False
 
     @field_validator("worker_gpus")
     @classmethod
