@@ -56,9 +56,10 @@ from shared import prometheus_catalog as pc
 from shared.broker import redis_client
 from shared.db import utcnow
 from shared.job_states import ALL_STATES, JobState
-from shared.orm import Job
+from shared.orm import Job, WebhookDelivery
 from shared.settings import Settings
 from shared.spec import JOB_KINDS
+from shared.webhook_delivery import DELIVERED, FAILED, PENDING
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ bp = Blueprint("prometheus", __name__)
 # workers_json shows admins everything; the scrape is not a user.
 _SCRAPER = Principal(id=0, username="prometheus", role="admin", session_version=0, issued_at=0)
 _NODE_STATES = ("online", "cordoned", "draining", "lost", "stopped")
+DELIVERY_STATES = (PENDING, DELIVERED, FAILED)
 
 
 def _gauge(series: pc.Series) -> GaugeMetricFamily:
@@ -112,6 +114,32 @@ class JobsCollector(Collector):
             oldest.add_metric([queue], max(age, 0.0))
         yield depth
         yield oldest
+
+
+class WebhooksCollector(Collector):
+    """Webhook deliveries by status, and how long the oldest unacknowledged one has
+    waited: a receiver that is down shows here before its owner notices."""
+
+    def __init__(self, session: Session, now: datetime) -> None:
+        self.session = session
+        self.now = now
+
+    def collect(self) -> Iterator[Metric]:
+        counts = dict(
+            self.session.execute(
+                select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
+            ).all()
+        )
+        by_status = _gauge(pc.WEBHOOK_DELIVERIES)
+        for status in DELIVERY_STATES:
+            by_status.add_metric([status], counts.get(status, 0))
+        yield by_status
+        oldest = self.session.scalar(
+            select(func.min(WebhookDelivery.created_at)).where(WebhookDelivery.status == PENDING)
+        )
+        age = _gauge(pc.WEBHOOK_OLDEST_PENDING)
+        age.add_metric([], max((self.now - oldest).total_seconds(), 0.0) if oldest else 0.0)
+        yield age
 
 
 class FleetCollector(Collector):
@@ -266,6 +294,7 @@ def metrics() -> ResponseReturnValue:
     session = get_session()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(JobsCollector(session, utcnow()))
+    registry.register(WebhooksCollector(session, utcnow()))
     registry.register(FleetCollector(session, settings))
     registry.register(PublishedCollector(settings.redis_url))
     registry.register(ArtifactStoreCollector(settings))

@@ -76,6 +76,16 @@ ARTIFACT_CAPACITY = _s(
     "Size of the file system of a local artifact directory (no sample with a bucket).",
 )  # fmt: skip
 
+WEBHOOK_DELIVERIES = _s(
+    "trainyard_webhook_deliveries", "gauge",
+    "Webhook deliveries kept (TRAINYARD_WEBHOOK_RETENTION_DAYS) by status: pending "
+    "(being retried), delivered, failed (given up).", "status",
+)  # fmt: skip
+WEBHOOK_OLDEST_PENDING = _s(
+    "trainyard_webhook_oldest_pending_seconds", "gauge",
+    "Age of the oldest webhook delivery not yet acknowledged (0: none).",
+)  # fmt: skip
+
 # -- read from the worker registry (Redis) at scrape time
 QUEUE_CONSUMERS = _s(
     "trainyard_queue_consumers", "gauge",
@@ -173,7 +183,8 @@ SERVE_BATCH = _s(
 )  # fmt: skip
 
 WEB_SERIES = (
-    JOBS, QUEUE_WAITING, QUEUE_OLDEST, ARTIFACT_FREE, ARTIFACT_CAPACITY, QUEUE_CONSUMERS,
+    JOBS, QUEUE_WAITING, QUEUE_OLDEST, ARTIFACT_FREE, ARTIFACT_CAPACITY, WEBHOOK_DELIVERIES,
+    WEBHOOK_OLDEST_PENDING, QUEUE_CONSUMERS,
     WORKER_SLOTS, WORKER_SLOTS_BUSY, WORKER_NODES, HEARTBEAT_AGE, GPU_UTIL, GPU_MEM_USED,
     GPU_MEM_TOTAL, JOB_WAIT, JOB_RUN, ATTEMPTS_FINISHED, RECONCILER_ACTIONS,
     RECONCILER_LAST_PASS, METRIC_POINTS, SUBMISSIONS, HTTP_REQUESTS, HTTP_DURATION,

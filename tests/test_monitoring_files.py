@@ -57,6 +57,7 @@ ALERTS = {
     "TrainyardReconcilerNotRunning",
     "TrainyardMetricsDown",
     "TrainyardArtifactStoreFilling",
+    "TrainyardWebhooksBackingUp",
 }
 # Series the dashboard must chart: queues, throughput, failures, wait and run times,
 # workers, GPUs, the web and the prediction servers.

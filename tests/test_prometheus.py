@@ -239,3 +239,28 @@ def test_counts_add_up_across_gunicorn_processes(settings: Settings, tmp_path: P
         assert _requests_to(restarted.url, "/healthz", "200") < 60
     finally:
         restarted.stop()
+
+
+def test_webhook_deliveries_by_status_and_the_oldest_pending(
+    app: Flask, db_url: str, users: TestUsers
+) -> None:
+    from shared.orm import NotificationEvent, Webhook, WebhookDelivery
+
+    assert sample(scrape(app), "trainyard_webhook_oldest_pending_seconds") == 0
+    now = utcnow()
+    with transaction(db_url) as s:
+        hook = Webhook(owner_id=users.alice.id, url="https://example.com/hook", secret="s" * 32,
+                       events=["job.failed"])  # fmt: skip
+        s.add(hook)
+        s.flush()
+        for i, (status, age) in enumerate([("pending", 300), ("pending", 20), ("delivered", 900),
+                                           ("failed", 5000)]):  # fmt: skip
+            s.add(NotificationEvent(event_id=f"job.failed:{i}:1", kind="job.failed",
+                                    owner_id=users.alice.id, payload={}))  # fmt: skip
+            s.add(WebhookDelivery(webhook_id=hook.id, event_id=f"job.failed:{i}:1", status=status,
+                                  created_at=now - timedelta(seconds=age)))  # fmt: skip
+    got = scrape(app)
+    assert sample(got, "trainyard_webhook_deliveries", status="pending") == 2
+    assert sample(got, "trainyard_webhook_deliveries", status="delivered") == 1
+    assert sample(got, "trainyard_webhook_deliveries", status="failed") == 1
+    assert 299 <= sample(got, "trainyard_webhook_oldest_pending_seconds") < 400
