@@ -52,6 +52,10 @@ DB_PARAMS = (
 # tests that write through the database (claims, metric points, outcomes), so both
 # backends see every kind of write; the suite's 15-minute budget pays for the rest.
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+# The same, on the production database (SQLite where the run has no PostgreSQL). Real-
+# worker scenarios alternate between the two: each backend sees every kind of scenario
+# (claims, resumes, hand-backs, cancels, broker loss), not every scenario twice.
+ON_POSTGRESQL = pytest.mark.parametrize("db_url", [DB_PARAMS[-1]], indirect=True)
 
 
 class PgDatabases:

@@ -16,7 +16,7 @@ from flask import Flask, request
 from server.cli import main
 from shared import accounts
 from shared.db import transaction
-from tests.conftest import TestUsers
+from tests.conftest import SQLITE_ONLY, TestUsers
 
 
 @pytest.fixture
@@ -195,6 +195,7 @@ sdk.finish({"final_loss": round(loss, 6), "steps": args.steps})
 
 
 @pytest.mark.integration
+@SQLITE_ONLY
 def test_submit_code_runs_on_a_real_worker(
     cli: Any, start_worker: Any, users: TestUsers, db_url: str, tmp_path: Path
 ) -> None:

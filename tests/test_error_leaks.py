@@ -24,7 +24,7 @@ from flask import Flask
 from shared.job_files import log_path
 from shared.redaction import HIDDEN_NOTICE
 from shared.settings import Settings
-from tests.conftest import as_user, settings_env
+from tests.conftest import SQLITE_ONLY, as_user, settings_env
 from tests.helpers import train_spec
 from tests.test_authorization import session_client
 from tests.test_job_page import sse
@@ -127,6 +127,7 @@ def test_a_member_sees_no_paths_or_tracebacks_an_admin_sees_the_detail(
     assert all(s in on_disk for s in secrets[:3])
 
 
+@SQLITE_ONLY
 def test_the_cli_shows_a_member_the_redacted_error(
     app: Flask, client, live_server: str, settings: Settings, users, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]

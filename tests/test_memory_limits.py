@@ -18,7 +18,7 @@ from shared.job_events import job_events
 from shared.orm import Job
 from shared.settings import Settings
 from shared.state_machine import KILLED, fail_killed_attempt
-from tests.conftest import as_user, wait_for_state
+from tests.conftest import SQLITE_ONLY, as_user, wait_for_state
 from tests.helpers import train_spec
 from worker import shutdown
 from worker.child_death import kill_reason, killed_by_sigkill, record_killed_child
@@ -100,6 +100,7 @@ def limited_settings(settings: Settings) -> Settings:
 
 
 @pytest.mark.integration
+@SQLITE_ONLY
 def test_a_job_past_its_memory_limit_fails_once_and_the_worker_runs_the_next(
     app, users, limited_settings: Settings, tmp_path: Any
 ) -> None:  # type: ignore[no-untyped-def]

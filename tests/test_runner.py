@@ -21,7 +21,7 @@ from shared.job_files import job_dir, log_path
 from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from shared.spec import parse_spec, spec_to_json
-from tests.conftest import as_user
+from tests.conftest import SQLITE_ONLY, as_user
 from tests.helpers import evaluate_spec, train_spec
 from worker import runner
 from worker.job_log import EpochLogSink, JobLog
@@ -128,6 +128,7 @@ def test_cancelled_queued_job_is_not_run_on_delivery(client, settings: Settings)
     assert job["state"] == "cancelled" and job["attempt"] == 0
 
 
+@SQLITE_ONLY
 def test_a_requeued_job_resumes_from_its_checkpoint(
     client, settings: Settings, db_url: str
 ) -> None:  # type: ignore[no-untyped-def]

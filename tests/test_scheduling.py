@@ -23,7 +23,15 @@ from shared.orm import Job, JobEvent
 from shared.reconciler import preempt_pass
 from shared.scheduling import Waiting, candidates_for, effective_priority, rank, slot_takes
 from shared.settings import Settings
-from tests.conftest import REPO, TestUsers, as_user, settings_env, wait_for_state
+from tests.conftest import (
+    ON_POSTGRESQL,
+    REPO,
+    SQLITE_ONLY,
+    TestUsers,
+    as_user,
+    settings_env,
+    wait_for_state,
+)
 from tests.helpers import job_events, train_spec
 
 TINY_MLP = {"name": "mlp", "params": {"hidden": 32, "layers": 1}}
@@ -263,6 +271,7 @@ def _start_blocker(client) -> int:  # type: ignore[no-untyped-def]
     return blocker
 
 
+@ON_POSTGRESQL
 def test_a_later_high_priority_job_starts_before_earlier_low_ones(
     settings: Settings, client, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
@@ -284,6 +293,7 @@ def test_a_later_high_priority_job_starts_before_earlier_low_ones(
 # 36,000 points an hour: ten a second, so the priority-0 job outranks priority-9 jobs
 # submitted about a second after it.
 @pytest.mark.scheduling(aging_points_per_hour=36000.0)
+@ON_POSTGRESQL
 def test_aging_lets_a_low_priority_job_through_a_stream_of_high_ones(
     settings: Settings, client, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
@@ -323,6 +333,7 @@ def test_aging_lets_a_low_priority_job_through_a_stream_of_high_ones(
         client.post(f"/api/v1/jobs/{job_id}/cancel")
 
 
+@SQLITE_ONLY
 def test_fair_share_one_users_single_job_starts_before_anothers_50th(
     settings: Settings, app, users: TestUsers, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
@@ -356,6 +367,7 @@ def _result_metrics(url: str, job_id: int) -> dict[str, Any]:
 
 
 @pytest.mark.scheduling(preempt_min_runtime_seconds=0.0)
+@ON_POSTGRESQL
 def test_a_high_priority_job_preempts_a_preemptible_low_one_which_resumes(
     settings: Settings, client, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
@@ -388,6 +400,7 @@ def test_a_high_priority_job_preempts_a_preemptible_low_one_which_resumes(
 
 
 @pytest.mark.scheduling(preempt_min_runtime_seconds=0.0)
+@SQLITE_ONLY
 def test_a_job_not_marked_preemptible_is_never_preempted(
     settings: Settings, client, start_worker
 ) -> None:  # type: ignore[no-untyped-def]

@@ -28,7 +28,7 @@ from shared.job_files import log_path
 from shared.orm import Job, MetricPoint
 from shared.settings import Settings
 from shared.state_machine import request_cancel
-from tests.conftest import REPO, SQLITE_ONLY
+from tests.conftest import ON_POSTGRESQL, REPO, SQLITE_ONLY
 from tests.script_jobs import add_bundle, insert_script_job
 from worker import script_launch, shutdown
 from worker.job_log import JobLog
@@ -556,6 +556,7 @@ def test_a_time_limit_stops_the_script(settings: Settings) -> None:
     assert "was killed by signal 15 (SIGTERM)" in job_log_text(settings, job_id)
 
 
+@ON_POSTGRESQL
 def test_a_thousand_metrics_a_second_lose_no_points_and_the_lease_goes_on(
     settings: Settings,
 ) -> None:
@@ -635,6 +636,7 @@ def test_a_later_attempt_gets_the_earlier_attempts_checkpoints(settings: Setting
 
 
 @pytest.mark.integration
+@ON_POSTGRESQL
 def test_a_script_job_through_a_real_worker(
     settings: Settings, start_worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]

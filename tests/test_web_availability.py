@@ -35,7 +35,7 @@ from server.stream_slots import Refusal, StreamSlot, StreamSlots
 from shared import accounts
 from shared.db import transaction
 from shared.settings import Settings
-from tests.conftest import REPO, settings_env
+from tests.conftest import REPO, SQLITE_ONLY, settings_env
 from tests.job_rows import add_jobs
 
 PASSWORD = "correct horse battery"
@@ -135,6 +135,7 @@ def status_of(sock: socket.socket) -> tuple[int, str]:
 BODY_START: dict[socket.socket, bytes] = {}
 
 
+@SQLITE_ONLY
 def test_open_job_streams_leave_requests_answered_and_are_capped_per_user(
     settings: Settings, accounts_and_job: dict[str, int], tmp_path: Path
 ) -> None:

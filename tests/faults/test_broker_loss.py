@@ -8,11 +8,13 @@ import pytest
 import redis
 
 from shared.celery_app import task_id_for
+from tests.conftest import ON_POSTGRESQL, SQLITE_ONLY
 from tests.faults.conftest import Cluster, long_spec, small_spec, task_outcomes, wait_for
 
 pytestmark = pytest.mark.integration
 
 
+@ON_POSTGRESQL
 def test_redis_restart_with_aof_loses_nothing(cluster: Cluster) -> None:
     """5. Redis restarts (AOF on) while jobs wait and no worker runs: the messages
     survive, a worker started afterwards runs them all, and when Redis restarts again
@@ -45,6 +47,7 @@ def test_redis_restart_with_aof_loses_nothing(cluster: Cluster) -> None:
     assert worker.proc.poll() is None
 
 
+@SQLITE_ONLY
 def test_flushed_redis_jobs_are_republished_and_run_once(cluster: Cluster) -> None:
     """6. Redis loses every message (FLUSHALL: a restart without persistence): the
     reconciler publishes the queued jobs again and each runs exactly once."""
@@ -70,6 +73,7 @@ def test_flushed_redis_jobs_are_republished_and_run_once(cluster: Cluster) -> No
         assert logged == 1
 
 
+@SQLITE_ONLY
 def test_job_committed_but_never_published_is_enqueued_by_the_reconciler(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from shared.celery_app import task_id_for
+from tests.conftest import ON_POSTGRESQL
 from tests.faults.conftest import Cluster, claims_logged, long_spec, task_outcomes, wait_for
 
 pytestmark = pytest.mark.integration
 
 
+@ON_POSTGRESQL
 def test_cancel_queued_then_running(cluster: Cluster) -> None:
     cluster.start_reconciler()
 

@@ -29,7 +29,7 @@ from sqlalchemy import select
 from shared.db import transaction
 from shared.job_files import log_path
 from shared.orm import MetricPoint
-from tests.conftest import SQLITE_ONLY
+from tests.conftest import ON_POSTGRESQL, SQLITE_ONLY
 from tests.faults.conftest import (
     TERMINAL,
     Cluster,
@@ -91,6 +91,7 @@ def series(cluster: Cluster, job_id: int, key: str) -> list[tuple[int, float]]:
     return [(int(step), float(value)) for step, value in rows]
 
 
+@ON_POSTGRESQL
 def test_two_process_job_matches_the_one_process_run(cluster: Cluster) -> None:
     """A 2-process gloo job trains through a real worker, its loss curve matches the
     1-process run with the same global batch (RELATIVE_TOLERANCE, see the module

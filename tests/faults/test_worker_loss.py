@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from tests.conftest import ON_POSTGRESQL, SQLITE_ONLY
 from tests.faults.conftest import (
     TERMINAL,
     Cluster,
@@ -30,6 +31,7 @@ SAME_AS_UNINTERRUPTED = (
 )  # fmt: skip
 
 
+@SQLITE_ONLY
 def test_killed_worker_group_job_resumes_elsewhere_with_identical_results(cluster: Cluster) -> None:
     """1. SIGKILL a worker's whole process group mid-training: the reconciler requeues the
     job once the lease runs out, another worker resumes it from the checkpoint, and it
@@ -87,6 +89,7 @@ def test_killed_worker_group_job_resumes_elsewhere_with_identical_results(cluste
 # A lease long enough that a stall on a loaded machine does not hand the job to the
 # reconciler before the kill: this is about the kill, not the lease.
 @pytest.mark.timings(lease_seconds=10.0)
+@SQLITE_ONLY
 def test_job_whose_child_is_killed_fails_at_once_and_the_worker_goes_on(cluster: Cluster) -> None:
     """2. The pool child dies under the job by SIGKILL (what the OOM killer does). Before,
     the job waited for its lease, was requeued and killed its next worker, max_attempts
@@ -121,6 +124,7 @@ def test_job_whose_child_is_killed_fails_at_once_and_the_worker_goes_on(cluster:
 
 
 @pytest.mark.timings(lease_seconds=30.0)
+@ON_POSTGRESQL
 def test_sigterm_hands_the_job_back_promptly_and_it_resumes(cluster: Cluster) -> None:
     """4. SIGTERM to a worker: the running job is checkpointed and handed back in
     seconds, not after the lease (30 s here), the worker exits, and the next worker
