@@ -15,7 +15,7 @@ from shared.artifact_store import S3Store, job_prefix, store_for, upload_key
 from shared.db import transaction, utcnow
 from shared.orm import Job
 from shared.settings import Settings
-from tests.conftest import TestUsers, as_user
+from tests.conftest import SQLITE_ONLY, TestUsers, as_user
 from tests.helpers import train_spec
 from tests.test_authorization import session_client
 from tests.test_stored_things import CSV, upload
@@ -103,6 +103,7 @@ def test_an_upload_goes_to_the_bucket_and_its_delete_removes_it(
     assert store.size(upload_key(upload_id, "columns")) is None
 
 
+@SQLITE_ONLY
 def test_an_unreachable_bucket_is_a_503_not_a_500(
     s3_settings: Settings, users: TestUsers, tmp_path: Any
 ) -> None:

@@ -20,7 +20,7 @@ from shared.reconciler import reconcile_once
 from shared.settings import Settings
 from shared.spec import CPU_QUEUE
 from shared.state_machine import Claim, JobState, finish_job
-from tests.conftest import as_user, wait_for_state
+from tests.conftest import ON_POSTGRESQL, as_user, wait_for_state
 from tests.helpers import job_events, train_spec
 
 GPU = "cuda:0 (NVIDIA H200)"
@@ -218,6 +218,7 @@ def test_gpu_hours_count_the_gpu_attempts_of_the_last_day(settings: Settings, us
 
 
 @pytest.mark.integration
+@ON_POSTGRESQL
 def test_real_workers_run_other_users_jobs_while_one_waits_at_its_limit(
     app, users: Any, limited: Settings, tmp_path: Any
 ) -> None:  # type: ignore[no-untyped-def]

@@ -23,7 +23,7 @@ from shared.settings import Settings
 from shared.spec import CPU_QUEUE, MAX_PROCESSES, SpecError, TrainSpec, parse_spec
 from tests.helpers import evaluate_spec, train_spec
 from worker.runner import run_job
-from worker.training import DataPaths, ListSink
+from worker.training import DataPaths, ListSink, distributed
 from worker.training.device import job_devices
 from worker.training.distributed import train_data_parallel
 from worker.training.errors import NotEnoughDevices, RankFailed
@@ -142,9 +142,14 @@ def data_paths(settings: Settings) -> DataPaths:
     )
 
 
-def test_a_rank_that_dies_fails_the_job_naming_it(tmp_path: Path) -> None:
-    """Rank 1 killed mid-training: rank 0's next collective fails, and the error says
-    which rank ended and how, instead of a bare connection error."""
+def test_a_rank_that_dies_fails_the_job_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1 killed mid-training: rank 0's next collective fails at once, and the error
+    says which rank ended and how, instead of a bare connection error. The failed run's
+    objects are released only after gloo's timeout (distributed._release_in_background):
+    a short one here, so this test process never holds them long."""
+    monkeypatch.setattr(distributed, "COLLECTIVE_TIMEOUT_S", 20.0)
     settings = Settings(home=tmp_path / "home")
     spec = parse_spec(
         train_spec(model=TINY_MODEL, epochs=50, batch_size=16, resources={"processes": 2}),
@@ -174,7 +179,7 @@ import sys, torch
 from pathlib import Path
 from shared.settings import Settings
 from shared.spec import parse_spec
-from worker.training import DataPaths, ListSink
+from worker.training import DataPaths, ListSink, distributed
 from worker.training.distributed import train_data_parallel
 settings = Settings(home=Path(sys.argv[2]))
 paths = DataPaths(settings.resolved_data_dir, settings.uploads_dir, settings.max_dataset_file_bytes)

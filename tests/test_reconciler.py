@@ -30,7 +30,7 @@ from shared.orm import Job
 from shared.reconciler import ReconcileReport, reconcile_once, run_forever
 from shared.settings import Settings
 from shared.state_machine import claim_job, renew_lease
-from tests.conftest import REPO, settings_env
+from tests.conftest import ON_POSTGRESQL, REPO, SQLITE_ONLY, settings_env
 from tests.helpers import train_spec
 
 WORKER = "gpu-host-1:4242"
@@ -406,6 +406,7 @@ def test_run_forever_survives_a_failing_database(
     assert alive.exists()
 
 
+@SQLITE_ONLY
 def test_reconcile_command_once(settings: Settings) -> None:
     job_id = running_job(settings.resolved_database_url)
     out = subprocess.run(
@@ -422,6 +423,7 @@ def test_reconcile_command_once(settings: Settings) -> None:
     assert messages(settings.redis_url) == {task_id_for(job_id): 1}
 
 
+@ON_POSTGRESQL
 def test_reconcile_command_stops_on_sigterm(settings: Settings) -> None:
     env = {**settings_env(settings), "TRAINYARD_RECONCILE_SECONDS": "0.2"}
     proc = subprocess.Popen(

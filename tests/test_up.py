@@ -11,9 +11,11 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import pytest
 import requests
 
 from server.cli.local.processes import process_cmdline
+from tests.helpers import train_spec
 
 pytestmark = pytest.mark.integration
 
@@ -90,11 +93,81 @@ class Up:
             self.proc.wait(5)
 
 
-def _run_once(home: Path, port: int, log: Path) -> None:
+CSV = "a,b,label\n" + "".join(f"{i},{i % 7},{i % 2}\n" for i in range(40))
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def walk(root: Path) -> list[Path]:
+    found = [root]
+    for parent, dirs, files in os.walk(root):
+        found += [Path(parent, name) for name in dirs + files]
+    return found
+
+
+def open_to_others(root: Path) -> list[str]:
+    out = []
+    for path in walk(root):
+        with contextlib.suppress(FileNotFoundError):  # a temporary file renamed meanwhile
+            mode = path.lstat().st_mode
+            if not stat.S_ISLNK(mode) and mode & 0o077:
+                out.append(f"{path.relative_to(root)} {stat.S_IMODE(mode):04o}")
+    return out
+
+
+def wait_finished(base: str, headers: dict[str, str], job_id: int, up: Up) -> dict:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        job = requests.get(f"{base}/api/v1/jobs/{job_id}", headers=headers, timeout=5).json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    pytest.fail(f"job {job_id} did not finish:\n{up.output()}")
+
+
+def _job_leaves_home_private(up: Up) -> None:
+    """While `up` runs under umask 022: an upload and a job, and every file they and
+    `up`'s children made (database with its WAL/SHM, secrets, uploads, checkpoints, job
+    logs, Redis's files) is the owner's only (issue 11, "Leaks")."""
+    home, port = up.home, up.port
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {(home / 'cli-token').read_text().strip()}"}
+    upload = requests.post(f"{base}/api/v1/uploads", headers=headers, timeout=30,
+                           files={"file": ("points.csv", CSV.encode(), "text/csv")})  # fmt: skip
+    assert upload.status_code == 201, upload.text
+    spec = train_spec(model={"name": "mlp", "params": {"hidden": 8, "layers": 1}}, epochs=1)
+    resp = requests.post(f"{base}/api/v1/jobs", headers=headers, json=spec, timeout=30)
+    assert resp.status_code == 201, resp.text
+    job = wait_finished(base, headers, resp.json()["id"], up)
+    assert job["state"] == "succeeded", job
+
+    # While it runs: the database's WAL and SHM files exist and are private too.
+    names = {p.name for p in walk(home)}
+    assert {"trainyard.db", "secret-key", "cli-token", "admin-password", "job.log"} <= names
+    assert {"trainyard.db-wal", "trainyard.db-shm"} <= names, sorted(names)
+    assert any(n.endswith(".pt") for n in names) and any(p.parent.name == "uploads"
+                                                        for p in walk(home))  # fmt: skip
+    assert list((home / "redis").iterdir())
+    assert open_to_others(home) == []
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
+def _run_once(
+    home: Path, port: int, log: Path, while_up: Callable[[Up], None] | None = None
+) -> None:
     up = Up(home, port, log)
     try:
         health = up.wait_healthy()
         assert health["status"] == "ok"
+        if while_up is not None:
+            while_up(up)
 
         # The state file names what `up` started; give the worker time to crash if it will.
         deadline = time.monotonic() + 30
@@ -133,7 +206,10 @@ def _run_once(home: Path, port: int, log: Path) -> None:
 def test_up_starts_stops_and_starts_again(tmp_path: Path) -> None:
     home = tmp_path / "home"
     port = _free_port()
-    _run_once(home, port, tmp_path / "up-1.log")
+    # Under the umask most shells have (files 0644, directories 0755), with a job.
+    with umask(0o022):
+        _run_once(home, port, tmp_path / "up-1.log", while_up=_job_leaves_home_private)
+    assert open_to_others(home) == []
     # The embedded Redis kept its data in the state directory.
     assert list((home / "redis").glob("appendonly*"))
     assert (home / "trainyard.db").exists()

@@ -36,7 +36,7 @@ from shared.state_machine import (
     requeue_after_failure,
     update_progress,
 )
-from tests.conftest import wait_for_state
+from tests.conftest import SQLITE_ONLY, wait_for_state
 from tests.helpers import train_spec
 from worker import runner, shutdown
 from worker.failures import CUDA_OOM, HOST_OOM, INFRASTRUCTURE, classify
@@ -124,6 +124,7 @@ def test_keeper_stops_the_job_once_failed_heartbeats_outlast_the_lease(db_url: s
     assert keeper.failed_beats >= 10
 
 
+@SQLITE_ONLY
 def test_a_job_whose_heartbeats_fail_stops_itself_and_writes_nothing_final(
     client, settings: Settings, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]

@@ -67,6 +67,8 @@ JOIN_TIMEOUT_S = 120.0
 COLLECTIVE_TIMEOUT_S = 600.0
 # After the last step every rank leaves at once; this is slack for a loaded host.
 FINISH_TIMEOUT_S = 30.0
+# A failed run's objects are released this long after gloo's own timeout has passed.
+RELEASE_SLACK_S = 5.0
 # A rank that exits on its own because its parent is gone.
 EXIT_PARENT_GONE = 3
 RANK_MODULE = "worker.rank_process"
@@ -174,20 +176,25 @@ def train_data_parallel(
 
 
 def _release_in_background(exc: BaseException) -> None:
-    """Drop the failed run's model and process group from a daemon thread.
+    """Drop the failed run's model and process group once gloo has given up on them.
 
     After a rank died, gloo's worker threads may still wait on the dead peer inside a
     collective DDP started asynchronously, until COLLECTIVE_TIMEOUT_S; the process
-    group's destructor joins them. The last references (the DDP Reducer, in the
-    training frames of the traceback) are released by clearing those frames in
-    another thread, so that wait is that thread's and not the job's: the runner
-    records the failure at once. Seen as a 10-minute hang in
-    tests/test_data_parallel.py."""
+    group's destructor joins them, and it holds the GIL while it does, so releasing the
+    last references (the DDP Reducer, in the training frames of the traceback) from
+    another thread still stopped every thread of the process, the job's included (seen
+    as a 10-minute hang in tests/test_data_parallel.py, twice). So the references are
+    kept, off the exception, and released by a timer after the collective timeout,
+    when those threads have ended and the join returns at once. The cost: the failed
+    run's CPU model stays in memory that long. A slot process leaves through os._exit,
+    which runs no destructor, so a process that ends sooner does not wait either."""
     tb = exc.__traceback__
     exc.__traceback__ = None
-    threading.Thread(
-        target=traceback.clear_frames, args=(tb,), name="release-failed-ranks", daemon=True
-    ).start()
+    timer = threading.Timer(
+        COLLECTIVE_TIMEOUT_S + RELEASE_SLACK_S, traceback.clear_frames, args=(tb,)
+    )
+    timer.name, timer.daemon = "release-failed-ranks", True
+    timer.start()
 
 
 class RankProcesses:
