@@ -141,6 +141,29 @@ def run_bench(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+# Set by tests/test_benchmarks.py: the suite's worker zygote (tests/worker_zygote.py),
+# a process with torch, Celery and SQLAlchemy already imported that forks each child.
+# A smoke run then starts its workers in a fraction of a second instead of ~9 s of CPU
+# each; the children are the same commands either way.
+ZYGOTE_SOCKET = os.environ.get("TRAINYARD_TEST_ZYGOTE_SOCKET", "")
+
+
+def spawn_python(module: str, args: list[str], env: dict[str, str], log_path: Path) -> Any:
+    """`python -m MODULE ARGS...` in the repository, in a session of its own, stdout and
+    stderr to `log_path`: a subprocess.Popen, or under the test suite a child of its
+    zygote with the same pid/poll/wait/terminate/kill/returncode."""
+    if ZYGOTE_SOCKET:
+        from tests import worker_zygote
+
+        log_path.write_bytes(b"")
+        return worker_zygote.spawn(ZYGOTE_SOCKET, [module, *args], env, log_path, REPO, module)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args], env=env, cwd=REPO, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows a `--results` file holds (none if the benchmark wrote none)."""
     if not path.exists():
@@ -175,6 +198,38 @@ def start(
             setattr(args, key, value)
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     return Results(bench, args)
+
+
+def write_big_csv(path: Path, megabytes: float, features: int = 10) -> int:
+    """A CSV of `features` float columns and a three-class label; its size in bytes.
+
+    Each cell is a normal sample as "+d.dddd" (200,001 distinct values) and each row is
+    built as bytes with numpy arithmetic: formatting tens of millions of floats in Python
+    took more CPU than the measurements themselves."""
+    import numpy as np  # only here: most benchmarks need no numpy
+
+    rng = np.random.default_rng(11)
+    header = ",".join(f"f{i}" for i in range(features)) + ",label\n"
+    row_bytes = features * 8 + 2
+    rows = int(megabytes * (1 << 20) / row_bytes)
+    with path.open("wb") as f:
+        f.write(header.encode())
+        for start in range(0, rows, 20_000):
+            n = min(20_000, rows - start)
+            values = np.clip(rng.normal(size=(n, features)), -9.9999, 9.9999)
+            digits = np.rint(np.abs(values) * 10_000).astype(np.int64)
+            cells = np.empty((n, features, 8), dtype=np.uint8)
+            cells[..., 0] = np.where(values < 0, ord("-"), ord("+"))
+            cells[..., 1] = ord("0") + digits // 10_000
+            cells[..., 2] = ord(".")
+            for place, power in enumerate((1000, 100, 10, 1), start=3):
+                cells[..., place] = ord("0") + digits // power % 10
+            cells[..., 7] = ord(",")
+            tail = np.empty((n, 2), dtype=np.uint8)
+            tail[:, 0] = np.frombuffer(b"abc", dtype=np.uint8)[rng.integers(0, 3, size=n)]
+            tail[:, 1] = ord("\n")
+            f.write(np.concatenate([cells.reshape(n, -1), tail], axis=1).tobytes())
+    return path.stat().st_size
 
 
 # ---------------------------------------------------------------- timing
@@ -317,7 +372,7 @@ class SmallCluster:
     url: str  # the API base, .../api/v1
     settings: Any  # shared.settings.Settings of the web app
     node: str  # the worker's Celery node name
-    worker: subprocess.Popen[bytes]
+    worker: Any  # subprocess.Popen, or a zygote's child under the test suite (spawn_python)
     worker_log: Path
 
     def worker_died(self) -> str | None:
@@ -353,17 +408,15 @@ def small_cluster(
             **env,
         )  # fmt: skip
         log_path = tmp / "worker.log"
-        with open(log_path, "wb") as log:
-            # Without gossip, mingle and heartbeat: a lone worker has nobody to sync
-            # with, and mingle alone would add seconds to every start.
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "worker.celery_worker:app", "worker",
-                 "-Q", "cpu", "--concurrency", str(slots), "--prefetch-multiplier", "1",
-                 "--loglevel", "WARNING", "-n", node,
-                 "--without-gossip", "--without-mingle", "--without-heartbeat"],
-                env=worker_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+        # Without gossip, mingle and heartbeat: a lone worker has nobody to sync with,
+        # and mingle alone would add seconds to every start.
+        worker = spawn_python(
+            "celery",
+            ["-A", "worker.celery_worker:app", "worker", "-Q", "cpu", "--concurrency",
+             str(slots), "--prefetch-multiplier", "1", "--loglevel", "WARNING", "-n", node,
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            worker_env, log_path,
+        )  # fmt: skip
         server = None
         try:
             logging.getLogger("werkzeug").setLevel(logging.WARNING)

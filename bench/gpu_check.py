@@ -166,14 +166,11 @@ class Worker:
     """A real `trainyard worker` (the CLI execs Celery), in a session of its own."""
 
     def __init__(self, env: dict[str, str], log: Path, queues: str, *gpu_args: str) -> None:
+        import benchlib  # bench/, beside this file
+
         self.log = log
-        self._file = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, "-m", "server.cli", "worker", "-Q", queues, *gpu_args,
-               "-n", f"gpucheck-{os.getpid()}-{log.stem}@%h"]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=self._file, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        args = ["worker", "-Q", queues, *gpu_args, "-n", f"gpucheck-{os.getpid()}-{log.stem}@%h"]
+        self.proc = benchlib.spawn_python("server.cli", args, env, log)
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -190,13 +187,12 @@ class Worker:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(30)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
-        self._file.close()
 
 
 def _gpu_util(url: str, job_id: int) -> float | None:

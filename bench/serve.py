@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -164,13 +163,10 @@ def run_mode(
                 "TRAINYARD_SERVE_MAX_WAIT_MS": str(args.max_wait_ms),
                 "TRAINYARD_SERVE_MAX_BATCH": str(args.clients),
                 "TRAINYARD_SERVE_QUEUE_LIMIT": str(4 * args.clients)}  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
-             "--threads", str(args.clients)],
-            env=mode_env, cwd=benchlib.REPO, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+    proc = benchlib.spawn_python(
+        "server.cli", ["serve", "--port", str(port), "--threads", str(args.clients)], mode_env,
+        log_path,
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -98,7 +98,7 @@ def job_spec(rng: random.Random, i: int, scale: float = 1.0) -> dict[str, Any]:
 @dataclass
 class Child:
     name: str
-    proc: subprocess.Popen[bytes]
+    proc: Any  # subprocess.Popen, or a zygote child under the test suite (benchlib.spawn_python)
     log_path: Path
 
     def alive(self) -> bool:
@@ -117,12 +117,7 @@ class Cluster:
 
     def spawn(self, name: str, args: list[str]) -> Child:
         log_path = self.logs / f"{name}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", *args],
-                env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+        proc = benchlib.spawn_python("server.cli", args, self.env, log_path)
         child = Child(name, proc, log_path)
         self.children.append(child)
         return child

@@ -89,25 +89,6 @@ else:
 """
 
 
-def write_csv(path: Path, megabytes: float, features: int) -> int:
-    import numpy as np
-
-    rng = np.random.default_rng(11)
-    rows = int(megabytes * MB / (features * 8 + 2))
-    with path.open("w", encoding="utf-8", newline="") as f:
-        f.write(",".join(f"f{i}" for i in range(features)) + ",label\n")
-        for start in range(0, rows, 20_000):
-            n = min(20_000, rows - start)
-            values, labels = rng.normal(size=(n, features)), rng.integers(0, 3, size=n)
-            f.write(
-                "".join(
-                    ",".join(f"{v:.4f}" for v in row) + f",{'abc'[k]}\n"
-                    for row, k in zip(values, labels, strict=True)
-                )
-            )
-    return path.stat().st_size
-
-
 def probe(*args: str) -> dict[str, int]:
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, str(benchlib.REPO), *args],
@@ -131,7 +112,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-upload-") as tmp:
         work = Path(tmp)
         csv_path = work / "big.csv"
-        size = write_csv(csv_path, args.mb, args.features)
+        size = benchlib.write_big_csv(csv_path, args.mb, args.features)
         file_mb = size / MB
         web = probe("web", str(work), str(csv_path))
         web_per_mb = web["grew"] / MB / file_mb

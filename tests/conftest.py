@@ -8,13 +8,10 @@ trust auth). Set TRAINYARD_TEST_SKIP_PG=1 to run the SQLite half only.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import secrets
 import select
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +28,8 @@ from shared import accounts
 from shared.db import get_engine, transaction
 from shared.orm import Base
 from shared.settings import Settings
+from tests import worker_zygote as worker_zygote_client
+from tests.worker_zygote import ZygoteChild
 
 # Under pytest-xdist (scripts/test.sh) two test processes share the machine's cores:
 # torch's default of one intra-op thread per core in each of them (and in every worker
@@ -366,49 +365,6 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-class ZygoteChild:
-    """A process forked by tests/worker_zygote.py, with the parts of subprocess.Popen
-    the tests use: pid, poll, wait, terminate, returncode."""
-
-    def __init__(self, conn: socket.socket, argv: list[str]) -> None:
-        self._conn = conn
-        self._argv = argv
-        self._buffer = b""
-        self.returncode: int | None = None
-        self.pid = int(self._line(timeout=30))
-
-    def _line(self, timeout: float | None) -> bytes:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self._conn], [], [], left)
-            if not ready:
-                raise subprocess.TimeoutExpired(self._argv, timeout or 0)
-            chunk = self._conn.recv(64)
-            if not chunk:  # the zygote is gone; so are its children's reports
-                self._buffer += b"-9\n"
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.returncode = int(self._line(timeout=0))
-                self._conn.close()
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            self.returncode = int(self._line(timeout))
-            self._conn.close()
-        return self.returncode
-
-    def terminate(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
-
-
 class WorkerZygote:
     """tests/worker_zygote.py for this test process, started on first use."""
 
@@ -425,12 +381,12 @@ class WorkerZygote:
             self.stop()
             raise RuntimeError(f"the worker zygote did not start: {directory / 'zygote.log'}")
 
-    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> ZygoteChild:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(self.socket_path)
-        request = {"argv": argv, "env": env, "cwd": str(REPO), "log": str(log_path)}
-        conn.sendall(json.dumps(request).encode() + b"\n")
-        return ZygoteChild(conn, argv)
+    def spawn(
+        self, argv: list[str], env: dict[str, str], log_path: Path, hostname: str = ""
+    ) -> ZygoteChild:
+        return worker_zygote_client.spawn(
+            self.socket_path, argv, env, log_path, REPO, hostname=hostname
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:

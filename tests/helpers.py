@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
+import sys
+from pathlib import Path
 from typing import Any
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def bench_module(name: str) -> Any:
+    """bench/<name>.py as a module (bench/ is a directory of scripts, not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: dataclasses look their module up in sys.modules, and
+    # run_all's `import benchlib` finds it there.
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def train_spec(**overrides: Any) -> dict[str, Any]:

@@ -6,20 +6,22 @@ while its timings are never asserted (they depend on the machine; the full runs,
 
 Every benchmark makes its own databases (SQLite in a temporary directory, PostgreSQL
 databases with random names) and, where it needs one, its own redis-server, so these
-tests share nothing with the other tests and run in any order.
+tests share nothing with the other tests and run in any order. What they share is the
+test process's worker zygote, which forks the processes a benchmark starts.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from tests.conftest import worker_zygote
+from tests.helpers import bench_module
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -29,25 +31,18 @@ TIMEOUT_S = 300
 WITH_WORKERS = {"scale", "soak", "train_overhead"}
 
 
-def _load(name: str) -> Any:
-    """bench/<name>.py as a module (bench/ is a directory of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # Registered before it runs: dataclasses look their module up in sys.modules, and
-    # run_all's `import benchlib` finds it there.
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-benchlib = _load("benchlib")
+benchlib = bench_module("benchlib")
 BENCHMARKS = benchlib.discover()
 
 
 def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     # The bench's temporary directories (databases, Redis, logs) go under this test's.
     env = {**os.environ, "TMPDIR": str(tmp_path)}
+    zygote = worker_zygote()
+    if zygote is not None:
+        # Its workers, reconcilers and prediction servers fork from this test process's
+        # zygote (bench/benchlib.py, spawn_python): the same commands, ~9 s less CPU each.
+        env["TRAINYARD_TEST_ZYGOTE_SOCKET"] = zygote.socket_path
     return benchlib.run_bench([sys.executable, *args], TIMEOUT_S, capture=True, cwd=REPO, env=env)
 
 
@@ -88,7 +83,7 @@ def test_run_all_table_shows_every_row_and_each_failure() -> None:
     target and whether it is met, and a line for a benchmark that did not run."""
     from rich.console import Console
 
-    run_all = _load("run_all")
+    run_all = bench_module("run_all")
     row = {"bench": "job_list", "name": "sqlite: api: first page [admin]", "figure": 9.87,
            "unit": "ms p95", "floor": 0.5, "ratio": 19.74, "target": "p95 <= 50 ms",
            "met": True, "smoke": True, "note": ""}  # fmt: skip

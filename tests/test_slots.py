@@ -28,7 +28,7 @@ from shared.db import transaction
 from shared.orm import Job, JobEvent
 from shared.settings import Settings, parse_gpu_selection
 from shared.state_machine import claim_job
-from tests.conftest import REPO, WorkerProcess, wait_for_state
+from tests.conftest import REPO, WorkerProcess, wait_for_state, worker_zygote
 from tests.helpers import train_spec
 from tests.test_authorization import session_client
 from worker import slots
@@ -387,6 +387,9 @@ def test_the_gpu_check_runs_end_to_end_on_a_worker_as_if_it_had_two_gpus(
 ) -> None:
     """Its own Redis, database and real worker; CPU jobs stand in for GPU ones."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
+    zygote = worker_zygote()
+    if zygote is not None:  # its workers fork from it (bench/benchlib.py, spawn_python)
+        env["TRAINYARD_TEST_ZYGOTE_SOCKET"] = zygote.socket_path
     out = tmp_path / "summary.json"
     proc = _gpu_check(
         "--smoke", "--as-if-gpus", "0,1", "--out", str(out), env={**env, "TMPDIR": str(tmp_path)}

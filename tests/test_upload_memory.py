@@ -22,31 +22,12 @@ import requests
 
 from shared.settings import Settings
 from tests.conftest import REPO, TestUsers, settings_env
+from tests.helpers import bench_module
 
 MB = 1 << 20
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-
-
-def write_big_csv(path: Path, megabytes: float, features: int = 10) -> int:
-    """A CSV of `features` float columns and a three-class label; its size in bytes."""
-    import numpy as np
-
-    rng = np.random.default_rng(11)
-    header = ",".join(f"f{i}" for i in range(features)) + ",label\n"
-    row_bytes = features * 8 + 2
-    rows = int(megabytes * MB / row_bytes)
-    with path.open("w", encoding="utf-8", newline="") as f:
-        f.write(header)
-        for start in range(0, rows, 20_000):
-            n = min(20_000, rows - start)
-            values = rng.normal(size=(n, features))
-            labels = rng.integers(0, 3, size=n)
-            lines = [
-                ",".join(f"{v:.4f}" for v in row) + f",{'abc'[k]}\n"
-                for row, k in zip(values, labels, strict=True)
-            ]
-            f.write("".join(lines))
-    return path.stat().st_size
+# The same files as bench/upload_memory.py measures with.
+write_big_csv = bench_module("benchlib").write_big_csv
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -85,13 +66,17 @@ def test_web_upload_memory_is_bounded_by_the_file(
     master = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
+        # The master listens before its worker has imported the app, so on a loaded
+        # machine the first probe may connect and then wait: a read timeout is "not
+        # yet", like a refused connection.
+        deadline = time.monotonic() + 120
         while True:
             try:
-                requests.get(f"{base}/healthz", timeout=5)
+                requests.get(f"{base}/healthz", timeout=10)
                 break
-            except requests.ConnectionError:
-                assert master.poll() is None and time.monotonic() < deadline, "gunicorn died"
+            except (requests.ConnectionError, requests.Timeout):
+                assert master.poll() is None, "gunicorn died"
+                assert time.monotonic() < deadline, "gunicorn did not answer in 120 s"
                 time.sleep(0.2)
         children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
         (worker,) = (int(c) for c in children)

@@ -21,9 +21,10 @@ import pytest
 
 from shared.artifact_store import attempt_prefix, job_prefix, store_for
 from shared.settings import Settings
-from tests.conftest import REPO, settings_env
+from tests.conftest import REPO, settings_env, worker_zygote
 from tests.faults.conftest import TERMINAL, Cluster, long_spec, wait_for
 from tests.s3_server import new_bucket
+from tests.worker_zygote import ZygoteChild
 
 pytestmark = [
     pytest.mark.integration,
@@ -76,16 +77,22 @@ class Host:
             "--loglevel", "INFO", "-n", f"worker@{name}", "--without-gossip",
             "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
-        cmd = (
-            ["unshare", "--uts", "sh", "-c", f'hostname {name} && exec "$@"', "sh", *celery]
-            if CAN_UNSHARE
-            else celery
-        )
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        zygote = worker_zygote()
+        self.proc: subprocess.Popen[bytes] | ZygoteChild
+        if zygote is not None:
+            hostname = name if CAN_UNSHARE else ""
+            self.proc = zygote.spawn(["celery", *celery[3:]], env, self.log_path, hostname)
+        else:
+            cmd = (
+                ["unshare", "--uts", "sh", "-c", f'hostname {name} && exec "$@"', "sh", *celery]
+                if CAN_UNSHARE
+                else celery
+            )
+            self.proc = subprocess.Popen(
+                cmd, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
 
     def wait_ready(self, timeout: float = 90) -> None:
         wait_for(
