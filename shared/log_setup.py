@@ -8,11 +8,13 @@ once a worker claimed it, `attempt`; a traceback goes in `exc_info`.
 Where the job comes from: a worker slot runs one job at a time, so while it runs one
 (`job_context`, worker/runner.py) every line of that process carries it, the lease
 and metric-sink threads' too; code that speaks of many jobs (the reconciler, the web)
-names the job on the line itself with `extra=job_fields(job_id, attempt)`.
+names the job on the line itself with `extra=job_fields(job_id, attempt)`. Celery's
+own lines about a task ("received", "succeeded in") name its job too.
 """
 
 from __future__ import annotations
 
+import ast
 import logging
 import sys
 import threading
@@ -46,14 +48,43 @@ def job_context(job_id: int, attempt: int | None) -> Iterator[None]:
 
 
 class JobFields(logging.Filter):
-    """Adds job_id/attempt of the current job to records that do not name one."""
+    """Adds job_id/attempt of the current job to records that do not name one, and the
+    job id to Celery's own lines about a Trainyard task."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "job_id", None) is not None:
+            return True
         current = _current
-        if current is not None and getattr(record, "job_id", None) is None:
+        if current is not None:
             # As logging itself adds `extra` fields: into the record's attributes.
             record.__dict__.update(job_fields(*current))
+        else:
+            job_id = celery_task_job(record)
+            if job_id is not None:
+                record.__dict__.update(job_fields(job_id))
         return True
+
+
+def celery_task_job(record: logging.LogRecord) -> int | None:
+    """The job a Celery line is about ("Task trainyard.train[...] received", "...
+    succeeded in 2.1s"): Celery hands such lines the task's context as `record.data`,
+    and a Trainyard task's one argument is its job id (shared/celery_app.py). These lines
+    come from the worker's main process, or after the job's own context ended, so they
+    have no attempt."""
+    data = getattr(record, "data", None)
+    if not isinstance(data, dict) or not isinstance(data.get("args"), str):
+        return None
+    from shared.celery_app import TASK_NAMES  # Celery is loaded already: it logged this
+
+    if data.get("name") not in TASK_NAMES.values():
+        return None
+    try:
+        args = ast.literal_eval(data["args"])
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if isinstance(args, list | tuple) and len(args) == 1 and type(args[0]) is int:
+        return args[0]
+    return None
 
 
 def formatter(log_format: LogFormat, process: str) -> logging.Formatter:

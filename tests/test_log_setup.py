@@ -66,3 +66,47 @@ def test_text_lines_name_the_job_too(captured: io.StringIO) -> None:
     first, second = captured.getvalue().splitlines()
     assert first.endswith("epoch 1 done [job 5 attempt 1]") and "[worker] INFO x:" in first
     assert second.endswith("idle")
+
+
+def test_celerys_own_task_lines_name_the_job(captured: io.StringIO) -> None:
+    """Celery logs "received" in the worker's main process and "succeeded in" after the
+    job's context ended; made here with the calls Celery makes (its strategy module's
+    logger with the context as `data`, trace.info), each line names the job."""
+    from celery.app import trace
+    from celery.worker import strategy
+
+    from shared.celery_app import TRAIN_TASK
+
+    _configure(captured, "json")
+    received = {"id": "job-12-a1", "name": TRAIN_TASK, "args": "(12,)", "kwargs": "{}",
+                "eta": None}  # fmt: skip
+    strategy.logger.info(trace.LOG_RECEIVED, received, extra={"data": received})
+    trace.info(
+        trace.LOG_SUCCESS,
+        {
+            "id": "job-12-a1",
+            "name": TRAIN_TASK,
+            "return_value": "'succeeded'",
+            "runtime": 2.5,
+            "args": "[12]",
+            "kwargs": "{}",
+        },
+    )
+    other = {"id": "x", "name": "celery.ping", "args": "(12,)", "kwargs": "{}", "eta": None}
+    strategy.logger.info(trace.LOG_RECEIVED, other, extra={"data": other})
+    with job_context(5, 2):  # the slot's own job wins over the line's arguments
+        trace.info(
+            trace.LOG_SUCCESS,
+            {
+                "id": "y",
+                "name": TRAIN_TASK,
+                "return_value": "None",
+                "runtime": 1.0,
+                "args": "(12,)",
+                "kwargs": "{}",
+            },
+        )
+    lines = [json.loads(line) for line in captured.getvalue().splitlines()]
+    assert [line.get("job_id") for line in lines] == [12, 12, None, 5]
+    assert "received" in lines[0]["message"] and "succeeded in" in lines[1]["message"]
+    assert "attempt" not in lines[0] and lines[3]["attempt"] == 2

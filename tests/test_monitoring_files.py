@@ -624,7 +624,7 @@ def test_a_real_prometheus_scrapes_the_web_and_evaluates_every_rule_and_query(
             assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
 
         def query(expr: str) -> list[dict[str, Any]]:
-            answer = requests.get(f"{api}/query", params={"query": expr}, timeout=5).json()
+            answer = requests.get(f"{api}/query", params={"query": expr}, timeout=30).json()
             assert answer["status"] == "success", (expr, answer)
             return answer["data"]["result"]
 

@@ -125,7 +125,7 @@ def open_to_others(root: Path) -> list[str]:
 def wait_finished(base: str, headers: dict[str, str], job_id: int, up: Up) -> dict:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        job = requests.get(f"{base}/api/v1/jobs/{job_id}", headers=headers, timeout=5).json()
+        job = requests.get(f"{base}/api/v1/jobs/{job_id}", headers=headers, timeout=30).json()
         if job["state"] in ("succeeded", "failed", "cancelled"):
             return job
         time.sleep(0.5)

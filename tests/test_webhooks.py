@@ -472,7 +472,7 @@ def test_a_send_connects_to_the_checked_address_with_the_url_host_name(receiver:
         asked.append(host)
         return ["127.0.0.1"]
 
-    result = wd.post(f"http://hooks.invalid:{port}/in?x=1", b"{}", {"X-Test": "1"}, timeout=2,
+    result = wd.post(f"http://hooks.invalid:{port}/in?x=1", b"{}", {"X-Test": "1"}, timeout=20,
                      allow_private=True, resolver=dns)  # fmt: skip
     assert result.ok and asked == ["hooks.invalid"]
     [(headers, _)] = receiver.requests
@@ -494,7 +494,7 @@ def test_https_is_verified_against_the_host_name(tmp_path: Path) -> None:
     r = Receiver()
     r.server.socket = context.wrap_socket(r.server.socket, server_side=True)
     try:
-        result = wd.post(f"https://hooks.invalid:{r.server.server_port}/", b"{}", {}, timeout=2,
+        result = wd.post(f"https://hooks.invalid:{r.server.server_port}/", b"{}", {}, timeout=20,
                          allow_private=True, resolver=lambda h, p: ["127.0.0.1"])  # fmt: skip
     finally:
         r.close()
