@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -46,12 +47,14 @@ ANSWER_TIMEOUT_S = 10.0
 class Gunicorn:
     """`trainyard web`'s gunicorn (same argv: 2 processes, its worker class and threads)."""
 
-    def __init__(self, settings: Settings, tmp_path: Path, **env: str) -> None:
+    def __init__(
+        self, settings: Settings, tmp_path: Path, log_name: str = "gunicorn.log", **env: str
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = settings_env(settings)
         full_env.update(TRAINYARD_SECRET_KEY="test-secret-key-0123456789", **env)
-        self.log = tmp_path / "gunicorn.log"
+        self.log = tmp_path / log_name
         argv = gunicorn_argv("127.0.0.1", self.port, workers=2, timeout=60)
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
@@ -77,6 +80,12 @@ class Gunicorn:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL to the master and its workers at once, as a host or container dies."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
 
 
 @pytest.fixture

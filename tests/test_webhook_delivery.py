@@ -1,7 +1,8 @@
 """Webhook deliveries through real processes: a loopback receiver that fails the first
-attempts, the dispatcher in a real `trainyard reconcile` process killed with SIGKILL
-mid-retry and started again, the web app started again too, and in the end exactly one
-accepted, correctly signed delivery per event id (docs/architecture.md, "Webhooks")."""
+attempts, the web (`trainyard web`'s gunicorn) SIGKILLed mid-retry and started again,
+the dispatcher in a real `trainyard reconcile` process killed with SIGKILL mid-retry
+and started again, and in the end exactly one accepted, correctly signed delivery per
+event id (docs/architecture.md, "Webhooks")."""
 
 from __future__ import annotations
 
@@ -14,17 +15,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from sqlalchemy import select
 
-from server.app import create_app
 from shared.db import transaction
 from shared.job_states import JobState
 from shared.orm import Job, WebhookDelivery
 from shared.settings import Settings
 from shared.state_machine import claim_job, finish_job
 from shared.webhook_signing import verify
-from tests.conftest import REPO, SQLITE_ONLY, as_user, settings_env
+from tests.conftest import REPO, SQLITE_ONLY, settings_env
 from tests.helpers import train_spec
+from tests.test_web_availability import Gunicorn
 from tests.test_webhooks import Receiver
 
 
@@ -65,13 +67,14 @@ def test_one_signed_delivery_per_event_through_kills_and_restarts(
     settings: Settings, users, receiver: Receiver, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     db_url = settings.resolved_database_url
-    web = create_app(settings, {"TESTING": True})
-    alice = as_user(web, users.alice)
-    made = alice.post("/api/v1/webhooks", json={
+    # `trainyard web`'s own gunicorn: webhooks are made and read over HTTP.
+    web = Gunicorn(settings, tmp_path, "web-1.log")
+    api, headers = f"{web.url}/api/v1", users.alice.headers
+    made = requests.post(f"{api}/webhooks", headers=headers, timeout=30, json={
         "url": receiver.url, "events": ["job.succeeded", "job.failed"],
     })  # fmt: skip
-    assert made.status_code == 201, made.get_json()
-    secret, hook_id = made.get_json()["secret"], made.get_json()["id"]
+    assert made.status_code == 201, made.text
+    secret, hook_id = made.json()["secret"], made.json()["id"]
 
     # Two jobs really finishing (the state machine on real rows), and a test ping.
     with transaction(db_url) as s:
@@ -85,8 +88,8 @@ def test_one_signed_delivery_per_event_through_kills_and_restarts(
     with transaction(db_url) as s:
         assert finish_job(s, ok, 1, JobState.SUCCEEDED, result={"metrics": {"val_accuracy": 0.9}})
         assert finish_job(s, bad, 1, JobState.FAILED, error_type="ValueError", error_message="x")
-    ping = alice.post(f"/api/v1/webhooks/{hook_id}/test").get_json()["event_id"]
-    expected = {f"job.succeeded:{ok}:1", f"job.failed:{bad}:1", ping}
+    ping = requests.post(f"{api}/webhooks/{hook_id}/test", headers=headers, timeout=30)
+    expected = {f"job.succeeded:{ok}:1", f"job.failed:{bad}:1", ping.json()["event_id"]}
 
     env = {**settings_env(settings), "TRAINYARD_WEBHOOK_POLL_SECONDS": "0.1",
            "TRAINYARD_WEBHOOK_RETRY_BASE_SECONDS": "0.2",
@@ -98,17 +101,29 @@ def test_one_signed_delivery_per_event_through_kills_and_restarts(
         return subprocess.Popen([sys.executable, "-m", "server.cli", "reconcile"], cwd=REPO,
                                 env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
 
+    def attempts() -> int:
+        return sum(tries for _, _, tries, _ in deliveries(db_url))
+
     first = dispatcher(1)
     try:
         wait_until("each delivery failed once", lambda: between_retries(db_url, receiver))
+        # The web dies mid-retry (SIGKILL to its whole process group); retries go on.
+        web.kill()
+        before = attempts()
+        wait_until("a retry after the web died", lambda: attempts() > before)
+        wait_until("between retries again", lambda: between_retries(db_url, receiver))
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     assert set(receiver.answered) == {500}
 
-    # The web app starts again (nothing of the delivery lived in it) and reports the log.
-    web = create_app(settings, {"TESTING": True})
-    log = as_user(web, users.alice).get(f"/api/v1/webhooks/{hook_id}/deliveries").get_json()
+    # The web starts again (nothing of the delivery lived in it) and reports the log.
+    web = Gunicorn(settings, tmp_path, "web-2.log")
+    try:
+        log = requests.get(f"{web.url}/api/v1/webhooks/{hook_id}/deliveries", headers=headers,
+                           timeout=30).json()  # fmt: skip
+    finally:
+        web.stop()
     assert {d["status"] for d in log["deliveries"]} == {"pending"}
     assert all(d["last_error"] == "HTTP 500" for d in log["deliveries"]), log
 
