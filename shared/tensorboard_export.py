@@ -267,20 +267,32 @@ def write_run(run: RunData, logdir: Path) -> Path:
     return run_dir
 
 
+# A live event file grows for as long as its job trains; past this size the next points
+# start a new file beside it. With a bucket as the store, the worker re-uploads a changed
+# file whole every few seconds (worker/artifact_sync.py): parts keep that to the newest
+# few MB however long the job runs. TensorBoard reads a run's files in name order.
+LIVE_PART_BYTES = 4 << 20
+
+
 class LiveRun:
-    """A running attempt's event file, appended to as its points are stored
+    """A running attempt's event files, appended to as its points are stored
     (TRAINYARD_TENSORBOARD_LIVE), so `tensorboard --logdir` on the worker's job
     directory follows the job while it trains.
 
-    One file per attempt (a resumed job starts a new one beside it); the session start
-    comes first, scalars as the metric sink writes them. No session end: the outcome is
-    recorded after the last points, and the download has it.
+    Files per attempt (a resumed job starts new ones beside them): the first holds the
+    session start, then scalars as the metric sink writes them; once a file reaches
+    `part_bytes`, the next points go to `<name>.part-00001` and so on, which sort after
+    it. No session end: the outcome is recorded after the last points, and the download
+    has it.
     """
 
     def __init__(self, directory: Path, job_id: int, attempt: int, spec: Mapping[str, Any],
-                 started_at: float) -> None:  # fmt: skip
+                 started_at: float, part_bytes: int = LIVE_PART_BYTES) -> None:  # fmt: skip
         self.run = RunData(job_id, spec.get("name"), "running", spec, None, started_at)
-        self.path = directory / f"{event_file_name(job_id, started_at)}.attempt-{attempt}"
+        self._first = directory / f"{event_file_name(job_id, started_at)}.attempt-{attempt}"
+        self.path = self._first  # the file being appended to
+        self._part = 0
+        self._part_bytes = part_bytes
         self._tags: dict[str, str] = {}
 
     def _tag(self, key: str) -> str:
@@ -291,15 +303,17 @@ class LiveRun:
         return tag
 
     def write(self, points: Iterable[Mapping[str, Any]]) -> None:
-        """Append points ({"key", "step", "value", "wall_time"}, as stored). A new
-        file starts with the version and the session start."""
+        """Append points ({"key", "step", "value", "wall_time"}, as stored). A new file
+        starts with the version; the first also with the session start."""
+        if self.path.exists() and self.path.stat().st_size >= self._part_bytes:
+            self._part += 1
+            self.path = self._first.with_name(f"{self._first.name}.part-{self._part:05d}")
         events: list[Event] = []
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            events += [
-                Event(wall_time=self.run.created_at, step=0, file_version=_FILE_VERSION),
-                _session_start(self.run),
-            ]
+            events.append(Event(wall_time=self.run.created_at, step=0, file_version=_FILE_VERSION))
+            if self._part == 0:
+                events.append(_session_start(self.run))
         for p in points:
             events.append(
                 _scalar_event(self._tag(p["key"]), (p["step"], p["value"], p["wall_time"]))

@@ -22,6 +22,7 @@ from tensorboard import context as tb_context
 from tensorboard.backend.event_processing import plugin_event_multiplexer
 from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups, metadata
 
@@ -341,6 +342,46 @@ def test_live_files_hold_what_the_sink_stored(
     content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
     start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
     assert start.hparams["optimizer.lr"].number_value == train_spec()["optimizer"]["lr"]
+
+
+def test_a_long_live_run_goes_on_in_new_files_and_reads_as_one(tmp_path: Path) -> None:
+    """Past its size a live file stops growing and the next points start a new part, so
+    a sync re-uploads only the newest part (worker/artifact_sync.py); TensorBoard reads
+    the parts as one run, with one session start."""
+    from shared.tensorboard_export import LiveRun
+
+    spec = train_spec()
+    live = LiveRun(tmp_path, 7, 1, spec, 1_700_000_000.0, part_bytes=2_000)
+    points = [{"key": "step_loss", "step": i, "value": 1.0 / (i + 1), "wall_time": 1e9 + i}
+              for i in range(400)]  # fmt: skip
+    stamps: dict[str, tuple[int, int]] = {}
+    for start in range(0, len(points), 20):
+        before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+        live.write(points[start : start + 20])
+        after = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+        changed = {name for name, stamp in after.items() if before.get(name) != stamp}
+        assert changed == {live.path.name}, changed  # earlier parts are left alone
+        stamps = after
+    files = sorted(stamps)
+    assert len(files) > 3 and files[1] == f"{files[0]}.part-00001", files
+    assert all(size < 2_000 + 20 * 100 for size, _ in stamps.values())
+
+    acc = accumulator(tmp_path)
+    read = [(e.step, e.value, e.wall_time) for e in acc.Scalars("train/step_loss")]
+    assert read == [(p["step"], pytest.approx(p["value"]), p["wall_time"]) for p in points]
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    start_info = metadata.parse_session_start_info_plugin_data(
+        content[metadata.SESSION_START_INFO_TAG]
+    )
+    assert start_info.hparams["optimizer.lr"].number_value == spec["optimizer"]["lr"]
+    starts = [
+        name
+        for name in files
+        for event in EventFileLoader(str(tmp_path / name)).Load()
+        for value in event.summary.value
+        if value.tag == metadata.SESSION_START_INFO_TAG
+    ]
+    assert starts == [files[0]]
 
 
 @SQLITE_ONLY
