@@ -258,11 +258,15 @@ def test_cli_exports_several_jobs_for_the_hparams_tab(
     differs = {h.name for h in experiment_of(out).hparam_infos if h.differs}
     assert differs == {"optimizer.lr"}  # the one hyperparameter the two specs differ in
 
+    # Bob's job reads as missing; with it in the list nothing is unpacked, not even
+    # the jobs before it.
+    elsewhere = tmp_path / "other"
     refused = CliRunner().invoke(
-        main, ["tensorboard", "export", str(bobs), "-o", str(out)], env=env
+        main, ["tensorboard", "export", str(first), str(bobs), "-o", str(elsewhere)], env=env
     )
     assert refused.exit_code == 1
     assert f"job {bobs} does not exist (not_found, HTTP 404)" in refused.output
+    assert not elsewhere.exists() or not any(elsewhere.iterdir())
 
 
 def test_tags_group_keys_and_never_collide() -> None:

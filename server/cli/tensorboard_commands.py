@@ -10,6 +10,7 @@ HPARAMS table.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -46,14 +47,20 @@ def tensorboard_export(job_ids: tuple[int, ...], out: Path, url: str, token: str
 
     client = ApiClient(url, token=token)
     sessions = []
-    for job_id in dict.fromkeys(job_ids):
-        job = client.get(f"/jobs/{job_id}")
-        with tempfile.TemporaryFile() as archive:
+    with contextlib.ExitStack() as stack:
+        # Every job is fetched before any is unpacked: a job that cannot be exported (not
+        # found, not yours, the server gone) leaves DIR as it was, not half exported.
+        fetched = []
+        for job_id in dict.fromkeys(job_ids):
+            job = client.get(f"/jobs/{job_id}")
+            archive = stack.enter_context(tempfile.TemporaryFile())
             client.download(f"/jobs/{job_id}/tensorboard", archive)
+            fetched.append((job_id, job, archive))
+        for job_id, job, archive in fetched:
             archive.seek(0)
             runs = extract_runs(archive, out)
-        sessions.append(SessionSummary.of(job.get("spec") or {}, job.get("result")))
-        click.echo(f"Job {job_id}: {out / runs[0]}" if runs else f"Job {job_id}: no run")
+            sessions.append(SessionSummary.of(job.get("spec") or {}, job.get("result")))
+            click.echo(f"Job {job_id}: {out / runs[0]}" if runs else f"Job {job_id}: no run")
     if len(sessions) > 1:
         write_experiment(out, sessions)
         click.echo(f"Experiment summary of {len(sessions)} jobs: {out}")
