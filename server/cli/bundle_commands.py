@@ -15,7 +15,7 @@ from rich.table import Table
 
 from server.cli.api_client import ApiClient, api_command
 from server.cli.code_bundles import files, upload_archive, upload_folder
-from server.cli.display import fmt_bytes, make_console
+from server.cli.display import fmt_bytes, make_console, print_listing
 from server.cli.job_commands import token_option, url_option
 
 
@@ -58,18 +58,11 @@ def bundles_list(all_users: bool, as_json: bool, url: str, token: str | None) ->
     """Your bundles, newest first."""
     params = {"all": "true"} if all_users else None
     body = ApiClient(url, token=token).get("/bundles", params)
-    if as_json:
-        click.echo(json.dumps(body, indent=2))
-        return
-    console = make_console()
-    if not body["bundles"]:
-        console.print("No bundles.")
-        return
-    table = Table(header_style="bold")
-    for column in ("id", "filename", "files", "size", "unpacked", "sha256", "created (UTC)"):
-        table.add_column(column, no_wrap=column != "filename")
-    for b in body["bundles"]:
-        table.add_row(
+    print_listing(
+        body, "bundles", as_json=as_json, empty="No bundles.",
+        columns=("id", "filename", "files", "size", "unpacked", "sha256", "created (UTC)"),
+        wrap={"filename"},
+        row=lambda b: (
             str(b["id"]),
             escape(b["filename"])
             + (" [dim](requirements.txt)[/]" if b["has_requirements"] else ""),
@@ -78,8 +71,8 @@ def bundles_list(all_users: bool, as_json: bool, url: str, token: str | None) ->
             fmt_bytes(b["unpacked_bytes"]),
             b["sha256"][:12],
             b["created_at"][:19].replace("T", " "),
-        )
-    console.print(table)
+        ),
+    )  # fmt: skip
 
 
 @bundles_group.command("show")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -33,6 +35,34 @@ def make_console() -> Console:
         # Piped into grep or a file: 80 columns would wrap the table mid-word.
         console = Console(highlight=False, width=160)
     return console
+
+
+def print_listing(
+    body: dict[str, Any],
+    key: str,
+    *,
+    as_json: bool,
+    empty: str,
+    columns: Sequence[str],
+    wrap: Collection[str],
+    row: Callable[[dict[str, Any]], Sequence[str]],
+) -> None:
+    """What a `list` command prints: the raw API answer with --json; else `empty`, or a
+    table with one row per item of body[key] (`row` escapes what the server sent; only
+    the columns in `wrap` may wrap)."""
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+        return
+    console = make_console()
+    if not body[key]:
+        console.print(empty)
+        return
+    table = Table(header_style="bold")
+    for column in columns:
+        table.add_column(column, no_wrap=column not in wrap)
+    for item in body[key]:
+        table.add_row(*row(item))
+    console.print(table)
 
 
 def fmt_bytes(n: int) -> str:

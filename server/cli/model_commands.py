@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from server.cli.api_client import ApiClient, api_command
-from server.cli.display import fmt_bytes, make_console
+from server.cli.display import fmt_bytes, make_console, print_listing
 from server.cli.job_commands import token_option, url_option
 
 STAGES = ("none", "staging", "production", "archived")
@@ -83,26 +83,19 @@ def model_list(all_users: bool, as_json: bool, url: str, token: str | None) -> N
     body = ApiClient(url, token=token).get(
         "/registry/models", {"all": "true"} if all_users else None
     )
-    if as_json:
-        click.echo(json.dumps(body, indent=2))
-        return
-    console = make_console()
-    if not body["models"]:
-        console.print("No registered models.")
-        return
-    table = Table(header_style="bold")
-    for column in ("name", "production", "staging", "latest", "versions", "owner"):
-        table.add_column(column, no_wrap=column != "name")
-    for m in body["models"]:
-        table.add_row(
+    print_listing(
+        body, "models", as_json=as_json, empty="No registered models.",
+        columns=("name", "production", "staging", "latest", "versions", "owner"),
+        wrap={"name"},
+        row=lambda m: (
             escape(m["name"]),
             f"v{m['production']}" if m["production"] else "-",
             ", ".join(f"v{v}" for v in m["staging"]) or "-",
             f"v{m['latest_version']}" if m["latest_version"] else "-",
             str(m["version_count"]),
             escape(m["owner"] or "-"),
-        )
-    console.print(table)
+        ),
+    )  # fmt: skip
 
 
 @model_group.command("show")

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from server.cli.api_client import ApiClient, api_command
-from server.cli.display import make_console
+from server.cli.display import make_console, print_listing
 from server.cli.job_commands import token_option, url_option
 
 FINAL = {"cancelled", "succeeded", "failed"}
@@ -75,25 +75,20 @@ def sweep_create(
 def sweep_list(all_users: bool, as_json: bool, url: str, token: str | None) -> None:
     """Your sweeps, newest first."""
     body = ApiClient(url, token=token).get("/sweeps", {"all": "true"} if all_users else None)
-    if as_json:
-        click.echo(json.dumps(body, indent=2))
-        return
-    console = make_console()
-    if not body["sweeps"]:
-        console.print("No sweeps.")
-        return
-    table = Table(header_style="bold")
-    for column in ("id", "name", "state", "method", "trials", "best"):
-        table.add_column(column, no_wrap=column != "name")
-    for s in body["sweeps"]:
+
+    def row(s: dict[str, Any]) -> tuple[str, ...]:
         done = sum(s["counts"].get(k, 0) for k in ("succeeded", "pruned", "failed"))
         best = s["best"]
-        table.add_row(
+        return (
             str(s["id"]), escape(s["name"] or "-"), s["state"], s["method"],
             f"{done}/{s['max_trials']}",
             "-" if best is None else f"{s['metric']}={best['value']:.4g} (#{best['number']})",
         )  # fmt: skip
-    console.print(table)
+
+    print_listing(
+        body, "sweeps", as_json=as_json, empty="No sweeps.",
+        columns=("id", "name", "state", "method", "trials", "best"), wrap={"name"}, row=row,
+    )  # fmt: skip
 
 
 def trials_table(sweep: dict[str, Any]) -> Group:

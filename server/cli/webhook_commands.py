@@ -7,15 +7,13 @@ shared/webhooks.py, which pulls in SQLAlchemy; the server refuses anything else 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 from rich.markup import escape
-from rich.table import Table
 
 from server.cli.api_client import ApiClient, api_command
-from server.cli.display import make_console
+from server.cli.display import print_listing
 from server.cli.job_commands import token_option, url_option
 
 EVENTS = ("job.succeeded", "job.failed", "job.cancelled", "job.stalled", "sweep.finished")
@@ -63,20 +61,13 @@ def webhook_list(all_users: bool, as_json: bool, **api: Any) -> None:
     """Your webhooks, newest first."""
     client = ApiClient(api["url"], token=api["token"])
     body = client.get("/webhooks", {"all": "true"} if all_users else None)
-    if as_json:
-        click.echo(json.dumps(body, indent=2))
-        return
-    console = make_console()
-    if not body["webhooks"]:
-        console.print("No webhooks.")
-        return
-    table = Table(header_style="bold")
-    for column in ("id", "url", "events", "format", "enabled", "owner"):
-        table.add_column(column, no_wrap=column in ("id", "format", "enabled"))
-    for h in body["webhooks"]:
-        table.add_row(str(h["id"]), escape(h["url"]), ", ".join(h["events"]), h["format"],
-                      "yes" if h["enabled"] else "no", escape(h["owner"]))  # fmt: skip
-    console.print(table)
+    print_listing(
+        body, "webhooks", as_json=as_json, empty="No webhooks.",
+        columns=("id", "url", "events", "format", "enabled", "owner"),
+        wrap={"url", "events", "owner"},
+        row=lambda h: (str(h["id"]), escape(h["url"]), ", ".join(h["events"]), h["format"],
+                       "yes" if h["enabled"] else "no", escape(h["owner"])),
+    )  # fmt: skip
 
 
 @webhook_group.command("deliveries")
@@ -90,22 +81,18 @@ def webhook_deliveries(webhook_id: int, limit: int, as_json: bool, **api: Any) -
     """A webhook's delivery log, newest first."""
     client = ApiClient(api["url"], token=api["token"])
     body = client.get(f"/webhooks/{webhook_id}/deliveries", {"limit": str(limit)})
-    if as_json:
-        click.echo(json.dumps(body, indent=2))
-        return
-    console = make_console()
-    if not body["deliveries"]:
-        console.print("Nothing delivered yet.")
-        return
-    table = Table(header_style="bold")
-    for column in ("event id", "status", "attempts", "last answer", "next attempt", "created"):
-        table.add_column(column, no_wrap=column != "last answer")
-    for d in body["deliveries"]:
+
+    def row(d: dict[str, Any]) -> tuple[str, ...]:
         answer = " ".join(x for x in (f"HTTP {d['last_status_code']}" if d["last_status_code"]
                                       else "", d["last_error"] or "") if x)  # fmt: skip
-        table.add_row(escape(d["event_id"]), d["status"], str(d["attempts"]), escape(answer),
-                      _time(d["next_attempt_at"]), _time(d["created_at"]))  # fmt: skip
-    console.print(table)
+        return (escape(d["event_id"]), d["status"], str(d["attempts"]), escape(answer),
+                _time(d["next_attempt_at"]), _time(d["created_at"]))  # fmt: skip
+
+    print_listing(
+        body, "deliveries", as_json=as_json, empty="Nothing delivered yet.",
+        columns=("event id", "status", "attempts", "last answer", "next attempt", "created"),
+        wrap={"last answer"}, row=row,
+    )  # fmt: skip
 
 
 @webhook_group.command("test")
