@@ -173,6 +173,8 @@ def api_user() -> Principal:
 
 
 def init_app(app: Flask, settings: Settings) -> None:
+    # Made here, not at the first login, so even that login takes the usual time.
+    accounts.dummy_password_hash()
     app.config.update(
         SECRET_KEY=settings.resolved_secret_key,
         SESSION_COOKIE_HTTPONLY=True,

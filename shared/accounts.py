@@ -10,6 +10,7 @@ also end the user's browser sessions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
@@ -32,9 +33,15 @@ MIN_PASSWORD_LENGTH = 8
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 _hasher = PasswordHasher()
-# Verified against when the user does not exist, so a login takes as long either way
-# and its timing does not tell which usernames exist.
-_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+
+
+@functools.cache
+def dummy_password_hash() -> str:
+    """Verified against when the user does not exist, so a login takes as long either way
+    and its timing does not tell which usernames exist. Made on first use: an argon2 hash
+    costs ~170 ms and 64 MB, which every process importing this module (CLI commands,
+    workers) would otherwise pay at start-up."""
+    return _hasher.hash(secrets.token_hex(16))
 
 
 class AccountError(ValueError):
@@ -141,7 +148,7 @@ def authenticate(session: Session, username: str, password: str) -> User | None:
     user = find_user(session, username)
     stored = user.password_hash if user is not None else None
     try:
-        _hasher.verify(stored or _DUMMY_HASH, password)
+        _hasher.verify(stored or dummy_password_hash(), password)
     except (VerificationError, InvalidHashError):
         return None
     if user is None or stored is None or not user.is_active:

@@ -39,7 +39,8 @@ def fast_password_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
     # times. Same code path, cheaper parameters.
     cheap = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
     monkeypatch.setattr(accounts, "_hasher", cheap)
-    monkeypatch.setattr(accounts, "_DUMMY_HASH", cheap.hash("dummy"))
+    dummy = cheap.hash("dummy")
+    monkeypatch.setattr(accounts, "dummy_password_hash", lambda: dummy)
 
 
 def error(resp: TestResponse, status: int, code: str | None = None) -> dict[str, Any]:
