@@ -430,10 +430,16 @@ class WorkerZygote:
             raise RuntimeError(f"the worker zygote did not start: {directory / 'zygote.log'}")
 
     def spawn(
-        self, argv: list[str], env: dict[str, str], log_path: Path, hostname: str = ""
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        hostname: str = "",
+        module: str = "celery",
     ) -> ZygoteChild:
+        """`python -m MODULE argv[1:]` (argv[0] names the module, as in sys.argv)."""
         return worker_zygote_client.spawn(
-            self.socket_path, argv, env, log_path, REPO, hostname=hostname
+            self.socket_path, argv, env, log_path, REPO, module=module, hostname=hostname
         )
 
     def stop(self) -> None:
