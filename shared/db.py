@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -19,9 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}
-# A sessionmaker makes a Session subclass, and a new class sets up SQLAlchemy's event
-# dispatch again on first use: ~0.5 ms a request when one was made per request.
-_factories: weakref.WeakKeyDictionary[Engine, sessionmaker[Session]] = weakref.WeakKeyDictionary()
+# One sessionmaker per engine, under the same key: each sessionmaker makes a Session
+# subclass whose event dispatch SQLAlchemy sets up again on first use, which cost ~2 ms
+# a request when one was made per call.
+_factories: dict[tuple[int, str], sessionmaker[Session]] = {}
 
 
 def utcnow() -> datetime:
@@ -66,17 +66,18 @@ def dispose_inherited_engines() -> None:
         for key in [k for k in _engines if k[0] != pid]:
             # close=False: the parent still owns those sockets; just drop our references.
             _engines.pop(key).dispose(close=False)
+            _factories.pop(key, None)
 
 
 def session_factory(url: str) -> sessionmaker[Session]:
     """The session factory for `url`'s engine in this process (one per engine)."""
-    engine = get_engine(url)
-    with _lock:
-        factory = _factories.get(engine)
-        if factory is None:
-            factory = sessionmaker(bind=engine, expire_on_commit=False)
-            _factories[engine] = factory
-        return factory
+    key = (os.getpid(), url)
+    factory = _factories.get(key)  # the request path: no lock once it exists
+    if factory is None:
+        engine = get_engine(url)
+        with _lock:
+            factory = _factories.setdefault(key, sessionmaker(bind=engine, expire_on_commit=False))
+    return factory
 
 
 @contextmanager

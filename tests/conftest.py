@@ -48,7 +48,9 @@ def _share_compiled_url_builders() -> None:
     """
     from werkzeug.routing.rules import Rule
 
-    compile_builder = Rule._compile_builder
+    compile_builder = getattr(Rule, "_compile_builder", None)
+    if compile_builder is None:  # a werkzeug without it: every app compiles its own
+        return
     builders: dict[tuple[object, ...], object] = {}
 
     def shared_builder(self: Rule, append_unknown: bool = True):  # type: ignore[no-untyped-def]
